@@ -1,0 +1,95 @@
+use super::CircuitBreaker;
+use crate::clock::Instant;
+
+/// How a call ended, as the breaker counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Counts as healthy.
+    Success,
+    /// Counts as a failure.
+    Failure,
+    /// Not counted either way (e.g. a 404 that is the caller's fault). A probe that
+    /// ends `Ignored` frees its slot without deciding anything.
+    Ignored,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A normal call in the closed state.
+    Closed,
+    /// A half-open probe.
+    Probe,
+    /// Disabled, or a call a metrics-only breaker would have rejected: not counted.
+    Passive,
+}
+
+/// What a permit remembers about its call. Private: only a [`Permit`] hands it back.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    pub(crate) kind: Kind,
+    pub(crate) generation: u32,
+    pub(crate) start: Instant,
+}
+
+/// Leave to make one call. Tell the breaker how it went with [`Permit::record`];
+/// dropping the permit unrecorded (a cancelled future, a panic) records
+/// "cancelled": the call is not counted and a half-open probe slot is given back.
+///
+/// `B` is how the permit reaches its breaker: `&CircuitBreaker` from
+/// [`CircuitBreaker::try_acquire`], or an owned clone from
+/// [`CircuitBreaker::try_acquire_owned`] for futures that must be `'static`.
+#[must_use = "a permit must be recorded (or dropped, which records it as cancelled)"]
+#[derive(Debug)]
+pub struct Permit<B: AsRef<CircuitBreaker>> {
+    breaker: B,
+    ticket: Option<Ticket>,
+}
+
+impl<B: AsRef<CircuitBreaker>> Permit<B> {
+    pub(crate) fn new(breaker: B, ticket: Ticket) -> Self {
+        Permit {
+            breaker,
+            ticket: Some(ticket),
+        }
+    }
+
+    /// Records how the call went.
+    #[inline]
+    pub fn record(mut self, outcome: Outcome) {
+        if let Some(ticket) = self.ticket.take() {
+            self.breaker.as_ref().finish(ticket, Some(outcome));
+        }
+    }
+
+    /// Records a success.
+    #[inline]
+    pub fn success(self) {
+        self.record(Outcome::Success)
+    }
+
+    /// Records a failure.
+    #[inline]
+    pub fn failure(self) {
+        self.record(Outcome::Failure)
+    }
+
+    /// True if this permit is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        matches!(
+            self.ticket,
+            Some(Ticket {
+                kind: Kind::Probe,
+                ..
+            })
+        )
+    }
+}
+
+impl<B: AsRef<CircuitBreaker>> Drop for Permit<B> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.breaker.as_ref().finish(ticket, None);
+        }
+    }
+}
