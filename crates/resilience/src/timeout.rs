@@ -19,6 +19,7 @@ use crate::breaker::{ConfigError, ConfigErrors};
 use crate::clock::{Instant, SharedClock, SystemClock, duration_nanos};
 use crate::sync::{AtomicU64, Ordering};
 use crate::window::Buckets;
+use tokio::task::futures::TaskLocalFuture;
 
 // --- deadline --------------------------------------------------------------------
 
@@ -44,9 +45,21 @@ impl Deadline {
 
     /// Runs `fut` under `deadline`, or under the deadline already in force if that
     /// is earlier: a deadline can only shrink as it is passed inwards.
-    pub fn scope<F: Future>(deadline: tokio::time::Instant, fut: F) -> impl Future<Output = F::Output> {
-        let effective = Self::current().map_or(deadline, |outer| outer.min(deadline));
-        DEADLINE.scope(effective, fut)
+    pub fn scope<F: Future>(
+        deadline: tokio::time::Instant,
+        fut: F,
+    ) -> TaskLocalFuture<tokio::time::Instant, F> {
+        DEADLINE.scope(Self::effective(deadline), fut)
+    }
+
+    /// Runs `f` synchronously under `deadline` (or the earlier one in force), e.g. a
+    /// service's `call`, which builds its future before the future is first polled.
+    pub fn sync_scope<R>(deadline: tokio::time::Instant, f: impl FnOnce() -> R) -> R {
+        DEADLINE.sync_scope(Self::effective(deadline), f)
+    }
+
+    fn effective(deadline: tokio::time::Instant) -> tokio::time::Instant {
+        Self::current().map_or(deadline, |outer| outer.min(deadline))
     }
 }
 

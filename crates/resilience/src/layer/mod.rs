@@ -1,1 +1,21 @@
-//! tower layers
+//! tower middleware around the policy cores, one folder per policy in tower's shape
+//! (`layer.rs`, `service.rs`, `future.rs`).
+//!
+//! Compose them with `tower::ServiceBuilder` in this order (outermost first):
+//!
+//! ```text
+//! timeout (total) > retry > circuit breaker > timeout (per attempt) > service
+//! ```
+//!
+//! The total timeout publishes a [`Deadline`](crate::timeout::Deadline) that the retry
+//! layer reads (no attempt starts that cannot finish in time) and that the per-attempt
+//! timeout honours (never outlives the total). The breaker sits inside the retry so
+//! each attempt is judged, and a rejected attempt is retried only if the predicate
+//! says so.
+//!
+//! Rejections and timeouts are decided in `call`, never in `poll_ready`: a rejected
+//! request fails at once and never waits.
+
+pub mod breaker;
+pub mod retry;
+pub mod timeout;

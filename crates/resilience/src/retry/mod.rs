@@ -15,4 +15,4 @@ mod policy;
 
 pub use backoff::Backoff;
 pub use budget::{BudgetConfig, RetryBudget};
-pub use policy::{Decision, RetryAction, RetryPolicy, Retrying, StopReason};
+pub use policy::{Decision, RetryAction, RetryPolicy, RetryState, Retrying, StopReason};

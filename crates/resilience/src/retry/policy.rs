@@ -162,72 +162,122 @@ impl RetryPolicy {
     /// Starts the retry loop of one request whose first attempt starts at `now`.
     /// Counts the request in the budget.
     pub fn start(&self, now: Instant) -> Retrying<'_> {
+        Retrying {
+            policy: self,
+            state: self.begin(Some(now)),
+        }
+    }
+
+    /// Begins one request's retry state without borrowing the policy (for futures
+    /// that hold the policy in an `Arc`). `now` may be `None` when no
+    /// `max_elapsed` is set ([`needs_start_time`](Self::needs_start_time)).
+    pub fn begin(&self, now: Option<Instant>) -> RetryState {
         if let Some(b) = &self.budget {
             b.deposit();
         }
-        Retrying {
-            policy: self,
-            started: now,
+        RetryState {
+            started: now.unwrap_or(Instant::ZERO),
             attempts: 1,
             previous: Duration::ZERO,
-            rng: fastrand::Rng::new(),
+            rng: None,
         }
+    }
+
+    /// True if [`begin`](Self::begin) needs the start time.
+    pub fn needs_start_time(&self) -> bool {
+        self.max_elapsed.is_some()
+    }
+
+    /// Decides after a retryable failure of the attempt that ended at `now`; `hint`
+    /// is the server's own delay (e.g. `Retry-After`), `time_left` what remains of
+    /// the caller's deadline, if any.
+    pub fn decide(
+        &self,
+        state: &mut RetryState,
+        now: Instant,
+        hint: Option<Duration>,
+        time_left: Option<Duration>,
+    ) -> Decision {
+        if state.attempts >= self.max_attempts {
+            return Decision::Stop(StopReason::AttemptsExhausted);
+        }
+        let delay = match hint {
+            Some(d) => d,
+            None => {
+                let rng = state.rng.get_or_insert_with(fastrand::Rng::new);
+                self.backoff.delay(state.attempts, state.previous, rng)
+            }
+        };
+        if let Some(max) = self.max_elapsed
+            && (now + delay) - state.started > max
+        {
+            return Decision::Stop(StopReason::ElapsedExceeded);
+        }
+        if let Some(left) = time_left
+            && (delay >= left || left - delay < self.min_attempt_time)
+        {
+            return Decision::Stop(StopReason::DeadlineTooClose);
+        }
+        if let Some(b) = &self.budget
+            && !b.try_withdraw()
+        {
+            return Decision::Stop(StopReason::BudgetExhausted);
+        }
+        state.attempts += 1;
+        state.previous = delay;
+        Decision::Retry(delay)
     }
 }
 
-/// The retry state of one request. See [`RetryPolicy::start`].
-#[derive(Debug)]
-pub struct Retrying<'a> {
-    policy: &'a RetryPolicy,
+/// The retry state of one request, kept apart from its policy.
+#[derive(Debug, Clone)]
+pub struct RetryState {
     started: Instant,
     attempts: u32,
     previous: Duration,
-    rng: fastrand::Rng,
+    rng: Option<fastrand::Rng>,
 }
 
-impl Retrying<'_> {
-    /// Attempts made so far (1 after `start`).
+impl RetryState {
+    /// Attempts made so far (1 after `begin`).
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
 
     /// Seeds the jitter, for reproducible tests.
     pub fn seed(&mut self, seed: u64) {
-        self.rng.seed(seed);
+        self.rng = Some(fastrand::Rng::with_seed(seed));
+    }
+}
+
+/// The retry state of one request, with its policy. See [`RetryPolicy::start`].
+#[derive(Debug)]
+pub struct Retrying<'a> {
+    policy: &'a RetryPolicy,
+    state: RetryState,
+}
+
+impl Retrying<'_> {
+    /// Attempts made so far (1 after `start`).
+    pub fn attempts(&self) -> u32 {
+        self.state.attempts
+    }
+
+    /// Seeds the jitter, for reproducible tests.
+    pub fn seed(&mut self, seed: u64) {
+        self.state.seed(seed);
     }
 
     /// The attempt that just ended at `now` failed in a retryable way; `hint` is the
-    /// server's own delay (e.g. `Retry-After`), `deadline` the caller's, if any.
+    /// server's own delay (e.g. `Retry-After`), `time_left` what remains of the
+    /// caller's deadline, if any.
     pub fn on_failure(
         &mut self,
         now: Instant,
         hint: Option<Duration>,
-        deadline: Option<Instant>,
+        time_left: Option<Duration>,
     ) -> Decision {
-        let p = self.policy;
-        if self.attempts >= p.max_attempts {
-            return Decision::Stop(StopReason::AttemptsExhausted);
-        }
-        let delay = hint.unwrap_or_else(|| p.backoff.delay(self.attempts, self.previous, &mut self.rng));
-        let next_start = now + delay;
-        if let Some(max) = p.max_elapsed
-            && next_start - self.started > max
-        {
-            return Decision::Stop(StopReason::ElapsedExceeded);
-        }
-        if let Some(deadline) = deadline
-            && (next_start >= deadline || deadline - next_start < p.min_attempt_time)
-        {
-            return Decision::Stop(StopReason::DeadlineTooClose);
-        }
-        if let Some(b) = &p.budget
-            && !b.try_withdraw()
-        {
-            return Decision::Stop(StopReason::BudgetExhausted);
-        }
-        self.attempts += 1;
-        self.previous = delay;
-        Decision::Retry(delay)
+        self.policy.decide(&mut self.state, now, hint, time_left)
     }
 }
 
@@ -274,22 +324,22 @@ mod tests {
             .min_attempt_time(50 * MS);
         let mut r = p.start(at(0));
         assert_eq!(
-            r.on_failure(at(10), None, Some(at(300))),
+            r.on_failure(at(10), None, Some(290 * MS)),
             Decision::Retry(100 * MS)
         );
         // 200 + 100 = 300: nothing left before the deadline
         assert_eq!(
-            r.on_failure(at(200), None, Some(at(300))),
+            r.on_failure(at(200), None, Some(100 * MS)),
             Decision::Stop(StopReason::DeadlineTooClose)
         );
         // 120 + 100 = 220, 80 ms left >= 50 ms
         assert_eq!(
-            r.on_failure(at(120), None, Some(at(300))),
+            r.on_failure(at(120), None, Some(180 * MS)),
             Decision::Retry(100 * MS)
         );
         // 160 + 100 = 260, 40 ms left < 50 ms
         assert_eq!(
-            r.on_failure(at(160), None, Some(at(300))),
+            r.on_failure(at(160), None, Some(140 * MS)),
             Decision::Stop(StopReason::DeadlineTooClose)
         );
     }
