@@ -1,2 +1,131 @@
-//! placeholder
-fn main() {}
+//! Retry and timeout layers on the happy path: Palisade against tower-resilience and
+//! tower's own middleware, in one run, on a current-thread tokio runtime.
+//! `cargo bench -p palisade-resilience --bench policies`.
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use palisade_resilience::layer::retry::RetryLayer;
+use palisade_resilience::layer::timeout::TimeoutLayer;
+use palisade_resilience::retry::{BudgetConfig, RetryBudget, RetryPolicy};
+use palisade_resilience::timeout::{AdaptiveConfig, AdaptiveTimeout};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Clone, Debug)]
+struct MyError;
+
+fn ok_service() -> impl Service<u64, Response = u64, Error = MyError, Future: Send> + Clone + Send {
+    service_fn(|x: u64| std::future::ready(Ok::<_, MyError>(x)))
+}
+
+/// Runs `iters` requests through `svc` inside one `block_on`, so the figure is the
+/// per-request cost of the middleware, not of entering the runtime.
+fn drive<S>(rt: &tokio::runtime::Runtime, mut svc: S, iters: u64) -> Duration
+where
+    S: Service<u64>,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        for i in 0..iters {
+            let r = svc.ready().await.unwrap().call(std::hint::black_box(i)).await;
+            std::hint::black_box(r.unwrap());
+        }
+        start.elapsed()
+    })
+}
+
+/// A tower retry policy that never needs to retry here (the service always succeeds).
+#[derive(Clone)]
+struct TowerRetryErrors;
+
+impl<E> tower::retry::Policy<u64, u64, E> for TowerRetryErrors {
+    type Future = std::future::Ready<()>;
+    fn retry(&mut self, _: &mut u64, result: &mut Result<u64, E>) -> Option<Self::Future> {
+        result.is_err().then(|| std::future::ready(()))
+    }
+    fn clone_request(&mut self, req: &u64) -> Option<u64> {
+        Some(*req)
+    }
+}
+
+fn retry(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("retry/happy-path");
+    g.bench_function("bare service (baseline)", |b| {
+        b.iter_custom(|n| drive(&rt, ok_service(), n))
+    });
+    let palisade = RetryLayer::new(RetryPolicy::new(3).budget(RetryBudget::new(BudgetConfig::default())));
+    g.bench_function("palisade layer (with budget)", |b| {
+        b.iter_custom(|n| drive(&rt, palisade.layer(ok_service()), n))
+    });
+    let palisade_plain = RetryLayer::new(RetryPolicy::new(3));
+    g.bench_function("palisade layer", |b| {
+        b.iter_custom(|n| drive(&rt, palisade_plain.layer(ok_service()), n))
+    });
+    let tr = tower_resilience::retry::RetryLayer::<u64, u64, MyError>::builder()
+        .max_attempts(3)
+        .exponential_backoff(Duration::from_millis(50))
+        .build();
+    g.bench_function("tower-resilience layer", |b| {
+        b.iter_custom(|n| drive(&rt, tr.layer(ok_service()), n))
+    });
+    let tw = tower::retry::RetryLayer::new(TowerRetryErrors);
+    g.bench_function("tower retry layer", |b| {
+        b.iter_custom(|n| drive(&rt, tw.layer(ok_service()), n))
+    });
+    g.finish();
+}
+
+fn timeout(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("timeout/happy-path");
+    g.bench_function("bare service (baseline)", |b| {
+        b.iter_custom(|n| drive(&rt, ok_service(), n))
+    });
+    let fixed = TimeoutLayer::fixed(Duration::from_secs(1));
+    g.bench_function("palisade fixed", |b| {
+        b.iter_custom(|n| drive(&rt, fixed.layer(ok_service()), n))
+    });
+    let adaptive = TimeoutLayer::adaptive(std::sync::Arc::new(
+        AdaptiveTimeout::new(AdaptiveConfig::default()).unwrap(),
+    ));
+    g.bench_function("palisade adaptive", |b| {
+        b.iter_custom(|n| drive(&rt, adaptive.layer(ok_service()), n))
+    });
+    let tr = tower_resilience::timelimiter::TimeLimiterLayer::builder()
+        .timeout_duration(Duration::from_secs(1))
+        .build();
+    g.bench_function("tower-resilience timelimiter", |b| {
+        b.iter_custom(|n| drive(&rt, tr.layer(ok_service()), n))
+    });
+    let tw = tower::timeout::TimeoutLayer::new(Duration::from_secs(1));
+    g.bench_function("tower timeout", |b| {
+        b.iter_custom(|n| {
+            drive(
+                &rt,
+                tw.layer(ok_service().map_err(|_| -> BoxError { "x".into() })),
+                n,
+            )
+        })
+    });
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
+}
+
+criterion_group! { name = benches; config = config(); targets = retry, timeout }
+criterion_main!(benches);

@@ -165,12 +165,14 @@ fn hist_upper(index: usize) -> u64 {
 /// use palisade_resilience::ManualClock;
 /// use std::time::Duration;
 ///
+/// let clock = ManualClock::new();
 /// let t = AdaptiveTimeout::with_clock(
 ///     AdaptiveConfig { min_samples: 10, ..AdaptiveConfig::default() },
-///     ManualClock::new(),
+///     clock.clone(),
 /// ).unwrap();
 /// assert_eq!(t.timeout(), Duration::from_secs(10)); // initial, too few samples
 /// for _ in 0..100 { t.record(Duration::from_millis(100)); }
+/// clock.advance(Duration::from_secs(1)); // the cached value refreshes once a second
 /// // p95 = 100 ms (within one histogram bucket) x 2
 /// let got = t.timeout();
 /// assert!(got >= Duration::from_millis(200) && got <= Duration::from_millis(225), "{got:?}");

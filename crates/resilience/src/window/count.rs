@@ -1,18 +1,24 @@
 use super::{Sample, Snapshot};
-use crate::sync::{AtomicI64, AtomicU8, AtomicU64, CachePadded, Ordering};
+use crate::sync::{AtomicI64, AtomicU8, AtomicU32, CachePadded, Ordering};
 
 /// The outcomes of the last `N` calls.
 ///
 /// A ring of one-byte outcome codes plus running totals. Recording takes a ticket
 /// (one `fetch_add`), swaps the new code into its slot and adjusts the totals by the
 /// difference between the old and new code, so the totals are always the sum of the
-/// slots once writers are done; when a success replaces a success (the steady state
-/// of a healthy service) the totals do not change and are not written.
+/// slots once writers are done.
+///
+/// The steady state of a healthy service costs no write at all: when the window is
+/// full of fast successes, recording another one would replace a fast success with a
+/// fast success, so it is skipped (three loads of one cache line, which every core
+/// can keep shared). Which slot is "oldest" does not matter while all are equal.
 #[derive(Debug)]
 pub struct CountWindow {
-    head: CachePadded<AtomicU64>,
+    head: CachePadded<AtomicU32>,
     totals: CachePadded<Totals>,
     slots: Box<[AtomicU8]>,
+    /// Lemire's fastmod constant for `slots.len()`: `ticket % len` without a division.
+    fastmod: u64,
 }
 
 #[derive(Debug)]
@@ -41,7 +47,8 @@ impl CountWindow {
     pub fn new(size: u32) -> Self {
         assert!(size > 0, "CountWindow::new: size must be at least 1");
         CountWindow {
-            head: CachePadded(AtomicU64::new(0)),
+            fastmod: (u64::MAX / u64::from(size)).wrapping_add(1),
+            head: CachePadded(AtomicU32::new(0)),
             totals: CachePadded(Totals {
                 total: AtomicI64::new(0),
                 failures: AtomicI64::new(0),
@@ -59,13 +66,39 @@ impl CountWindow {
     /// Records one call, evicting the oldest once full.
     #[inline]
     pub fn record(&self, sample: Sample) {
+        if sample == Sample::SUCCESS && self.all_fast_successes() {
+            return;
+        }
+        self.record_slow(encode(sample));
+    }
+
+    #[inline]
+    fn all_fast_successes(&self) -> bool {
+        let t = &self.totals;
+        t.failures.load(Ordering::Relaxed) == 0
+            && t.slow.load(Ordering::Relaxed) == 0
+            && t.total.load(Ordering::Relaxed) == self.slots.len() as i64
+    }
+
+    fn record_slow(&self, new: u8) {
         let ticket = self.head.fetch_add(1, Ordering::Relaxed);
-        let slot = &self.slots[(ticket % self.slots.len() as u64) as usize];
-        let new = encode(sample);
+        let slot = &self.slots[self.index(ticket)];
+        // The 2^32 wrap of `ticket` skips part of a lap when the size is not a power
+        // of two; harmless: the totals stay the exact sum of the slots.
+        if slot.load(Ordering::Relaxed) == new {
+            return;
+        }
         let old = slot.swap(new, Ordering::Relaxed);
         if old != new {
             self.apply(old, new);
         }
+    }
+
+    /// `ticket % len` by Lemire's fastmod (two multiplications).
+    #[inline]
+    fn index(&self, ticket: u32) -> usize {
+        let low = self.fastmod.wrapping_mul(u64::from(ticket));
+        ((u128::from(low) * self.slots.len() as u128) >> 64) as usize
     }
 
     #[cold]
@@ -142,6 +175,48 @@ mod tests {
                 slow: 1
             }
         );
+    }
+
+    #[test]
+    fn fastmod_is_modulo() {
+        for size in [1u32, 2, 3, 7, 10, 100, 1000, 65_537] {
+            let w = CountWindow::new(size);
+            for t in [
+                0u32,
+                1,
+                2,
+                size - 1,
+                size,
+                size + 1,
+                12_345,
+                u32::MAX - 1,
+                u32::MAX,
+            ] {
+                assert_eq!(w.index(t), (t % size) as usize, "{t} % {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_clean_window_still_takes_in_a_failure_and_ages_it_out() {
+        let w = CountWindow::new(3);
+        for _ in 0..10 {
+            w.record(Sample::SUCCESS);
+        }
+        w.record(Sample::FAILURE);
+        assert_eq!(
+            w.snapshot(),
+            Snapshot {
+                total: 3,
+                failures: 1,
+                slow: 0
+            }
+        );
+        w.record(Sample::SUCCESS);
+        w.record(Sample::SUCCESS);
+        assert_eq!(w.snapshot().failures, 1, "still one of the last three");
+        w.record(Sample::SUCCESS);
+        assert_eq!(w.snapshot().failures, 0, "aged out after three more calls");
     }
 
     #[test]

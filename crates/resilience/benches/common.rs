@@ -1,0 +1,56 @@
+//! Helpers shared by the benches: polling ready futures without a runtime, and
+//! running a closure on two threads at once.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::Barrier;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tower::Service;
+
+/// Polls a future that the benched services complete at once.
+#[inline]
+pub fn now_or_never<F: Future>(f: F) -> F::Output {
+    let mut cx = Context::from_waker(Waker::noop());
+    match pin!(f).poll(&mut cx) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("bench service did not complete at once"),
+    }
+}
+
+/// One request through a service: poll_ready, call, poll the future.
+#[inline]
+pub fn call<S: Service<u64>>(svc: &mut S, req: u64) -> Result<S::Response, S::Error> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        _ => panic!("bench service not ready"),
+    }
+    now_or_never(svc.call(black_box(req)))
+}
+
+/// Runs `op` `iters` times on each of two threads at once; returns the wall time,
+/// so the per-iteration figure is the cost of one call while another thread calls too.
+pub fn two_threads<T: Send>(iters: u64, make: impl Fn() -> T + Sync, op: impl Fn(&mut T) + Sync) -> Duration {
+    let barrier = Barrier::new(3);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                let mut state = make();
+                barrier.wait();
+                for _ in 0..iters {
+                    op(&mut state);
+                }
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        barrier.wait();
+        start.elapsed()
+    })
+}
