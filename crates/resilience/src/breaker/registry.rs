@@ -86,7 +86,7 @@ impl<K: Hash + Eq + Clone + Display> BreakerRegistry<K> {
     /// The breaker for `key`, created on first use.
     pub fn get(&self, key: &K) -> CircuitBreaker {
         let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
-        let now = duration_nanos(self.clock.now() - crate::Instant::ZERO);
+        let now = self.clock.now().as_nanos();
         if let Some(entry) = read(shard).get(key) {
             touch(entry, now);
             return entry.breaker.clone();
@@ -203,4 +203,53 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::ManualClock;
+
+    fn registry(capacity: usize, clock: &ManualClock) -> BreakerRegistry<u32> {
+        let config = BreakerConfig::empty().consecutive_failures(1);
+        BreakerRegistry::with_clock("ep", config, capacity, Arc::new(clock.clone())).unwrap()
+    }
+
+    #[test]
+    fn one_breaker_per_key_shared_between_lookups() {
+        let r = registry(100, &ManualClock::new());
+        r.get(&1).try_acquire().unwrap().failure();
+        assert_eq!(r.get(&1).state(), State::Open);
+        assert_eq!(r.get(&2).state(), State::Closed, "another endpoint is unaffected");
+        assert_eq!(r.get(&1).name(), "ep/1");
+    }
+
+    #[test]
+    fn memory_stays_bounded_and_open_breakers_are_kept() {
+        let clock = ManualClock::new();
+        let r = registry(64, &clock);
+        r.get(&0).try_acquire().unwrap().failure(); // open: worth keeping
+        for key in 1..100_000 {
+            clock.advance(Duration::from_secs(1));
+            r.get(&key);
+        }
+        assert!(r.len() <= 64, "{} breakers held", r.len());
+        assert_eq!(
+            r.peek(&0).map(|b| b.state()),
+            Some(State::Open),
+            "the open breaker survived"
+        );
+        assert!(r.peek(&1).is_none(), "an old closed breaker was evicted");
+        assert!(r.peek(&99_999).is_some(), "the newest is held");
+    }
+
+    #[test]
+    fn registry_listeners_reach_breakers_made_later() {
+        let r = registry(10, &ManualClock::new());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        r.on_state_change(move |c| s.lock().unwrap().push(c.breaker.to_string()));
+        r.get(&7).try_acquire().unwrap().failure();
+        assert_eq!(*seen.lock().unwrap(), ["ep/7"]);
+    }
 }
