@@ -6,11 +6,10 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use palisade_resilience::ManualClock;
 use palisade_resilience::breaker::{BreakerConfig, CircuitBreaker};
 
-fn value<'a>(
-    snapshot: &'a [(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> &'a DebugValue {
+/// (name, labels, value) of every metric recorded.
+type Snapshot = [(String, Vec<(String, String)>, DebugValue)];
+
+fn value<'a>(snapshot: &'a Snapshot, name: &str, labels: &[(&str, &str)]) -> &'a DebugValue {
     snapshot
         .iter()
         .find(|(n, l, _)| {
