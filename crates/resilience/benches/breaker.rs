@@ -10,7 +10,7 @@ use palisade_resilience::layer::breaker::CircuitBreakerLayer;
 use tower::{Layer, Service, service_fn};
 
 mod common;
-use common::{call, two_threads};
+use common::{call, config, two_threads};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -194,13 +194,6 @@ fn open_rejection(c: &mut Criterion) {
         })
     });
     g.finish();
-}
-
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
 }
 
 criterion_group! { name = benches; config = config(); targets = closed_one_thread, closed_two_threads, open_rejection }

@@ -11,6 +11,9 @@ use palisade_resilience::retry::{BudgetConfig, RetryBudget, RetryPolicy};
 use palisade_resilience::timeout::{AdaptiveConfig, AdaptiveTimeout};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
+mod common;
+use common::config;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Clone, Debug)]
@@ -118,13 +121,6 @@ fn timeout(c: &mut Criterion) {
         })
     });
     g.finish();
-}
-
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
 }
 
 criterion_group! { name = benches; config = config(); targets = retry, timeout }

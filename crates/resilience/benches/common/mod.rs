@@ -10,6 +10,7 @@ use std::sync::Barrier;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use criterion::Criterion;
 use tower::Service;
 
 /// Polls a future that the benched services complete at once.
@@ -53,4 +54,12 @@ pub fn two_threads<T: Send>(iters: u64, make: impl Fn() -> T + Sync, op: impl Fn
         barrier.wait();
         start.elapsed()
     })
+}
+
+/// Short runs: these machines are shared; quote medians and ratios.
+pub fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
 }

@@ -94,15 +94,7 @@ impl OpenDuration {
                 initial,
                 multiplier,
                 max,
-            } => {
-                let factor = multiplier.powi(reopens.min(1024) as i32);
-                let secs = initial.as_secs_f64() * factor;
-                if !secs.is_finite() || secs >= max.as_secs_f64() {
-                    max
-                } else {
-                    Duration::from_secs_f64(secs)
-                }
-            }
+            } => crate::retry::exponential(initial, multiplier, max, reopens.saturating_add(1)),
         }
     }
 }

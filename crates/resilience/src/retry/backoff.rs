@@ -104,7 +104,8 @@ impl Backoff {
     }
 }
 
-fn exponential(initial: Duration, multiplier: f64, max: Duration, n: u32) -> Duration {
+/// `initial x multiplier^(n-1)`, capped at `max` (also the breaker's open backoff).
+pub(crate) fn exponential(initial: Duration, multiplier: f64, max: Duration, n: u32) -> Duration {
     let exp = n.saturating_sub(1).min(1024) as i32;
     let secs = initial.as_secs_f64() * multiplier.powi(exp);
     if !secs.is_finite() || secs >= max.as_secs_f64() {

@@ -14,5 +14,6 @@ mod budget;
 mod policy;
 
 pub use backoff::Backoff;
+pub(crate) use backoff::exponential;
 pub use budget::{BudgetConfig, RetryBudget};
 pub use policy::{Decision, RetryAction, RetryPolicy, RetryState, Retrying, StopReason};
