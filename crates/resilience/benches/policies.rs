@@ -2,7 +2,7 @@
 //! tower's own middleware, in one run, on a current-thread tokio runtime.
 //! `cargo bench -p palisade-resilience --bench policies`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use palisade_resilience::layer::retry::RetryLayer;
@@ -12,7 +12,7 @@ use palisade_resilience::timeout::{AdaptiveConfig, AdaptiveTimeout};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 mod common;
-use common::config;
+use common::{config, drive};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -21,23 +21,6 @@ struct MyError;
 
 fn ok_service() -> impl Service<u64, Response = u64, Error = MyError, Future: Send> + Clone + Send {
     service_fn(|x: u64| std::future::ready(Ok::<_, MyError>(x)))
-}
-
-/// Runs `iters` requests through `svc` inside one `block_on`, so the figure is the
-/// per-request cost of the middleware, not of entering the runtime.
-fn drive<S>(rt: &tokio::runtime::Runtime, mut svc: S, iters: u64) -> Duration
-where
-    S: Service<u64>,
-    S::Error: std::fmt::Debug,
-{
-    rt.block_on(async {
-        let start = Instant::now();
-        for i in 0..iters {
-            let r = svc.ready().await.unwrap().call(std::hint::black_box(i)).await;
-            std::hint::black_box(r.unwrap());
-        }
-        start.elapsed()
-    })
 }
 
 /// A tower retry policy that never needs to retry here (the service always succeeds).

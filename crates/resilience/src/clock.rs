@@ -70,24 +70,97 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
 }
 
 /// A shared, type-erased clock, as the policies hold it.
-pub type SharedClock = Arc<dyn Clock>;
+///
+/// The system clock is held without an allocation or a virtual call, so a policy on
+/// the default clock reads time as cheaply as if it were generic over it.
+#[derive(Clone)]
+pub struct SharedClock(Repr);
 
-/// The default clock: the operating system's monotonic clock.
+#[derive(Clone)]
+enum Repr {
+    System,
+    Other(Arc<dyn Clock>),
+}
+
+impl SharedClock {
+    /// Shares `clock` (a `SharedClock` is not wrapped twice).
+    pub fn new<C: Clock>(clock: C) -> Self {
+        let any: &dyn std::any::Any = &clock;
+        if any.is::<SystemClock>() {
+            SharedClock(Repr::System)
+        } else if let Some(shared) = any.downcast_ref::<SharedClock>() {
+            shared.clone()
+        } else {
+            SharedClock(Repr::Other(Arc::new(clock)))
+        }
+    }
+
+    /// The system clock.
+    pub const fn system() -> Self {
+        SharedClock(Repr::System)
+    }
+
+    /// The current instant.
+    #[inline]
+    pub fn now(&self) -> Instant {
+        match &self.0 {
+            Repr::System => SystemClock.now(),
+            Repr::Other(c) => c.now(),
+        }
+    }
+}
+
+impl Default for SharedClock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl fmt::Debug for SharedClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::System => f.write_str("SystemClock"),
+            Repr::Other(c) => c.fmt(f),
+        }
+    }
+}
+
+impl Clock for SharedClock {
+    #[inline]
+    fn now(&self) -> Instant {
+        SharedClock::now(self)
+    }
+}
+
+/// The default clock: the CPU's time-stamp counter where it is invariant (read in a
+/// few nanoseconds, scaled to nanoseconds by `quanta`), otherwise the operating
+/// system's monotonic clock.
 ///
 /// All `SystemClock`s share one origin (the first time any of them was read), so
-/// instants from two of them can be compared.
+/// instants from two of them can be compared. The first read calibrates the counter
+/// (up to 200 ms, once per process).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
-fn process_origin() -> std::time::Instant {
-    static ORIGIN: OnceLock<std::time::Instant> = OnceLock::new();
-    *ORIGIN.get_or_init(std::time::Instant::now)
+struct Origin {
+    clock: quanta::Clock,
+    raw: u64,
+}
+
+fn process_origin() -> &'static Origin {
+    static ORIGIN: OnceLock<Origin> = OnceLock::new();
+    ORIGIN.get_or_init(|| {
+        let clock = quanta::Clock::new();
+        let raw = clock.raw();
+        Origin { clock, raw }
+    })
 }
 
 impl Clock for SystemClock {
     #[inline]
     fn now(&self) -> Instant {
-        Instant(duration_nanos(process_origin().elapsed()))
+        let origin = process_origin();
+        Instant(origin.clock.delta_as_nanos(origin.raw, origin.clock.raw()))
     }
 }
 

@@ -29,9 +29,12 @@
 //! [`tower`]: https://docs.rs/tower
 
 pub mod breaker;
+pub mod bulkhead;
 pub mod clock;
 pub mod layer;
+pub mod ratelimit;
 pub mod retry;
+pub mod shed;
 mod sync;
 pub mod timeout;
 pub mod window;

@@ -12,7 +12,6 @@
 //!   per-attempt timeout never outlives the outer one.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::breaker::{ConfigError, ConfigErrors};
@@ -201,7 +200,7 @@ impl AdaptiveTimeout {
         Ok(AdaptiveTimeout {
             hist: Buckets::new(SLICES, slice),
             refresh_nanos: slice.min(1_000_000_000),
-            clock: Arc::new(clock),
+            clock: SharedClock::new(clock),
             cached: AtomicU64::new(duration_nanos(config.initial)),
             computed_at: AtomicU64::new(0),
             config,

@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use tower::Service;
+use tower::{Service, ServiceExt};
 
 /// Polls a future that the benched services complete at once.
 #[inline]
@@ -62,4 +62,29 @@ pub fn config() -> Criterion {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30)
+}
+
+/// Runs `iters` requests through `svc` inside one `block_on`, so the figure is the
+/// per-request cost of the middleware, not of entering the runtime.
+pub fn drive<S>(rt: &tokio::runtime::Runtime, mut svc: S, iters: u64) -> Duration
+where
+    S: Service<u64>,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        for i in 0..iters {
+            let r = svc.ready().await.unwrap().call(std::hint::black_box(i)).await;
+            std::hint::black_box(r.unwrap());
+        }
+        start.elapsed()
+    })
+}
+
+/// A current-thread runtime with timers, for the layer benches.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
 }

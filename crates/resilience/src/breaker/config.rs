@@ -239,11 +239,7 @@ impl BreakerConfig {
                 format!("must be between 1 and {}", super::state::MAX_PROBES),
             ));
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        ConfigErrors::result(errors)
     }
 }
 
@@ -283,6 +279,22 @@ impl ConfigError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+impl ConfigErrors {
+    /// `Ok` when `errors` is empty, else every one of them.
+    pub fn result(errors: Vec<ConfigError>) -> Result<(), ConfigErrors> {
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// The fields with problems, in the order found.
+    pub fn fields(&self) -> Vec<&str> {
+        self.0.iter().map(|e| e.field.as_str()).collect()
+    }
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -320,13 +332,8 @@ mod tests {
             half_open_probes: 0,
             success_threshold: 1,
         };
-        let fields: Vec<_> = bad
-            .validate()
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| e.field)
-            .collect();
+        let errors = bad.validate().unwrap_err();
+        let fields = errors.fields();
         assert_eq!(
             fields,
             [

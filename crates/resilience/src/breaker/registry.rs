@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::{BreakerConfig, CircuitBreaker, ConfigErrors, Listener, State, StateChange};
-use crate::clock::{SharedClock, SystemClock, duration_nanos};
+use crate::clock::{SharedClock, duration_nanos};
 use crate::sync::{AtomicU64, Ordering};
 
 const SHARDS: usize = 16;
@@ -61,7 +61,7 @@ impl<K: Hash + Eq + Clone + Display> BreakerRegistry<K> {
         config: BreakerConfig,
         capacity: usize,
     ) -> Result<Self, ConfigErrors> {
-        Self::with_clock(prefix, config, capacity, Arc::new(SystemClock))
+        Self::with_clock(prefix, config, capacity, SharedClock::system())
     }
 
     /// Like [`new`](Self::new), with a clock shared by every breaker.
@@ -212,7 +212,7 @@ mod tests {
 
     fn registry(capacity: usize, clock: &ManualClock) -> BreakerRegistry<u32> {
         let config = BreakerConfig::empty().consecutive_failures(1);
-        BreakerRegistry::with_clock("ep", config, capacity, Arc::new(clock.clone())).unwrap()
+        BreakerRegistry::with_clock("ep", config, capacity, SharedClock::new(clock.clone())).unwrap()
     }
 
     #[test]

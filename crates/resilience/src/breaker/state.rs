@@ -8,7 +8,7 @@ use super::config::{BreakerConfig, ConfigErrors};
 use super::detector::{Detector, Trip};
 use super::event::{Cause, Listener, State, StateChange};
 use super::permit::{Kind, Outcome, Permit, Ticket};
-use crate::clock::{Instant, SharedClock, SystemClock, duration_nanos};
+use crate::clock::{Instant, SharedClock, duration_nanos};
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, CachePadded, Ordering};
 use crate::window::{Sample, Snapshot, WindowConfig};
 
@@ -231,7 +231,7 @@ impl Builder {
 
     /// Sets the clock (default: [`SystemClock`]).
     pub fn clock(mut self, clock: impl crate::Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.clock = SharedClock::new(clock);
         self
     }
 
@@ -280,7 +280,7 @@ impl CircuitBreaker {
         Builder {
             name: name.into(),
             config: BreakerConfig::default(),
-            clock: Arc::new(SystemClock),
+            clock: SharedClock::system(),
         }
     }
 

@@ -16,6 +16,10 @@
 //! Rejections and timeouts are decided in `call`, never in `poll_ready`: a rejected
 //! request fails at once and never waits.
 
+pub mod admit;
 pub mod breaker;
+pub mod bulkhead;
+pub mod ratelimit;
 pub mod retry;
+pub mod shed;
 pub mod timeout;

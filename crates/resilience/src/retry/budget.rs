@@ -80,7 +80,7 @@ impl RetryBudget {
                 counts: Buckets::new(BUCKETS, duration_nanos(window) / u64::from(BUCKETS)),
                 floor: f64::from(config.min_per_second) * window.as_secs_f64(),
                 config,
-                clock: Arc::new(clock),
+                clock: SharedClock::new(clock),
             }),
         }
     }
