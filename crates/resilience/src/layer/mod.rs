@@ -19,6 +19,9 @@
 pub mod admit;
 pub mod breaker;
 pub mod bulkhead;
+pub mod chaos;
+pub mod fallback;
+pub mod hedge;
 pub mod ratelimit;
 pub mod retry;
 pub mod shed;
