@@ -33,6 +33,7 @@ pub mod bulkhead;
 pub mod clock;
 pub mod layer;
 pub mod ratelimit;
+pub mod replay;
 pub mod retry;
 pub mod shed;
 mod sync;

@@ -137,3 +137,49 @@ fn probe_success_and_failure_race_to_one_outcome() {
         assert_eq!(b.stats().probes_in_flight, 0);
     });
 }
+
+#[test]
+fn a_rate_limiter_never_admits_more_than_its_burst() {
+    use palisade_resilience::ratelimit::{Quota, RateLimiter};
+    loom::model(|| {
+        let limiter = Arc::new(
+            RateLimiter::gcra(Quota::new(1, Duration::from_secs(60)).burst(2))
+                .unwrap()
+                .with_clock(ManualClock::new()),
+        );
+        let other = {
+            let l = limiter.clone();
+            thread::spawn(move || (0..2).filter(|_| l.check().is_ok()).count())
+        };
+        let here = (0..2).filter(|_| limiter.check().is_ok()).count();
+        assert_eq!(here + other.join().unwrap(), 2);
+    });
+}
+
+#[test]
+fn a_bulkhead_never_holds_more_than_its_slots() {
+    use palisade_resilience::bulkhead::{Bulkhead, BulkheadConfig};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    loom::model(|| {
+        let bulkhead = Bulkhead::new("b", BulkheadConfig::new(1)).unwrap();
+        let inside = Arc::new(AtomicUsize::new(0));
+        let run = |b: Bulkhead, inside: Arc<AtomicUsize>| {
+            if let Ok(permit) = b.try_acquire() {
+                assert_eq!(
+                    inside.fetch_add(1, SeqCst),
+                    0,
+                    "two calls inside a bulkhead of one"
+                );
+                inside.fetch_sub(1, SeqCst);
+                drop(permit);
+            }
+        };
+        let other = {
+            let (b, i) = (bulkhead.clone(), inside.clone());
+            thread::spawn(move || run(b, i))
+        };
+        run(bulkhead.clone(), inside.clone());
+        other.join().unwrap();
+        assert_eq!(bulkhead.in_flight(), 0, "every slot was given back");
+    });
+}
