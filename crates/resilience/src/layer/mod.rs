@@ -1,10 +1,12 @@
 //! tower middleware around the policy cores, one folder per policy in tower's shape
 //! (`layer.rs`, `service.rs`, `future.rs`).
 //!
-//! Compose them with `tower::ServiceBuilder` in this order (outermost first):
+//! Compose them with `tower::ServiceBuilder` in this order (outermost first; the
+//! reasons are in `docs/patterns/composition.md`):
 //!
 //! ```text
-//! timeout (total) > retry > circuit breaker > timeout (per attempt) > service
+//! fallback > timeout (total) > hedge | retry > circuit breaker > bulkhead
+//!          > timeout (per attempt) > rate limit > chaos > service
 //! ```
 //!
 //! The total timeout publishes a [`Deadline`](crate::timeout::Deadline) that the retry
