@@ -178,21 +178,13 @@ impl Bulkhead {
     /// Takes a slot now, or refuses at once (whatever `max_wait` says).
     #[inline]
     pub fn try_acquire(&self) -> Result<BulkheadPermit, BulkheadFull> {
-        if self.try_take() {
-            Ok(BulkheadPermit {
-                bulkhead: self.clone(),
-            })
-        } else {
-            Err(self.full())
-        }
+        self.take().ok_or_else(|| self.full())
     }
 
     /// Takes a slot, waiting at most `max_wait` for one (on tokio's clock).
     pub async fn acquire(&self) -> Result<BulkheadPermit, BulkheadFull> {
-        if self.try_take() {
-            return Ok(BulkheadPermit {
-                bulkhead: self.clone(),
-            });
+        if let Some(permit) = self.take() {
+            return Ok(permit);
         }
         if self.inner.config.max_wait.is_zero() {
             return Err(self.full());
@@ -203,10 +195,8 @@ impl Bulkhead {
         loop {
             let mut notified = pin!(self.inner.notify.notified());
             notified.as_mut().enable();
-            if self.try_take() {
-                return Ok(BulkheadPermit {
-                    bulkhead: self.clone(),
-                });
+            if let Some(permit) = self.take() {
+                return Ok(permit);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(self.full());

@@ -187,25 +187,14 @@ pub fn replay(trace: &[TraceEvent], policies: &PolicySet) -> Result<Timeline, Co
                 .push((at, c.from, c.to));
         });
     }
-    // Calls in flight, by end time: (end, sequence) -> (permit, outcome).
-    let mut in_flight: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-    let mut ends: Vec<Option<(Option<Permit<CircuitBreaker>>, Outcome)>> = Vec::new();
+    let mut in_flight: InFlight = BinaryHeap::new();
+    let mut ends: Vec<Ending> = Vec::new();
     let mut steps = Vec::with_capacity(trace.len());
     let mut last = 0u64;
     for event in trace {
         let start = duration_nanos(event.at).max(last);
         last = start;
-        // Finish every call that ended by now, in order.
-        while let Some(&Reverse((end, seq))) = in_flight.peek() {
-            if end > start {
-                break;
-            }
-            in_flight.pop();
-            set(&clock, end);
-            if let Some((Some(permit), outcome)) = ends[seq].take() {
-                permit.record(outcome);
-            }
-        }
+        finish_calls(&clock, &mut in_flight, &mut ends, start);
         set(&clock, start);
         let state = breaker.as_ref().map_or(State::Closed, CircuitBreaker::state);
         let verdict = if limiter
@@ -235,15 +224,30 @@ pub fn replay(trace: &[TraceEvent], policies: &PolicySet) -> Result<Timeline, Co
             breaker: state,
         });
     }
-    while let Some(Reverse((end, seq))) = in_flight.pop() {
-        set(&clock, end.max(last));
+    finish_calls(&clock, &mut in_flight, &mut ends, u64::MAX);
+    drop(breaker);
+    let transitions = std::mem::take(&mut *transitions.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(Timeline { steps, transitions })
+}
+
+/// Calls in flight, by end time: (end, index into the endings).
+type InFlight = BinaryHeap<Reverse<(u64, usize)>>;
+/// A call's breaker permit (if it has a breaker) and its recorded outcome.
+type Ending = Option<(Option<Permit<CircuitBreaker>>, Outcome)>;
+
+/// Records, in end order and at their end times, the outcome of every call in
+/// flight that ended by `until`.
+fn finish_calls(clock: &ManualClock, in_flight: &mut InFlight, ends: &mut [Ending], until: u64) {
+    while let Some(&Reverse((end, seq))) = in_flight.peek() {
+        if end > until {
+            break;
+        }
+        in_flight.pop();
+        set(clock, end);
         if let Some((Some(permit), outcome)) = ends[seq].take() {
             permit.record(outcome);
         }
     }
-    drop(breaker);
-    let transitions = std::mem::take(&mut *transitions.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok(Timeline { steps, transitions })
 }
 
 fn set(clock: &ManualClock, nanos: u64) {

@@ -611,15 +611,15 @@ impl TieredShedder {
 
     /// What to do with a request of `priority` now.
     pub fn admit(&self, priority: Priority) -> Admission {
-        let level = self.level();
-        let admission = level.admit(priority);
-        if admission == Admission::Shed {
-            metrics::counter!("palisade_shed_total", "reason" => "priority").increment(1);
+        match self.check(priority) {
+            Ok(false) => Admission::Full,
+            Ok(true) => Admission::Degraded,
+            Err(_) => Admission::Shed,
         }
-        admission
     }
 
-    /// Like [`admit`](Self::admit), as a `Result` for `?`: `Ok(degraded)`.
+    /// Like [`admit`](Self::admit), as a `Result` for `?`: `Ok(degraded)`. The one
+    /// place a priority refusal is counted.
     pub fn check(&self, priority: Priority) -> Result<bool, Shed> {
         let level = self.level();
         match level.admit(priority) {

@@ -5,9 +5,7 @@ use tower_layer::Layer;
 use super::admit::{Admission, Admit, AdmitError, Admitted, Guard};
 use super::breaker::{Classify, DefaultClassifier};
 use crate::breaker::Outcome;
-use crate::shed::{
-    AdaptiveConcurrency, Admission as Tier, Priority, Shed, ShedPermit, ShedReason, TieredShedder,
-};
+use crate::shed::{AdaptiveConcurrency, Priority, Shed, ShedPermit, TieredShedder};
 
 /// The error of a service behind a load shedder.
 pub type ShedError<E> = AdmitError<Shed, E>;
@@ -160,19 +158,14 @@ where
     type Rejection = Shed;
 
     fn admit(&self, req: &mut Req) -> Admit<(), Shed> {
-        let level = self.shedder.level();
-        match level.admit((self.priority)(req)) {
-            Tier::Full => Admit::Now(()),
-            Tier::Degraded => {
-                (self.degrade)(req);
+        match self.shedder.check((self.priority)(req)) {
+            Ok(degraded) => {
+                if degraded {
+                    (self.degrade)(req);
+                }
                 Admit::Now(())
             }
-            Tier::Shed => {
-                metrics::counter!("palisade_shed_total", "reason" => "priority").increment(1);
-                Admit::Rejected(Shed {
-                    reason: ShedReason::Priority(level),
-                })
-            }
+            Err(shed) => Admit::Rejected(shed),
         }
     }
 }

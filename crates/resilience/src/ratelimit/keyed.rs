@@ -140,11 +140,7 @@ where
     /// Admits or refuses a request of `cost` units for `key` at `now`.
     pub fn check_n_at(&self, key: &K, now: Instant, cost: u32) -> Result<Allowed, RateLimited> {
         let inner = &*self.inner;
-        let algorithm = if inner.overrides.is_empty() {
-            &inner.algorithm
-        } else {
-            inner.overrides.get(key).unwrap_or(&inner.algorithm)
-        };
+        let algorithm = self.algorithm_for(key);
         // One hash per decision: it picks the shard (from bits the table does not
         // index with) and finds the entry.
         let hash = inner.hasher.hash_one(key);
@@ -178,8 +174,16 @@ where
         decision
     }
 
+    /// The key's override, or the shared algorithm (without hashing when there are
+    /// no overrides).
+    #[inline]
     fn algorithm_for(&self, key: &K) -> &A {
-        self.inner.overrides.get(key).unwrap_or(&self.inner.algorithm)
+        let inner = &*self.inner;
+        if inner.overrides.is_empty() {
+            &inner.algorithm
+        } else {
+            inner.overrides.get(key).unwrap_or(&inner.algorithm)
+        }
     }
 
     /// Forgets idle keys; if that frees less than an eighth of the shard, forgets the
