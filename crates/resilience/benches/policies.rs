@@ -1,12 +1,16 @@
-//! Retry and timeout layers on the happy path: Palisade against tower-resilience and
+//! Retry and timeout layers, and the whole pipeline, on the happy path: Palisade against tower-resilience and
 //! tower's own middleware, in one run, on a current-thread tokio runtime.
 //! `cargo bench -p palisade-resilience --bench policies`.
 
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use palisade_resilience::breaker::CircuitBreaker;
+use palisade_resilience::bulkhead::{Bulkhead, BulkheadConfig};
+use palisade_resilience::layer::pipeline::PipelineBuilder;
 use palisade_resilience::layer::retry::RetryLayer;
 use palisade_resilience::layer::timeout::TimeoutLayer;
+use palisade_resilience::ratelimit::{Quota, RateLimiter};
 use palisade_resilience::retry::{BudgetConfig, RetryBudget, RetryPolicy};
 use palisade_resilience::timeout::{AdaptiveConfig, AdaptiveTimeout};
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -106,5 +110,37 @@ fn timeout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group! { name = benches; config = config(); targets = retry, timeout }
+fn pipeline(c: &mut Criterion) {
+    let rt = common::runtime();
+    let mut g = c.benchmark_group("pipeline/happy-path");
+    g.bench_function("bare service (baseline)", |b| {
+        b.iter_custom(|n| drive(&rt, ok_service(), n))
+    });
+    let off = PipelineBuilder::new();
+    g.bench_function("palisade, every stage off", |b| {
+        b.iter_custom(|n| drive(&rt, off.build(ok_service()), n))
+    });
+    let on = PipelineBuilder::new()
+        .total_timeout(Duration::from_secs(2))
+        .retry(RetryPolicy::new(3).budget(RetryBudget::new(BudgetConfig::default())))
+        .breaker(CircuitBreaker::builder("bench").build().unwrap())
+        .bulkhead(
+            Bulkhead::new(
+                "bench",
+                BulkheadConfig {
+                    max_concurrent: 64,
+                    max_wait: Duration::ZERO,
+                },
+            )
+            .unwrap(),
+        )
+        .attempt_timeout(Duration::from_secs(1))
+        .rate_limit(RateLimiter::gcra(Quota::per_second(1_000_000_000)).unwrap());
+    g.bench_function("palisade, every stage on", |b| {
+        b.iter_custom(|n| drive(&rt, on.build(ok_service()), n))
+    });
+    g.finish();
+}
+
+criterion_group! { name = benches; config = config(); targets = retry, timeout, pipeline }
 criterion_main!(benches);

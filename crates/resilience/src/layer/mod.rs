@@ -15,6 +15,9 @@
 //! each attempt is judged, and a rejected attempt is retried only if the predicate
 //! says so.
 //!
+//! [`pipeline::PipelineBuilder`] builds this order from one value, with every stage
+//! optional and the errors flattened into one [`pipeline::PolicyError`].
+//!
 //! Rejections and timeouts are decided in `call`, never in `poll_ready`: a rejected
 //! request fails at once and never waits.
 
@@ -24,6 +27,7 @@ pub mod bulkhead;
 pub mod chaos;
 pub mod fallback;
 pub mod hedge;
+pub mod pipeline;
 pub mod ratelimit;
 pub mod retry;
 pub mod shed;
