@@ -45,6 +45,7 @@
 //! ```
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -200,78 +201,77 @@ impl<T, E> RetryPredicate<T, PolicyError<E>> for RetryTransient {
     }
 }
 
-/// Wraps a service so its error is a [`PolicyError::Inner`]: the bottom of a pipeline.
-#[derive(Clone, Debug)]
-pub struct Lift<S> {
-    inner: S,
+/// How a [`Flat`] service turns its inner error into a [`PolicyError`].
+pub trait ErrorMap<X> {
+    /// The service's own error type.
+    type Inner;
+    /// Maps the error.
+    fn map(error: X) -> PolicyError<Self::Inner>;
 }
 
-impl<S, Req> Service<Req> for Lift<S>
-where
-    S: Service<Req>,
-{
-    type Response = S::Response;
-    type Error = PolicyError<S::Error>;
-    type Future = LiftFuture<S::Future>;
+/// Flattens a policy's typed error ([`Flatten`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flattening;
 
+impl<X: Flatten> ErrorMap<X> for Flattening {
+    type Inner = X::Inner;
     #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(PolicyError::Inner)
+    fn map(error: X) -> PolicyError<X::Inner> {
+        error.flatten()
     }
+}
 
+/// Wraps the service's own error as [`PolicyError::Inner`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Lifting;
+
+impl<X> ErrorMap<X> for Lifting {
+    type Inner = X;
     #[inline]
-    fn call(&mut self, req: Req) -> Self::Future {
-        LiftFuture {
-            fut: self.inner.call(req),
+    fn map(error: X) -> PolicyError<X> {
+        PolicyError::Inner(error)
+    }
+}
+
+/// Wraps a service so its error is a [`PolicyError`]: a policy's typed error is
+/// flattened ([`Flattening`]), the service's own is lifted ([`Lift`]).
+#[derive(Clone, Debug)]
+pub struct Flat<S, M = Flattening> {
+    inner: S,
+    map: PhantomData<M>,
+}
+
+/// The bottom of a pipeline: the service's error becomes [`PolicyError::Inner`].
+pub type Lift<S> = Flat<S, Lifting>;
+
+impl<S, M> Flat<S, M> {
+    fn new(inner: S) -> Self {
+        Flat {
+            inner,
+            map: PhantomData,
         }
     }
 }
 
-pin_project! {
-    /// The response future of [`Lift`].
-    #[derive(Debug)]
-    pub struct LiftFuture<F> {
-        #[pin]
-        fut: F,
-    }
-}
-
-impl<F, T, E> Future for LiftFuture<F>
-where
-    F: Future<Output = Result<T, E>>,
-{
-    type Output = Result<T, PolicyError<E>>;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().fut.poll(cx).map_err(PolicyError::Inner)
-    }
-}
-
-/// Wraps a policy's service so its typed error flattens into a [`PolicyError`].
-#[derive(Clone, Debug)]
-pub struct Flat<S> {
-    inner: S,
-}
-
-impl<S, Req> Service<Req> for Flat<S>
+impl<S, M, Req> Service<Req> for Flat<S, M>
 where
     S: Service<Req>,
-    S::Error: Flatten,
+    M: ErrorMap<S::Error>,
 {
     type Response = S::Response;
-    type Error = PolicyError<<S::Error as Flatten>::Inner>;
-    type Future = FlatFuture<S::Future>;
+    type Error = PolicyError<M::Inner>;
+    type Future = FlatFuture<S::Future, M>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Flatten::flatten)
+        self.inner.poll_ready(cx).map_err(M::map)
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         FlatFuture {
             fut: self.inner.call(req),
+            map: PhantomData,
         }
     }
 }
@@ -279,22 +279,23 @@ where
 pin_project! {
     /// The response future of [`Flat`].
     #[derive(Debug)]
-    pub struct FlatFuture<F> {
+    pub struct FlatFuture<F, M> {
         #[pin]
         fut: F,
+        map: PhantomData<M>,
     }
 }
 
-impl<F, T, X> Future for FlatFuture<F>
+impl<F, M, T, X> Future for FlatFuture<F, M>
 where
     F: Future<Output = Result<T, X>>,
-    X: Flatten,
+    M: ErrorMap<X>,
 {
-    type Output = Result<T, PolicyError<X::Inner>>;
+    type Output = Result<T, PolicyError<M::Inner>>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().fut.poll(cx).map_err(Flatten::flatten)
+        self.project().fut.poll(cx).map_err(M::map)
     }
 }
 
@@ -550,29 +551,25 @@ impl<C: Clone, P: Clone, L, F> PipelineBuilder<C, P, L, F> {
         L: Clone,
         F: Layer<Pipeline<S, C, P, L>>,
     {
-        let lift = Lift { inner: service };
+        let lift = Lift::new(service);
         let rate = match &self.rate_limit {
-            Some(l) => Stage::On(Flat {
-                inner: Admitted::new(lift, l.clone()),
-            }),
+            Some(l) => Stage::On(Flat::new(Admitted::new(lift, l.clone()))),
             None => Stage::Off(lift),
         };
         let attempt = match &self.attempt {
-            Some(t) => Stage::On(Flat {
-                inner: Timeout::new(rate, t.clone()),
-            }),
+            Some(t) => Stage::On(Flat::new(Timeout::new(rate, t.clone()))),
             None => Stage::Off(rate),
         };
         let bulkhead = match &self.bulkhead {
-            Some(b) => Stage::On(Flat {
-                inner: Admitted::new(attempt, b.clone()),
-            }),
+            Some(b) => Stage::On(Flat::new(Admitted::new(attempt, b.clone()))),
             None => Stage::Off(attempt),
         };
         let breaker = match &self.breaker {
-            Some((b, c)) => Stage::On(Flat {
-                inner: CircuitBreakerService::new(bulkhead, b.clone(), c.clone()),
-            }),
+            Some((b, c)) => Stage::On(Flat::new(CircuitBreakerService::new(
+                bulkhead,
+                b.clone(),
+                c.clone(),
+            ))),
             None => Stage::Off(bulkhead),
         };
         let retry = match &self.retry {
@@ -580,9 +577,7 @@ impl<C: Clone, P: Clone, L, F> PipelineBuilder<C, P, L, F> {
             None => Stage::Off(breaker),
         };
         let total = match &self.total {
-            Some(t) => Stage::On(Flat {
-                inner: Timeout::new(retry, t.clone()),
-            }),
+            Some(t) => Stage::On(Flat::new(Timeout::new(retry, t.clone()))),
             None => Stage::Off(retry),
         };
         self.fallback.layer(Pipeline { inner: total })
