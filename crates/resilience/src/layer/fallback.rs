@@ -310,7 +310,7 @@ where
     }
 }
 
-/// [`Fallback::answer`] without naming the request type, so the response future
+/// The answering half of a [`Fallback`], without naming the request type, so the response future
 /// need not carry it.
 pub trait FallbackAnswer<K, E> {
     /// The fallback's answer.
