@@ -325,3 +325,26 @@ async fn async_call_cancelled_mid_flight_frees_the_probe() {
     assert_eq!(r.unwrap(), 7);
     assert_eq!(b.state(), State::Closed);
 }
+
+#[test]
+fn would_admit_predicts_acquire_without_changing_state() {
+    let (b, clock, events) = breaker(
+        BreakerConfig::empty()
+            .consecutive_failures(1)
+            .half_open(1, 1)
+            .open_duration(OpenDuration::Fixed(Duration::from_secs(10))),
+    );
+    assert!(b.would_admit());
+    run(&b, F);
+    assert!(!b.would_admit(), "open");
+    clock.advance(Duration::from_secs(10));
+    assert!(b.would_admit(), "open time over: the next call is a probe");
+    assert_eq!(b.state(), State::Open, "asking changed nothing");
+    let probe = b.try_acquire().unwrap();
+    assert!(!b.would_admit(), "the only probe slot is taken");
+    probe.record(S);
+    assert!(b.would_admit());
+    b.force_open();
+    assert!(!b.would_admit());
+    assert_eq!(transitions(&events).len(), 4);
+}

@@ -353,6 +353,24 @@ impl CircuitBreaker {
         public_state(self.inner.state.load(Ordering::Acquire))
     }
 
+    /// Whether a call would be let through now, without asking for a permit: for a
+    /// balancer choosing among endpoints. An open breaker whose open time is over
+    /// says yes (its next call is a probe), a half-open one says yes while a probe
+    /// slot is free. The answer can change before the caller acquires.
+    pub fn would_admit(&self) -> bool {
+        let inner = &*self.inner;
+        if inner.metrics_only.load(Ordering::Relaxed) {
+            return true;
+        }
+        let w = inner.state.load(Ordering::Acquire);
+        match state_of(w) {
+            CLOSED | DISABLED => true,
+            FORCED_OPEN => false,
+            OPEN => inner.clock.now().as_nanos() >= inner.open_until.load(Ordering::Acquire),
+            _ => probes_of(w) < inner.config.half_open_probes,
+        }
+    }
+
     /// A snapshot of the state and counters.
     pub fn stats(&self) -> BreakerStats {
         let inner = &*self.inner;
