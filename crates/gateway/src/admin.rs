@@ -1,0 +1,125 @@
+//! The admin listener: liveness, readiness, Prometheus metrics, the effective
+//! configuration (secrets redacted) and the live state of every cluster.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/health/live` | 200 while the process serves |
+//! | `/health/ready` | 200 when every cluster has a healthy endpoint (or may be empty), else 503 with the clusters that are not |
+//! | `/metrics` | Prometheus text |
+//! | `/admin/config` | the effective configuration, JSON |
+//! | `/admin/clusters` | every endpoint's health, ejection, breaker, in flight, EWMA latency |
+
+use http::{Method, Request, Response, StatusCode, header};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::runtime::Runtime;
+use crate::{Body, full};
+
+/// Answers one admin request.
+pub fn handle<B>(rt: &Runtime, metrics: Option<&PrometheusHandle>, req: &Request<B>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"error": "only GET"}),
+        );
+    }
+    match req.uri().path() {
+        "/health/live" => json(StatusCode::OK, &serde_json::json!({"status": "live"})),
+        "/health/ready" => {
+            let not_ready: Vec<&str> = rt
+                .clusters
+                .values()
+                .filter(|u| !u.allow_empty && !u.cluster.has_healthy_endpoint())
+                .map(|u| u.name.as_str())
+                .collect();
+            if not_ready.is_empty() {
+                json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+            } else {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"status": "not ready", "clusters_without_healthy_endpoint": not_ready}),
+                )
+            }
+        }
+        "/metrics" => match metrics {
+            Some(h) => {
+                let mut r = Response::new(full(h.render()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            None => json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "no metrics recorder installed"}),
+            ),
+        },
+        "/admin/config" => {
+            let mut v = serde_json::to_value(&rt.config).unwrap_or_default();
+            redact(&mut v);
+            json(StatusCode::OK, &v)
+        }
+        "/admin/clusters" => json(StatusCode::OK, &clusters_json(rt)),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "no such admin path"}),
+        ),
+    }
+}
+
+/// The live state of every cluster.
+pub fn clusters_json(rt: &Runtime) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (name, up) in &rt.clusters {
+        let now = up.cluster.clock().now();
+        let eps: Vec<_> = up
+            .cluster
+            .endpoints()
+            .iter()
+            .map(|e| crate::proxy::endpoint_json(e, now))
+            .collect();
+        out.insert(
+            name.clone(),
+            serde_json::json!({
+                "active_tier": up.cluster.active_tier(),
+                "panic": up.cluster.is_panicking(),
+                "in_flight": up.bulkhead.as_ref().map(|b| b.in_flight()),
+                "max_concurrent": up.bulkhead.as_ref().map(|b| b.config().max_concurrent),
+                "endpoints": eps,
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(v.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Replaces the value of any key that looks like a secret.
+fn redact(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                if ["secret", "password", "token", "key_file", "private"]
+                    .iter()
+                    .any(|s| k.contains(s))
+                {
+                    *val = serde_json::Value::String("[redacted]".into());
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
+}

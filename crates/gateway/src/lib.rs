@@ -1,0 +1,41 @@
+//! palisade-gateway: a resilient reverse proxy for HTTP/1.1 and HTTP/2 (h2c, gRPC).
+//!
+//! Configuration ([`config`]) becomes a live [`runtime::Runtime`] (routes, clusters,
+//! breakers, clients, probes); [`server::start`] runs the proxy listener and the
+//! admin listener and swaps runtimes on reload without dropping requests;
+//! [`proxy::handle`] is the request path.
+
+pub mod admin;
+pub mod config;
+pub mod discovery;
+pub mod health;
+pub mod proxy;
+pub mod runtime;
+pub mod server;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+
+/// Errors carried by bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and response the gateway handles.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// An empty body.
+pub fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A body of these bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub use config::{Config, ConfigError};
+pub use server::{Handle, start};

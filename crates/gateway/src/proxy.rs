@@ -1,0 +1,737 @@
+//! The request path: route, limit, pick an endpoint per attempt (its breaker and the
+//! cluster's bulkhead permitting), send with a per-attempt timeout inside the total
+//! one, classify the answer, feed breakers and outlier detection, retry within the
+//! budget on another endpoint, and answer, with every failure the gateway makes
+//! saying why (`x-palisade-cause`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use palisade_balance::outlier::CallResult;
+use palisade_balance::{EndpointState, PickError};
+use palisade_resilience::breaker::Outcome;
+use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
+use tokio::time::Instant;
+
+use crate::config::{HashOn, RetryOn};
+use crate::runtime::{Route, RouteLimiter, Runtime, Upstream};
+use crate::{Body, BoxError, full};
+
+/// Why the gateway answered a request itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// No route matched (404).
+    NoRoute,
+    /// The route's rate limit refused (429).
+    RateLimited,
+    /// The request body is larger than allowed (413).
+    BodyTooLarge,
+    /// The request could not be read (400).
+    BadRequest,
+    /// Every candidate endpoint's breaker is open (503).
+    CircuitOpen,
+    /// No endpoint is healthy, or the cluster is empty (503).
+    NoHealthyEndpoint,
+    /// The cluster's bulkhead is full (503).
+    BulkheadFull,
+    /// The total or per-attempt timeout passed (504).
+    Timeout,
+    /// The endpoint could not be connected to (502).
+    ConnectError,
+    /// The connection was reset or closed before an answer (502).
+    Reset,
+    /// The endpoint broke the protocol (502).
+    ProtocolError,
+}
+
+impl Cause {
+    /// The value of `x-palisade-cause`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::NoRoute => "no_route",
+            Cause::RateLimited => "rate_limited",
+            Cause::BodyTooLarge => "body_too_large",
+            Cause::BadRequest => "bad_request",
+            Cause::CircuitOpen => "circuit_open",
+            Cause::NoHealthyEndpoint => "no_healthy_endpoint",
+            Cause::BulkheadFull => "bulkhead_full",
+            Cause::Timeout => "timeout",
+            Cause::ConnectError => "connect_error",
+            Cause::Reset => "upstream_reset",
+            Cause::ProtocolError => "protocol_error",
+        }
+    }
+
+    /// The status the gateway answers with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Cause::NoRoute => StatusCode::NOT_FOUND,
+            Cause::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Cause::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Cause::BadRequest => StatusCode::BAD_REQUEST,
+            Cause::CircuitOpen | Cause::NoHealthyEndpoint | Cause::BulkheadFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Cause::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Cause::ConnectError | Cause::Reset | Cause::ProtocolError => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// The header naming why the gateway answered itself.
+pub const CAUSE_HEADER: HeaderName = HeaderName::from_static("x-palisade-cause");
+/// The header naming the endpoint a gateway-made answer concerns.
+pub const ENDPOINT_HEADER: HeaderName = HeaderName::from_static("x-palisade-endpoint");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// A failure the gateway answers for.
+#[derive(Debug)]
+struct Failure {
+    cause: Cause,
+    endpoint: Option<SocketAddr>,
+    /// Extra headers (`Retry-After`, `X-RateLimit-*`).
+    headers: Vec<(&'static str, String)>,
+    detail: String,
+}
+
+impl Failure {
+    fn new(cause: Cause, detail: impl Into<String>) -> Self {
+        Failure {
+            cause,
+            endpoint: None,
+            headers: Vec::new(),
+            detail: detail.into(),
+        }
+    }
+
+    fn at(mut self, endpoint: SocketAddr) -> Self {
+        self.endpoint = Some(endpoint);
+        self
+    }
+}
+
+/// Answers `failure` as a small JSON document with the cause headers.
+fn failure_response(f: &Failure, request_id: &HeaderValue) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": f.cause.as_str(),
+        "status": f.cause.status().as_u16(),
+        "detail": f.detail,
+        "endpoint": f.endpoint.map(|e| e.to_string()),
+        "request_id": request_id.to_str().unwrap_or(""),
+    });
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = f.cause.status();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CAUSE_HEADER, HeaderValue::from_static(f.cause.as_str()));
+    if let Some(e) = f.endpoint
+        && let Ok(v) = HeaderValue::from_str(&e.to_string())
+    {
+        h.insert(ENDPOINT_HEADER, v);
+    }
+    for (name, value) in &f.headers {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(*name, v);
+        }
+    }
+    h.insert(REQUEST_ID, request_id.clone());
+    resp
+}
+
+/// Handles one client request.
+pub async fn handle(rt: &Runtime, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let Some(route) = rt.routes.iter().find(|r| matches(r, &req)) else {
+        let f = Failure::new(Cause::NoRoute, format!("no route for {method} {path}"));
+        return finish(
+            rt,
+            None,
+            &method,
+            &path,
+            started,
+            failure_response(&f, &request_id),
+        );
+    };
+    let resp = match route_request(rt, route, req, client, &request_id).await {
+        Ok(resp) => resp,
+        Err(f) => match &route.fallback {
+            Some(fb) if fb.on.is_empty() || fb.on.iter().any(|c| c == f.cause.as_str()) => {
+                metrics::counter!("palisade_fallback_total", "route" => route.name.clone(), "cause" => f.cause.as_str())
+                    .increment(1);
+                let mut resp = Response::new(full(fb.body.clone()));
+                *resp.status_mut() = StatusCode::from_u16(fb.status).unwrap_or(StatusCode::OK);
+                let h = resp.headers_mut();
+                if let Ok(v) = HeaderValue::from_str(&fb.content_type) {
+                    h.insert(header::CONTENT_TYPE, v);
+                }
+                h.insert(
+                    HeaderName::from_static("x-palisade-fallback"),
+                    HeaderValue::from_static(f.cause.as_str()),
+                );
+                h.insert(REQUEST_ID, request_id.clone());
+                resp
+            }
+            _ => failure_response(&f, &request_id),
+        },
+    };
+    finish(rt, Some(route), &method, &path, started, resp)
+}
+
+fn finish(
+    rt: &Runtime,
+    route: Option<&Route>,
+    method: &Method,
+    path: &str,
+    started: Instant,
+    resp: Response<Body>,
+) -> Response<Body> {
+    let route_name = route.map_or("none", |r| r.name.as_str());
+    let elapsed = started.elapsed();
+    let status = resp.status().as_u16();
+    metrics::counter!("palisade_requests_total", "route" => route_name.to_string(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!("palisade_request_duration_seconds", "route" => route_name.to_string())
+        .record(elapsed.as_secs_f64());
+    if rt.config.gateway.access_log {
+        let cause = resp
+            .headers()
+            .get(&CAUSE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        tracing::info!(target: "palisade::access", route = route_name, %method, path, status, cause, ms = elapsed.as_secs_f64() * 1e3, "request");
+    }
+    resp
+}
+
+fn new_request_id() -> HeaderValue {
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    HeaderValue::from_str(&id).expect("hex is a valid header value")
+}
+
+/// Whether `route` matches `req`.
+fn matches<B>(route: &Route, req: &Request<B>) -> bool {
+    let m = &route.matcher;
+    if let Some(want) = &m.host {
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+            .map(strip_port)
+            .unwrap_or("");
+        let ok = match want.strip_prefix("*.") {
+            Some(suffix) => {
+                host.len() > suffix.len()
+                    && host.ends_with(suffix)
+                    && host[..host.len() - suffix.len()].ends_with('.')
+            }
+            None => host.eq_ignore_ascii_case(want),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    let path = req.uri().path();
+    if m.path.as_deref().is_some_and(|p| p != path) {
+        return false;
+    }
+    if m.path_prefix.as_deref().is_some_and(|p| !path.starts_with(p)) {
+        return false;
+    }
+    if !m.methods.is_empty()
+        && !m
+            .methods
+            .iter()
+            .any(|x| x.eq_ignore_ascii_case(req.method().as_str()))
+    {
+        return false;
+    }
+    m.headers.iter().all(|(k, v)| {
+        req.headers()
+            .get(k.as_str())
+            .is_some_and(|h| h.as_bytes() == v.as_bytes())
+    })
+}
+
+/// `host:port` -> `host` (IPv6 literals keep their brackets).
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    }
+}
+
+fn check_limit(
+    limiter: &RouteLimiter,
+    req: &Request<Incoming>,
+    client: SocketAddr,
+) -> Result<(), RateLimited> {
+    match limiter {
+        RouteLimiter::Global(l) => l.check().map(drop),
+        RouteLimiter::ClientIp(l) => l.check(&client.ip()).map(drop),
+        RouteLimiter::Header(name, l) => {
+            let key = req
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            l.check(&key).map(drop)
+        }
+    }
+}
+
+/// The request's body, as sent on each attempt.
+enum SendBody {
+    /// Kept in memory: can be sent again.
+    Buffered(Bytes),
+    /// Streamed: one attempt only (taken by the first send).
+    Streaming(Option<Body>),
+}
+
+async fn route_request(
+    rt: &Runtime,
+    route: &Route,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    request_id: &HeaderValue,
+) -> Result<Response<Body>, Failure> {
+    if let Some(limiter) = &route.limiter
+        && let Err(limited) = check_limit(limiter, &req, client)
+    {
+        let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
+        f.headers = RateLimitHeaders::from(&limited).to_pairs();
+        return Err(f);
+    }
+    let max_body = rt.config.gateway.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(Failure::new(
+            Cause::BodyTooLarge,
+            format!(
+                "body of {} bytes is over the limit of {max_body}",
+                declared.unwrap_or(0)
+            ),
+        ));
+    }
+    let up = &route.upstream;
+    let hash_key = route.hash_on.as_ref().and_then(|h| hash_key(h, &req, client));
+    let (parts, body) = req.into_parts();
+    let retry = route.retry.as_ref();
+    let replayable_method = retry.is_some_and(|r| r.non_idempotent || is_idempotent(&parts.method));
+    let can_buffer = retry.is_some_and(|r| {
+        replayable_method
+            && (declared.is_some_and(|n| n <= r.buffer_bytes)
+                || (declared.is_none() && body_is_empty(&parts)))
+    });
+    let mut send_body = if can_buffer {
+        let bytes = Limited::new(body, max_body as usize)
+            .collect()
+            .await
+            .map_err(|e| body_error(&e))?
+            .to_bytes();
+        SendBody::Buffered(bytes)
+    } else {
+        let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
+        SendBody::Streaming(Some(limited.boxed()))
+    };
+    let head = upstream_head(&parts, up.version, client, request_id);
+
+    let _slot = match &up.bulkhead {
+        Some(b) => Some(
+            b.try_acquire()
+                .map_err(|e| Failure::new(Cause::BulkheadFull, e.to_string()))?,
+        ),
+        None => None,
+    };
+    if let Some(r) = retry {
+        r.budget.deposit();
+    }
+    let deadline = Instant::now() + route.timeout;
+    let max_attempts = retry.map_or(1, |r| r.attempts.max(1));
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut attempts = 0u32;
+    let mut refusals = 0usize;
+    let mut backoff = retry.map_or(Duration::ZERO, |r| r.backoff);
+    loop {
+        let pick = up.cluster.pick(hash_key, &tried).map_err(|e| match e {
+            PickError::NoEndpoints => Failure::new(
+                Cause::NoHealthyEndpoint,
+                format!("cluster {} has no endpoints", up.name),
+            ),
+            PickError::NoHealthyEndpoint => Failure::new(
+                Cause::NoHealthyEndpoint,
+                format!("no healthy endpoint in cluster {}", up.name),
+            ),
+        })?;
+        let ep = pick.endpoint;
+        let addr = ep.addr();
+        // The endpoint's breaker: a refusal sends nothing, so another endpoint may be
+        // tried at once (bounded by the number of endpoints).
+        let permit = match ep.breaker().map(|b| b.try_acquire_owned()) {
+            Some(Err(rejected)) => {
+                tried.push(addr);
+                refusals += 1;
+                let may_retry = retry.is_some_and(|r| r.retry_on.contains(&RetryOn::Refused));
+                if may_retry && refusals < up.cluster.endpoints().len() && Instant::now() < deadline {
+                    continue;
+                }
+                let mut f = Failure::new(Cause::CircuitOpen, format!("circuit open for {addr}")).at(addr);
+                if let Some(after) = rejected.retry_after {
+                    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+                    f.headers.push(("retry-after", secs.max(1).to_string()));
+                }
+                return Err(f);
+            }
+            Some(Ok(p)) => Some(p),
+            None => None,
+        };
+        attempts += 1;
+        let body = match &mut send_body {
+            SendBody::Buffered(b) => http_body_util::Full::new(b.clone())
+                .map_err(BoxError::from)
+                .boxed(),
+            SendBody::Streaming(b) => b.take().unwrap_or_else(crate::empty),
+        };
+        let mut req = Request::from_parts(head.clone(), body);
+        *req.uri_mut() = upstream_uri(addr, &parts.uri);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let per_try = route.per_try_timeout.min(remaining);
+        let attempt_start = Instant::now();
+        let result = {
+            let _in_flight = ep.start();
+            tokio::time::timeout(per_try, up.client.request(req)).await
+        };
+        let latency = attempt_start.elapsed();
+        let outcome = classify(up, &result);
+        if let Some(p) = permit {
+            p.record(outcome.breaker);
+        }
+        up.cluster.record(&ep, outcome.outlier, latency);
+        let replayable = matches!(send_body, SendBody::Buffered(_));
+        let wants_retry = retry.is_some_and(|r| {
+            let status_listed = matches!(&result, Ok(Ok(resp))
+                if r.retry_on.contains(&RetryOn::RetriableStatus) && r.statuses.contains(&resp.status().as_u16()));
+            replayable_method
+                && replayable
+                && attempts < max_attempts
+                && (status_listed || outcome.retry_on.iter().any(|c| r.retry_on.contains(c)))
+        });
+        if wants_retry && let Some(r) = retry {
+            let server_hint = match &result {
+                Ok(Ok(resp)) => retry_after(resp.headers()),
+                _ => None,
+            };
+            let delay = server_hint
+                .unwrap_or_else(|| jitter(backoff))
+                .min(r.max_backoff.max(server_hint.unwrap_or_default()));
+            let in_time = Instant::now() + delay < deadline;
+            if in_time && r.budget.try_withdraw() {
+                metrics::counter!("palisade_retries_total", "route" => route.name.clone()).increment(1);
+                tried.push(addr);
+                backoff = (backoff * 2).min(r.max_backoff);
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            if in_time {
+                metrics::counter!("palisade_retry_budget_exhausted_total", "route" => route.name.clone())
+                    .increment(1);
+            }
+        }
+        return match result {
+            Ok(Ok(resp)) => Ok(downstream_response(resp, request_id)),
+            Ok(Err(e)) => {
+                Err(Failure::new(outcome.cause.unwrap_or(Cause::ProtocolError), error_chain(&e)).at(addr))
+            }
+            Err(_) => {
+                let what = if per_try < route.per_try_timeout || route.per_try_timeout == route.timeout {
+                    "the route's timeout"
+                } else {
+                    "the per-attempt timeout"
+                };
+                Err(Failure::new(Cause::Timeout, format!("no answer within {what} ({per_try:?})")).at(addr))
+            }
+        };
+    }
+}
+
+struct Classified {
+    breaker: Outcome,
+    outlier: CallResult,
+    cause: Option<Cause>,
+    retry_on: Vec<RetryOn>,
+}
+
+type AttemptResult =
+    Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>;
+
+fn classify(up: &Upstream, result: &AttemptResult) -> Classified {
+    match result {
+        Ok(Ok(resp)) => {
+            let s = resp.status();
+            let gateway = matches!(s.as_u16(), 502..=504);
+            let breaker = if (s.is_server_error() && up.breaker_counts_5xx)
+                || (s == StatusCode::TOO_MANY_REQUESTS && up.breaker_counts_429)
+            {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
+            let outlier = if gateway {
+                CallResult::GatewayFailure
+            } else if s.is_server_error() {
+                CallResult::ServerError
+            } else {
+                CallResult::Success
+            };
+            let mut retry_on = Vec::new();
+            if s.is_server_error() {
+                retry_on.push(RetryOn::Status5xx);
+            }
+            if gateway {
+                retry_on.push(RetryOn::GatewayError);
+            }
+            Classified {
+                breaker,
+                outlier,
+                cause: None,
+                retry_on,
+            }
+        }
+        Ok(Err(e)) => {
+            let (cause, on) = if e.is_connect() {
+                (Cause::ConnectError, RetryOn::ConnectFailure)
+            } else if is_reset(e) {
+                (Cause::Reset, RetryOn::Reset)
+            } else {
+                (Cause::ProtocolError, RetryOn::Reset)
+            };
+            Classified {
+                breaker: Outcome::Failure,
+                outlier: CallResult::GatewayFailure,
+                cause: Some(cause),
+                retry_on: vec![on],
+            }
+        }
+        Err(_) => Classified {
+            breaker: Outcome::Failure,
+            outlier: CallResult::GatewayFailure,
+            cause: Some(Cause::Timeout),
+            retry_on: vec![RetryOn::Timeout],
+        },
+    }
+}
+
+fn is_reset(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        if let Some(h) = s.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn body_error(e: &BoxError) -> Failure {
+    if e.is::<http_body_util::LengthLimitError>() {
+        Failure::new(Cause::BodyTooLarge, "request body over the limit")
+    } else {
+        Failure::new(Cause::BadRequest, format!("cannot read the request body: {e}"))
+    }
+}
+
+fn body_is_empty(parts: &http::request::Parts) -> bool {
+    !parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+        )
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Full jitter: uniformly between zero and `base`.
+fn jitter(base: Duration) -> Duration {
+    base.mul_f64(fastrand::f64())
+}
+
+/// `Retry-After` as delta-seconds (dates are not honoured).
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = h.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+fn hash_key(h: &HashOn, req: &Request<Incoming>, client: SocketAddr) -> Option<u64> {
+    use palisade_balance::hash::hash_bytes;
+    match h {
+        HashOn::Header(name) => req.headers().get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
+        HashOn::ClientIp => Some(hash_bytes(client.ip().to_string().as_bytes())),
+        HashOn::Cookie(name) => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| hash_bytes(v.as_bytes())),
+    }
+}
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+    h.remove(header::TRANSFER_ENCODING);
+    // TE: only "trailers" may pass (gRPC needs it).
+    if let Some(te) = h.get(header::TE)
+        && !te
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+    {
+        h.remove(header::TE);
+    }
+    if h.contains_key(header::TE) {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn upstream_head(
+    parts: &http::request::Parts,
+    version: Version,
+    client: SocketAddr,
+    request_id: &HeaderValue,
+) -> http::request::Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = parts.method.clone();
+    head.version = version;
+    head.headers = parts.headers.clone();
+    let h = &mut head.headers;
+    strip_hop_by_hop(h);
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(host) = &host {
+        h.insert(X_FORWARDED_HOST, host.clone());
+        if version == Version::HTTP_11 {
+            h.insert(header::HOST, host.clone());
+        } else {
+            h.remove(header::HOST);
+        }
+    }
+    let ip = client.ip().to_string();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    h.insert(REQUEST_ID, request_id.clone());
+    head
+}
+
+fn upstream_uri(addr: SocketAddr, original: &Uri) -> Uri {
+    let pq = original.path_and_query().map_or("/", |p| p.as_str());
+    Uri::builder()
+        .scheme("http")
+        .authority(addr.to_string())
+        .path_and_query(pq)
+        .build()
+        .unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+fn downstream_response(resp: Response<Incoming>, request_id: &HeaderValue) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(REQUEST_ID, request_id.clone());
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+}
+
+/// Exposed for the admin API: a JSON view of one endpoint.
+pub fn endpoint_json(ep: &EndpointState, now: palisade_resilience::Instant) -> serde_json::Value {
+    let (requests, failures) = ep.totals();
+    serde_json::json!({
+        "address": ep.addr().to_string(),
+        "weight": ep.info().weight,
+        "tier": ep.info().tier,
+        "healthy": ep.is_healthy(),
+        "ejected": ep.is_ejected(now),
+        "ejections": ep.ejections(),
+        "breaker": ep.breaker_state().as_str(),
+        "available": ep.is_available(now),
+        "in_flight": ep.in_flight(),
+        "ewma_ms": ep.latency().as_secs_f64() * 1e3,
+        "requests": requests,
+        "failures": failures,
+    })
+}

@@ -1,0 +1,370 @@
+//! A configuration turned into live objects: routes with their policies, clusters
+//! with endpoints, breakers, clients and background tasks (health probes, DNS and
+//! file discovery). A new [`Runtime`] is built for every reload and swapped in
+//! whole; requests in flight keep the one they started with. Dropping a runtime
+//! stops its tasks.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use palisade_balance::failover::FailoverConfig;
+use palisade_balance::health::HealthConfig;
+use palisade_balance::outlier::{FailureRate, OutlierConfig};
+use palisade_balance::{Cluster, ClusterConfig, EndpointInfo, LbPolicy};
+use palisade_resilience::breaker::{BreakerConfig, CircuitBreaker, OpenDuration};
+use palisade_resilience::bulkhead::{Bulkhead, BulkheadConfig};
+use palisade_resilience::ratelimit::{Gcra, KeyedRateLimiter, Quota, RateLimiter};
+use palisade_resilience::retry::{BudgetConfig, RetryBudget};
+use palisade_resilience::window::WindowConfig;
+use tokio::task::JoinHandle;
+
+use crate::Body;
+use crate::config::{
+    ClusterSection, Config, ConfigError, EndpointConfig, FallbackConfig, HashOn, MatchConfig, RetryOn,
+    split_host_port,
+};
+
+/// The live form of a configuration.
+pub struct Runtime {
+    /// The configuration it was built from.
+    pub config: Config,
+    /// Routes in match order.
+    pub routes: Vec<Route>,
+    /// Clusters by name.
+    pub clusters: HashMap<String, Arc<Upstream>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("routes", &self.routes.len())
+            .field("clusters", &self.clusters.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// One route, ready to serve.
+#[derive(Debug)]
+pub struct Route {
+    /// Its name.
+    pub name: String,
+    /// What it matches.
+    pub matcher: MatchConfig,
+    /// Where it sends.
+    pub upstream: Arc<Upstream>,
+    /// Total timeout.
+    pub timeout: Duration,
+    /// Per-attempt timeout.
+    pub per_try_timeout: Duration,
+    /// Retry settings.
+    pub retry: Option<RouteRetry>,
+    /// Rate limit.
+    pub limiter: Option<RouteLimiter>,
+    /// Fallback answer.
+    pub fallback: Option<FallbackConfig>,
+    /// Hash key source.
+    pub hash_on: Option<HashOn>,
+}
+
+/// A route's retry settings, with its budget.
+#[derive(Debug)]
+pub struct RouteRetry {
+    /// Attempts in all.
+    pub attempts: u32,
+    /// Conditions.
+    pub retry_on: Vec<RetryOn>,
+    /// Statuses for `retriable-status`.
+    pub statuses: Vec<u16>,
+    /// First backoff.
+    pub backoff: Duration,
+    /// Largest backoff.
+    pub max_backoff: Duration,
+    /// Retry POST / PATCH too.
+    pub non_idempotent: bool,
+    /// Bodies kept for replay up to this size.
+    pub buffer_bytes: u64,
+    /// The route's retry budget.
+    pub budget: RetryBudget,
+}
+
+/// A route's rate limiter.
+#[derive(Debug)]
+pub enum RouteLimiter {
+    /// One limit for everyone.
+    Global(RateLimiter),
+    /// One limit per client address.
+    ClientIp(KeyedRateLimiter<IpAddr>),
+    /// One limit per value of a header (requests without it share one).
+    Header(http::HeaderName, KeyedRateLimiter<String>),
+}
+
+/// A cluster, ready to serve: balancing state, a pooled client, a bulkhead.
+pub struct Upstream {
+    /// The cluster's name.
+    pub name: String,
+    /// Endpoints, health, outliers, breakers, balancer.
+    pub cluster: Cluster,
+    /// Pooled connections to its endpoints.
+    pub client: Client<HttpConnector, Body>,
+    /// Requests in flight to the cluster, bounded.
+    pub bulkhead: Option<Bulkhead>,
+    /// `HTTP/1.1` or `HTTP/2` (h2c) to the endpoints.
+    pub version: http::Version,
+    /// Breaker counts 5xx as failures.
+    pub breaker_counts_5xx: bool,
+    /// Breaker counts 429 as failures.
+    pub breaker_counts_429: bool,
+    /// Ready even with no healthy endpoint.
+    pub allow_empty: bool,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Builds a runtime: resolves endpoints, creates clusters and clients, starts
+    /// health and discovery tasks. Fails (starting nothing) if an endpoint cannot be
+    /// resolved.
+    pub async fn build(config: Config) -> Result<Runtime, ConfigError> {
+        let mut clusters = HashMap::new();
+        let mut tasks = Vec::new();
+        let mut problems = Vec::new();
+        for (name, section) in &config.clusters {
+            match build_upstream(name, section, &config).await {
+                Ok(up) => {
+                    let up = Arc::new(up);
+                    tasks.extend(crate::health::spawn(&up, section));
+                    tasks.extend(crate::discovery::spawn(&up, section));
+                    clusters.insert(name.clone(), up);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        if !problems.is_empty() {
+            for t in &tasks {
+                t.abort();
+            }
+            return Err(ConfigError(problems));
+        }
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                name: r.name.clone(),
+                matcher: r.matcher.clone(),
+                upstream: clusters[&r.cluster].clone(),
+                timeout: r.timeout.get(),
+                per_try_timeout: r.per_try_timeout.map_or(r.timeout.get(), |d| d.get()),
+                retry: r.retry.as_ref().map(|c| RouteRetry {
+                    attempts: c.attempts,
+                    retry_on: c.retry_on.clone(),
+                    statuses: c.statuses.clone(),
+                    backoff: c.backoff.get(),
+                    max_backoff: c.max_backoff.get(),
+                    non_idempotent: c.non_idempotent,
+                    buffer_bytes: c.buffer_bytes,
+                    budget: RetryBudget::new(BudgetConfig {
+                        ratio: c.budget_ratio,
+                        min_per_second: c.budget_min_per_second,
+                        window: Duration::from_secs(10),
+                    }),
+                }),
+                limiter: r.rate_limit.as_ref().map(|l| {
+                    let quota = Quota::new(l.requests, l.per.get()).burst(l.burst.unwrap_or(l.requests));
+                    let gcra = Gcra::new(quota).expect("validated");
+                    if l.key == "client-ip" {
+                        RouteLimiter::ClientIp(KeyedRateLimiter::new(gcra, l.max_keys))
+                    } else if let Some(h) = l.key.strip_prefix("header:") {
+                        RouteLimiter::Header(
+                            http::HeaderName::from_bytes(h.as_bytes()).expect("validated"),
+                            KeyedRateLimiter::new(gcra, l.max_keys),
+                        )
+                    } else {
+                        RouteLimiter::Global(RateLimiter::new(gcra))
+                    }
+                }),
+                fallback: r.fallback.clone(),
+                hash_on: r.hash_on.clone(),
+            })
+            .collect();
+        Ok(Runtime {
+            config,
+            routes,
+            clusters,
+            tasks,
+        })
+    }
+
+    /// Ready: every cluster has a healthy endpoint or may be empty.
+    pub fn is_ready(&self) -> bool {
+        self.clusters
+            .values()
+            .all(|u| u.allow_empty || u.cluster.has_healthy_endpoint())
+    }
+}
+
+async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Result<Upstream, String> {
+    let lb = match s.lb.as_str() {
+        "round-robin" => LbPolicy::RoundRobin,
+        "weighted-round-robin" => LbPolicy::WeightedRoundRobin,
+        "random" => LbPolicy::Random,
+        "peak-ewma" => LbPolicy::PeakEwma,
+        "ring-hash" => LbPolicy::RingHash {
+            vnodes: s.ring_vnodes,
+        },
+        "maglev" => LbPolicy::Maglev {
+            table_size: palisade_balance::hash::Maglev::DEFAULT_SIZE,
+        },
+        _ => LbPolicy::LeastRequest,
+    };
+    let mut cc = ClusterConfig::new(name);
+    cc.lb = lb;
+    cc.panic_threshold = s.panic_threshold;
+    cc.outlier = s.outlier.as_ref().map(|o| OutlierConfig {
+        consecutive_5xx: (o.consecutive_5xx > 0).then_some(o.consecutive_5xx),
+        consecutive_gateway_failure: (o.consecutive_gateway_failure > 0)
+            .then_some(o.consecutive_gateway_failure),
+        failure_rate: (o.failure_rate > 0.0).then(|| FailureRate {
+            threshold: o.failure_rate,
+            minimum_requests: o.failure_rate_minimum_requests,
+            window: o.failure_rate_window.get(),
+        }),
+        base_ejection_time: o.base_ejection_time.get(),
+        max_ejection_time: o.max_ejection_time.get(),
+        max_ejection_percent: o.max_ejection_percent,
+    });
+    cc.health = s.health.as_ref().map(|h| HealthConfig {
+        interval: h.interval.get(),
+        timeout: h.timeout.get(),
+        healthy_threshold: h.healthy_threshold,
+        unhealthy_threshold: h.unhealthy_threshold,
+    });
+    if let Some(f) = &s.failover {
+        cc.failover = FailoverConfig {
+            healthy_threshold: f.healthy_threshold,
+            stable_period: f.stable_period.get(),
+        };
+    }
+    let mut cluster = Cluster::new(cc);
+    if let Some(b) = &s.breaker {
+        let mut bc = BreakerConfig::empty()
+            .window(WindowConfig::Count { size: b.window })
+            .half_open(b.half_open_probes, b.success_threshold)
+            .open_duration(OpenDuration::Backoff {
+                initial: b.open.get(),
+                multiplier: 2.0,
+                max: b.max_open.get(),
+            });
+        if b.consecutive_failures > 0 {
+            bc = bc.consecutive_failures(b.consecutive_failures);
+        }
+        if b.failure_rate > 0.0 {
+            bc = bc.failure_rate(b.failure_rate, b.minimum_calls);
+        }
+        if let Some(slow) = b.slow_call {
+            bc = bc.slow_calls(slow.get(), b.slow_call_rate, b.minimum_calls);
+        }
+        let cluster_name = name.to_string();
+        // Validate once here so a bad combination is a config error, not a panic.
+        CircuitBreaker::builder("check")
+            .config(bc.clone())
+            .build()
+            .map_err(|e| format!("clusters.{name}.breaker: {e}"))?;
+        cluster = cluster.with_breakers(move |info| {
+            CircuitBreaker::builder(format!("{cluster_name}/{}", info.addr))
+                .config(bc.clone())
+                .build()
+                .expect("validated above")
+        });
+    }
+    let mut infos = Vec::new();
+    for e in &s.endpoints {
+        infos.extend(
+            resolve(e)
+                .await
+                .map_err(|m| format!("clusters.{name}.endpoints: {m}"))?,
+        );
+    }
+    if let Some(path) = &s.endpoints_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("clusters.{name}.endpoints_file: {path}: {e}"))?;
+        infos.extend(
+            crate::discovery::parse_endpoints_file(&text)
+                .map_err(|m| format!("clusters.{name}.endpoints_file: {m}"))?,
+        );
+    }
+    cluster.set_endpoints(infos);
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(s.connect_timeout.get()));
+    connector.set_nodelay(true);
+    let h2 = s.protocol == "h2c";
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(config.gateway.pool_idle_per_endpoint)
+        .pool_idle_timeout(config.gateway.pool_idle_timeout.get())
+        .http2_only(h2)
+        .build(connector);
+    let bulkhead = match s.max_concurrent {
+        Some(n) => Some(
+            Bulkhead::new(
+                name.to_string(),
+                BulkheadConfig {
+                    max_concurrent: n,
+                    max_wait: Duration::ZERO,
+                },
+            )
+            .map_err(|e| format!("clusters.{name}.max_concurrent: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(Upstream {
+        name: name.to_string(),
+        cluster,
+        client,
+        bulkhead,
+        version: if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        },
+        breaker_counts_5xx: s.breaker.as_ref().is_none_or(|b| b.count_5xx),
+        breaker_counts_429: s.breaker.as_ref().is_some_and(|b| b.count_429),
+        allow_empty: s.allow_empty,
+    })
+}
+
+/// Resolves one configured endpoint to endpoint infos (a host name may give several
+/// addresses).
+pub async fn resolve(e: &EndpointConfig) -> Result<Vec<EndpointInfo>, String> {
+    let (host, port) = split_host_port(e.address())?;
+    let (weight, tier) = e.weight_tier();
+    let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|err| format!("cannot resolve `{}`: {err}", e.address()))?
+            .collect(),
+    };
+    Ok(addrs
+        .into_iter()
+        .map(|a| EndpointInfo::new(a).weight(weight).tier(tier))
+        .collect())
+}

@@ -1,0 +1,270 @@
+//! Listeners, reload and shutdown.
+//!
+//! * The proxy listener serves HTTP/1.1 and h2c on one port (the protocol is
+//!   detected per connection), with upgrades passed through.
+//! * The admin listener is separate, so a flood of traffic or a bad route cannot
+//!   hide the gateway's health from its operator.
+//! * [`Handle::reload`] builds a new runtime from a new configuration and swaps it in
+//!   whole: a bad configuration is refused with its errors and the old one keeps
+//!   serving; requests in flight finish on the runtime they started with. The file
+//!   is also watched when `watch_config` is on.
+//! * [`Handle::shutdown`] stops accepting, lets requests in flight finish within
+//!   `drain_timeout`, then closes what is left.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ConfigError};
+use crate::runtime::Runtime;
+
+/// A running gateway.
+pub struct Handle {
+    /// The proxy listener's address.
+    pub addr: SocketAddr,
+    /// The admin listener's address.
+    pub admin_addr: Option<SocketAddr>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    config_path: Option<PathBuf>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("addr", &self.addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the gateway did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is wrong.
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle (`None`
+/// if another recorder was installed first).
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
+
+/// Starts the gateway: builds the runtime, binds both listeners, serves. `path` is
+/// the file the configuration came from, for reloads.
+pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, StartError> {
+    let metrics = metrics_handle();
+    let gateway = config.gateway.clone();
+    let listener = TcpListener::bind(gateway.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: gateway.listen,
+            source,
+        })?;
+    let admin = match gateway.admin {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|source| StartError::Bind { addr: a, source })?,
+        ),
+        None => None,
+    };
+    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config).await?));
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: gateway.listen,
+        source,
+    })?;
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let rt = runtime.clone();
+    tasks.push(tokio::spawn(serve(
+        listener,
+        rx.clone(),
+        runtime.clone(),
+        move |peer| {
+            let rt = rt.clone();
+            service_fn(move |req| {
+                let rt = rt.load_full();
+                async move { Ok::<_, Infallible>(crate::proxy::handle(&rt, req, peer).await) }
+            })
+        },
+    )));
+    if let Some(admin) = admin {
+        let rt = runtime.clone();
+        tasks.push(tokio::spawn(serve(
+            admin,
+            rx.clone(),
+            runtime.clone(),
+            move |_| {
+                let rt = rt.clone();
+                let metrics = metrics.clone();
+                service_fn(move |req| {
+                    let resp = crate::admin::handle(&rt.load(), metrics.as_ref(), &req);
+                    async move { Ok::<_, Infallible>(resp) }
+                })
+            },
+        )));
+    }
+    let handle = Handle {
+        addr,
+        admin_addr,
+        runtime,
+        config_path: path,
+        shutdown,
+        tasks,
+    };
+    Ok(handle)
+}
+
+/// Accepts connections until shutdown, then drains them within the configured time.
+async fn serve<S, F>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    make: F,
+) where
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::Body>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let max_head = runtime.load().config.gateway.max_header_bytes.max(8192);
+    builder.http1().keep_alive(true).max_buf_size(max_head);
+    builder.http2().max_concurrent_streams(1024);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), make(peer));
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    let drain = runtime.load().config.gateway.drain_timeout.get();
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?drain, "drain timeout: closing connections still open");
+    }
+}
+
+impl Handle {
+    /// The runtime now serving.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Swaps in a new configuration. On error nothing changes. Listener addresses
+    /// are not changed by a reload (restart for that).
+    pub async fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        let old = self.runtime.load();
+        if config.gateway.listen != old.config.gateway.listen
+            || config.gateway.admin != old.config.gateway.admin
+        {
+            tracing::warn!("listener addresses changed; they take effect on restart");
+        }
+        let next = Runtime::build(config).await?;
+        self.runtime.store(Arc::new(next));
+        metrics::counter!("palisade_config_reloads_total", "result" => "ok").increment(1);
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Re-reads the configuration file and reloads it.
+    pub async fn reload_from_file(&self) -> Result<(), ConfigError> {
+        let Some(path) = &self.config_path else {
+            return Err(ConfigError(vec!["no configuration file to reload".into()]));
+        };
+        let result = match Config::load(path) {
+            Ok(c) => self.reload(c).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            metrics::counter!("palisade_config_reloads_total", "result" => "rejected").increment(1);
+            tracing::error!(errors = %e, "new configuration rejected; the old one keeps serving");
+        }
+        result
+    }
+
+    /// Watches the configuration file (if `watch_config`), reloading on change.
+    /// Returns when the gateway shuts down.
+    pub async fn watch_config(&self) {
+        let Some(path) = self.config_path.clone() else {
+            return;
+        };
+        if !self.runtime.load().config.gateway.watch_config {
+            return;
+        }
+        let mut stop = self.shutdown.subscribe();
+        let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut last: Option<SystemTime> = mtime(&path);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+            let now = mtime(&path);
+            if now != last {
+                last = now;
+                let _ = self.reload_from_file().await;
+            }
+        }
+    }
+
+    /// Stops accepting connections and waits (at most `drain_timeout`) for requests
+    /// in flight to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The gateway against real sockets: in-process upstreams on 127.0.0.1 that answer,
+//! fail, stall or reset on command, and a real client. No timing assertions: tests
+//! wait for events (an upstream saw the request) and assert statuses and causes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use palisade_gateway::{Config, Handle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+
+/// What a fake upstream does with the next requests.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Ok,
+    Status(u16),
+    /// Waits until released.
+    Stall,
+    /// Closes the connection without answering.
+    Reset,
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    mode: Mutex<Mode>,
+    hits: AtomicU32,
+    seen: Notify,
+    release: Semaphore,
+    last_headers: Mutex<http::HeaderMap>,
+}
+
+impl Upstream {
+    async fn start(mode: Mode) -> Arc<Upstream> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = Arc::new(Upstream {
+            addr: listener.local_addr().unwrap(),
+            mode: Mutex::new(mode),
+            hits: AtomicU32::new(0),
+            seen: Notify::new(),
+            release: Semaphore::new(0),
+            last_headers: Mutex::new(http::HeaderMap::new()),
+        });
+        let u = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let u = u.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let u = u.clone();
+                        async move {
+                            if req.uri().path() == "/health" {
+                                return Ok(Response::new(Full::new(Bytes::from_static(b"ok"))));
+                            }
+                            u.hits.fetch_add(1, Ordering::SeqCst);
+                            *u.last_headers.lock().unwrap() = req.headers().clone();
+                            u.seen.notify_waiters();
+                            let mode = *u.mode.lock().unwrap();
+                            match mode {
+                                Mode::Ok => {}
+                                Mode::Status(s) => {
+                                    let mut r =
+                                        Response::new(Full::new(Bytes::from_static(b"upstream says no")));
+                                    *r.status_mut() = StatusCode::from_u16(s).unwrap();
+                                    return Ok(r);
+                                }
+                                Mode::Stall => {
+                                    u.release.acquire().await.unwrap().forget();
+                                }
+                                Mode::Reset => return Err("reset"),
+                            }
+                            let body = format!("hello from {}", u.addr);
+                            Ok::<_, &'static str>(Response::new(Full::new(Bytes::from(body))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        up
+    }
+
+    fn hits(&self) -> u32 {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+fn config(text: &str) -> Config {
+    let text = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nmax_body_bytes = 1024\n{text}"
+    );
+    Config::from_toml(&text).unwrap()
+}
+
+async fn start(text: &str) -> Handle {
+    palisade_gateway::start(config(text), None).await.unwrap()
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn cause(&self) -> &str {
+        self.headers
+            .get("x-palisade-cause")
+            .map_or("", |v| v.to_str().unwrap())
+    }
+}
+
+async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let (parts, body) = req.into_parts();
+    let mut req = Request::from_parts(parts, body);
+    let pq = req.uri().path_and_query().unwrap().as_str().to_string();
+    *req.uri_mut() = format!("http://{addr}{pq}").parse().unwrap();
+    let resp = client.request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Answer {
+    send(addr, Request::get(path).body(Full::default()).unwrap()).await
+}
+
+fn route(extra: &str) -> String {
+    format!("[[routes]]\nname = \"r\"\ncluster = \"c\"\n{extra}\n")
+}
+
+fn cluster(ups: &[&Arc<Upstream>], extra: &str) -> String {
+    let eps: Vec<String> = ups.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    format!("[clusters.c]\nendpoints = [{}]\n{extra}\n", eps.join(", "))
+}
+
+#[tokio::test]
+async fn proxies_and_sets_forwarding_headers() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("") + &cluster(&[&up], ""))).await;
+    let req = Request::get("/hello?x=1")
+        .header("connection", "keep-alive, x-secret-hop")
+        .header("x-secret-hop", "must not pass")
+        .header("x-request-id", "abc-123")
+        .body(Full::default())
+        .unwrap();
+    let a = send(gw.addr, req).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body, format!("hello from {}", up.addr));
+    assert_eq!(a.headers["x-request-id"], "abc-123");
+    let h = up.last_headers.lock().unwrap().clone();
+    assert_eq!(h["x-request-id"], "abc-123");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert!(
+        !h.contains_key("x-secret-hop"),
+        "headers named by Connection are hop-by-hop"
+    );
+    // Without an id the gateway makes one.
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.headers["x-request-id"].len(), 32);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_route_is_a_404_that_says_so() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("match = { path_prefix = \"/api\" }") + &cluster(&[&up], ""))).await;
+    let a = get(gw.addr, "/other").await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.cause(), "no_route");
+    let body: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(body["error"], "no_route");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_breaker_opens_per_endpoint_and_traffic_moves_to_the_healthy_one() {
+    let good = Upstream::start(Mode::Ok).await;
+    let bad = Upstream::start(Mode::Status(500)).await;
+    let gw = start(
+        &(route("")
+            + &cluster(
+                &[&good, &bad],
+                "lb = \"round-robin\"\nbreaker = { consecutive_failures = 2, failure_rate = 0.0, open = \"1h\", max_open = \"1h\" }",
+            )),
+    )
+    .await;
+    let mut upstream_500s = 0;
+    for _ in 0..20 {
+        let a = get(gw.addr, "/").await;
+        if a.status == StatusCode::INTERNAL_SERVER_ERROR {
+            upstream_500s += 1;
+            assert_eq!(a.cause(), "", "the upstream's own 500 passes through unmarked");
+        }
+    }
+    assert_eq!(upstream_500s, 2, "two failures open the bad endpoint's breaker");
+    assert_eq!(bad.hits(), 2);
+    let clusters = palisade_gateway::admin::clusters_json(&gw.runtime());
+    let eps = clusters["c"]["endpoints"].as_array().unwrap();
+    let state =
+        |addr: SocketAddr| eps.iter().find(|e| e["address"] == addr.to_string()).unwrap()["breaker"].clone();
+    assert_eq!(state(bad.addr), "open");
+    assert_eq!(state(good.addr), "closed");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn retries_go_to_another_endpoint() {
+    let good = Upstream::start(Mode::Ok).await;
+    let bad = Upstream::start(Mode::Reset).await;
+    let gw = start(
+        &(route("retry = { attempts = 2, backoff = \"1ms\", max_backoff = \"1ms\" }")
+            + &cluster(&[&good, &bad], "lb = \"round-robin\"")),
+    )
+    .await;
+    for _ in 0..10 {
+        let a = get(gw.addr, "/").await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    }
+    assert!(bad.hits() >= 1, "the resetting endpoint was tried");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_budget_a_reset_is_a_502_naming_the_endpoint() {
+    let bad = Upstream::start(Mode::Reset).await;
+    let gw = start(
+        &(route("retry = { attempts = 3, budget_ratio = 0.0, budget_min_per_second = 0 }")
+            + &cluster(&[&bad], "")),
+    )
+    .await;
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(a.cause(), "upstream_reset");
+    assert_eq!(a.headers["x-palisade-endpoint"], bad.addr.to_string());
+    assert_eq!(bad.hits(), 1, "the budget allowed no retry");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn posts_are_not_retried_unless_allowed() {
+    let bad = Upstream::start(Mode::Status(503)).await;
+    let gw = start(
+        &(route("retry = { attempts = 3, backoff = \"1ms\", max_backoff = \"1ms\" }")
+            + &cluster(&[&bad], "")),
+    )
+    .await;
+    let post = Request::post("/")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    assert_eq!(send(gw.addr, post).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(bad.hits(), 1);
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(bad.hits(), 4, "a GET is retried: 1 + 2 more");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stalled_upstream_is_a_504_timeout() {
+    let slow = Upstream::start(Mode::Stall).await;
+    let gw = start(&(route("timeout = \"200ms\"") + &cluster(&[&slow], ""))).await;
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(a.cause(), "timeout");
+    slow.release.add_permits(100);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_errors_are_502_and_an_empty_cluster_is_503() {
+    // A port nothing listens on.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = format!(
+        "{}[clusters.c]\nendpoints = [\"{closed}\"]\n\n[[routes]]\nname = \"empty\"\ncluster = \"e\"\nmatch = {{ path_prefix = \"/empty\" }}\n\n[clusters.e]\nallow_empty = true\n",
+        route("match = { path_prefix = \"/closed\" }")
+    );
+    let gw = start(&text).await;
+    let a = get(gw.addr, "/closed").await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(a.cause(), "connect_error");
+    let a = get(gw.addr, "/empty").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.cause(), "no_healthy_endpoint");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limit_is_a_429_with_retry_after() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("rate_limit = { requests = 2, per = \"1h\" }") + &cluster(&[&up], ""))).await;
+    assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+    assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(a.cause(), "rate_limited");
+    assert!(a.headers.contains_key("retry-after"));
+    assert_eq!(a.headers["x-ratelimit-limit"], "2");
+    assert_eq!(up.hits(), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_large_body_is_a_413() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("") + &cluster(&[&up], ""))).await;
+    let big = Request::post("/")
+        .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+        .unwrap();
+    let a = send(gw.addr, big).await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(a.cause(), "body_too_large");
+    assert_eq!(up.hits(), 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn fallback_answers_for_the_configured_causes() {
+    let text = format!(
+        "{}[clusters.c]\nallow_empty = true\n",
+        route("fallback = { status = 200, body = '{\"items\": []}', on = [\"no_healthy_endpoint\"] }")
+    );
+    let gw = start(&text).await;
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body, "{\"items\": []}");
+    assert_eq!(a.headers["x-palisade-fallback"], "no_healthy_endpoint");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_a_4xx_and_the_gateway_keeps_serving() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("") + &cluster(&[&up], ""))).await;
+    for garbage in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: nope\r\n\r\n",
+        b"GET /\x01 HTTP/1.1\r\n\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(garbage).await.unwrap();
+        let mut buf = vec![0; 64];
+        let n = s.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 4"), "{head:?}");
+    }
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "y".repeat(64 << 10)
+    );
+    let _ = s.write_all(huge.as_bytes()).await;
+    let mut buf = vec![0; 64];
+    let n = s.read(&mut buf).await.unwrap_or(0);
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || head.starts_with("HTTP/1.1 431"), "{head:?}");
+    assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn reload_swaps_routes_without_dropping_a_request_in_flight() {
+    let old = Upstream::start(Mode::Stall).await;
+    let new = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("") + &cluster(&[&old], ""))).await;
+    let addr = gw.addr;
+    let seen = old.seen.notified();
+    let in_flight = tokio::spawn(async move { get(addr, "/").await });
+    seen.await;
+    gw.reload(config(&(route("") + &cluster(&[&new], ""))))
+        .await
+        .unwrap();
+    let a = get(gw.addr, "/").await;
+    assert_eq!(
+        a.body,
+        format!("hello from {}", new.addr),
+        "new requests use the new config"
+    );
+    old.release.add_permits(1);
+    let a = in_flight.await.unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        a.body,
+        format!("hello from {}", old.addr),
+        "the old request finished on the old config"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_reload_is_rejected_and_the_old_config_keeps_serving() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("") + &cluster(&[&up], ""))).await;
+    // Valid as text, but its endpoints file does not exist: the build fails.
+    let bad = config(&format!(
+        "{}[clusters.c]\nendpoints_file = \"/nonexistent/palisade-eps\"\n",
+        route("")
+    ));
+    let err = gw.reload(bad).await.unwrap_err();
+    assert!(err.to_string().contains("clusters.c.endpoints_file"), "{err}");
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body, format!("hello from {}", up.addr));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_reports_liveness_readiness_config_and_metrics() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("") + &cluster(&[&up], ""))).await;
+    let admin = gw.admin_addr.unwrap();
+    assert_eq!(get(admin, "/health/live").await.status, StatusCode::OK);
+    assert_eq!(get(admin, "/health/ready").await.status, StatusCode::OK);
+    let c = get(admin, "/admin/config").await;
+    let v: serde_json::Value = serde_json::from_str(&c.body).unwrap();
+    assert_eq!(v["routes"][0]["cluster"], "c");
+    assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+    let m = get(admin, "/metrics").await;
+    assert_eq!(m.status, StatusCode::OK);
+    assert!(m.body.contains("palisade_requests_total"), "{}", m.body);
+    gw.shutdown().await;
+}
