@@ -883,6 +883,12 @@ endpoints = ["127.0.0.1:9000"]
 "#;
 
     #[test]
+    fn the_annotated_example_is_valid() {
+        let c = Config::from_toml(include_str!("../../../examples/gateway.toml")).unwrap();
+        assert!(c.clusters["api"].breaker.is_some());
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
