@@ -1,7 +1,8 @@
 //! Listeners, reload and shutdown.
 //!
 //! * The proxy listener serves HTTP/1.1 and h2c on one port (the protocol is
-//!   detected per connection), with upgrades passed through.
+//!   detected per connection). Upgrade requests are accepted by the connection, but
+//!   the proxy does not bridge them to an upstream yet (no WebSocket pass-through).
 //! * The admin listener is separate, so a flood of traffic or a bad route cannot
 //!   hide the gateway's health from its operator.
 //! * [`Handle::reload`] builds a new runtime from a new configuration and swaps it in
