@@ -410,15 +410,21 @@ where
 /// composed in the documented order.
 #[derive(Clone, Debug)]
 pub struct PipelineBuilder<C = PolicyClassifier, P = RetryTransient, L = RateLimiter, F = Identity> {
-    total: Option<TimeoutSource>,
-    retry: Option<(Arc<RetryPolicy>, P)>,
-    breaker: Option<(CircuitBreaker, C)>,
-    bulkhead: Option<Bulkhead>,
-    attempt: Option<TimeoutSource>,
+    stages: Stages,
     rate_limit: Option<L>,
     classifier: C,
     predicate: P,
     fallback: F,
+}
+
+/// The stages whose types do not depend on the builder's type parameters.
+#[derive(Clone, Debug, Default)]
+struct Stages {
+    total: Option<TimeoutSource>,
+    retry: Option<Arc<RetryPolicy>>,
+    breaker: Option<CircuitBreaker>,
+    bulkhead: Option<Bulkhead>,
+    attempt: Option<TimeoutSource>,
 }
 
 impl Default for PipelineBuilder {
@@ -431,11 +437,7 @@ impl PipelineBuilder {
     /// A builder with every stage off.
     pub fn new() -> Self {
         PipelineBuilder {
-            total: None,
-            retry: None,
-            breaker: None,
-            bulkhead: None,
-            attempt: None,
+            stages: Stages::default(),
             rate_limit: None,
             classifier: PolicyClassifier,
             predicate: RetryTransient,
@@ -444,53 +446,49 @@ impl PipelineBuilder {
     }
 }
 
-impl<C: Clone, P: Clone, L, F> PipelineBuilder<C, P, L, F> {
+impl<C, P, L, F> PipelineBuilder<C, P, L, F> {
     /// A timeout on the whole call, retries included; inner stages honour it as a
     /// deadline.
     pub fn total_timeout(mut self, timeout: Duration) -> Self {
-        self.total = Some(TimeoutSource::Fixed(timeout));
+        self.stages.total = Some(TimeoutSource::Fixed(timeout));
         self
     }
 
     /// A timeout per attempt, fixed.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
-        self.attempt = Some(TimeoutSource::Fixed(timeout));
+        self.stages.attempt = Some(TimeoutSource::Fixed(timeout));
         self
     }
 
     /// A timeout per attempt that follows observed latency.
     pub fn adaptive_attempt_timeout(mut self, timeout: Arc<AdaptiveTimeout>) -> Self {
-        self.attempt = Some(TimeoutSource::Adaptive(timeout));
+        self.stages.attempt = Some(TimeoutSource::Adaptive(timeout));
         self
     }
 
     /// Retries with this policy (and its budget, if it has one).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = Some((Arc::new(policy), self.predicate.clone()));
+        self.stages.retry = Some(Arc::new(policy));
         self
     }
 
     /// A circuit breaker around each attempt.
     pub fn breaker(mut self, breaker: CircuitBreaker) -> Self {
-        self.breaker = Some((breaker, self.classifier.clone()));
+        self.stages.breaker = Some(breaker);
         self
     }
 
     /// A bulkhead around each attempt (a slot is held for one attempt, not across
     /// retry back-offs).
     pub fn bulkhead(mut self, bulkhead: Bulkhead) -> Self {
-        self.bulkhead = Some(bulkhead);
+        self.stages.bulkhead = Some(bulkhead);
         self
     }
 
     /// Replaces what the breaker counts as a failure.
-    pub fn classify<C2: Clone>(self, classifier: C2) -> PipelineBuilder<C2, P, L, F> {
+    pub fn classify<C2>(self, classifier: C2) -> PipelineBuilder<C2, P, L, F> {
         PipelineBuilder {
-            total: self.total,
-            retry: self.retry,
-            breaker: self.breaker.map(|(b, _)| (b, classifier.clone())),
-            bulkhead: self.bulkhead,
-            attempt: self.attempt,
+            stages: self.stages,
             rate_limit: self.rate_limit,
             classifier,
             predicate: self.predicate,
@@ -499,13 +497,9 @@ impl<C: Clone, P: Clone, L, F> PipelineBuilder<C, P, L, F> {
     }
 
     /// Replaces what the retry retries.
-    pub fn retry_if<P2: Clone>(self, predicate: P2) -> PipelineBuilder<C, P2, L, F> {
+    pub fn retry_if<P2>(self, predicate: P2) -> PipelineBuilder<C, P2, L, F> {
         PipelineBuilder {
-            total: self.total,
-            retry: self.retry.map(|(r, _)| (r, predicate.clone())),
-            breaker: self.breaker,
-            bulkhead: self.bulkhead,
-            attempt: self.attempt,
+            stages: self.stages,
             rate_limit: self.rate_limit,
             classifier: self.classifier,
             predicate,
@@ -517,11 +511,7 @@ impl<C: Clone, P: Clone, L, F> PipelineBuilder<C, P, L, F> {
     /// [`RateLimited`]: a [`RateLimiter`], a keyed limiter, a warm-up limiter).
     pub fn rate_limit<L2>(self, limiter: L2) -> PipelineBuilder<C, P, L2, F> {
         PipelineBuilder {
-            total: self.total,
-            retry: self.retry,
-            breaker: self.breaker,
-            bulkhead: self.bulkhead,
-            attempt: self.attempt,
+            stages: self.stages,
             rate_limit: Some(limiter),
             classifier: self.classifier,
             predicate: self.predicate,
@@ -533,11 +523,7 @@ impl<C: Clone, P: Clone, L, F> PipelineBuilder<C, P, L, F> {
     /// [`FallbackLayer`](super::fallback::FallbackLayer) over [`PolicyError`].
     pub fn fallback<F2>(self, fallback: F2) -> PipelineBuilder<C, P, L, F2> {
         PipelineBuilder {
-            total: self.total,
-            retry: self.retry,
-            breaker: self.breaker,
-            bulkhead: self.bulkhead,
-            attempt: self.attempt,
+            stages: self.stages,
             rate_limit: self.rate_limit,
             classifier: self.classifier,
             predicate: self.predicate,
@@ -548,6 +534,8 @@ impl<C: Clone, P: Clone, L, F> PipelineBuilder<C, P, L, F> {
     /// Wraps `service` in the configured stages.
     pub fn build<S>(&self, service: S) -> F::Service
     where
+        C: Clone,
+        P: Clone,
         L: Clone,
         F: Layer<Pipeline<S, C, P, L>>,
     {
@@ -556,27 +544,32 @@ impl<C: Clone, P: Clone, L, F> PipelineBuilder<C, P, L, F> {
             Some(l) => Stage::On(Flat::new(Admitted::new(lift, l.clone()))),
             None => Stage::Off(lift),
         };
-        let attempt = match &self.attempt {
+        let attempt = match &self.stages.attempt {
             Some(t) => Stage::On(Flat::new(Timeout::new(rate, t.clone()))),
             None => Stage::Off(rate),
         };
-        let bulkhead = match &self.bulkhead {
+        let bulkhead = match &self.stages.bulkhead {
             Some(b) => Stage::On(Flat::new(Admitted::new(attempt, b.clone()))),
             None => Stage::Off(attempt),
         };
-        let breaker = match &self.breaker {
-            Some((b, c)) => Stage::On(Flat::new(CircuitBreakerService::new(
+        let breaker = match &self.stages.breaker {
+            Some(b) => Stage::On(Flat::new(CircuitBreakerService::new(
                 bulkhead,
                 b.clone(),
-                c.clone(),
+                self.classifier.clone(),
             ))),
             None => Stage::Off(bulkhead),
         };
-        let retry = match &self.retry {
-            Some((policy, p)) => Stage::On(Retry::new(breaker, policy.clone(), p.clone(), TokioClock::new())),
+        let retry = match &self.stages.retry {
+            Some(policy) => Stage::On(Retry::new(
+                breaker,
+                policy.clone(),
+                self.predicate.clone(),
+                TokioClock::new(),
+            )),
             None => Stage::Off(breaker),
         };
-        let total = match &self.total {
+        let total = match &self.stages.total {
             Some(t) => Stage::On(Flat::new(Timeout::new(retry, t.clone()))),
             None => Stage::Off(retry),
         };
