@@ -206,6 +206,16 @@ impl Cluster {
         self.snapshot.store(Arc::new(Snapshot { endpoints, tiers }));
     }
 
+    /// How many endpoints the cluster has.
+    pub fn len(&self) -> usize {
+        self.snapshot.load().endpoints.len()
+    }
+
+    /// Whether the cluster has no endpoints.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The current endpoints.
     pub fn endpoints(&self) -> Vec<Arc<EndpointState>> {
         self.snapshot.load().endpoints.clone()
@@ -238,8 +248,8 @@ impl Cluster {
         }
         let now = self.clock.now();
         let eps = &snap.endpoints;
-        let tier_index = if snap.tiers.len() == 1 {
-            0
+        let (tier_index, share) = if snap.tiers.len() == 1 {
+            (0, healthy_share(eps, &snap.tiers[0].members, now))
         } else {
             let shares: Vec<f64> = snap
                 .tiers
@@ -256,10 +266,9 @@ impl Cluster {
                 metrics::gauge!("palisade_failover_active_tier", "cluster" => self.config.name.to_string())
                     .set(f64::from(to));
             }
-            active
+            (active, shares[active])
         };
         let tier = &snap.tiers[tier_index];
-        let share = healthy_share(eps, &tier.members, now);
         let panic = share < self.config.panic_threshold;
         self.note_panic(panic, share);
         let member = |p: usize| &eps[tier.members[p]];

@@ -77,7 +77,7 @@ pub fn clusters_json(rt: &Runtime) -> serde_json::Value {
             .cluster
             .endpoints()
             .iter()
-            .map(|e| crate::proxy::endpoint_json(e, now))
+            .map(|e| endpoint_json(e, now))
             .collect();
         out.insert(
             name.clone(),
@@ -91,6 +91,28 @@ pub fn clusters_json(rt: &Runtime) -> serde_json::Value {
         );
     }
     serde_json::Value::Object(out)
+}
+
+/// A JSON view of one endpoint.
+fn endpoint_json(
+    ep: &palisade_balance::EndpointState,
+    now: palisade_resilience::Instant,
+) -> serde_json::Value {
+    let (requests, failures) = ep.totals();
+    serde_json::json!({
+        "address": ep.addr().to_string(),
+        "weight": ep.info().weight,
+        "tier": ep.info().tier,
+        "healthy": ep.is_healthy(),
+        "ejected": ep.is_ejected(now),
+        "ejections": ep.ejections(),
+        "breaker": ep.breaker_state().as_str(),
+        "available": ep.is_available(now),
+        "in_flight": ep.in_flight(),
+        "ewma_ms": ep.latency().as_secs_f64() * 1e3,
+        "requests": requests,
+        "failures": failures,
+    })
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {

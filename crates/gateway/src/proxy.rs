@@ -12,8 +12,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use palisade_balance::PickError;
 use palisade_balance::outlier::CallResult;
-use palisade_balance::{EndpointState, PickError};
 use palisade_resilience::breaker::Outcome;
 use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
 use tokio::time::Instant;
@@ -391,7 +391,7 @@ async fn route_request(
                 tried.push(addr);
                 refusals += 1;
                 let may_retry = retry.is_some_and(|r| r.retry_on.contains(&RetryOn::Refused));
-                if may_retry && refusals < up.cluster.endpoints().len() && Instant::now() < deadline {
+                if may_retry && refusals < up.cluster.len() && Instant::now() < deadline {
                     continue;
                 }
                 let mut f = Failure::new(Cause::CircuitOpen, format!("circuit open for {addr}")).at(addr);
@@ -715,23 +715,4 @@ fn downstream_response(resp: Response<Incoming>, request_id: &HeaderValue) -> Re
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(REQUEST_ID, request_id.clone());
     Response::from_parts(parts, body.map_err(BoxError::from).boxed())
-}
-
-/// Exposed for the admin API: a JSON view of one endpoint.
-pub fn endpoint_json(ep: &EndpointState, now: palisade_resilience::Instant) -> serde_json::Value {
-    let (requests, failures) = ep.totals();
-    serde_json::json!({
-        "address": ep.addr().to_string(),
-        "weight": ep.info().weight,
-        "tier": ep.info().tier,
-        "healthy": ep.is_healthy(),
-        "ejected": ep.is_ejected(now),
-        "ejections": ep.ejections(),
-        "breaker": ep.breaker_state().as_str(),
-        "available": ep.is_available(now),
-        "in_flight": ep.in_flight(),
-        "ewma_ms": ep.latency().as_secs_f64() * 1e3,
-        "requests": requests,
-        "failures": failures,
-    })
 }

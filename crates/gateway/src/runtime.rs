@@ -285,9 +285,7 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
         }
         let cluster_name = name.to_string();
         // Validate once here so a bad combination is a config error, not a panic.
-        CircuitBreaker::builder("check")
-            .config(bc.clone())
-            .build()
+        bc.validate()
             .map_err(|e| format!("clusters.{name}.breaker: {e}"))?;
         cluster = cluster.with_breakers(move |info| {
             CircuitBreaker::builder(format!("{cluster_name}/{}", info.addr))
