@@ -55,7 +55,14 @@ fn run(args: &[String]) -> anyhow::Result<ExitCode> {
             let path = opts
                 .config
                 .ok_or_else(|| anyhow::anyhow!("check needs --config FILE"))?;
-            match Config::load(&path) {
+            // The files the configuration names (TLS) are read too, as at start.
+            let loaded = Config::load(&path).and_then(|c| {
+                match c.gateway.tls.as_ref().map(palisade_gateway::tls::acceptor) {
+                    Some(Err(e)) => Err(palisade_gateway::ConfigError(vec![e])),
+                    _ => Ok(c),
+                }
+            });
+            match loaded {
                 Ok(c) => {
                     let _ = writeln!(
                         std::io::stdout(),

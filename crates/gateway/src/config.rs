@@ -50,6 +50,32 @@ pub struct GatewaySection {
     pub access_log: bool,
     /// Watch the config file and reload when it changes (also on SIGHUP).
     pub watch_config: bool,
+    /// TLS on the proxy listener (`None`: plain HTTP/1.1 and h2c).
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[gateway.tls]`: the proxy listener's certificate.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert_file: std::path::PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
+    /// Protocols offered by ALPN, in order of preference.
+    #[serde(default = "default_alpn")]
+    pub alpn: Vec<String>,
+    /// Time allowed for a client's handshake.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Dur,
+}
+
+fn default_alpn() -> Vec<String> {
+    vec!["h2".into(), "http/1.1".into()]
+}
+
+fn default_handshake_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 
 impl Default for GatewaySection {
@@ -64,6 +90,7 @@ impl Default for GatewaySection {
             drain_timeout: Dur(Duration::from_secs(15)),
             access_log: false,
             watch_config: true,
+            tls: None,
         }
     }
 }
@@ -686,6 +713,16 @@ impl Config {
         let mut p = Vec::new();
         if self.routes.is_empty() {
             p.push("routes: at least one route is needed".to_string());
+        }
+        if let Some(tls) = &self.gateway.tls {
+            for proto in &tls.alpn {
+                if !["h2", "http/1.1"].contains(&proto.as_str()) {
+                    p.push(format!("gateway.tls.alpn: `{proto}` is not `h2` or `http/1.1`"));
+                }
+            }
+            if tls.handshake_timeout.0.is_zero() {
+                p.push("gateway.tls.handshake_timeout: must be more than 0".to_string());
+            }
         }
         for (i, r) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}] ({})", r.name);

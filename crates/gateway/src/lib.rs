@@ -1,4 +1,5 @@
-//! palisade-gateway: a resilient reverse proxy for HTTP/1.1 and HTTP/2 (h2c, gRPC).
+//! palisade-gateway: a resilient reverse proxy for HTTP/1.1 and HTTP/2 (TLS with ALPN
+//! or h2c), gRPC and WebSocket.
 //!
 //! Configuration ([`config`]) becomes a live [`runtime::Runtime`] (routes, clusters,
 //! breakers, clients, probes); [`server::start`] runs the proxy listener and the
@@ -12,6 +13,7 @@ pub mod health;
 pub mod proxy;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;

@@ -146,8 +146,17 @@ fn failure_response(f: &Failure, request_id: &HeaderValue) -> Response<Body> {
     resp
 }
 
+/// Where a request came from.
+#[derive(Clone, Copy, Debug)]
+pub struct Downstream {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Whether the connection is TLS (`x-forwarded-proto: https`).
+    pub tls: bool,
+}
+
 /// Handles one client request.
-pub async fn handle(rt: &Runtime, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+pub async fn handle(rt: &Runtime, req: Request<Incoming>, client: Downstream) -> Response<Body> {
     let started = Instant::now();
     let request_id = req
         .headers()
@@ -306,12 +315,12 @@ enum SendBody {
 async fn route_request(
     rt: &Runtime,
     route: &Route,
-    req: Request<Incoming>,
-    client: SocketAddr,
+    mut req: Request<Incoming>,
+    from: Downstream,
     request_id: &HeaderValue,
 ) -> Result<Response<Body>, Failure> {
     if let Some(limiter) = &route.limiter
-        && let Err(limited) = check_limit(limiter, &req, client)
+        && let Err(limited) = check_limit(limiter, &req, from.addr)
     {
         let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
         f.headers = RateLimitHeaders::from(&limited).to_pairs();
@@ -333,7 +342,22 @@ async fn route_request(
         ));
     }
     let up = &route.upstream;
-    let hash_key = route.hash_on.as_ref().and_then(|h| hash_key(h, &req, client));
+    // An HTTP/1.1 upgrade (WebSocket and the like): the client's half of the
+    // connection is taken now; it is joined to the endpoint's half if that answers 101.
+    let mut upgrade = match upgrade_protocol(&req) {
+        Some(_) if up.version != Version::HTTP_11 => {
+            return Err(Failure::new(
+                Cause::ProtocolError,
+                format!(
+                    "cluster {} speaks HTTP/2, which cannot carry an HTTP/1.1 upgrade",
+                    up.name
+                ),
+            ));
+        }
+        Some(proto) => Some((proto, hyper::upgrade::on(&mut req))),
+        None => None,
+    };
+    let hash_key = route.hash_on.as_ref().and_then(|h| hash_key(h, &req, from.addr));
     let (parts, body) = req.into_parts();
     let retry = route.retry.as_ref();
     let replayable_method = retry.is_some_and(|r| r.non_idempotent || is_idempotent(&parts.method));
@@ -353,7 +377,12 @@ async fn route_request(
         let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
         SendBody::Streaming(Some(limited.boxed()))
     };
-    let head = upstream_head(&parts, up.version, client, request_id);
+    let mut head = upstream_head(&parts, up.version, from, request_id);
+    if let Some((proto, _)) = &upgrade {
+        head.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        head.headers.insert(header::UPGRADE, proto.clone());
+    }
 
     let _slot = match &up.bulkhead {
         Some(b) => Some(
@@ -457,6 +486,14 @@ async fn route_request(
             }
         }
         return match result {
+            Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match upgrade.take() {
+                Some((_, client_half)) => Ok(tunnel(route, addr, resp, client_half, request_id)),
+                None => Err(Failure::new(
+                    Cause::ProtocolError,
+                    "101 answer to a request that asked for no upgrade",
+                )
+                .at(addr)),
+            },
             Ok(Ok(resp)) => Ok(downstream_response(resp, request_id)),
             Ok(Err(e)) => {
                 Err(Failure::new(outcome.cause.unwrap_or(Cause::ProtocolError), error_chain(&e)).at(addr))
@@ -664,7 +701,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 fn upstream_head(
     parts: &http::request::Parts,
     version: Version,
-    client: SocketAddr,
+    from: Downstream,
     request_id: &HeaderValue,
 ) -> http::request::Parts {
     let (mut head, ()) = Request::new(()).into_parts();
@@ -687,7 +724,7 @@ fn upstream_head(
             h.remove(header::HOST);
         }
     }
-    let ip = client.ip().to_string();
+    let ip = from.addr.ip().to_string();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
         None => ip,
@@ -695,7 +732,8 @@ fn upstream_head(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if from.tls { "https" } else { "http" };
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     h.insert(REQUEST_ID, request_id.clone());
     head
 }
@@ -708,6 +746,66 @@ fn upstream_uri(addr: SocketAddr, original: &Uri) -> Uri {
         .path_and_query(pq)
         .build()
         .unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to: its `Upgrade` header, when
+/// `Connection` names `upgrade`.
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        req.headers().get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Answers the client with the endpoint's 101 and joins the two upgraded
+/// connections, copying bytes both ways until either side closes.
+fn tunnel(
+    route: &Route,
+    addr: SocketAddr,
+    mut resp: Response<Incoming>,
+    client_half: hyper::upgrade::OnUpgrade,
+    request_id: &HeaderValue,
+) -> Response<Body> {
+    let upstream_half = hyper::upgrade::on(&mut resp);
+    let proto = resp.headers().get(header::UPGRADE).cloned();
+    let mut out = downstream_response(resp, request_id);
+    if let Some(proto) = proto {
+        out.headers_mut().insert(header::UPGRADE, proto);
+    }
+    out.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let route_name = route.name.clone();
+    metrics::counter!("palisade_upgrades_total", "route" => route_name.clone()).increment(1);
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client_half, upstream_half) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, route = route_name, %addr, "upgrade failed");
+                return;
+            }
+        };
+        let active = metrics::gauge!("palisade_tunnels_active");
+        active.increment(1.0);
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((up, down)) => tracing::debug!(route = route_name, %addr, up, down, "tunnel closed"),
+            Err(e) => tracing::debug!(error = %e, route = route_name, %addr, "tunnel ended with an error"),
+        }
+        active.decrement(1.0);
+    });
+    out
 }
 
 fn downstream_response(resp: Response<Incoming>, request_id: &HeaderValue) -> Response<Body> {

@@ -37,6 +37,8 @@ pub struct Runtime {
     pub routes: Vec<Route>,
     /// Clusters by name.
     pub clusters: HashMap<String, Arc<Upstream>>,
+    /// The proxy listener's TLS acceptor, when `gateway.tls` is set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -148,6 +150,14 @@ impl Runtime {
         let mut clusters = HashMap::new();
         let mut tasks = Vec::new();
         let mut problems = Vec::new();
+        let tls = match config.gateway.tls.as_ref().map(crate::tls::acceptor) {
+            Some(Ok(a)) => Some(a),
+            Some(Err(e)) => {
+                problems.push(e);
+                None
+            }
+            None => None,
+        };
         for (name, section) in &config.clusters {
             match build_upstream(name, section, &config).await {
                 Ok(up) => {
@@ -210,6 +220,7 @@ impl Runtime {
             config,
             routes,
             clusters,
+            tls,
             tasks,
         })
     }

@@ -1,8 +1,9 @@
 //! Listeners, reload and shutdown.
 //!
-//! * The proxy listener serves HTTP/1.1 and h2c on one port (the protocol is
-//!   detected per connection). Upgrade requests are accepted by the connection, but
-//!   the proxy does not bridge them to an upstream yet (no WebSocket pass-through).
+//! * The proxy listener serves HTTP/1.1 and HTTP/2 on one port: over TLS when
+//!   `gateway.tls` is set (ALPN `h2` / `http/1.1`), else plain HTTP/1.1 and h2c (the
+//!   protocol is detected per connection). HTTP/1.1 upgrades (WebSocket) are
+//!   bridged to the endpoint once it answers 101.
 //! * The admin listener is separate, so a flood of traffic or a bad route cannot
 //!   hide the gateway's health from its operator.
 //! * [`Handle::reload`] builds a new runtime from a new configuration and swaps it in
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
+use crate::proxy::Downstream;
 use crate::runtime::Runtime;
 
 /// A running gateway.
@@ -110,11 +112,12 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
         listener,
         rx.clone(),
         runtime.clone(),
-        move |peer| {
+        true,
+        move |from| {
             let rt = rt.clone();
             service_fn(move |req| {
                 let rt = rt.load_full();
-                async move { Ok::<_, Infallible>(crate::proxy::handle(&rt, req, peer).await) }
+                async move { Ok::<_, Infallible>(crate::proxy::handle(&rt, req, from).await) }
             })
         },
     )));
@@ -124,6 +127,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
             admin,
             rx.clone(),
             runtime.clone(),
+            false,
             move |_| {
                 let rt = rt.clone();
                 let metrics = metrics.clone();
@@ -146,13 +150,15 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
 }
 
 /// Accepts connections until shutdown, then drains them within the configured time.
+/// With `proxy`, connections are TLS when the runtime serving has an acceptor.
 async fn serve<S, F>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     runtime: Arc<ArcSwap<Runtime>>,
+    proxy: bool,
     make: F,
 ) where
-    F: Fn(SocketAddr) -> S,
+    F: Fn(Downstream) -> S,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<crate::Body>,
@@ -179,10 +185,39 @@ async fn serve<S, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), make(peer));
-                let conn = graceful.watch(conn.into_owned());
+                let tls = if proxy { runtime.load().tls.clone() } else { None };
+                let svc = make(Downstream { addr: peer, tls: tls.is_some() });
+                let Some(acceptor) = tls else {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let conn = graceful.watch(conn.into_owned());
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                    });
+                    continue;
+                };
+                // The handshake runs in the connection's own task, bounded in time, so a
+                // slow or silent client holds up nobody else.
+                let limit = runtime.load().config.gateway.tls.as_ref().map_or(Duration::from_secs(10), |t| t.handshake_timeout.get());
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            metrics::counter!("palisade_tls_handshake_failures_total", "reason" => "error").increment(1);
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics::counter!("palisade_tls_handshake_failures_total", "reason" => "timeout").increment(1);
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
                 });

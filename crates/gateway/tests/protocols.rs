@@ -1,0 +1,464 @@
+//! Protocols through the gateway, against real sockets: WebSocket (HTTP/1.1 upgrade)
+//! pass-through, gRPC-style bidirectional streaming with trailers over h2c on both
+//! sides, and TLS with ALPN choosing HTTP/2 or HTTP/1.1 on the listener. Each test
+//! waits for events (a frame echoed back), never for time.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use palisade_gateway::{Config, Handle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// A body fed frame by frame from a channel; it ends when the sender is dropped.
+struct ChannelBody(mpsc::Receiver<Frame<Bytes>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+fn channel_body() -> (mpsc::Sender<Frame<Bytes>>, ChannelBody) {
+    let (tx, rx) = mpsc::channel(8);
+    (tx, ChannelBody(rx))
+}
+
+async fn gateway(cluster_extra: &str, upstream: SocketAddr) -> Handle {
+    let text = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\
+         [[routes]]\nname = \"r\"\ncluster = \"c\"\n\
+         [clusters.c]\nendpoints = [\"{upstream}\"]\n{cluster_extra}\n"
+    );
+    palisade_gateway::start(Config::from_toml(&text).unwrap(), None)
+        .await
+        .unwrap()
+}
+
+/// Binds a loopback listener and hands every accepted connection to `serve`.
+async fn upstream(serve: impl Fn(TcpStream) + Send + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            serve(stream);
+        }
+    });
+    addr
+}
+
+/// Sends `request` on a new connection to `addr` and reads the answer's head.
+async fn raw_head(addr: SocketAddr, request: &[u8]) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let head = read_head(&mut s).await;
+    (s, head)
+}
+
+/// An HTTP/1.1 upstream that accepts `Upgrade: websocket` and then echoes what it
+/// reads, upper-cased (so the test knows the bytes went through it).
+async fn websocket_upstream() -> SocketAddr {
+    upstream(|stream| {
+        let svc = service_fn(|mut req: Request<Incoming>| async move {
+            let key = req.headers().get("sec-websocket-key").cloned();
+            if req.headers().get("upgrade").is_none_or(|v| v != "websocket") {
+                let mut r = Response::new(http_body_util::Full::new(Bytes::from_static(b"no upgrade")));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return Ok::<_, Infallible>(r);
+            }
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let mut io = TokioIo::new(on_upgrade.await.unwrap());
+                let mut buf = [0u8; 64];
+                loop {
+                    let n = io.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    io.write_all(&buf[..n].to_ascii_uppercase()).await.unwrap();
+                }
+            });
+            let mut r = Response::new(http_body_util::Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert("upgrade", HeaderValue::from_static("websocket"));
+            r.headers_mut()
+                .insert("connection", HeaderValue::from_static("Upgrade"));
+            if let Some(k) = key {
+                r.headers_mut().insert("sec-websocket-accept", k);
+            }
+            Ok(r)
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades(),
+        );
+    })
+    .await
+}
+
+/// Reads an HTTP/1.1 response head from `s`, byte by byte so nothing after it is
+/// consumed.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = s.read_u8().await.expect("connection closed inside the head");
+        head.push(b);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through_both_ways() {
+    let up = websocket_upstream().await;
+    let gw = gateway("", up).await;
+    let (mut s, head) = raw_head(
+        gw.addr,
+        b"GET /chat HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: dghlihnhbxbszsbub25jzq=="),
+        "the upstream's handshake answer passes: {head}"
+    );
+    // Bytes flow both ways through the upstream, more than once.
+    for msg in [&b"hello"[..], b"again, longer"] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg.to_ascii_uppercase());
+    }
+    // Closing our side closes the tunnel: the upstream's echo loop ends and the
+    // gateway closes the client side.
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_the_upstream_refuses_is_an_ordinary_answer() {
+    let up = websocket_upstream().await;
+    let gw = gateway("", up).await;
+    let (_, head) = raw_head(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c-nonsense\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+    gw.shutdown().await;
+}
+
+/// An h2c upstream in the manner of a gRPC bidirectional stream: it answers at once
+/// and echoes every request frame as it arrives, then ends with trailers.
+async fn grpc_upstream() -> SocketAddr {
+    upstream(|stream| {
+        let svc = service_fn(|req: Request<Incoming>| async move {
+            let (tx, body) = channel_body();
+            let te = req.headers().get("te").cloned();
+            let mut incoming = req.into_body();
+            tokio::spawn(async move {
+                while let Some(Ok(frame)) = incoming.frame().await {
+                    if let Ok(data) = frame.into_data() {
+                        let echo = [b"echo:".as_slice(), &data].concat();
+                        if tx.send(Frame::data(Bytes::from(echo))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                let saw_te = te.is_some_and(|v| v == "trailers");
+                trailers.insert(
+                    "x-saw-te-trailers",
+                    HeaderValue::from_static(if saw_te { "yes" } else { "no" }),
+                );
+                let _ = tx.send(Frame::trailers(trailers)).await;
+            });
+            let mut r = Response::new(body);
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            Ok::<_, Infallible>(r)
+        });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc),
+        );
+    })
+    .await
+}
+
+/// Runs one bidirectional stream over `sender`: each message is echoed before the
+/// next is sent (so nothing is buffered on the way), then the trailers arrive.
+async fn grpc_chat(sender: &mut hyper::client::conn::http2::SendRequest<ChannelBody>, authority: &str) {
+    let (tx, body) = channel_body();
+    let req = Request::post(format!("https://{authority}/echo.Echo/Chat"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    tx.send(Frame::data(Bytes::from_static(b"one"))).await.unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    let mut body = resp.into_body();
+    let mut next_data = async || loop {
+        let frame = body.frame().await.expect("stream ended early").unwrap();
+        if let Ok(d) = frame.into_data() {
+            return d;
+        }
+    };
+    assert_eq!(next_data().await, "echo:one");
+    tx.send(Frame::data(Bytes::from_static(b"two"))).await.unwrap();
+    assert_eq!(next_data().await, "echo:two");
+    drop(tx);
+    let trailers = loop {
+        let frame = body.frame().await.expect("no trailers").unwrap();
+        if let Ok(t) = frame.into_trailers() {
+            break t;
+        }
+    };
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(
+        trailers["x-saw-te-trailers"], "yes",
+        "TE: trailers reaches the upstream"
+    );
+}
+
+#[tokio::test]
+async fn grpc_bidirectional_streaming_and_trailers_pass_over_h2c() {
+    let up = grpc_upstream().await;
+    let gw = gateway("protocol = \"h2c\"", up).await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // Two streams on one client connection, one after the other.
+    grpc_chat(&mut sender, &gw.addr.to_string()).await;
+    grpc_chat(&mut sender, &gw.addr.to_string()).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_to_an_h2c_cluster_is_a_502_that_says_why() {
+    let up = grpc_upstream().await;
+    let gw = gateway("protocol = \"h2c\"", up).await;
+    let (_, head) = raw_head(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    assert!(head.contains("x-palisade-cause: protocol_error"), "{head}");
+    gw.shutdown().await;
+}
+
+/// A plain HTTP/1.1 upstream answering with the `x-forwarded-proto` it was sent.
+async fn plain_upstream() -> SocketAddr {
+    upstream(|stream| {
+        let svc = service_fn(|req: Request<Incoming>| async move {
+            let proto = req.headers().get("x-forwarded-proto").cloned();
+            let body = format!("proto={}", proto.as_ref().map_or("-", |v| v.to_str().unwrap()));
+            Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(body))))
+        });
+        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+    })
+    .await
+}
+
+mod tls {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::client::TlsStream;
+
+    use super::*;
+
+    /// A self-signed certificate for `localhost`, written as PEM files.
+    struct TestCert {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+        der: CertificateDer<'static>,
+    }
+
+    fn test_cert(tag: &str) -> TestCert {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("palisade-tls-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert_file = dir.join("cert.pem");
+        let key_file = dir.join("key.pem");
+        std::fs::write(&cert_file, made.cert.pem()).unwrap();
+        std::fs::write(&key_file, made.signing_key.serialize_pem()).unwrap();
+        TestCert {
+            cert_file,
+            key_file,
+            der: made.cert.der().clone(),
+        }
+    }
+
+    fn tls_section(c: &TestCert) -> String {
+        format!(
+            "[gateway.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            c.cert_file.display().to_string(),
+            c.key_file.display().to_string()
+        )
+    }
+
+    fn tls_config(c: &TestCert, upstream: SocketAddr) -> Config {
+        let text = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\
+             {}\n[[routes]]\nname = \"r\"\ncluster = \"c\"\n\
+             [clusters.c]\nendpoints = [\"{upstream}\"]\n",
+            tls_section(c)
+        );
+        Config::from_toml(&text).unwrap()
+    }
+
+    /// Connects trusting only `trusted`, offering `alpn`.
+    async fn connect(
+        addr: SocketAddr,
+        trusted: &CertificateDer<'static>,
+        alpn: &[u8],
+    ) -> TlsStream<TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(trusted.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    async fn get_h2(stream: TlsStream<TcpStream>) -> String {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("https://localhost/x")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn alpn_picks_h2_or_http1_and_the_upstream_hears_https() {
+        let cert = test_cert("alpn");
+        let gw = palisade_gateway::start(tls_config(&cert, plain_upstream().await), None)
+            .await
+            .unwrap();
+
+        let s = connect(gw.addr, &cert.der, b"h2").await;
+        assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        assert_eq!(get_h2(s).await, "proto=https");
+
+        let s = connect(gw.addr, &cert.der, b"http/1.1").await;
+        assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/x")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_11);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "proto=https");
+        gw.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn plaintext_on_the_tls_port_is_refused_and_the_gateway_keeps_serving() {
+        let cert = test_cert("plain");
+        let gw = palisade_gateway::start(tls_config(&cert, plain_upstream().await), None)
+            .await
+            .unwrap();
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        assert!(!answer.starts_with(b"HTTP/"), "no HTTP answer in the clear");
+        let s = connect(gw.addr, &cert.der, b"h2").await;
+        assert_eq!(get_h2(s).await, "proto=https");
+        gw.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_reload_rotates_the_certificate_for_new_connections() {
+        let first = test_cert("rotate-1");
+        let second = test_cert("rotate-2");
+        let upstream = plain_upstream().await;
+        let gw = palisade_gateway::start(tls_config(&first, upstream), None)
+            .await
+            .unwrap();
+        let old = connect(gw.addr, &first.der, b"h2").await;
+        gw.reload(tls_config(&second, upstream)).await.unwrap();
+        let new = connect(gw.addr, &second.der, b"h2").await;
+        assert_eq!(new.get_ref().1.peer_certificates().unwrap()[0], second.der);
+        assert_eq!(get_h2(new).await, "proto=https");
+        // The connection made before the reload keeps its certificate and works.
+        assert_eq!(old.get_ref().1.peer_certificates().unwrap()[0], first.der);
+        assert_eq!(get_h2(old).await, "proto=https");
+        gw.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_wrong_key_is_a_config_error_naming_the_field() {
+        let cert = test_cert("bad");
+        let upstream = plain_upstream().await;
+        let mut config = tls_config(&cert, upstream);
+        config.gateway.tls.as_mut().unwrap().key_file = cert.cert_file.clone();
+        let err = palisade_gateway::start(config, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.tls.key_file"), "{err}");
+        let mut config = tls_config(&cert, upstream);
+        config.gateway.tls.as_mut().unwrap().cert_file = "/nonexistent/cert.pem".into();
+        let err = palisade_gateway::start(config, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.tls.cert_file"), "{err}");
+        assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+    }
+}
