@@ -89,19 +89,24 @@ fn run(args: &[String]) -> anyhow::Result<ExitCode> {
                 .config
                 .ok_or_else(|| anyhow::anyhow!("gateway needs --config FILE"))?;
             let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
-            runtime()?.block_on(gateway(config, path))
+            runtime(config.gateway.workers)?.block_on(gateway(config, path))
         }
         "demo" => {
             init_logs("warn");
-            runtime()?.block_on(demo::run(opts))?;
+            runtime(0)?.block_on(demo::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }
         other => anyhow::bail!("unknown command `{other}`\n{USAGE}"),
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+/// The tokio runtime: `workers` threads, or one per core when 0.
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    Ok(b.enable_all().build()?)
 }
 
 fn init_logs(default: &str) {

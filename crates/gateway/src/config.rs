@@ -52,6 +52,8 @@ pub struct GatewaySection {
     pub watch_config: bool,
     /// TLS on the proxy listener (`None`: plain HTTP/1.1 and h2c).
     pub tls: Option<TlsConfig>,
+    /// Worker threads of the `palisade` binary (0: one per core). Read at start only.
+    pub workers: usize,
 }
 
 /// `[gateway.tls]`: the proxy listener's certificate.
@@ -91,6 +93,7 @@ impl Default for GatewaySection {
             access_log: false,
             watch_config: true,
             tls: None,
+            workers: 0,
         }
     }
 }

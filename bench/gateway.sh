@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# The gateway load harness (not a test): the same workload direct to one small fast
+# upstream, through Palisade (breaker, retry, timeouts, outlier detection, metrics
+# all on), through nginx and through haproxy, each configured as a competent operator
+# would (keep-alive to the upstream, access logs off, one worker each by default).
+#
+#   bench/gateway.sh                      # 3 rounds of 10 s per measurement
+#   ROUNDS=5 DURATION=20 bench/gateway.sh
+#   WORKERS=2 bench/gateway.sh            # two workers / threads for every proxy
+#
+# Per round and target: peak throughput with `wrk -t1 -c64`, then latency at a fixed
+# rate of half nginx's median peak with `oha -q RATE --latency-correction` (constant
+# rate, corrected for coordinated omission). Reported: medians over the rounds of
+# requests/s, p50 / p99 / p99.9 latency added over direct, the proxy's CPU per
+# request and its RSS after the peak run, each also as a ratio to nginx. Installs
+# wrk, nginx, haproxy and python3 from Debian and oha from crates.io if missing.
+# Only 127.0.0.1 is used.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+WORKERS=${WORKERS:-1}
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /tmp/palisade-bench.XXXXXX)
+pids=()
+
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    [ -n "${KEEP:-}" ] || rm -rf "$work"
+}
+trap cleanup EXIT
+
+log() { printf '%s\n' "$*" >&2; }
+
+install_missing() {
+    local pkgs=()
+    command -v wrk >/dev/null || pkgs+=(wrk)
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || pkgs+=(nginx-light)
+    command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || pkgs+=(haproxy)
+    command -v python3 >/dev/null || pkgs+=(python3)
+    if [ ${#pkgs[@]} -gt 0 ]; then
+        log "installing ${pkgs[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+    fi
+    command -v oha >/dev/null || { log "installing oha"; cargo install --locked oha; }
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    log "nothing listens on port $1"; return 1
+}
+
+# The pids of a process and its children (nginx's workers).
+tree() { echo "$1"; pgrep -P "$1" || true; }
+
+cpu_ticks() {
+    local sum=0 p
+    for p in $(tree "$1"); do
+        [ -r "/proc/$p/stat" ] || continue
+        # utime + stime: fields 14 and 15, after the command name in parentheses.
+        sum=$((sum + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$sum"
+}
+
+rss_kib() {
+    local sum=0 p
+    for p in $(tree "$1"); do
+        [ -r "/proc/$p/status" ] || continue
+        sum=$((sum + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status")))
+    done
+    echo "$sum"
+}
+
+start_upstream() {
+    local port=$1 dir="$work/upstream"
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
+    uwsgi_temp_path $dir; scgi_temp_path $dir;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$port;
+        location / { return 200 "hello\n"; }
+    }
+}
+EOF
+    nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/out" 2>&1 &
+    pids+=($!)
+}
+
+start_nginx() {
+    local port=$1 up=$2 dir="$work/nginx"
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes $WORKERS;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
+    uwsgi_temp_path $dir; scgi_temp_path $dir;
+    keepalive_requests 1000000;
+    upstream up { server 127.0.0.1:$up; keepalive 128; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error timeout http_502 http_503 http_504;
+            proxy_connect_timeout 1s;
+            proxy_read_timeout 5s;
+        }
+    }
+}
+EOF
+    nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/out" 2>&1 &
+    echo $!
+}
+
+start_haproxy() {
+    local port=$1 up=$2 dir="$work/haproxy"
+    mkdir -p "$dir"
+    cat >"$dir/haproxy.cfg" <<EOF
+global
+    nbthread $WORKERS
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 5s
+    option http-keep-alive
+    retries 2
+    option redispatch
+frontend fe
+    bind 127.0.0.1:$port
+    default_backend be
+backend be
+    http-reuse always
+    server s1 127.0.0.1:$up maxconn 1000
+EOF
+    haproxy -db -f "$dir/haproxy.cfg" >"$dir/out" 2>&1 &
+    echo $!
+}
+
+start_palisade() {
+    local port=$1 up=$2 admin=$3 dir="$work/palisade"
+    mkdir -p "$dir"
+    cat >"$dir/gateway.toml" <<EOF
+[gateway]
+listen = "127.0.0.1:$port"
+admin = "127.0.0.1:$admin"
+workers = $WORKERS
+watch_config = false
+access_log = false
+pool_idle_per_endpoint = 128
+
+[[routes]]
+name = "bench"
+cluster = "up"
+timeout = "5s"
+per_try_timeout = "1s"
+
+[routes.retry]
+attempts = 2
+retry_on = ["connect-failure", "reset", "refused", "gateway-error"]
+
+[clusters.up]
+endpoints = ["127.0.0.1:$up"]
+lb = "least-request"
+connect_timeout = "1s"
+
+[clusters.up.breaker]
+consecutive_failures = 5
+failure_rate = 0.5
+
+[clusters.up.outlier]
+consecutive_5xx = 5
+EOF
+    "$root/target/release/palisade" gateway --config "$dir/gateway.toml" >"$dir/out" 2>&1 &
+    echo $!
+}
+
+# wrk's peak requests/s.
+peak() {
+    wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:$1/" | awk '/^Requests\/sec/ {print $2}'
+}
+
+# p50 p99 p99.9 in microseconds at a constant `rate`.
+latency() {
+    oha -z "${DURATION}s" -c "$CONNS" -q "$2" --latency-correction --no-tui --output-format json \
+        "http://127.0.0.1:$1/" |
+        python3 -c 'import json,sys; p=json.load(sys.stdin)["latencyPercentiles"]; print(" ".join(str(round(p[k]*1e6)) for k in ("p50","p99","p99.9")))'
+}
+
+main() {
+    install_missing
+    log "building release binaries"
+    (cd "$root" && cargo build --release -q -p palisade-cli)
+
+    local up; up=$(free_port)
+    start_upstream "$up"
+    wait_port "$up"
+
+    declare -A port pid
+    port[direct]=$up
+    port[palisade]=$(free_port); port[nginx]=$(free_port); port[haproxy]=$(free_port)
+    pid[palisade]=$(start_palisade "${port[palisade]}" "$up" "$(free_port)"); pids+=("${pid[palisade]}")
+    pid[nginx]=$(start_nginx "${port[nginx]}" "$up"); pids+=("${pid[nginx]}")
+    pid[haproxy]=$(start_haproxy "${port[haproxy]}" "$up"); pids+=("${pid[haproxy]}")
+    for t in palisade nginx haproxy; do wait_port "${port[$t]}"; done
+
+    local targets=(direct palisade nginx haproxy)
+    local out="$work/results"
+    : >"$out"
+    local hz; hz=$(getconf CLK_TCK)
+    for r in $(seq 1 "$ROUNDS"); do
+        log "round $r/$ROUNDS: peak throughput (wrk -t1 -c$CONNS -d${DURATION}s)"
+        for t in "${targets[@]}"; do
+            local before=0 rps ticks rss=0
+            [ "$t" != direct ] && before=$(cpu_ticks "${pid[$t]}")
+            rps=$(peak "${port[$t]}")
+            if [ "$t" != direct ]; then
+                ticks=$(( $(cpu_ticks "${pid[$t]}") - before ))
+                rss=$(rss_kib "${pid[$t]}")
+                # CPU microseconds per request.
+                echo "$r $t cpu_us $(python3 -c "print(round($ticks / $hz * 1e6 / ($rps * $DURATION), 2))")" >>"$out"
+                echo "$r $t rss_kib $rss" >>"$out"
+            fi
+            echo "$r $t rps $rps" >>"$out"
+            log "  $t: $rps req/s"
+        done
+    done
+    local rate
+    rate=$(awk '$2=="nginx" && $3=="rps" {print $4}' "$out" | sort -n | awk '{a[NR]=$1} END {print int(a[int((NR+1)/2)] / 2)}')
+    for r in $(seq 1 "$ROUNDS"); do
+        log "round $r/$ROUNDS: latency at $rate req/s (oha -q $rate --latency-correction -c$CONNS -z ${DURATION}s)"
+        for t in "${targets[@]}"; do
+            read -r p50 p99 p999 < <(latency "${port[$t]}" "$rate")
+            echo "$r $t p50 $p50" >>"$out"; echo "$r $t p99 $p99" >>"$out"; echo "$r $t p999 $p999" >>"$out"
+            log "  $t: p50 ${p50}us p99 ${p99}us p99.9 ${p999}us"
+        done
+    done
+    python3 - "$out" "$rate" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" <<'EOF'
+import collections, statistics, sys
+path, rate, rounds, duration, conns, workers = sys.argv[1:]
+v = collections.defaultdict(list)
+for line in open(path):
+    _, t, k, x = line.split()
+    v[(t, k)].append(float(x))
+med = lambda t, k: statistics.median(v[(t, k)]) if v[(t, k)] else None
+print(f"wrk -t1 -c{conns} -d{duration}s peak, then oha -q {rate} --latency-correction; "
+      f"{workers} worker(s) per proxy; medians of {rounds} rounds\n")
+print("| target | req/s | vs nginx | +p50 us | +p99 us | +p99.9 us | +p99 vs nginx | CPU us/req | RSS MiB |")
+print("|---|---|---|---|---|---|---|---|---|")
+for t in ("direct", "palisade", "nginx", "haproxy"):
+    rps = med(t, "rps")
+    added = {k: med(t, k) - med("direct", k) for k in ("p50", "p99", "p999")}
+    cpu, rss = med(t, "cpu_us"), med(t, "rss_kib")
+    ratio = rps / med("nginx", "rps")
+    p99r = added["p99"] / added["p99"] if t == "nginx" else (
+        added["p99"] / (med("nginx", "p99") - med("direct", "p99")) if t != "direct" else None)
+    fmt = lambda x, d=0: "-" if x is None else f"{x:.{d}f}"
+    if t == "direct":
+        print(f"| direct | {rps:.0f} | {ratio:.2f}x | ({med(t,'p50'):.0f}) | ({med(t,'p99'):.0f}) | ({med(t,'p999'):.0f}) | - | - | - |")
+    else:
+        print(f"| {t} | {rps:.0f} | {ratio:.2f}x | {added['p50']:.0f} | {added['p99']:.0f} | {added['p999']:.0f} "
+              f"| {fmt(p99r, 2)}x | {fmt(cpu, 1)} | {fmt(rss and rss / 1024, 1)} |")
+EOF
+}
+
+main "$@"
