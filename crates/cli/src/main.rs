@@ -120,10 +120,12 @@ fn init_logs(default: &str) {
 }
 
 async fn gateway(config: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
-    let handle = palisade_gateway::start(config, Some(path)).await?;
-    tracing::info!(listen = %handle.addr, admin = ?handle.admin_addr, "palisade gateway serving");
+    // Handlers first: a SIGHUP that arrives once the gateway says it serves must
+    // reload it, not end it (the default action).
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let handle = palisade_gateway::start(config, Some(path)).await?;
+    tracing::info!(listen = %handle.addr, admin = ?handle.admin_addr, "palisade gateway serving");
     {
         // Watching ends only at shutdown (or at once when off); never poll it again.
         let watch = async {

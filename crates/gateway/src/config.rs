@@ -663,6 +663,39 @@ const LB_POLICIES: &[&str] = &[
     "maglev",
 ];
 
+/// A TOML or serde error as one line naming where it is: `gateway.listen (line 2):
+/// invalid type: ...`. The path is the table the line is in and the key on it.
+fn de_error(e: &toml::de::Error, text: &str, with_line: bool) -> String {
+    let message = e.message().trim();
+    let Some(span) = e.span() else {
+        return message.to_string();
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| !k.is_empty() && !line.starts_with('['));
+    let at = match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (None, Some(k)) => k.to_string(),
+        (Some(t), None) => t.to_string(),
+        (None, None) => format!("`{line}`"),
+    };
+    if with_line {
+        format!("{at} (line {line_no}): {message}")
+    } else {
+        format!("{at}: {message}")
+    }
+}
+
 impl Config {
     /// Reads `path`, applies `PALISADE_*` environment overrides, parses and
     /// validates.
@@ -686,8 +719,9 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table: toml::Table = text
             .parse()
-            .map_err(|e: toml::de::Error| ConfigError(vec![e.to_string()]))?;
+            .map_err(|e: toml::de::Error| ConfigError(vec![de_error(&e, text, true)]))?;
         let mut problems = Vec::new();
+        let mut overrides = false;
         for (name, value) in env {
             let Some(path) = name.strip_prefix("PALISADE_") else {
                 continue;
@@ -695,6 +729,7 @@ impl Config {
             if !path.contains("__") {
                 continue;
             }
+            overrides = true;
             let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
             if let Err(e) = set_path(&mut table, &keys, &value) {
                 problems.push(format!("{name}: {e}"));
@@ -703,9 +738,23 @@ impl Config {
         if !problems.is_empty() {
             return Err(ConfigError(problems));
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError(vec![e.to_string().trim().to_string()]))?;
+        // Deserialise from text, not from the table, so an error keeps its place in
+        // the file; with overrides, the place is in the file as overridden.
+        let overridden;
+        let text = if overrides {
+            overridden = toml::to_string(&table).map_err(|e| ConfigError(vec![e.to_string()]))?;
+            overridden.as_str()
+        } else {
+            text
+        };
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // Line numbers of the re-written text would not match the file.
+            ConfigError(vec![if overrides {
+                format!("{} (after PALISADE_* overrides)", de_error(&e, text, false))
+            } else {
+                de_error(&e, text, true)
+            }])
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -953,6 +1002,18 @@ endpoints = ["127.0.0.1:9000"]
             Config::from_toml(&MINIMAL.replace("cluster = \"web\"", "cluster = \"web\"\ntimout = \"1s\""))
                 .unwrap_err();
         assert!(err.to_string().contains("timout"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_table_key_and_line() {
+        let text = format!("[gateway]\nlisten = 12\n{MINIMAL}");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("gateway.listen (line 2)"), "{err}");
+        assert!(err.contains("expected socket address"), "{err}");
+        let env = [("PALISADE_GATEWAY__LISTEN".to_string(), "nowhere".to_string())];
+        let err = Config::from_toml_with_env(MINIMAL, env).unwrap_err().to_string();
+        assert!(err.contains("gateway.listen:"), "{err}");
+        assert!(err.contains("after PALISADE_* overrides"), "{err}");
     }
 
     #[test]

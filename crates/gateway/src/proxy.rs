@@ -163,18 +163,18 @@ pub async fn handle(rt: &Runtime, req: Request<Incoming>, client: Downstream) ->
         .get(&REQUEST_ID)
         .cloned()
         .unwrap_or_else(new_request_id);
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // Kept for the access log only.
+    let line = rt
+        .config
+        .gateway
+        .access_log
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let Some(route) = rt.routes.iter().find(|r| matches(r, &req)) else {
-        let f = Failure::new(Cause::NoRoute, format!("no route for {method} {path}"));
-        return finish(
-            rt,
-            None,
-            &method,
-            &path,
-            started,
-            failure_response(&f, &request_id),
+        let f = Failure::new(
+            Cause::NoRoute,
+            format!("no route for {} {}", req.method(), req.uri().path()),
         );
+        return finish(rt, None, line, started, failure_response(&f, &request_id));
     };
     let resp = match route_request(rt, route, req, client, &request_id).await {
         Ok(resp) => resp,
@@ -198,38 +198,43 @@ pub async fn handle(rt: &Runtime, req: Request<Incoming>, client: Downstream) ->
             _ => failure_response(&f, &request_id),
         },
     };
-    finish(rt, Some(route), &method, &path, started, resp)
+    finish(rt, Some(route), line, started, resp)
 }
 
 fn finish(
     rt: &Runtime,
     route: Option<&Route>,
-    method: &Method,
-    path: &str,
+    line: Option<(Method, String)>,
     started: Instant,
     resp: Response<Body>,
 ) -> Response<Body> {
-    let route_name = route.map_or("none", |r| r.name.as_str());
     let elapsed = started.elapsed();
-    let status = resp.status().as_u16();
-    metrics::counter!("palisade_requests_total", "route" => route_name.to_string(), "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!("palisade_request_duration_seconds", "route" => route_name.to_string())
-        .record(elapsed.as_secs_f64());
-    if rt.config.gateway.access_log {
+    let status = resp.status();
+    route
+        .map_or(&rt.unrouted, |r| &r.metrics)
+        .answered(status, elapsed);
+    if let Some((method, path)) = line {
+        let route_name = route.map_or("none", |r| r.name.as_str());
         let cause = resp
             .headers()
             .get(&CAUSE_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
+        let status = status.as_u16();
         tracing::info!(target: "palisade::access", route = route_name, %method, path, status, cause, ms = elapsed.as_secs_f64() * 1e3, "request");
     }
     resp
 }
 
+/// 32 random hex digits.
 fn new_request_id() -> HeaderValue {
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let bits = fastrand::u128(..);
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = HEX[((bits >> (4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
 }
 
 /// Whether `route` matches `req`.
@@ -358,7 +363,7 @@ async fn route_request(
         None => None,
     };
     let hash_key = route.hash_on.as_ref().and_then(|h| hash_key(h, &req, from.addr));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let retry = route.retry.as_ref();
     let replayable_method = retry.is_some_and(|r| r.non_idempotent || is_idempotent(&parts.method));
     let can_buffer = retry.is_some_and(|r| {
@@ -377,11 +382,13 @@ async fn route_request(
         let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
         SendBody::Streaming(Some(limited.boxed()))
     };
-    let mut head = upstream_head(&parts, up.version, from, request_id);
+    // The client's headers as sent upstream; hop-by-hop ones go, forwarding ones come.
+    prepare_headers(&mut parts, up.version, from, request_id);
     if let Some((proto, _)) = &upgrade {
-        head.headers
+        parts
+            .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        head.headers.insert(header::UPGRADE, proto.clone());
+        parts.headers.insert(header::UPGRADE, proto.clone());
     }
 
     let _slot = match &up.bulkhead {
@@ -440,7 +447,17 @@ async fn route_request(
                 .boxed(),
             SendBody::Streaming(b) => b.take().unwrap_or_else(crate::empty),
         };
-        let mut req = Request::from_parts(head.clone(), body);
+        // The headers are copied only when another attempt may need them.
+        let last_chance = !matches!(send_body, SendBody::Buffered(_)) || attempts >= max_attempts;
+        let headers = if last_chance {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.version_mut() = up.version;
+        *req.headers_mut() = headers;
         *req.uri_mut() = upstream_uri(addr, &parts.uri);
         let remaining = deadline.saturating_duration_since(Instant::now());
         let per_try = route.per_try_timeout.min(remaining);
@@ -474,7 +491,7 @@ async fn route_request(
                 .min(r.max_backoff.max(server_hint.unwrap_or_default()));
             let in_time = Instant::now() + delay < deadline;
             if in_time && r.budget.try_withdraw() {
-                metrics::counter!("palisade_retries_total", "route" => route.name.clone()).increment(1);
+                route.metrics.retried();
                 tried.push(addr);
                 backoff = (backoff * 2).min(r.max_backoff);
                 tokio::time::sleep(delay).await;
@@ -698,44 +715,41 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-fn upstream_head(
-    parts: &http::request::Parts,
+/// Turns the client's headers into those sent upstream: hop-by-hop headers removed,
+/// `Host` kept for HTTP/1.1 (HTTP/2 carries the authority), `x-forwarded-*` and
+/// `x-request-id` set.
+fn prepare_headers(
+    parts: &mut http::request::Parts,
     version: Version,
     from: Downstream,
     request_id: &HeaderValue,
-) -> http::request::Parts {
-    let (mut head, ()) = Request::new(()).into_parts();
-    head.method = parts.method.clone();
-    head.version = version;
-    head.headers = parts.headers.clone();
-    let h = &mut head.headers;
+) {
+    let authority = parts.uri.authority().map(|a| a.as_str());
+    let h = &mut parts.headers;
     strip_hop_by_hop(h);
-    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    if let Some(host) = &host {
-        h.insert(X_FORWARDED_HOST, host.clone());
+    let host = h
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
+    if let Some(host) = host {
         if version == Version::HTTP_11 {
             h.insert(header::HOST, host.clone());
         } else {
             h.remove(header::HOST);
         }
+        h.insert(X_FORWARDED_HOST, host);
     }
-    let ip = from.addr.ip().to_string();
+    let ip = from.addr.ip();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {ip}")),
+        None => HeaderValue::from_str(&ip.to_string()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = xff {
         h.insert(X_FORWARDED_FOR, v);
     }
     let proto = if from.tls { "https" } else { "http" };
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     h.insert(REQUEST_ID, request_id.clone());
-    head
 }
 
 fn upstream_uri(addr: SocketAddr, original: &Uri) -> Uri {

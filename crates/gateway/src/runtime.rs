@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper_util::client::legacy::Client;
@@ -39,6 +39,8 @@ pub struct Runtime {
     pub clusters: HashMap<String, Arc<Upstream>>,
     /// The proxy listener's TLS acceptor, when `gateway.tls` is set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Metrics of requests no route took.
+    pub unrouted: RouteMetrics,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -80,6 +82,53 @@ pub struct Route {
     pub fallback: Option<FallbackConfig>,
     /// Hash key source.
     pub hash_on: Option<HashOn>,
+    /// Its metric handles.
+    pub metrics: RouteMetrics,
+}
+
+/// A route's metric handles, registered once so the request path does not build
+/// label sets and look them up in the registry on every request.
+pub struct RouteMetrics {
+    name: String,
+    duration: metrics::Histogram,
+    retries: metrics::Counter,
+    /// `palisade_requests_total` by status, registered on first use (index: status - 100).
+    by_status: Box<[OnceLock<metrics::Counter>]>,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    /// The handles for the route called `name` (`none` for requests no route took).
+    pub fn new(name: &str) -> Self {
+        RouteMetrics {
+            name: name.to_string(),
+            duration: metrics::histogram!("palisade_request_duration_seconds", "route" => name.to_string()),
+            retries: metrics::counter!("palisade_retries_total", "route" => name.to_string()),
+            by_status: (100..600).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn answered(&self, status: http::StatusCode, elapsed: Duration) {
+        let code = status.as_u16();
+        let counter = self.by_status[usize::from(code - 100)].get_or_init(|| {
+            metrics::counter!("palisade_requests_total", "route" => self.name.clone(), "status" => code.to_string())
+        });
+        counter.increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+
+    /// Counts one retry.
+    pub fn retried(&self) {
+        self.retries.increment(1);
+    }
 }
 
 /// A route's retry settings, with its budget.
@@ -214,6 +263,7 @@ impl Runtime {
                 }),
                 fallback: r.fallback.clone(),
                 hash_on: r.hash_on.clone(),
+                metrics: RouteMetrics::new(&r.name),
             })
             .collect();
         Ok(Runtime {
@@ -221,6 +271,7 @@ impl Runtime {
             routes,
             clusters,
             tls,
+            unrouted: RouteMetrics::new("none"),
             tasks,
         })
     }

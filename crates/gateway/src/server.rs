@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -41,6 +41,8 @@ pub struct Handle {
     pub admin_addr: Option<SocketAddr>,
     runtime: Arc<ArcSwap<Runtime>>,
     config_path: Option<PathBuf>,
+    /// The configuration file's bytes when it was last loaded, to see changes.
+    config_bytes: Option<Vec<u8>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -71,11 +73,28 @@ pub enum StartError {
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle (`None`
-/// if another recorder was installed first).
+/// if another recorder was installed first). A thread drains histogram samples into
+/// their summaries every few seconds: without it they pile up until `/metrics` is
+/// scraped, and a gateway nobody scrapes would grow without bound.
 pub fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new().install_recorder().ok()?;
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("palisade-metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the metrics upkeep thread");
+            }
+            Some(handle)
+        })
         .clone()
 }
 
@@ -142,6 +161,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
         addr,
         admin_addr,
         runtime,
+        config_bytes: path.as_ref().and_then(|p| std::fs::read(p).ok()),
         config_path: path,
         shutdown,
         tasks,
@@ -270,8 +290,9 @@ impl Handle {
         result
     }
 
-    /// Watches the configuration file (if `watch_config`), reloading on change.
-    /// Returns when the gateway shuts down.
+    /// Watches the configuration file (if `watch_config`), reloading when its
+    /// contents change (compared byte for byte once a second, so coarse or unchanged
+    /// modification times cannot hide an edit). Returns when the gateway shuts down.
     pub async fn watch_config(&self) {
         let Some(path) = self.config_path.clone() else {
             return;
@@ -280,15 +301,14 @@ impl Handle {
             return;
         }
         let mut stop = self.shutdown.subscribe();
-        let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut last: Option<SystemTime> = mtime(&path);
+        let mut last = self.config_bytes.clone();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.changed() => return,
             }
-            let now = mtime(&path);
-            if now != last {
+            let now = std::fs::read(&path).ok();
+            if now.is_some() && now != last {
                 last = now;
                 let _ = self.reload_from_file().await;
             }
