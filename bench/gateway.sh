@@ -85,11 +85,13 @@ rss_kib() {
     echo "$sum"
 }
 
-start_upstream() {
-    local port=$1 dir="$work/upstream"
+# Writes an nginx configuration in `dir` around `blocks` (its upstream and server
+# blocks), starts nginx with `workers` workers and prints its pid.
+run_nginx() {
+    local dir=$1 workers=$2 blocks=$3
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes $workers;
 daemon off;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -99,46 +101,35 @@ http {
     client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
     uwsgi_temp_path $dir; scgi_temp_path $dir;
     keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$port;
-        location / { return 200 "hello\n"; }
-    }
-}
-EOF
-    nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/out" 2>&1 &
-    pids+=($!)
-}
-
-start_nginx() {
-    local port=$1 up=$2 dir="$work/nginx"
-    mkdir -p "$dir"
-    cat >"$dir/nginx.conf" <<EOF
-worker_processes $WORKERS;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
-    uwsgi_temp_path $dir; scgi_temp_path $dir;
-    keepalive_requests 1000000;
-    upstream up { server 127.0.0.1:$up; keepalive 128; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$port;
-        location / {
-            proxy_pass http://up;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_next_upstream error timeout http_502 http_503 http_504;
-            proxy_connect_timeout 1s;
-            proxy_read_timeout 5s;
-        }
-    }
+$blocks
 }
 EOF
     nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/out" 2>&1 &
     echo $!
+}
+
+start_upstream() {
+    run_nginx "$work/upstream" 1 "
+    server {
+        listen 127.0.0.1:$1;
+        location / { return 200 \"hello\n\"; }
+    }"
+}
+
+start_nginx() {
+    run_nginx "$work/nginx" "$WORKERS" "
+    upstream up { server 127.0.0.1:$2; keepalive 128; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$1;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_next_upstream error timeout http_502 http_503 http_504;
+            proxy_connect_timeout 1s;
+            proxy_read_timeout 5s;
+        }
+    }"
 }
 
 start_haproxy() {
@@ -223,7 +214,7 @@ main() {
     (cd "$root" && cargo build --release -q -p palisade-cli && cargo build --release -q -p palisade-gateway --example bare_proxy)
 
     local up; up=$(free_port)
-    start_upstream "$up"
+    pids+=("$(start_upstream "$up")")
     wait_port "$up"
 
     declare -A port pid

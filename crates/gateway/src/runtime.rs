@@ -37,8 +37,8 @@ pub struct Runtime {
     pub routes: Vec<Route>,
     /// Clusters by name.
     pub clusters: HashMap<String, Arc<Upstream>>,
-    /// The proxy listener's TLS acceptor, when `gateway.tls` is set.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The proxy listener's TLS, when `gateway.tls` is set.
+    pub tls: Option<crate::tls::Tls>,
     /// Metrics of requests no route took.
     pub unrouted: RouteMetrics,
     tasks: Vec<JoinHandle<()>>,

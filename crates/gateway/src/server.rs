@@ -207,7 +207,7 @@ async fn serve<S, F>(
                 let _ = stream.set_nodelay(true);
                 let tls = if proxy { runtime.load().tls.clone() } else { None };
                 let svc = make(Downstream { addr: peer, tls: tls.is_some() });
-                let Some(acceptor) = tls else {
+                let Some(tls) = tls else {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     let conn = graceful.watch(conn.into_owned());
                     tokio::spawn(async move {
@@ -219,11 +219,10 @@ async fn serve<S, F>(
                 };
                 // The handshake runs in the connection's own task, bounded in time, so a
                 // slow or silent client holds up nobody else.
-                let limit = runtime.load().config.gateway.tls.as_ref().map_or(Duration::from_secs(10), |t| t.handshake_timeout.get());
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                    let stream = match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             metrics::counter!("palisade_tls_handshake_failures_total", "reason" => "error").increment(1);

@@ -13,8 +13,17 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
 
-/// Builds the acceptor for `c`, or says what is wrong, naming the field.
-pub fn acceptor(c: &TlsConfig) -> Result<TlsAcceptor, String> {
+/// The listener's TLS: the acceptor and how long a client has to finish its handshake.
+#[derive(Clone)]
+pub struct Tls {
+    /// Accepts a connection's handshake.
+    pub acceptor: TlsAcceptor,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: std::time::Duration,
+}
+
+/// Builds the listener's TLS for `c`, or says what is wrong, naming the field.
+pub fn acceptor(c: &TlsConfig) -> Result<Tls, String> {
     let at = "gateway.tls";
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&c.cert_file)
         .and_then(Iterator::collect)
@@ -39,5 +48,8 @@ pub fn acceptor(c: &TlsConfig) -> Result<TlsAcceptor, String> {
         .with_single_cert(certs, key)
         .map_err(|e| format!("{at}: the key does not fit the certificate: {e}"))?;
     config.alpn_protocols = c.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Tls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        handshake_timeout: c.handshake_timeout.get(),
+    })
 }
