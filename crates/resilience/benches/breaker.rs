@@ -26,6 +26,11 @@ fn palisade() -> CircuitBreaker {
     CircuitBreaker::new("bench", BreakerConfig::default())
 }
 
+/// A breaker that lives as long as the program, as a `static` one would.
+fn leaked() -> &'static CircuitBreaker {
+    Box::leak(Box::new(palisade()))
+}
+
 fn tower_resilience<S>(
     svc: S,
     min_calls: usize,
@@ -64,6 +69,10 @@ fn closed_one_thread(c: &mut Criterion) {
 
     let mut svc = CircuitBreakerLayer::new(palisade()).layer(ok_service());
     g.bench_function("palisade layer", |b| b.iter(|| call(&mut svc, 1).unwrap()));
+    let mut svc = CircuitBreakerLayer::with_handle(leaked()).layer(ok_service());
+    g.bench_function("palisade layer, static breaker", |b| {
+        b.iter(|| call(&mut svc, 1).unwrap())
+    });
     let mut tr = tower_resilience(ok_service(), 100);
     g.bench_function("tower-resilience layer", |b| b.iter(|| call(&mut tr, 1).unwrap()));
 
@@ -99,6 +108,21 @@ fn closed_two_threads(c: &mut Criterion) {
             )
         })
     });
+    let fixed = leaked();
+    g.bench_function(
+        BenchmarkId::new("palisade layer, static breaker", "shared breaker"),
+        |b| {
+            b.iter_custom(|iters| {
+                two_threads(
+                    iters,
+                    || CircuitBreakerLayer::with_handle(fixed).layer(ok_service()),
+                    |svc| {
+                        call(svc, 1).unwrap();
+                    },
+                )
+            })
+        },
+    );
     let tr = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
         .failure_rate_threshold(0.5)
         .sliding_window_size(100)

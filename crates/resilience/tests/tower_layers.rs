@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use palisade_resilience::breaker::{BreakerConfig, BreakerError, CircuitBreaker, State};
 use palisade_resilience::clock::TokioClock;
-use palisade_resilience::layer::breaker::CircuitBreakerLayer;
+use palisade_resilience::layer::breaker::{CircuitBreakerLayer, DefaultClassifier};
 use palisade_resilience::layer::retry::RetryLayer;
 use palisade_resilience::layer::timeout::{TimeoutError, TimeoutLayer};
 use palisade_resilience::retry::{Backoff, BudgetConfig, RetryAction, RetryBudget, RetryPolicy};
@@ -100,9 +100,26 @@ async fn clones_share_one_breaker() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_an_in_flight_probe_releases_it() {
-    let (svc, mut handle) = mock::pair::<&str, &str>();
     let b = breaker(1);
-    let mut svc = CircuitBreakerLayer::new(b.clone()).layer(svc);
+    probe_is_released_when_dropped(&b, CircuitBreakerLayer::new(b.clone())).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_static_breaker_handle_trips_probes_and_releases_like_an_owned_one() {
+    let b: &'static CircuitBreaker = Box::leak(Box::new(breaker(1)));
+    probe_is_released_when_dropped(b, CircuitBreakerLayer::with_handle(b)).await;
+}
+
+/// Trips `b` through `layer`, then checks that a dropped in-flight probe frees its
+/// slot and the next probe closes the breaker.
+async fn probe_is_released_when_dropped<B>(
+    b: &CircuitBreaker,
+    layer: CircuitBreakerLayer<DefaultClassifier, B>,
+) where
+    B: AsRef<CircuitBreaker> + Clone,
+{
+    let (svc, mut handle) = mock::pair::<&str, &str>();
+    let mut svc = layer.layer(svc);
     handle.allow(1);
     let fut = svc.ready().await.unwrap().call("trip");
     handle.next_request().await.unwrap().1.send_error(boom());

@@ -75,7 +75,17 @@ fn breaker_sync_and_permit_api_allocate_nothing() {
 #[test]
 fn breaker_layer_allocates_nothing_per_call() {
     let b = CircuitBreaker::new("alloc", BreakerConfig::default());
-    let mut svc = CircuitBreakerLayer::new(b).layer(ok_service());
+    let owned = CircuitBreakerLayer::new(b.clone()).layer(ok_service());
+    let fixed: &'static CircuitBreaker = Box::leak(Box::new(b));
+    let by_ref = CircuitBreakerLayer::with_handle(fixed).layer(ok_service());
+    assert_layer_allocates_nothing(owned);
+    assert_layer_allocates_nothing(by_ref);
+}
+
+fn assert_layer_allocates_nothing<S: Service<u64>>(mut svc: S)
+where
+    S::Error: std::fmt::Debug,
+{
     call(&mut svc).unwrap();
     let n = allocations_during(|| {
         for _ in 0..10_000 {

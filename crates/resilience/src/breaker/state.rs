@@ -73,6 +73,33 @@ pub struct Rejected {
     pub retry_after: Option<Duration>,
 }
 
+/// A [`Rejected`] packed in one word, so that the slow acquire path's result fits
+/// two registers: 0 is half-open, 1 forced open, `2 + n` open for `n` more
+/// nanoseconds.
+#[derive(Clone, Copy, Debug)]
+struct Refusal(u64);
+
+impl Refusal {
+    const HALF_OPEN: Refusal = Refusal(0);
+    const FORCED_OPEN: Refusal = Refusal(1);
+
+    fn open(wait: Duration) -> Refusal {
+        Refusal(duration_nanos(wait).saturating_add(2))
+    }
+
+    #[cold]
+    fn into_rejected(self) -> Rejected {
+        let (state, retry_after) = match self.0 {
+            0 => (State::HalfOpen, None),
+            1 => (State::ForcedOpen, None),
+            n => (State::Open, Some(Duration::from_nanos(n - 2))),
+        };
+        Rejected { state, retry_after }
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<Result<Ticket, Refusal>>() <= 16);
+
 fn reason(state: &State) -> &'static str {
     match state {
         State::HalfOpen => "is half-open and all probe slots are taken",
@@ -304,7 +331,16 @@ impl CircuitBreaker {
     /// breaker, for `'static` futures.
     #[inline]
     pub fn try_acquire_owned(&self) -> Result<Permit<Self>, Rejected> {
-        self.acquire().map(|t| Permit::new(self.clone(), t))
+        Self::try_acquire_via(self)
+    }
+
+    /// Like [`try_acquire_owned`](Self::try_acquire_owned), but the permit holds a
+    /// clone of `handle`, whatever reaches the breaker: an owned breaker (one
+    /// reference-count increment) or a `&'static CircuitBreaker` (a plain copy). The
+    /// handle is cloned only when the call is admitted.
+    #[inline]
+    pub fn try_acquire_via<B: AsRef<CircuitBreaker> + Clone>(handle: &B) -> Result<Permit<B>, Rejected> {
+        handle.as_ref().acquire().map(|t| Permit::new(handle.clone(), t))
     }
 
     /// Runs `f` if the breaker allows it; an `Err` counts as a failure.
@@ -447,11 +483,15 @@ impl CircuitBreaker {
                 start: self.start_time(),
             });
         }
-        self.acquire_slow(w)
+        // The slow path returns at most 16 bytes, in registers. Were it to return a
+        // `Result<Ticket, Rejected>` (24 bytes) through memory, the fast path's
+        // ticket would be merged with it there and read back by a wide load from
+        // narrow stores: a store-forwarding stall on every call.
+        self.acquire_slow(w).map_err(Refusal::into_rejected)
     }
 
     #[cold]
-    fn acquire_slow(&self, mut w: u64) -> Result<Ticket, Rejected> {
+    fn acquire_slow(&self, mut w: u64) -> Result<Ticket, Refusal> {
         let inner = &*self.inner;
         loop {
             let ticket = |kind| Ticket {
@@ -462,13 +502,13 @@ impl CircuitBreaker {
             match state_of(w) {
                 CLOSED => return Ok(ticket(Kind::Closed)),
                 DISABLED => return Ok(ticket(Kind::Passive)),
-                FORCED_OPEN => return self.reject(State::ForcedOpen, None, ticket(Kind::Passive)),
+                FORCED_OPEN => return self.reject(Refusal::FORCED_OPEN, ticket(Kind::Passive)),
                 OPEN => {
                     let now = inner.clock.now();
                     let until = inner.open_until.load(Ordering::Acquire);
                     if now.as_nanos() < until {
                         let wait = Duration::from_nanos(until - now.as_nanos());
-                        return self.reject(State::Open, Some(wait), ticket(Kind::Passive));
+                        return self.reject(Refusal::open(wait), ticket(Kind::Passive));
                     }
                     let next = next_period(w, HALF_OPEN);
                     match inner
@@ -484,7 +524,7 @@ impl CircuitBreaker {
                 }
                 _ => {
                     if probes_of(w) >= inner.config.half_open_probes {
-                        return self.reject(State::HalfOpen, None, ticket(Kind::Passive));
+                        return self.reject(Refusal::HALF_OPEN, ticket(Kind::Passive));
                     }
                     match inner.state.compare_exchange_weak(
                         w,
@@ -501,27 +541,22 @@ impl CircuitBreaker {
     }
 
     #[cold]
-    fn reject(
-        &self,
-        state: State,
-        retry_after: Option<Duration>,
-        shadow: Ticket,
-    ) -> Result<Ticket, Rejected> {
+    fn reject(&self, refusal: Refusal, shadow: Ticket) -> Result<Ticket, Refusal> {
         if self.inner.metrics_only.load(Ordering::Relaxed) {
             self.inner.metrics.would_reject.increment(1);
             Ok(shadow)
         } else {
             self.inner.metrics.rejected.increment(1);
-            Err(Rejected { state, retry_after })
+            Err(refusal)
         }
     }
 
     /// Called by a permit exactly once: `None` means cancelled.
     #[inline]
-    pub(crate) fn finish(&self, ticket: Ticket, outcome: Option<Outcome>) {
+    pub(crate) fn finish(&self, kind: Kind, ticket: &Ticket, outcome: Option<Outcome>) {
         let inner = &*self.inner;
         inner.metrics.count(outcome);
-        match ticket.kind {
+        match kind {
             Kind::Closed => {
                 let failed = match outcome {
                     Some(Outcome::Success) => false,
@@ -533,7 +568,7 @@ impl CircuitBreaker {
                 } else {
                     Instant::ZERO
                 };
-                let slow = self.is_slow(&ticket, now);
+                let slow = self.is_slow(ticket, now);
                 let w = inner.state.load(Ordering::Acquire);
                 if state_of(w) != CLOSED || gen_of(w) != ticket.generation {
                     return; // started before the breaker tripped: not this period's data
@@ -543,7 +578,7 @@ impl CircuitBreaker {
                 }
             }
             Kind::Probe => self.finish_probe(ticket, outcome),
-            Kind::Passive => {}
+            Kind::Passive | Kind::Done => {}
         }
     }
 
@@ -578,10 +613,10 @@ impl CircuitBreaker {
     }
 
     #[cold]
-    fn finish_probe(&self, ticket: Ticket, outcome: Option<Outcome>) {
+    fn finish_probe(&self, ticket: &Ticket, outcome: Option<Outcome>) {
         let inner = &*self.inner;
         let now = inner.clock.now();
-        let slow = self.is_slow(&ticket, now);
+        let slow = self.is_slow(ticket, now);
         let mut w = inner.state.load(Ordering::Acquire);
         loop {
             if state_of(w) != HALF_OPEN || gen_of(w) != ticket.generation {

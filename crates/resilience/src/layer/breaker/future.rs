@@ -10,73 +10,66 @@ use crate::breaker::{BreakerError, CircuitBreaker, Permit, Rejected};
 pin_project! {
     /// The response future of a [`CircuitBreakerService`](super::CircuitBreakerService).
     /// Dropping it before it finishes records the call as cancelled.
+    //
+    // A struct of options rather than an enum of `Called` / `Rejected`: with the two
+    // variants sharing bytes, the compiler built the permit's breaker pointer from
+    // narrow stores and read it back whole, a store-forwarding stall that cost more
+    // than the rest of the closed path together.
     #[derive(Debug)]
-    pub struct ResponseFuture<F, C> {
+    pub struct ResponseFuture<F, C, B = CircuitBreaker>
+    where
+        B: AsRef<CircuitBreaker>,
+    {
         #[pin]
-        state: State<F, C>,
+        fut: Option<F>,
+        permit: Option<Permit<B>>,
+        rejected: Option<Rejected>,
+        classifier: C,
     }
 }
 
-pin_project! {
-    #[project = StateProj]
-    #[derive(Debug)]
-    enum State<F, C> {
-        Called {
-            #[pin]
-            fut: F,
-            permit: Option<Permit<CircuitBreaker>>,
-            classifier: C,
-        },
-        Rejected {
-            rejected: Option<Rejected>,
-        },
-    }
-}
-
-impl<F, C> ResponseFuture<F, C> {
-    pub(super) fn called(fut: F, permit: Permit<CircuitBreaker>, classifier: C) -> Self {
+impl<F, C, B: AsRef<CircuitBreaker>> ResponseFuture<F, C, B> {
+    pub(super) fn called(fut: F, permit: Permit<B>, classifier: C) -> Self {
         ResponseFuture {
-            state: State::Called {
-                fut,
-                permit: Some(permit),
-                classifier,
-            },
+            fut: Some(fut),
+            permit: Some(permit),
+            rejected: None,
+            classifier,
         }
     }
 
-    pub(super) fn rejected(rejected: Rejected) -> Self {
+    pub(super) fn rejected(rejected: Rejected, classifier: C) -> Self {
         ResponseFuture {
-            state: State::Rejected {
-                rejected: Some(rejected),
-            },
+            fut: None,
+            permit: None,
+            rejected: Some(rejected),
+            classifier,
         }
     }
 }
 
-impl<F, C, T, E> Future for ResponseFuture<F, C>
+impl<F, C, B, T, E> Future for ResponseFuture<F, C, B>
 where
     F: Future<Output = Result<T, E>>,
     C: Classify<T, E>,
+    B: AsRef<CircuitBreaker>,
 {
     type Output = Result<T, BreakerError<E>>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Called {
-                fut,
-                permit,
-                classifier,
-            } => {
-                let result = ready!(fut.poll(cx));
-                if let Some(permit) = permit.take() {
-                    permit.record(classifier.classify(result.as_ref()));
-                }
-                Poll::Ready(result.map_err(BreakerError::Inner))
-            }
-            StateProj::Rejected { rejected } => Poll::Ready(Err(BreakerError::Rejected(
-                rejected.take().expect("ResponseFuture polled after completion"),
-            ))),
+        let this = self.project();
+        let Some(fut) = this.fut.as_pin_mut() else {
+            let rejected = this
+                .rejected
+                .take()
+                .expect("ResponseFuture polled after completion");
+            return Poll::Ready(Err(BreakerError::Rejected(rejected)));
+        };
+        let result = ready!(fut.poll(cx));
+        if let Some(permit) = this.permit {
+            permit.record_in_place(this.classifier.classify(result.as_ref()));
         }
+        Poll::Ready(result.map_err(BreakerError::Inner))
     }
 }

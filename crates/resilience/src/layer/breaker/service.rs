@@ -40,16 +40,20 @@ where
 
 /// A service behind a circuit breaker. Built by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
+///
+/// `B` is how the service and its response futures reach the breaker: an owned
+/// [`CircuitBreaker`] (each admitted call clones it: one reference-count increment
+/// and decrement) or a `&'static CircuitBreaker` (a plain copy).
 #[derive(Clone, Debug)]
-pub struct CircuitBreakerService<S, C> {
+pub struct CircuitBreakerService<S, C, B = CircuitBreaker> {
     inner: S,
-    breaker: CircuitBreaker,
+    breaker: B,
     classifier: C,
 }
 
-impl<S, C> CircuitBreakerService<S, C> {
+impl<S, C, B: AsRef<CircuitBreaker>> CircuitBreakerService<S, C, B> {
     /// Wraps `inner`.
-    pub fn new(inner: S, breaker: CircuitBreaker, classifier: C) -> Self {
+    pub fn new(inner: S, breaker: B, classifier: C) -> Self {
         CircuitBreakerService {
             inner,
             breaker,
@@ -59,7 +63,7 @@ impl<S, C> CircuitBreakerService<S, C> {
 
     /// The breaker.
     pub fn breaker(&self) -> &CircuitBreaker {
-        &self.breaker
+        self.breaker.as_ref()
     }
 
     /// The wrapped service.
@@ -68,14 +72,15 @@ impl<S, C> CircuitBreakerService<S, C> {
     }
 }
 
-impl<S, C, Req> Service<Req> for CircuitBreakerService<S, C>
+impl<S, C, B, Req> Service<Req> for CircuitBreakerService<S, C, B>
 where
     S: Service<Req>,
     C: Classify<S::Response, S::Error> + Clone,
+    B: AsRef<CircuitBreaker> + Clone,
 {
     type Response = S::Response;
     type Error = BreakerError<S::Error>;
-    type Future = ResponseFuture<S::Future, C>;
+    type Future = ResponseFuture<S::Future, C, B>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -84,9 +89,9 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.breaker.try_acquire_owned() {
+        match CircuitBreaker::try_acquire_via(&self.breaker) {
             Ok(permit) => ResponseFuture::called(self.inner.call(req), permit, self.classifier.clone()),
-            Err(rejected) => ResponseFuture::rejected(rejected),
+            Err(rejected) => ResponseFuture::rejected(rejected, self.classifier.clone()),
         }
     }
 }
