@@ -3,6 +3,7 @@
 //! circuit breaker).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -102,9 +103,22 @@ impl EndpointState {
 
     /// Marks a request as started; the guard marks it finished when dropped.
     pub fn start(&self) -> InFlight<'_> {
+        self.count_start();
+        InFlight { endpoint: self }
+    }
+
+    /// Like [`start`](Self::start), with a guard that owns its endpoint: for a
+    /// request that ends after the call returns (a response body still streaming).
+    pub fn start_owned(self: &Arc<Self>) -> OwnedInFlight {
+        self.count_start();
+        OwnedInFlight {
+            endpoint: self.clone(),
+        }
+    }
+
+    fn count_start(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight { endpoint: self }
     }
 
     /// Peak-EWMA latency estimate.
@@ -171,6 +185,26 @@ pub struct InFlight<'a> {
 }
 
 impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request in flight on an endpoint, owning the endpoint; dropping it ends the
+/// request. See [`EndpointState::start_owned`].
+#[derive(Debug)]
+pub struct OwnedInFlight {
+    endpoint: Arc<EndpointState>,
+}
+
+impl OwnedInFlight {
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Arc<EndpointState> {
+        &self.endpoint
+    }
+}
+
+impl Drop for OwnedInFlight {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }

@@ -44,8 +44,11 @@ pub struct GatewaySection {
     pub pool_idle_per_endpoint: usize,
     /// How long idle upstream connections are kept.
     pub pool_idle_timeout: Dur,
-    /// How long shutdown waits for requests in flight.
+    /// How long shutdown waits for requests in flight and open tunnels.
     pub drain_timeout: Dur,
+    /// An upgraded connection (WebSocket) through which nothing has moved for this
+    /// long is closed.
+    pub tunnel_idle_timeout: Dur,
     /// Log one line per request.
     pub access_log: bool,
     /// Watch the config file and reload when it changes (also on SIGHUP).
@@ -90,6 +93,7 @@ impl Default for GatewaySection {
             pool_idle_per_endpoint: 64,
             pool_idle_timeout: Dur(Duration::from_secs(90)),
             drain_timeout: Dur(Duration::from_secs(15)),
+            tunnel_idle_timeout: Dur(Duration::from_secs(300)),
             access_log: false,
             watch_config: true,
             tls: None,
@@ -766,6 +770,9 @@ impl Config {
         if self.routes.is_empty() {
             p.push("routes: at least one route is needed".to_string());
         }
+        if self.gateway.tunnel_idle_timeout.0.is_zero() {
+            p.push("gateway.tunnel_idle_timeout: must be more than 0".to_string());
+        }
         if let Some(tls) = &self.gateway.tls {
             for proto in &tls.alpn {
                 if !["h2", "http/1.1"].contains(&proto.as_str()) {
@@ -1019,6 +1026,9 @@ endpoints = ["127.0.0.1:9000"]
     #[test]
     fn every_problem_is_reported_with_its_path() {
         let text = r#"
+[gateway]
+tunnel_idle_timeout = "0s"
+
 [[routes]]
 name = "a"
 cluster = "nope"
@@ -1037,6 +1047,7 @@ lb = "fastest"
             "routes[0] (a).retry.attempts",
             "clusters.web.endpoints[0]: `localhost` is not host:port",
             "clusters.web.lb: `fastest`",
+            "gateway.tunnel_idle_timeout: must be more than 0",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in\n{all}");
         }

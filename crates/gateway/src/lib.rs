@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod runtime;
 pub mod server;
 pub mod tls;
+pub mod tunnel;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;

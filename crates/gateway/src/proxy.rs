@@ -5,16 +5,22 @@
 //! saying why (`x-palisade-cause`).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use palisade_balance::PickError;
+use palisade_balance::endpoint::OwnedInFlight;
 use palisade_balance::outlier::CallResult;
-use palisade_resilience::breaker::Outcome;
+use palisade_resilience::breaker::{CircuitBreaker, Outcome, Permit};
+use palisade_resilience::bulkhead::BulkheadPermit;
 use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
 use tokio::time::Instant;
 
@@ -391,7 +397,9 @@ async fn route_request(
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
 
-    let _slot = match &up.bulkhead {
+    // Held until the answer is complete: a streaming body or an open tunnel still
+    // occupies the cluster.
+    let mut slot = match &up.bulkhead {
         Some(b) => Some(
             b.try_acquire()
                 .map_err(|e| Failure::new(Cause::BulkheadFull, e.to_string()))?,
@@ -462,16 +470,32 @@ async fn route_request(
         let remaining = deadline.saturating_duration_since(Instant::now());
         let per_try = route.per_try_timeout.min(remaining);
         let attempt_start = Instant::now();
-        let result = {
-            let _in_flight = ep.start();
-            tokio::time::timeout(per_try, up.client.request(req)).await
-        };
+        let in_flight = ep.start_owned();
+        let result = tokio::time::timeout(per_try, up.client.request(req)).await;
         let latency = attempt_start.elapsed();
         let outcome = classify(up, &result);
-        if let Some(p) = permit {
-            p.record(outcome.breaker);
-        }
-        up.cluster.record(&ep, outcome.outlier, latency);
+        let verdict = Verdict {
+            upstream: up.clone(),
+            slot: None,
+            permit,
+            breaker: outcome.breaker,
+            outlier: outcome.outlier,
+            latency,
+            in_flight,
+        };
+        // An answer whose body is still to come is judged when it ends: a body cut
+        // mid-stream is the endpoint's failure, not the success its headers promised.
+        let mut verdict = match &result {
+            Ok(Ok(resp))
+                if resp.status() != StatusCode::SWITCHING_PROTOCOLS && !resp.body().is_end_stream() =>
+            {
+                Some(verdict)
+            }
+            _ => {
+                verdict.settle();
+                None
+            }
+        };
         let replayable = matches!(send_body, SendBody::Buffered(_));
         let wants_retry = retry.is_some_and(|r| {
             let status_listed = matches!(&result, Ok(Ok(resp))
@@ -491,6 +515,10 @@ async fn route_request(
                 .min(r.max_backoff.max(server_hint.unwrap_or_default()));
             let in_time = Instant::now() + delay < deadline;
             if in_time && r.budget.try_withdraw() {
+                // The answer is dropped unread: it is judged by its headers.
+                if let Some(v) = verdict.take() {
+                    v.settle();
+                }
                 route.metrics.retried();
                 tried.push(addr);
                 backoff = (backoff * 2).min(r.max_backoff);
@@ -504,14 +532,19 @@ async fn route_request(
         }
         return match result {
             Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match upgrade.take() {
-                Some((_, client_half)) => Ok(tunnel(route, addr, resp, client_half, request_id)),
+                Some((_, client_half)) => Ok(tunnel(rt, route, addr, resp, client_half, request_id, slot)),
                 None => Err(Failure::new(
                     Cause::ProtocolError,
                     "101 answer to a request that asked for no upgrade",
                 )
                 .at(addr)),
             },
-            Ok(Ok(resp)) => Ok(downstream_response(resp, request_id)),
+            Ok(Ok(resp)) => {
+                if let Some(v) = &mut verdict {
+                    v.slot = slot.take();
+                }
+                Ok(downstream_response(resp, request_id, verdict))
+            }
             Ok(Err(e)) => {
                 Err(Failure::new(outcome.cause.unwrap_or(Cause::ProtocolError), error_chain(&e)).at(addr))
             }
@@ -784,15 +817,17 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
 /// Answers the client with the endpoint's 101 and joins the two upgraded
 /// connections, copying bytes both ways until either side closes.
 fn tunnel(
+    rt: &Runtime,
     route: &Route,
     addr: SocketAddr,
     mut resp: Response<Incoming>,
     client_half: hyper::upgrade::OnUpgrade,
     request_id: &HeaderValue,
+    slot: Option<BulkheadPermit>,
 ) -> Response<Body> {
     let upstream_half = hyper::upgrade::on(&mut resp);
     let proto = resp.headers().get(header::UPGRADE).cloned();
-    let mut out = downstream_response(resp, request_id);
+    let mut out = downstream_response(resp, request_id, None);
     if let Some(proto) = proto {
         out.headers_mut().insert(header::UPGRADE, proto);
     }
@@ -800,7 +835,11 @@ fn tunnel(
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     let route_name = route.name.clone();
     metrics::counter!("palisade_upgrades_total", "route" => route_name.clone()).increment(1);
+    let tunnels = rt.tunnels.clone();
+    let idle = rt.config.gateway.tunnel_idle_timeout.get();
     tokio::spawn(async move {
+        // The cluster's bulkhead slot is held for as long as the tunnel is open.
+        let _slot = slot;
         let (client, upstream) = match tokio::try_join!(client_half, upstream_half) {
             Ok(pair) => pair,
             Err(e) => {
@@ -810,20 +849,99 @@ fn tunnel(
         };
         let active = metrics::gauge!("palisade_tunnels_active");
         active.increment(1.0);
-        let mut client = hyper_util::rt::TokioIo::new(client);
-        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        let client = hyper_util::rt::TokioIo::new(client);
+        let upstream = hyper_util::rt::TokioIo::new(upstream);
+        match tunnels.join(client, upstream, idle).await {
             Ok((up, down)) => tracing::debug!(route = route_name, %addr, up, down, "tunnel closed"),
-            Err(e) => tracing::debug!(error = %e, route = route_name, %addr, "tunnel ended with an error"),
+            Err(e) => tracing::debug!(error = %e, route = route_name, %addr, "tunnel ended"),
         }
         active.decrement(1.0);
     });
     out
 }
 
-fn downstream_response(resp: Response<Incoming>, request_id: &HeaderValue) -> Response<Body> {
+fn downstream_response(
+    resp: Response<Incoming>,
+    request_id: &HeaderValue,
+    verdict: Option<Verdict>,
+) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(REQUEST_ID, request_id.clone());
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    let body = match verdict {
+        Some(verdict) => JudgedBody {
+            inner: body,
+            verdict: Some(verdict),
+        }
+        .boxed(),
+        None => body.map_err(BoxError::from).boxed(),
+    };
+    Response::from_parts(parts, body)
+}
+
+/// What an attempt tells the endpoint's breaker and the cluster's outlier detector,
+/// kept until the answer is complete; the endpoint counts the request in flight
+/// until then. Dropped unsettled (the client went away), the breaker counts the call
+/// as cancelled and the outlier detector hears nothing.
+struct Verdict {
+    upstream: Arc<Upstream>,
+    /// The cluster's bulkhead slot, on the attempt that answers the client.
+    slot: Option<BulkheadPermit>,
+    permit: Option<Permit<CircuitBreaker>>,
+    breaker: Outcome,
+    outlier: CallResult,
+    latency: Duration,
+    in_flight: OwnedInFlight,
+}
+
+impl Verdict {
+    fn settle(self) {
+        if let Some(p) = self.permit {
+            p.record(self.breaker);
+        }
+        self.upstream
+            .cluster
+            .record(self.in_flight.endpoint(), self.outlier, self.latency);
+    }
+
+    /// The body broke off: a gateway failure, whatever the status said.
+    fn body_failed(mut self) {
+        self.breaker = Outcome::Failure;
+        self.outlier = CallResult::GatewayFailure;
+        self.settle();
+    }
+}
+
+/// An endpoint's response body, passed through; its end settles the attempt's
+/// [`Verdict`].
+struct JudgedBody {
+    inner: Incoming,
+    verdict: Option<Verdict>,
+}
+
+impl HttpBody for JudgedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let failed = matches!(frame, Some(Err(_)));
+        if (failed || frame.is_none() || self.inner.is_end_stream())
+            && let Some(v) = self.verdict.take()
+        {
+            if failed { v.body_failed() } else { v.settle() }
+        }
+        Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

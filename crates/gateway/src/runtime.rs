@@ -41,6 +41,9 @@ pub struct Runtime {
     pub tls: Option<crate::tls::Tls>,
     /// Metrics of requests no route took.
     pub unrouted: RouteMetrics,
+    /// Open tunnels; one set for the gateway's life, handed from runtime to runtime
+    /// by reloads so the drain sees them all.
+    pub tunnels: crate::tunnel::Tunnels,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -272,6 +275,7 @@ impl Runtime {
             clusters,
             tls,
             unrouted: RouteMetrics::new("none"),
+            tunnels: crate::tunnel::Tunnels::default(),
             tasks,
         })
     }

@@ -10,8 +10,8 @@
 //!   whole: a bad configuration is refused with its errors and the old one keeps
 //!   serving; requests in flight finish on the runtime they started with. The file
 //!   is also watched when `watch_config` is on.
-//! * [`Handle::shutdown`] stops accepting, lets requests in flight finish within
-//!   `drain_timeout`, then closes what is left.
+//! * [`Handle::shutdown`] stops accepting, lets requests in flight and open tunnels
+//!   finish within `drain_timeout`, then closes what is left.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -245,9 +245,26 @@ async fn serve<S, F>(
         }
     }
     drop(listener);
-    let drain = runtime.load().config.gateway.drain_timeout.get();
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?drain, "drain timeout: closing connections still open");
+    let (drain, tunnels) = {
+        let rt = runtime.load();
+        (rt.config.gateway.drain_timeout.get(), rt.tunnels.clone())
+    };
+    // Upgraded connections left hyper's watch when they upgraded: wait for them too.
+    let drained = async {
+        graceful.shutdown().await;
+        if proxy {
+            tunnels.drained().await;
+        }
+    };
+    if tokio::time::timeout(drain, drained).await.is_err() {
+        tracing::warn!(
+            ?drain,
+            tunnels = tunnels.open(),
+            "drain timeout: closing connections and tunnels still open"
+        );
+        if proxy {
+            tunnels.close_all();
+        }
     }
 }
 
@@ -266,7 +283,8 @@ impl Handle {
         {
             tracing::warn!("listener addresses changed; they take effect on restart");
         }
-        let next = Runtime::build(config).await?;
+        let mut next = Runtime::build(config).await?;
+        next.tunnels = old.tunnels.clone();
         self.runtime.store(Arc::new(next));
         metrics::counter!("palisade_config_reloads_total", "result" => "ok").increment(1);
         tracing::info!("configuration reloaded");

@@ -41,8 +41,12 @@ fn channel_body() -> (mpsc::Sender<Frame<Bytes>>, ChannelBody) {
 }
 
 async fn gateway(cluster_extra: &str, upstream: SocketAddr) -> Handle {
+    gateway_with("", cluster_extra, upstream).await
+}
+
+async fn gateway_with(gateway_extra: &str, cluster_extra: &str, upstream: SocketAddr) -> Handle {
     let text = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n{gateway_extra}\n\
          [[routes]]\nname = \"r\"\ncluster = \"c\"\n\
          [clusters.c]\nendpoints = [\"{upstream}\"]\n{cluster_extra}\n"
     );
@@ -156,6 +160,67 @@ async fn websocket_upgrades_pass_through_both_ways() {
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
+    gw.shutdown().await;
+}
+
+const WEBSOCKET_REQUEST: &[u8] = b"GET /chat HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// Opens a WebSocket tunnel through `gw` and checks one message goes round.
+async fn open_tunnel(gw: &Handle) -> TcpStream {
+    let (mut s, head) = raw_head(gw.addr, WEBSOCKET_REQUEST).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    s.write_all(b"hi").await.unwrap();
+    let mut back = [0u8; 2];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"HI");
+    s
+}
+
+/// Reads until the gateway closes the connection (a guard fails the test if it
+/// never does).
+async fn closed_by_gateway(s: &mut TcpStream) {
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(30), s.read_to_end(&mut rest))
+        .await
+        .expect("the gateway never closed the tunnel")
+        .unwrap();
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn an_idle_tunnel_is_closed() {
+    let up = websocket_upstream().await;
+    let gw = gateway_with("tunnel_idle_timeout = \"300ms\"", "", up).await;
+    let mut s = open_tunnel(&gw).await;
+    assert_eq!(gw.runtime().tunnels.open(), 1);
+    // Nothing more is sent: the gateway closes the tunnel on its own.
+    closed_by_gateway(&mut s).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_open_tunnels_then_closes_them() {
+    let up = websocket_upstream().await;
+    let gw = gateway_with("drain_timeout = \"300ms\"", "", up).await;
+    let mut s = open_tunnel(&gw).await;
+    let tunnels = gw.runtime().tunnels.clone();
+    gw.shutdown().await;
+    // The drain counted the tunnel and, its time over, closed it.
+    closed_by_gateway(&mut s).await;
+    tunnels.drained().await;
+    assert_eq!(tunnels.open(), 0);
+}
+
+#[tokio::test]
+async fn an_open_tunnel_holds_its_clusters_bulkhead_slot() {
+    let up = websocket_upstream().await;
+    // (A short drain: the tunnel is still open when the test shuts the gateway down.)
+    let gw = gateway_with("drain_timeout = \"100ms\"", "max_concurrent = 1", up).await;
+    let _tunnel = open_tunnel(&gw).await;
+    let (_, head) = raw_head(gw.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(head.contains("x-palisade-cause: bulkhead_full"), "{head}");
     gw.shutdown().await;
 }
 

@@ -27,6 +27,36 @@ enum Mode {
     Stall,
     /// Closes the connection without answering.
     Reset,
+    /// Answers 200 with `content-length: 100`, sends 7 bytes, then closes.
+    CutBody,
+    /// Answers 200, sends part of the body, and the rest once released.
+    Held,
+}
+
+/// A fake upstream's response body, fed through a channel: an `Err` breaks it off.
+struct FakeBody(tokio::sync::mpsc::Receiver<Result<Bytes, &'static str>>);
+
+impl http_body::Body for FakeBody {
+    type Data = Bytes;
+    type Error = &'static str;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, &'static str>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|f| f.map(|r| r.map(http_body::Frame::data)))
+    }
+}
+
+/// A body of the given parts, already queued.
+fn fake_body(parts: Vec<Result<Bytes, &'static str>>) -> FakeBody {
+    let (tx, rx) = tokio::sync::mpsc::channel(parts.len().max(1));
+    for p in parts {
+        tx.try_send(p).unwrap();
+    }
+    FakeBody(rx)
 }
 
 struct Upstream {
@@ -52,14 +82,26 @@ impl Upstream {
         let u = up.clone();
         tokio::spawn(async move {
             loop {
-                let (stream, _) = listener.accept().await.unwrap();
+                let (mut stream, _) = listener.accept().await.unwrap();
                 let u = u.clone();
+                if *u.mode.lock().unwrap() == Mode::CutBody {
+                    tokio::spawn(async move {
+                        let mut head = Vec::new();
+                        while !head.ends_with(b"\r\n\r\n") {
+                            head.push(stream.read_u8().await.unwrap());
+                        }
+                        u.hits.fetch_add(1, Ordering::SeqCst);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial";
+                        stream.write_all(answer).await.unwrap();
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let u = u.clone();
                         async move {
                             if req.uri().path() == "/health" {
-                                return Ok(Response::new(Full::new(Bytes::from_static(b"ok"))));
+                                return Ok(Response::new(fake_body(vec![Ok(Bytes::from_static(b"ok"))])));
                             }
                             u.hits.fetch_add(1, Ordering::SeqCst);
                             *u.last_headers.lock().unwrap() = req.headers().clone();
@@ -68,8 +110,9 @@ impl Upstream {
                             match mode {
                                 Mode::Ok => {}
                                 Mode::Status(s) => {
-                                    let mut r =
-                                        Response::new(Full::new(Bytes::from_static(b"upstream says no")));
+                                    let mut r = Response::new(fake_body(vec![Ok(Bytes::from_static(
+                                        b"upstream says no",
+                                    ))]));
                                     *r.status_mut() = StatusCode::from_u16(s).unwrap();
                                     return Ok(r);
                                 }
@@ -77,9 +120,20 @@ impl Upstream {
                                     u.release.acquire().await.unwrap().forget();
                                 }
                                 Mode::Reset => return Err("reset"),
+                                Mode::CutBody => unreachable!("answered on the raw connection"),
+                                Mode::Held => {
+                                    let (tx, rx) = tokio::sync::mpsc::channel(2);
+                                    tx.try_send(Ok(Bytes::from_static(b"first "))).unwrap();
+                                    let u = u.clone();
+                                    tokio::spawn(async move {
+                                        u.release.acquire().await.unwrap().forget();
+                                        let _ = tx.send(Ok(Bytes::from_static(b"rest"))).await;
+                                    });
+                                    return Ok(Response::new(FakeBody(rx)));
+                                }
                             }
                             let body = format!("hello from {}", u.addr);
-                            Ok::<_, &'static str>(Response::new(Full::new(Bytes::from(body))))
+                            Ok::<_, &'static str>(Response::new(fake_body(vec![Ok(Bytes::from(body))])))
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -212,12 +266,8 @@ async fn a_breaker_opens_per_endpoint_and_traffic_moves_to_the_healthy_one() {
     }
     assert_eq!(upstream_500s, 2, "two failures open the bad endpoint's breaker");
     assert_eq!(bad.hits(), 2);
-    let clusters = palisade_gateway::admin::clusters_json(&gw.runtime());
-    let eps = clusters["c"]["endpoints"].as_array().unwrap();
-    let state =
-        |addr: SocketAddr| eps.iter().find(|e| e["address"] == addr.to_string()).unwrap()["breaker"].clone();
-    assert_eq!(state(bad.addr), "open");
-    assert_eq!(state(good.addr), "closed");
+    assert_eq!(endpoint_json(&gw, bad.addr)["breaker"], "open");
+    assert_eq!(endpoint_json(&gw, good.addr)["breaker"], "closed");
     gw.shutdown().await;
 }
 
@@ -439,5 +489,83 @@ async fn admin_reports_liveness_readiness_config_and_metrics() {
     let m = get(admin, "/metrics").await;
     assert_eq!(m.status, StatusCode::OK);
     assert!(m.body.contains("palisade_requests_total"), "{}", m.body);
+    gw.shutdown().await;
+}
+
+/// GETs `path` and reads the whole body; `Err` if the body broke off.
+async fn get_body(addr: SocketAddr, path: &str) -> (StatusCode, Result<Bytes, String>) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri = format!("http://{addr}{path}");
+    let resp = client.get(uri.parse().unwrap()).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await;
+    (status, body.map(|b| b.to_bytes()).map_err(|e| e.to_string()))
+}
+
+fn endpoint_json(gw: &Handle, addr: SocketAddr) -> serde_json::Value {
+    let clusters = palisade_gateway::admin::clusters_json(&gw.runtime());
+    clusters["c"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == addr.to_string())
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn a_body_cut_mid_stream_is_the_endpoints_failure() {
+    let bad = Upstream::start(Mode::CutBody).await;
+    let gw = start(
+        &(route("")
+            + &cluster(
+                &[&bad],
+                "breaker = { consecutive_failures = 2, failure_rate = 0.0, open = \"1h\", max_open = \"1h\" }",
+            )),
+    )
+    .await;
+    for _ in 0..2 {
+        let (status, body) = get_body(gw.addr, "/").await;
+        assert_eq!(status, StatusCode::OK, "the headers promised success");
+        assert!(body.is_err(), "the client sees the body break off: {body:?}");
+    }
+    // Judged by how the body ended, not by the status: two failures open the breaker.
+    assert_eq!(endpoint_json(&gw, bad.addr)["breaker"], "open");
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.cause(), "circuit_open");
+    assert_eq!(bad.hits(), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_streaming_answer_holds_its_endpoint_and_bulkhead_until_it_ends() {
+    let up = Upstream::start(Mode::Held).await;
+    let gw = start(&(route("") + &cluster(&[&up], "max_concurrent = 1"))).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = client
+        .get(format!("http://{}/", gw.addr).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first ");
+    // Headers and a first part are out, the rest is not: the request is still on.
+    assert_eq!(endpoint_json(&gw, up.addr)["in_flight"], 1);
+    let second = get(gw.addr, "/").await;
+    assert_eq!(second.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(second.cause(), "bulkhead_full");
+
+    up.release.add_permits(1);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "rest");
+    assert_eq!(endpoint_json(&gw, up.addr)["in_flight"], 0);
+    *up.mode.lock().unwrap() = Mode::Ok;
+    assert_eq!(
+        get(gw.addr, "/").await.status,
+        StatusCode::OK,
+        "the slot is free again"
+    );
     gw.shutdown().await;
 }
