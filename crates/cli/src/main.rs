@@ -56,12 +56,7 @@ fn run(args: &[String]) -> anyhow::Result<ExitCode> {
                 .config
                 .ok_or_else(|| anyhow::anyhow!("check needs --config FILE"))?;
             // The files the configuration names (TLS) are read too, as at start.
-            let loaded = Config::load(&path).and_then(|c| {
-                match c.gateway.tls.as_ref().map(palisade_gateway::tls::acceptor) {
-                    Some(Err(e)) => Err(palisade_gateway::ConfigError(vec![e])),
-                    _ => Ok(c),
-                }
-            });
+            let loaded = Config::load(&path).and_then(|c| palisade_gateway::check_files(&c).map(|()| c));
             match loaded {
                 Ok(c) => {
                     let _ = writeln!(

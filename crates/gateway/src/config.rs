@@ -329,9 +329,13 @@ pub struct ClusterSection {
     /// Virtual nodes per endpoint for `ring-hash`.
     #[serde(default = "default_vnodes")]
     pub ring_vnodes: u32,
-    /// Upstream protocol: `http1` or `h2c` (HTTP/2 without TLS, also for gRPC).
+    /// Upstream protocol: `http1`, `h2c` (HTTP/2 without TLS, also for gRPC) or
+    /// `h2` (HTTP/2 over TLS, agreed by ALPN; needs `tls`).
     #[serde(default = "default_protocol")]
     pub protocol: String,
+    /// TLS to the endpoints (`None`: cleartext).
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
     /// Connect timeout.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
@@ -356,6 +360,26 @@ pub struct ClusterSection {
     /// Failover between tiers.
     #[serde(default)]
     pub failover: Option<FailoverSection>,
+}
+
+/// `[clusters.<name>.tls]`: TLS to a cluster's endpoints.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM file of the CAs trusted to sign the endpoints' certificates (default: the
+    /// Mozilla roots bundled with the binary).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The name the endpoints' certificates must carry, also sent as SNI (default:
+    /// the endpoint's IP address, which its certificate must then list).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM client certificate chain, for endpoints that require mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 fn default_dns_refresh() -> Dur {
@@ -871,8 +895,20 @@ impl Config {
                     LB_POLICIES.join(", ")
                 ));
             }
-            if c.protocol != "http1" && c.protocol != "h2c" {
-                p.push(format!("{at}.protocol: `{}` is not `http1` or `h2c`", c.protocol));
+            if let Some(t) = &c.tls
+                && t.cert_file.is_some() != t.key_file.is_some()
+            {
+                p.push(format!("{at}.tls: cert_file and key_file go together"));
+            }
+            match (c.protocol.as_str(), &c.tls) {
+                ("http1", _) | ("h2c", None) | ("h2", Some(_)) => {}
+                ("h2c", Some(_)) => p.push(format!(
+                    "{at}.protocol: `h2c` is HTTP/2 in the clear; with `tls` use `h2`"
+                )),
+                ("h2", None) => p.push(format!(
+                    "{at}.protocol: `h2` is HTTP/2 over TLS and needs [{at}.tls]; in the clear use `h2c`"
+                )),
+                (other, _) => p.push(format!("{at}.protocol: `{other}` is not `http1`, `h2c` or `h2`")),
             }
             if !(0.0..=1.0).contains(&c.panic_threshold) {
                 p.push(format!("{at}.panic_threshold: must be between 0 and 1"));

@@ -28,6 +28,7 @@ use crate::config::{
     ClusterSection, Config, ConfigError, EndpointConfig, FallbackConfig, HashOn, MatchConfig, RetryOn,
     split_host_port,
 };
+use crate::connect::{Connector, UpstreamTls};
 
 /// The live form of a configuration.
 pub struct Runtime {
@@ -173,7 +174,7 @@ pub struct Upstream {
     /// Endpoints, health, outliers, breakers, balancer.
     pub cluster: Cluster,
     /// Pooled connections to its endpoints.
-    pub client: Client<HttpConnector, Body>,
+    pub client: Client<Connector, Body>,
     /// Requests in flight to the cluster, bounded.
     pub bulkhead: Option<Bulkhead>,
     /// `HTTP/1.1` or `HTTP/2` (h2c) to the endpoints.
@@ -380,12 +381,16 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(s.connect_timeout.get()));
     connector.set_nodelay(true);
-    let h2 = s.protocol == "h2c";
+    let h2 = s.protocol != "http1";
+    let tls = match &s.tls {
+        Some(t) => Some(UpstreamTls::new(name, t, h2)?),
+        None => None,
+    };
     let client = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(config.gateway.pool_idle_per_endpoint)
         .pool_idle_timeout(config.gateway.pool_idle_timeout.get())
         .http2_only(h2)
-        .build(connector);
+        .build(Connector::new(connector, tls));
     let bulkhead = match s.max_concurrent {
         Some(n) => Some(
             Bulkhead::new(

@@ -526,4 +526,123 @@ mod tls {
         assert!(err.contains("gateway.tls.cert_file"), "{err}");
         assert!(err.contains("/nonexistent/cert.pem"), "{err}");
     }
+
+    /// An upstream serving TLS with `c` (ALPN `h2`, `http/1.1`) that answers with
+    /// the HTTP version it heard.
+    async fn tls_upstream(c: &TestCert) -> SocketAddr {
+        let tls = palisade_gateway::tls::acceptor(&palisade_gateway::config::TlsConfig {
+            cert_file: c.cert_file.clone(),
+            key_file: c.key_file.clone(),
+            alpn: vec!["h2".into(), "http/1.1".into()],
+            handshake_timeout: palisade_gateway::config::Dur(std::time::Duration::from_secs(10)),
+        })
+        .unwrap();
+        upstream(move |stream| {
+            let acceptor = tls.acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let heard = format!("{:?}", req.version());
+                    Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(heard))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        })
+        .await
+    }
+
+    async fn get_text(addr: SocketAddr) -> (StatusCode, HeaderMap, String) {
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<http_body_util::Empty<Bytes>>();
+        let resp = client
+            .get(format!("http://{addr}/").parse().unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    fn upstream_tls(ca: &TestCert, name: &str) -> String {
+        format!(
+            "tls = {{ ca_file = {:?}, server_name = \"{name}\" }}",
+            ca.cert_file.display().to_string()
+        )
+    }
+
+    #[tokio::test]
+    async fn clusters_reach_endpoints_over_tls_and_check_their_certificate() {
+        let cert = test_cert("upstream");
+        let up = tls_upstream(&cert).await;
+        for (protocol, heard) in [("http1", "HTTP/1.1"), ("h2", "HTTP/2.0")] {
+            let gw = gateway(
+                &format!("protocol = \"{protocol}\"\n{}", upstream_tls(&cert, "localhost")),
+                up,
+            )
+            .await;
+            for _ in 0..2 {
+                let (status, _, body) = get_text(gw.addr).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                assert_eq!(body, heard);
+            }
+            gw.shutdown().await;
+        }
+        // A certificate the cluster does not trust, or one for another name: a 502
+        // that says why, and nothing is sent in the clear.
+        let stranger = test_cert("stranger");
+        for (tls, why) in [
+            // (rcgen's self-signed certificates share one issuer name, so webpki
+            // finds the stranger as issuer and rejects the signature.)
+            (
+                upstream_tls(&stranger, "localhost"),
+                "invalid peer certificate: BadSignature",
+            ),
+            (
+                upstream_tls(&cert, "elsewhere.example"),
+                "certificate not valid for name",
+            ),
+        ] {
+            let gw = gateway(&tls, up).await;
+            let (status, headers, body) = get_text(gw.addr).await;
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+            assert_eq!(headers["x-palisade-cause"], "connect_error");
+            assert!(body.contains(why), "{body}");
+            gw.shutdown().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_tls_mistakes_are_named() {
+        let up = plain_upstream().await;
+        let text = |cluster: &str| {
+            format!(
+                "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+                 [[routes]]\nname = \"r\"\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{up}\"]\n{cluster}\n"
+            )
+        };
+        let err = Config::from_toml(&text("protocol = \"h2\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("clusters.c.protocol: `h2` is HTTP/2 over TLS"),
+            "{err}"
+        );
+        let config = Config::from_toml(&text("tls = { ca_file = \"/nonexistent/ca.pem\" }")).unwrap();
+        let err = palisade_gateway::start(config, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("clusters.c.tls.ca_file: cannot read /nonexistent/ca.pem"),
+            "{err}"
+        );
+    }
 }

@@ -1,0 +1,222 @@
+//! Connections to upstream endpoints: TCP (hyper-util's connector, with its connect
+//! timeout and `TCP_NODELAY`), and for clusters with `[clusters.<name>.tls]`, TLS on
+//! top (rustls, `ring`): the endpoint's certificate is checked against the
+//! configured CAs (or the Mozilla roots of `webpki-roots`) and the configured server
+//! name (or the endpoint's IP address); ALPN offers `h2` or `http/1.1` to match the
+//! cluster's protocol; a client certificate is presented when configured.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tower_service::Service;
+
+use crate::BoxError;
+use crate::config::UpstreamTlsConfig;
+
+/// TLS settings of one cluster, ready to connect with.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    connector: TlsConnector,
+    server_name: Option<ServerName<'static>>,
+    h2: bool,
+}
+
+impl UpstreamTls {
+    /// Builds the TLS client for cluster `cluster` from `c`; `h2` offers HTTP/2 by
+    /// ALPN (else HTTP/1.1). Errors name the field.
+    pub fn new(cluster: &str, c: &UpstreamTlsConfig, h2: bool) -> Result<Self, String> {
+        let at = format!("clusters.{cluster}.tls");
+        let mut roots = RootCertStore::empty();
+        match &c.ca_file {
+            Some(path) => {
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                    .and_then(Iterator::collect)
+                    .map_err(|e| format!("{at}.ca_file: cannot read {}: {e}", path.display()))?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!(
+                        "{at}.ca_file: {} holds no usable certificate",
+                        path.display()
+                    ));
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("{at}: {e}"))?
+            .with_root_certificates(roots);
+        let mut config = match (&c.cert_file, &c.key_file) {
+            (Some(cert), Some(key)) => {
+                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                    .and_then(Iterator::collect)
+                    .map_err(|e| format!("{at}.cert_file: cannot read {}: {e}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    format!(
+                        "{at}.key_file: cannot read a private key from {}: {e}",
+                        key.display()
+                    )
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("{at}: the key does not fit the certificate: {e}"))?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => return Err(format!("{at}: cert_file and key_file go together")),
+        };
+        config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+        let server_name = match &c.server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.clone()).map_err(|e| format!("{at}.server_name: `{name}`: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(UpstreamTls {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name,
+            h2,
+        })
+    }
+}
+
+/// Connects to an endpoint: TCP, then TLS when the cluster has it.
+#[derive(Clone)]
+pub struct Connector {
+    tcp: HttpConnector,
+    tls: Option<UpstreamTls>,
+}
+
+impl Connector {
+    /// A connector over `tcp`, with TLS when `tls` is set.
+    pub fn new(tcp: HttpConnector, tls: Option<UpstreamTls>) -> Self {
+        Connector { tcp, tls }
+    }
+}
+
+/// A connection to an endpoint.
+pub enum Conn {
+    /// Cleartext.
+    Plain(TokioIo<TcpStream>),
+    /// TLS (boxed: a TLS session is some hundreds of bytes, a socket a few).
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+}
+
+impl Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.tcp.poll_ready(cx).map_err(BoxError::from)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tcp = self.tcp.call(uri.clone());
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let tcp = tcp.await?;
+            let Some(tls) = tls else {
+                return Ok(Conn::Plain(tcp));
+            };
+            let name = match tls.server_name {
+                Some(n) => n,
+                None => {
+                    let host = uri
+                        .host()
+                        .unwrap_or_default()
+                        .trim_start_matches('[')
+                        .trim_end_matches(']');
+                    ServerName::try_from(host.to_string())?
+                }
+            };
+            let stream = tls.connector.connect(name, tcp.into_inner()).await?;
+            if tls.h2 && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err("the endpoint did not agree to HTTP/2 (ALPN h2)".into());
+            }
+            Ok(Conn::Tls(Box::new(TokioIo::new(stream))))
+        })
+    }
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        match self {
+            Conn::Plain(io) => io.connected(),
+            Conn::Tls(io) => {
+                let (tcp, session) = io.inner().get_ref();
+                let connected = tcp.connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_flush(cx),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(io) => io.is_write_vectored(),
+            Conn::Tls(io) => io.is_write_vectored(),
+        }
+    }
+}
