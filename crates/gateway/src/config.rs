@@ -382,6 +382,13 @@ pub struct UpstreamTlsConfig {
     pub key_file: Option<std::path::PathBuf>,
 }
 
+impl ClusterSection {
+    /// Whether the endpoints speak HTTP/2 (`h2c` or `h2`), else HTTP/1.1.
+    pub fn speaks_h2(&self) -> bool {
+        self.protocol != "http1"
+    }
+}
+
 fn default_dns_refresh() -> Dur {
     Dur(Duration::from_secs(30))
 }

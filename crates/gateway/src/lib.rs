@@ -53,7 +53,7 @@ pub fn check_files(c: &Config) -> Result<(), ConfigError> {
         if let Some(Err(e)) = cluster
             .tls
             .as_ref()
-            .map(|t| connect::UpstreamTls::new(name, t, cluster.protocol != "http1"))
+            .map(|t| connect::UpstreamTls::new(name, t, cluster.speaks_h2()))
         {
             problems.push(e);
         }

@@ -381,7 +381,7 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(s.connect_timeout.get()));
     connector.set_nodelay(true);
-    let h2 = s.protocol != "http1";
+    let h2 = s.speaks_h2();
     let tls = match &s.tls {
         Some(t) => Some(UpstreamTls::new(name, t, h2)?),
         None => None,

@@ -69,9 +69,15 @@ impl<B: AsRef<CircuitBreaker>> Permit<B> {
     /// state), where moving it out to call [`record`](Self::record) would copy it.
     #[inline]
     pub fn record_in_place(&mut self, outcome: Outcome) {
+        self.finish_once(Some(outcome));
+    }
+
+    /// Hands the outcome (`None`: cancelled) to the breaker the first time only.
+    #[inline]
+    fn finish_once(&mut self, outcome: Option<Outcome>) {
         let kind = std::mem::replace(&mut self.ticket.kind, Kind::Done);
         if kind != Kind::Done {
-            self.breaker.as_ref().finish(kind, &self.ticket, Some(outcome));
+            self.breaker.as_ref().finish(kind, &self.ticket, outcome);
         }
     }
 
@@ -96,9 +102,6 @@ impl<B: AsRef<CircuitBreaker>> Permit<B> {
 impl<B: AsRef<CircuitBreaker>> Drop for Permit<B> {
     #[inline]
     fn drop(&mut self) {
-        let kind = std::mem::replace(&mut self.ticket.kind, Kind::Done);
-        if kind != Kind::Done {
-            self.breaker.as_ref().finish(kind, &self.ticket, None);
-        }
+        self.finish_once(None);
     }
 }
