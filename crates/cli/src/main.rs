@@ -84,24 +84,23 @@ fn run(args: &[String]) -> anyhow::Result<ExitCode> {
                 .config
                 .ok_or_else(|| anyhow::anyhow!("gateway needs --config FILE"))?;
             let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
-            runtime(config.gateway.workers)?.block_on(gateway(config, path))
+            // The proxy's own worker threads are started by the gateway; this
+            // runtime runs the rest (signals, reloads, the admin listener, probes).
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(gateway(config, path))
         }
         "demo" => {
             init_logs("warn");
-            runtime(0)?.block_on(demo::run(opts))?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(demo::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }
         other => anyhow::bail!("unknown command `{other}`\n{USAGE}"),
     }
-}
-
-/// The tokio runtime: `workers` threads, or one per core when 0.
-fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        b.worker_threads(workers);
-    }
-    Ok(b.enable_all().build()?)
 }
 
 fn init_logs(default: &str) {

@@ -24,8 +24,23 @@ fn main() {
     let listen: SocketAddr = listen.parse().expect("LISTEN is ip:port");
     let upstream: SocketAddr = upstream.parse().expect("UPSTREAM is ip:port");
     let workers = args.get(2).map_or(1, |w| w.parse().expect("WORKERS is a number"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    // Like the gateway: `workers` threads, each a single-threaded runtime accepting
+    // from the same socket, each with its own connection pool.
+    let listener = std::net::TcpListener::bind(listen).expect("bind LISTEN");
+    listener.set_nonblocking(true).expect("a non-blocking listener");
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let listener = listener.try_clone().expect("a listener handle");
+            std::thread::spawn(move || worker(listener, upstream))
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn worker(listener: std::net::TcpListener, upstream: SocketAddr) {
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
@@ -35,7 +50,7 @@ fn main() {
         let client: Client<_, Incoming> = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(128)
             .build(connector);
-        let listener = tokio::net::TcpListener::bind(listen).await.expect("bind LISTEN");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;

@@ -40,7 +40,7 @@ pub struct GatewaySection {
     pub max_body_bytes: u64,
     /// Largest request head (request line and headers) accepted (431 beyond).
     pub max_header_bytes: usize,
-    /// Idle keep-alive connections to each upstream endpoint.
+    /// Idle keep-alive connections to each upstream endpoint, per worker.
     pub pool_idle_per_endpoint: usize,
     /// How long idle upstream connections are kept.
     pub pool_idle_timeout: Dur,
@@ -55,7 +55,8 @@ pub struct GatewaySection {
     pub watch_config: bool,
     /// TLS on the proxy listener (`None`: plain HTTP/1.1 and h2c).
     pub tls: Option<TlsConfig>,
-    /// Worker threads of the `palisade` binary (0: one per core). Read at start only.
+    /// Proxy worker threads, each a single-threaded runtime (0: one per core). Read
+    /// at start only.
     pub workers: usize,
 }
 

@@ -50,7 +50,7 @@ async fn probe_http(up: &Upstream, addr: std::net::SocketAddr, path: &str) -> bo
     else {
         return false;
     };
-    match up.client.request(req).await {
+    match up.client().request(req).await {
         Ok(resp) => {
             let ok = resp.status().is_success();
             // Read the body so the connection goes back to the pool.

@@ -471,7 +471,7 @@ async fn route_request(
         let per_try = route.per_try_timeout.min(remaining);
         let attempt_start = Instant::now();
         let in_flight = ep.start_owned();
-        let result = tokio::time::timeout(per_try, up.client.request(req)).await;
+        let result = tokio::time::timeout(per_try, up.client().request(req)).await;
         let latency = attempt_start.elapsed();
         let outcome = classify(up, &result);
         let verdict = Verdict {

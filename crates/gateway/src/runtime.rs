@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use palisade_balance::failover::FailoverConfig;
 use palisade_balance::health::HealthConfig;
 use palisade_balance::outlier::{FailureRate, OutlierConfig};
@@ -173,8 +173,10 @@ pub struct Upstream {
     pub name: String,
     /// Endpoints, health, outliers, breakers, balancer.
     pub cluster: Cluster,
-    /// Pooled connections to its endpoints.
-    pub client: Client<Connector, Body>,
+    /// Pooled connections to its endpoints: one client per worker thread, and a
+    /// last one for everything else (health probes), so a connection is only ever
+    /// used on the thread whose runtime drives it. See [`Upstream::client`].
+    clients: Box<[Client<Connector, Body>]>,
     /// Requests in flight to the cluster, bounded.
     pub bulkhead: Option<Bulkhead>,
     /// `HTTP/1.1` or `HTTP/2` (h2c) to the endpoints.
@@ -185,6 +187,38 @@ pub struct Upstream {
     pub breaker_counts_429: bool,
     /// Ready even with no healthy endpoint.
     pub allow_empty: bool,
+}
+
+thread_local! {
+    /// The index of the worker thread this is, if it is one.
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Marks the calling thread as proxy worker `index` (see [`Upstream::client`]).
+pub(crate) fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(Some(index)));
+}
+
+/// The number of proxy worker threads `gateway.workers` asks for (0: one per core).
+pub fn worker_count(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    }
+}
+
+impl Upstream {
+    /// The client of the calling thread: its worker's own pool on a proxy worker,
+    /// the shared last one elsewhere. Each worker is a single-threaded runtime; a
+    /// pooled connection is driven by a task on the runtime that opened it, so
+    /// keeping pools per worker keeps every request and its connection on one
+    /// thread (no cross-thread wake-ups).
+    pub fn client(&self) -> &Client<Connector, Body> {
+        let last = self.clients.len() - 1;
+        let i = WORKER.with(std::cell::Cell::get).map_or(last, |w| w.min(last));
+        &self.clients[i]
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -386,11 +420,17 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
         Some(t) => Some(UpstreamTls::new(name, t, h2)?),
         None => None,
     };
-    let client = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(config.gateway.pool_idle_per_endpoint)
-        .pool_idle_timeout(config.gateway.pool_idle_timeout.get())
-        .http2_only(h2)
-        .build(Connector::new(connector, tls));
+    let connector = Connector::new(connector, tls);
+    let clients = (0..=worker_count(config.gateway.workers))
+        .map(|_| {
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(config.gateway.pool_idle_per_endpoint)
+                .pool_idle_timeout(config.gateway.pool_idle_timeout.get())
+                .pool_timer(TokioTimer::new())
+                .http2_only(h2)
+                .build(connector.clone())
+        })
+        .collect();
     let bulkhead = match s.max_concurrent {
         Some(n) => Some(
             Bulkhead::new(
@@ -407,7 +447,7 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
     Ok(Upstream {
         name: name.to_string(),
         cluster,
-        client,
+        clients,
         bulkhead,
         version: if h2 {
             http::Version::HTTP_2

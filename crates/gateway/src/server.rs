@@ -26,7 +26,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
@@ -45,6 +45,8 @@ pub struct Handle {
     config_bytes: Option<Vec<u8>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// One per proxy worker thread, resolved when it has drained and stopped.
+    workers: Vec<oneshot::Receiver<()>>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -67,6 +69,12 @@ pub enum StartError {
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A proxy worker thread could not be started.
+    #[error("cannot start a proxy worker: {source}")]
+    Worker {
         /// The error.
         source: std::io::Error,
     },
@@ -126,20 +134,22 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    let rt = runtime.clone();
-    tasks.push(tokio::spawn(serve(
-        listener,
-        rx.clone(),
-        runtime.clone(),
-        true,
-        move |from| {
-            let rt = rt.clone();
-            service_fn(move |req| {
-                let rt = rt.load_full();
-                async move { Ok::<_, Infallible>(crate::proxy::handle(&rt, req, from).await) }
-            })
-        },
-    )));
+    // The proxy listener is served by `workers` threads, each a single-threaded
+    // runtime accepting from the same socket (as nginx's workers do): a request, its
+    // upstream connection and their timers stay on one thread, with no work-stealing
+    // queues or cross-thread wake-ups on the way.
+    let listener = listener.into_std().map_err(|source| StartError::Bind {
+        addr: gateway.listen,
+        source,
+    })?;
+    let mut workers = Vec::new();
+    for index in 0..crate::runtime::worker_count(gateway.workers) {
+        let listener = listener.try_clone().map_err(|source| StartError::Bind {
+            addr: gateway.listen,
+            source,
+        })?;
+        workers.push(spawn_worker(index, listener, rx.clone(), runtime.clone())?);
+    }
     if let Some(admin) = admin {
         let rt = runtime.clone();
         tasks.push(tokio::spawn(serve(
@@ -165,8 +175,56 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
         config_path: path,
         shutdown,
         tasks,
+        workers,
     };
     Ok(handle)
+}
+
+/// Starts proxy worker `index`: a thread running a single-threaded runtime that
+/// serves `listener` until shutdown. The receiver resolves when the worker is done
+/// (its drain included).
+fn spawn_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    stop: watch::Receiver<bool>,
+    runtime: Arc<ArcSwap<Runtime>>,
+) -> Result<oneshot::Receiver<()>, StartError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Worker { source })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StartError::Worker { source })?;
+    let (done, finished) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("palisade-worker-{index}"))
+        .spawn(move || {
+            crate::runtime::set_worker(index);
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, %addr, worker = index, "worker cannot serve the listener");
+                        return;
+                    }
+                };
+                let rt = runtime.clone();
+                serve(listener, stop, runtime, true, move |from| {
+                    let rt = rt.clone();
+                    service_fn(move |req| {
+                        let rt = rt.load_full();
+                        async move { Ok::<_, Infallible>(crate::proxy::handle(&rt, req, from).await) }
+                    })
+                })
+                .await;
+            });
+            // Connections still open past the drain end here, with the runtime.
+            drop(rt);
+            let _ = done.send(());
+        })
+        .map_err(|source| StartError::Worker { source })?;
+    Ok(finished)
 }
 
 /// Accepts connections until shutdown, then drains them within the configured time.
@@ -338,6 +396,9 @@ impl Handle {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        for w in self.workers {
+            let _ = w.await;
         }
     }
 }
