@@ -732,6 +732,14 @@ fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than a removal
+    // (a hash and a probe) per hop-by-hop name.
+    if !h
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || k == header::TRANSFER_ENCODING || k == header::TE)
+    {
+        return;
+    }
     // Headers the Connection header names are hop-by-hop too.
     let named: Vec<HeaderName> = connection_tokens(h)
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
@@ -777,12 +785,13 @@ fn prepare_headers(
         }
         h.insert(X_FORWARDED_HOST, host);
     }
-    let ip = from.addr.ip();
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {ip}")),
-        None => HeaderValue::from_str(&ip.to_string()),
-    };
-    if let Ok(v) = xff {
+    let mut xff = Vec::with_capacity(16);
+    if let Some(prev) = h.get(&X_FORWARDED_FOR) {
+        xff.extend_from_slice(prev.as_bytes());
+        xff.extend_from_slice(b", ");
+    }
+    write_ip(&mut xff, from.addr.ip());
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
         h.insert(X_FORWARDED_FOR, v);
     }
     let proto = if from.tls { "https" } else { "http" };
@@ -791,13 +800,62 @@ fn prepare_headers(
 }
 
 fn upstream_uri(addr: SocketAddr, original: &Uri) -> Uri {
-    let pq = original.path_and_query().map_or("/", |p| p.as_str());
-    Uri::builder()
-        .scheme("http")
-        .authority(addr.to_string())
-        .path_and_query(pq)
-        .build()
-        .unwrap_or_else(|_| Uri::from_static("/"))
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    let mut text = Vec::with_capacity(24);
+    write_addr(&mut text, addr);
+    parts.authority = http::uri::Authority::from_maybe_shared(Bytes::from(text)).ok();
+    parts.path_and_query = Some(
+        original
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Appends `ip` as text: IPv4 by hand (this runs on every request, and the
+/// formatting machinery costs more than the rest of building the upstream URI).
+fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                write_decimal(out, u16::from(octet));
+            }
+        }
+        std::net::IpAddr::V6(v6) => out.extend_from_slice(v6.to_string().as_bytes()),
+    }
+}
+
+/// Appends `addr` as `ip:port` (`[ip]:port` for IPv6).
+fn write_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    if addr.is_ipv6() {
+        out.push(b'[');
+        write_ip(out, addr.ip());
+        out.push(b']');
+    } else {
+        write_ip(out, addr.ip());
+    }
+    out.push(b':');
+    write_decimal(out, addr.port());
+}
+
+fn write_decimal(out: &mut Vec<u8>, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to: its `Upgrade` header, when
@@ -943,5 +1001,37 @@ impl HttpBody for JudgedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr_text(addr: &str) -> String {
+        let mut out = Vec::new();
+        write_addr(&mut out, addr.parse().unwrap());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_would() {
+        for a in [
+            "127.0.0.1:8080",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.20.3.4:9",
+            "[::1]:443",
+            "[2001:db8::7]:10",
+        ] {
+            assert_eq!(addr_text(a), a.parse::<SocketAddr>().unwrap().to_string());
+        }
+        let uri = upstream_uri("10.0.0.2:81".parse().unwrap(), &"/a/b?c=d".parse().unwrap());
+        assert_eq!(uri.to_string(), "http://10.0.0.2:81/a/b?c=d");
+        let uri = upstream_uri(
+            "10.0.0.2:81".parse().unwrap(),
+            &Uri::from_static("http://example.com"),
+        );
+        assert_eq!(uri.to_string(), "http://10.0.0.2:81/");
     }
 }
