@@ -573,27 +573,18 @@ type AttemptResult =
 fn classify(up: &Upstream, result: &AttemptResult) -> Classified {
     match result {
         Ok(Ok(resp)) => {
-            let s = resp.status();
-            let gateway = matches!(s.as_u16(), 502..=504);
-            let breaker = if (s.is_server_error() && up.breaker_counts_5xx)
-                || (s == StatusCode::TOO_MANY_REQUESTS && up.breaker_counts_429)
-            {
-                Outcome::Failure
-            } else {
-                Outcome::Success
+            // A gRPC answer with no body ("trailers-only") carries its status in
+            // its headers: judged as the HTTP status it stands for.
+            let s = match grpc_status_as_http(resp.headers()) {
+                Some(g) if resp.status() == StatusCode::OK => g,
+                _ => resp.status(),
             };
-            let outlier = if gateway {
-                CallResult::GatewayFailure
-            } else if s.is_server_error() {
-                CallResult::ServerError
-            } else {
-                CallResult::Success
-            };
+            let (breaker, outlier) = judge_status(up, s);
             let mut retry_on = Vec::new();
             if s.is_server_error() {
                 retry_on.push(RetryOn::Status5xx);
             }
-            if gateway {
+            if outlier == CallResult::GatewayFailure {
                 retry_on.push(RetryOn::GatewayError);
             }
             Classified {
@@ -625,6 +616,52 @@ fn classify(up: &Upstream, result: &AttemptResult) -> Classified {
             retry_on: vec![RetryOn::Timeout],
         },
     }
+}
+
+/// What an answer with status `s` tells the endpoint's breaker (5xx, and 429 when
+/// configured, are failures) and outlier detection (502-504 are gateway failures,
+/// other 5xx server errors).
+fn judge_status(up: &Upstream, s: StatusCode) -> (Outcome, CallResult) {
+    let breaker = if (s.is_server_error() && up.breaker_counts_5xx)
+        || (s == StatusCode::TOO_MANY_REQUESTS && up.breaker_counts_429)
+    {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    };
+    let outlier = if matches!(s.as_u16(), 502..=504) {
+        CallResult::GatewayFailure
+    } else if s.is_server_error() {
+        CallResult::ServerError
+    } else {
+        CallResult::Success
+    };
+    (breaker, outlier)
+}
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// The HTTP status a `grpc-status` in `h` stands for (the mapping Envoy uses):
+/// `14` (unavailable) is a 503, `4` (deadline exceeded) a 504, `13` (internal) a
+/// 500, `8` (resource exhausted) a 429, `0` a 200; client-side codes map to 4xx.
+fn grpc_status_as_http(h: &HeaderMap) -> Option<StatusCode> {
+    let code: u16 = h.get(&GRPC_STATUS)?.to_str().ok()?.trim().parse().ok()?;
+    let http = match code {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        4 => 504,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        16 => 401,
+        // 2 unknown, 13 internal, 15 data loss, and codes not yet defined.
+        _ => 500,
+    };
+    StatusCode::from_u16(http).ok()
 }
 
 fn is_reset(e: &hyper_util::client::legacy::Error) -> bool {
@@ -986,6 +1023,14 @@ impl HttpBody for JudgedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        // gRPC's status arrives in the trailers: an `unavailable` stream is the
+        // endpoint's failure although its HTTP status said 200.
+        if let Some(Ok(f)) = &frame
+            && let Some(s) = f.trailers_ref().and_then(grpc_status_as_http)
+            && let Some(v) = &mut self.verdict
+        {
+            (v.breaker, v.outlier) = judge_status(&v.upstream, s);
+        }
         let failed = matches!(frame, Some(Err(_)));
         if (failed || frame.is_none() || self.inner.is_end_stream())
             && let Some(v) = self.verdict.take()

@@ -646,3 +646,89 @@ mod tls {
         );
     }
 }
+
+/// An h2c gRPC upstream that fails every call with `grpc-status: 14` (unavailable):
+/// after a message and in trailers, or, with `trailers_only`, in the response's
+/// headers with no body at all.
+async fn unavailable_grpc_upstream(trailers_only: bool) -> SocketAddr {
+    upstream(move |stream| {
+        let svc = service_fn(move |_req: Request<Incoming>| async move {
+            let (tx, body) = channel_body();
+            let mut r = Response::new(body);
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            if trailers_only {
+                r.headers_mut()
+                    .insert("grpc-status", HeaderValue::from_static("14"));
+                drop(tx);
+            } else {
+                tokio::spawn(async move {
+                    let _ = tx.send(Frame::data(Bytes::from_static(b"partial"))).await;
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from_static("14"));
+                    let _ = tx.send(Frame::trailers(trailers)).await;
+                });
+            }
+            Ok::<_, Infallible>(r)
+        });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc),
+        );
+    })
+    .await
+}
+
+/// One unary call through the gateway: the answer's status, its cause header and
+/// the `grpc-status` it carried (in trailers or headers).
+async fn grpc_call(addr: SocketAddr) -> (StatusCode, Option<String>, Option<String>) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{addr}/svc.Svc/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status();
+    let text = |v: &HeaderValue| v.to_str().unwrap().to_string();
+    let cause = resp.headers().get("x-palisade-cause").map(text);
+    let mut grpc = resp.headers().get("grpc-status").map(text);
+    let collected = resp.into_body().collect().await.unwrap();
+    if let Some(t) = collected.trailers() {
+        grpc = t.get("grpc-status").map(text).or(grpc);
+    }
+    (status, cause, grpc)
+}
+
+#[tokio::test]
+async fn grpc_unavailable_in_trailers_or_headers_opens_the_endpoints_breaker() {
+    for trailers_only in [false, true] {
+        let up = unavailable_grpc_upstream(trailers_only).await;
+        let gw = gateway(
+            "protocol = \"h2c\"\nbreaker = { consecutive_failures = 2, failure_rate = 0.0, open = \"1h\", max_open = \"1h\" }",
+            up,
+        )
+        .await;
+        // Both failures pass through as they are: HTTP 200 with grpc-status 14.
+        for _ in 0..2 {
+            let (status, cause, grpc) = grpc_call(gw.addr).await;
+            assert_eq!(status, StatusCode::OK, "trailers_only={trailers_only}");
+            assert_eq!(cause, None);
+            assert_eq!(grpc.as_deref(), Some("14"));
+        }
+        // The breaker heard them as failures and is open now.
+        let (status, cause, _) = grpc_call(gw.addr).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "trailers_only={trailers_only}"
+        );
+        assert_eq!(cause.as_deref(), Some("circuit_open"));
+        gw.shutdown().await;
+    }
+}
