@@ -120,6 +120,11 @@ pub struct RouteConfig {
     /// Time for one attempt (`None`: the total timeout).
     #[serde(default)]
     pub per_try_timeout: Option<Dur>,
+    /// A response body through which nothing has come for this long is cut off
+    /// (the endpoint's failure). `timeout` ends at the response's headers; this
+    /// bounds a body that stalls after them.
+    #[serde(default = "default_body_idle_timeout")]
+    pub body_idle_timeout: Dur,
     /// Retries (`None`: one attempt).
     #[serde(default)]
     pub retry: Option<RetryConfig>,
@@ -136,6 +141,10 @@ pub struct RouteConfig {
 
 fn default_timeout() -> Dur {
     Dur(Duration::from_secs(15))
+}
+
+fn default_body_idle_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 
 /// A route's match: every given condition must hold.
@@ -822,6 +831,9 @@ impl Config {
             }
             if r.timeout.0.is_zero() {
                 p.push(format!("{at}.timeout: must be more than 0"));
+            }
+            if r.body_idle_timeout.0.is_zero() {
+                p.push(format!("{at}.body_idle_timeout: must be more than 0"));
             }
             if let Some(t) = r.per_try_timeout
                 && (t.0.is_zero() || t > r.timeout)

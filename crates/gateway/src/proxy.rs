@@ -543,6 +543,7 @@ async fn route_request(
                 if let Some(v) = &mut verdict {
                     v.slot = slot.take();
                 }
+                let verdict = verdict.map(|v| (v, route.body_idle_timeout));
                 Ok(downstream_response(resp, request_id, verdict))
             }
             Ok(Err(e)) => {
@@ -955,18 +956,23 @@ fn tunnel(
     out
 }
 
+/// The endpoint's answer as sent to the client; with a verdict, its body settles
+/// the verdict when it ends and is cut off after `idle` without a frame.
 fn downstream_response(
     resp: Response<Incoming>,
     request_id: &HeaderValue,
-    verdict: Option<Verdict>,
+    verdict: Option<(Verdict, Duration)>,
 ) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(REQUEST_ID, request_id.clone());
     let body = match verdict {
-        Some(verdict) => JudgedBody {
+        Some((verdict, idle)) => JudgedBody {
             inner: body,
             verdict: Some(verdict),
+            idle,
+            timer: None,
+            armed: false,
         }
         .boxed(),
         None => body.map_err(BoxError::from).boxed(),
@@ -1008,11 +1014,22 @@ impl Verdict {
 }
 
 /// An endpoint's response body, passed through; its end settles the attempt's
-/// [`Verdict`].
+/// [`Verdict`]. A body through which nothing has come for `idle` is cut off: the
+/// client's answer ends with an error and the endpoint is judged to have failed.
 struct JudgedBody {
     inner: Incoming,
     verdict: Option<Verdict>,
+    idle: Duration,
+    /// Made at the body's first pause only: most bodies are whole at once.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The timer runs from the current pause (a frame since disarms it).
+    armed: bool,
 }
+
+/// A response body that stalled longer than the route's `body_idle_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("no response body data from the endpoint for {0:?} (body_idle_timeout)")]
+struct BodyIdle(Duration);
 
 impl HttpBody for JudgedBody {
     type Data = Bytes;
@@ -1022,7 +1039,26 @@ impl HttpBody for JudgedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let this = &mut *self;
+        let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
+            if !this.armed {
+                let deadline = Instant::now() + this.idle;
+                match &mut this.timer {
+                    Some(t) => t.as_mut().reset(deadline),
+                    None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+                this.armed = true;
+            }
+            if let Some(t) = &mut this.timer {
+                ready!(t.as_mut().poll(cx));
+            }
+            if let Some(v) = this.verdict.take() {
+                v.body_failed();
+            }
+            metrics::counter!("palisade_body_idle_timeouts_total").increment(1);
+            return Poll::Ready(Some(Err(BodyIdle(this.idle).into())));
+        };
+        this.armed = false;
         // gRPC's status arrives in the trailers: an `unavailable` stream is the
         // endpoint's failure although its HTTP status said 200.
         if let Some(Ok(f)) = &frame

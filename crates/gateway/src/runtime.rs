@@ -78,6 +78,8 @@ pub struct Route {
     pub timeout: Duration,
     /// Per-attempt timeout.
     pub per_try_timeout: Duration,
+    /// Longest pause in a response body.
+    pub body_idle_timeout: Duration,
     /// Retry settings.
     pub retry: Option<RouteRetry>,
     /// Rate limit.
@@ -271,6 +273,7 @@ impl Runtime {
                 upstream: clusters[&r.cluster].clone(),
                 timeout: r.timeout.get(),
                 per_try_timeout: r.per_try_timeout.map_or(r.timeout.get(), |d| d.get()),
+                body_idle_timeout: r.body_idle_timeout.get(),
                 retry: r.retry.as_ref().map(|c| RouteRetry {
                     attempts: c.attempts,
                     retry_on: c.retry_on.clone(),

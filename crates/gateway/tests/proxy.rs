@@ -502,6 +502,28 @@ async fn get_body(addr: SocketAddr, path: &str) -> (StatusCode, Result<Bytes, St
     (status, body.map(|b| b.to_bytes()).map_err(|e| e.to_string()))
 }
 
+/// A cluster setting: a breaker that opens after `n` failures in a row and stays open.
+fn breaker_after(n: u32) -> String {
+    format!(
+        "breaker = {{ consecutive_failures = {n}, failure_rate = 0.0, open = \"1h\", max_open = \"1h\" }}"
+    )
+}
+
+/// GETs `/` from a `Mode::Held` upstream through the gateway and reads the first
+/// part of the answer; returns the rest of the body, still held.
+async fn held_body(gw: &Handle) -> Incoming {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = client
+        .get(format!("http://{}/", gw.addr).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first ");
+    body
+}
+
 fn endpoint_json(gw: &Handle, addr: SocketAddr) -> serde_json::Value {
     let clusters = palisade_gateway::admin::clusters_json(&gw.runtime());
     clusters["c"]["endpoints"]
@@ -516,14 +538,7 @@ fn endpoint_json(gw: &Handle, addr: SocketAddr) -> serde_json::Value {
 #[tokio::test]
 async fn a_body_cut_mid_stream_is_the_endpoints_failure() {
     let bad = Upstream::start(Mode::CutBody).await;
-    let gw = start(
-        &(route("")
-            + &cluster(
-                &[&bad],
-                "breaker = { consecutive_failures = 2, failure_rate = 0.0, open = \"1h\", max_open = \"1h\" }",
-            )),
-    )
-    .await;
+    let gw = start(&(route("") + &cluster(&[&bad], &breaker_after(2)))).await;
     for _ in 0..2 {
         let (status, body) = get_body(gw.addr, "/").await;
         assert_eq!(status, StatusCode::OK, "the headers promised success");
@@ -542,15 +557,7 @@ async fn a_body_cut_mid_stream_is_the_endpoints_failure() {
 async fn a_streaming_answer_holds_its_endpoint_and_bulkhead_until_it_ends() {
     let up = Upstream::start(Mode::Held).await;
     let gw = start(&(route("") + &cluster(&[&up], "max_concurrent = 1"))).await;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let resp = client
-        .get(format!("http://{}/", gw.addr).parse().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert_eq!(first, "first ");
+    let body = held_body(&gw).await;
     // Headers and a first part are out, the rest is not: the request is still on.
     assert_eq!(endpoint_json(&gw, up.addr)["in_flight"], 1);
     let second = get(gw.addr, "/").await;
@@ -566,6 +573,25 @@ async fn a_streaming_answer_holds_its_endpoint_and_bulkhead_until_it_ends() {
         get(gw.addr, "/").await.status,
         StatusCode::OK,
         "the slot is free again"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_past_body_idle_timeout_is_cut_and_the_endpoints_failure() {
+    let up = Upstream::start(Mode::Held).await;
+    let gw = start(&(route("body_idle_timeout = \"50ms\"") + &cluster(&[&up], &breaker_after(1)))).await;
+    let body = held_body(&gw).await;
+    // The upstream holds the rest forever: the gateway cuts the body off.
+    let rest = body.collect().await;
+    assert!(rest.is_err(), "a stalled body ends in an error, not a clean end");
+    assert_eq!(endpoint_json(&gw, up.addr)["in_flight"], 0);
+    let next = get(gw.addr, "/").await;
+    assert_eq!(next.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        next.cause(),
+        "circuit_open",
+        "the stall was the endpoint's failure"
     );
     gw.shutdown().await;
 }
