@@ -3,7 +3,9 @@
 //! * The proxy listener serves HTTP/1.1 and HTTP/2 on one port: over TLS when
 //!   `gateway.tls` is set (ALPN `h2` / `http/1.1`), else plain HTTP/1.1 and h2c (the
 //!   protocol is detected per connection). HTTP/1.1 upgrades (WebSocket) are
-//!   bridged to the endpoint once it answers 101.
+//!   bridged to the endpoint once it answers 101. It is served by `gateway.workers`
+//!   threads, each a single-threaded runtime accepting from the same socket, with
+//!   its own upstream pools (see `Upstream::client`).
 //! * The admin listener is separate, so a flood of traffic or a bad route cannot
 //!   hide the gateway's health from its operator.
 //! * [`Handle::reload`] builds a new runtime from a new configuration and swaps it in
