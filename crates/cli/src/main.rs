@@ -9,7 +9,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-
 use std::time::Duration;
 
 use palisade_gateway::Config;

@@ -576,9 +576,9 @@ fn classify(up: &Upstream, result: &AttemptResult) -> Classified {
         Ok(Ok(resp)) => {
             // A gRPC answer with no body ("trailers-only") carries its status in
             // its headers: judged as the HTTP status it stands for.
-            let s = match grpc_status_as_http(resp.headers()) {
-                Some(g) if resp.status() == StatusCode::OK => g,
-                _ => resp.status(),
+            let s = match resp.status() {
+                StatusCode::OK => grpc_status_as_http(resp.headers()).unwrap_or(StatusCode::OK),
+                other => other,
             };
             let (breaker, outlier) = judge_status(up, s);
             let mut retry_on = Vec::new();
