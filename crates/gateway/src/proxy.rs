@@ -162,7 +162,7 @@ pub struct Downstream {
 }
 
 /// Handles one client request.
-pub async fn handle(rt: &Runtime, req: Request<Incoming>, client: Downstream) -> Response<Body> {
+pub async fn handle(rt: &Runtime, mut req: Request<Incoming>, client: Downstream) -> Response<Body> {
     let started = Instant::now();
     let request_id = req
         .headers()
@@ -175,6 +175,7 @@ pub async fn handle(rt: &Runtime, req: Request<Incoming>, client: Downstream) ->
         .gateway
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
+    let extended_connect = mark_extended_connect(&mut req);
     let Some(route) = rt.routes.iter().find(|r| matches(r, &req)) else {
         let f = Failure::new(
             Cause::NoRoute,
@@ -185,7 +186,10 @@ pub async fn handle(rt: &Runtime, req: Request<Incoming>, client: Downstream) ->
     let resp = match route_request(rt, route, req, client, &request_id).await {
         Ok(resp) => resp,
         Err(f) => match &route.fallback {
-            Some(fb) if fb.on.is_empty() || fb.on.iter().any(|c| c == f.cause.as_str()) => {
+            // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
+            Some(fb)
+                if !extended_connect && (fb.on.is_empty() || fb.on.iter().any(|c| c == f.cause.as_str())) =>
+            {
                 metrics::counter!("palisade_fallback_total", "route" => route.name.clone(), "cause" => f.cause.as_str())
                     .increment(1);
                 let mut resp = Response::new(full(fb.body.clone()));
@@ -360,12 +364,12 @@ async fn route_request(
             return Err(Failure::new(
                 Cause::ProtocolError,
                 format!(
-                    "cluster {} speaks HTTP/2, which cannot carry an HTTP/1.1 upgrade",
+                    "cluster {} speaks HTTP/2; upgrades and WebSockets are passed only to HTTP/1.1 clusters",
                     up.name
                 ),
             ));
         }
-        Some(proto) => Some((proto, hyper::upgrade::on(&mut req))),
+        Some(u) => Some((u, hyper::upgrade::on(&mut req))),
         None => None,
     };
     let hash_key = route.hash_on.as_ref().and_then(|h| hash_key(h, &req, from.addr));
@@ -390,11 +394,14 @@ async fn route_request(
     };
     // The client's headers as sent upstream; hop-by-hop ones go, forwarding ones come.
     prepare_headers(&mut parts, up.version, from, request_id);
-    if let Some((proto, _)) = &upgrade {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, proto.clone());
+    if let Some((u, _)) = &upgrade {
+        let h = &mut parts.headers;
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u.protocol.clone());
+        // An HTTP/2 client sends no key (RFC 8441 section 5); an HTTP/1.1 server wants one.
+        if u.over_h2 && !h.contains_key(header::SEC_WEBSOCKET_KEY) {
+            h.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+        }
     }
 
     // Held until the answer is complete: a streaming body or an open tunnel still
@@ -532,13 +539,26 @@ async fn route_request(
         }
         return match result {
             Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match upgrade.take() {
-                Some((_, client_half)) => Ok(tunnel(rt, route, addr, resp, client_half, request_id, slot)),
+                Some(u) => Ok(tunnel(rt, route, addr, resp, u, request_id, slot)),
                 None => Err(Failure::new(
                     Cause::ProtocolError,
                     "101 answer to a request that asked for no upgrade",
                 )
                 .at(addr)),
             },
+            // Passed on, it would tell the HTTP/2 client its tunnel is open.
+            Ok(Ok(resp))
+                if resp.status().is_success() && upgrade.as_ref().is_some_and(|(u, _)| u.over_h2) =>
+            {
+                Err(Failure::new(
+                    Cause::ProtocolError,
+                    format!(
+                        "the endpoint answered {} to a WebSocket upgrade instead of switching protocols",
+                        resp.status()
+                    ),
+                )
+                .at(addr))
+            }
             Ok(Ok(resp)) => {
                 if let Some(v) = &mut verdict {
                     v.slot = slot.take();
@@ -896,18 +916,72 @@ fn write_decimal(out: &mut Vec<u8>, n: u16) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// The protocol an HTTP/1.1 request asks to switch to: its `Upgrade` header, when
-/// `Connection` names `upgrade`.
-fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 {
-        return None;
+/// A request to leave HTTP for another protocol on the same connection.
+struct Upgrade {
+    /// What `Upgrade` names (`websocket`, ...).
+    protocol: HeaderValue,
+    /// Asked by HTTP/2's extended CONNECT, not by an HTTP/1.1 `Upgrade`.
+    over_h2: bool,
+}
+
+/// Marks an HTTP/2 extended CONNECT (RFC 8441: WebSocket over HTTP/2) and turns its
+/// method into the `GET` of the HTTP/1.1 upgrade it is sent upstream as, so routes
+/// match both alike. Returns whether `req` was one.
+fn mark_extended_connect<B>(req: &mut Request<B>) -> bool {
+    if req.method() != Method::CONNECT {
+        return false;
     }
-    let asks = connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    if asks {
-        req.headers().get(header::UPGRADE).cloned()
-    } else {
-        None
+    let Some(protocol) = req
+        .extensions()
+        .get::<hyper::ext::Protocol>()
+        .and_then(|p| HeaderValue::from_str(p.as_str()).ok())
+    else {
+        return false;
+    };
+    *req.method_mut() = Method::GET;
+    req.extensions_mut().insert(ExtendedConnect(protocol));
+    true
+}
+
+/// The protocol an HTTP/2 extended CONNECT asked for.
+#[derive(Clone)]
+struct ExtendedConnect(HeaderValue);
+
+/// The protocol a request asks to switch to: an HTTP/1.1 request's `Upgrade` header
+/// when `Connection` names `upgrade`, or what an extended CONNECT asked for.
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<Upgrade> {
+    match req.version() {
+        Version::HTTP_11 => {
+            let asks = connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
+            let protocol = req.headers().get(header::UPGRADE).filter(|_| asks)?.clone();
+            Some(Upgrade {
+                protocol,
+                over_h2: false,
+            })
+        }
+        Version::HTTP_2 => req.extensions().get::<ExtendedConnect>().map(|e| Upgrade {
+            protocol: e.0.clone(),
+            over_h2: true,
+        }),
+        _ => None,
     }
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64 (RFC 6455 section 4.1).
+fn websocket_key() -> HeaderValue {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bits = fastrand::u128(..);
+    let mut key = [b'='; 24];
+    // 128 bits are 21 whole sextets and 2 bits, padded to a 22nd sextet.
+    for (i, c) in key.iter_mut().take(22).enumerate() {
+        let sextet = if i < 21 {
+            (bits >> (122 - 6 * i)) & 0x3f
+        } else {
+            (bits & 0x3) << 4
+        };
+        *c = B64[sextet as usize];
+    }
+    HeaderValue::from_bytes(&key).expect("base64 is a valid header value")
 }
 
 /// Answers the client with the endpoint's 101 and joins the two upgraded
@@ -917,18 +991,24 @@ fn tunnel(
     route: &Route,
     addr: SocketAddr,
     mut resp: Response<Incoming>,
-    client_half: hyper::upgrade::OnUpgrade,
+    (upgrade, client_half): (Upgrade, hyper::upgrade::OnUpgrade),
     request_id: &HeaderValue,
     slot: Option<BulkheadPermit>,
 ) -> Response<Body> {
     let upstream_half = hyper::upgrade::on(&mut resp);
     let proto = resp.headers().get(header::UPGRADE).cloned();
     let mut out = downstream_response(resp, request_id, None);
-    if let Some(proto) = proto {
-        out.headers_mut().insert(header::UPGRADE, proto);
+    if upgrade.over_h2 {
+        // HTTP/2 opens the tunnel with a 200 and has no key to accept (RFC 8441).
+        *out.status_mut() = StatusCode::OK;
+        out.headers_mut().remove(header::SEC_WEBSOCKET_ACCEPT);
+    } else {
+        if let Some(proto) = proto {
+            out.headers_mut().insert(header::UPGRADE, proto);
+        }
+        out.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    out.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     let route_name = route.name.clone();
     metrics::counter!("palisade_upgrades_total", "route" => route_name.clone()).increment(1);
     let tunnels = rt.tunnels.clone();
@@ -1093,6 +1173,25 @@ mod tests {
         let mut out = Vec::new();
         write_addr(&mut out, addr.parse().unwrap());
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn websocket_keys_are_16_random_bytes_in_base64() {
+        const B64: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        for seed in [1, 2, 3, 0xdead_beef] {
+            fastrand::seed(seed);
+            let key = websocket_key();
+            fastrand::seed(seed);
+            let bits = fastrand::u128(..);
+            let text = key.to_str().unwrap();
+            assert_eq!(text.len(), 24, "{text}");
+            assert!(text.ends_with("=="), "{text}");
+            // 21 sextets hold the first 126 bits; the 22nd the last 2 and 4 zeros.
+            let sextet = |i: usize| B64.find(text.as_bytes()[i] as char).unwrap() as u128;
+            let head = (0..21).fold(0u128, |acc, i| (acc << 6) | sextet(i));
+            assert_eq!(head, bits >> 2, "{text}");
+            assert_eq!(sextet(21), (bits & 0x3) << 4, "{text}");
+        }
     }
 
     #[test]

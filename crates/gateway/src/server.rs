@@ -251,7 +251,11 @@ async fn serve<S, F>(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let max_head = runtime.load().config.gateway.max_header_bytes.max(8192);
     builder.http1().keep_alive(true).max_buf_size(max_head);
-    builder.http2().max_concurrent_streams(1024);
+    // Extended CONNECT (RFC 8441) carries WebSockets over HTTP/2.
+    builder
+        .http2()
+        .max_concurrent_streams(1024)
+        .enable_connect_protocol();
     loop {
         tokio::select! {
             accepted = listener.accept() => {

@@ -1,6 +1,6 @@
-//! Protocols through the gateway, against real sockets: WebSocket (HTTP/1.1 upgrade)
-//! pass-through, gRPC-style bidirectional streaming with trailers over h2c on both
-//! sides, and TLS with ALPN choosing HTTP/2 or HTTP/1.1 on the listener. Each test
+//! Protocols through the gateway, against real sockets: WebSocket pass-through
+//! (HTTP/1.1 upgrade, and HTTP/2 extended CONNECT to an HTTP/1.1 upstream),
+//! gRPC-style bidirectional streaming with trailers over h2c on both sides, and TLS with ALPN choosing HTTP/2 or HTTP/1.1 on the listener. Each test
 //! waits for events (a frame echoed back), never for time.
 
 use std::convert::Infallible;
@@ -81,8 +81,16 @@ async fn raw_head(addr: SocketAddr, request: &[u8]) -> (TcpStream, String) {
 async fn websocket_upstream() -> SocketAddr {
     upstream(|stream| {
         let svc = service_fn(|mut req: Request<Incoming>| async move {
+            // Like a real WebSocket server (RFC 6455 section 4.2.1), it wants a key
+            // and version 13.
             let key = req.headers().get("sec-websocket-key").cloned();
-            if req.headers().get("upgrade").is_none_or(|v| v != "websocket") {
+            if req.headers().get("upgrade").is_none_or(|v| v != "websocket")
+                || key.is_none()
+                || req
+                    .headers()
+                    .get("sec-websocket-version")
+                    .is_none_or(|v| v != "13")
+            {
                 let mut r = Response::new(http_body_util::Full::new(Bytes::from_static(b"no upgrade")));
                 *r.status_mut() = StatusCode::BAD_REQUEST;
                 return Ok::<_, Infallible>(r);
@@ -234,6 +242,84 @@ async fn an_upgrade_the_upstream_refuses_is_an_ordinary_answer() {
     )
     .await;
     assert!(head.starts_with("http/1.1 400"), "{head}");
+    gw.shutdown().await;
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
+
+/// An HTTP/2 (h2c) client connection to `gw`, past a first exchange: once an answer
+/// is in, the gateway's SETTINGS, which allow extended CONNECT, have been read.
+async fn h2_client(gw: &Handle) -> H2Sender {
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let plain = Request::get(format!("http://{}/", gw.addr))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    sender.send_request(plain).await.unwrap();
+    sender
+}
+
+/// Asks for a WebSocket over HTTP/2 (RFC 8441) of the given version.
+async fn websocket_over_h2(sender: &mut H2Sender, gw: &Handle, version: &str) -> Response<Incoming> {
+    let mut connect = Request::connect(format!("http://{}/chat", gw.addr))
+        .header("sec-websocket-version", version)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    sender.send_request(connect).await.unwrap()
+}
+
+#[tokio::test]
+async fn websocket_over_http2_reaches_an_http1_upstream_as_an_upgrade() {
+    let up = websocket_upstream().await;
+    // The extended CONNECT is routed as the GET it stands for.
+    let gw = gateway("[routes.match]\nmethods = [\"GET\"]", up).await;
+    let mut sender = h2_client(&gw).await;
+    let mut tunnels = Vec::new();
+    // Two tunnels on one HTTP/2 connection, both open at once.
+    for text in [&b"over h2"[..], b"two"] {
+        let mut resp = websocket_over_h2(&mut sender, &gw, "13").await;
+        // The upstream switched only for a key the gateway made up; HTTP/2 hears 200.
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.headers().get("sec-websocket-accept").is_none());
+        let mut io = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+        io.write_all(text).await.unwrap();
+        let mut buf = vec![0u8; text.len()];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, text.to_ascii_uppercase());
+        tunnels.push(io);
+    }
+    drop(tunnels);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_over_http2_refused_by_the_upstream_is_its_answer() {
+    let up = websocket_upstream().await;
+    let gw = gateway("", up).await;
+    let mut sender = h2_client(&gw).await;
+    // Version 8 is not one the upstream speaks: its 400 passes through.
+    let resp = websocket_over_h2(&mut sender, &gw, "8").await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "no upgrade");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_over_http2_answered_200_without_switching_is_a_502() {
+    let up = plain_upstream().await;
+    let gw = gateway("", up).await;
+    let mut sender = h2_client(&gw).await;
+    let resp = websocket_over_h2(&mut sender, &gw, "13").await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(resp.headers()["x-palisade-cause"], "protocol_error");
     gw.shutdown().await;
 }
 
