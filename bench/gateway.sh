@@ -3,9 +3,11 @@
 # upstream, through Palisade (breaker, retry, timeouts, outlier detection, metrics
 # all on), through nginx and through haproxy, each configured as a competent operator
 # would (keep-alive to the upstream, access logs off, one worker each by default),
-# and through `hyper-floor` (crates/gateway/examples/bare_proxy.rs: hyper's server and
+# through `hyper-floor` (crates/gateway/examples/bare_proxy.rs: hyper's server and
 # pooled client with nothing of Palisade's in between) to show what the HTTP stack
-# itself costs.
+# itself costs, and through `copy-floor` (crates/gateway/examples/copy_floor.rs: bytes
+# copied between a client connection and its own upstream connection, no HTTP work)
+# to show the most any tokio proxy could reach on this machine.
 #
 #   bench/gateway.sh                      # 3 rounds of 10 s per measurement
 #   ROUNDS=5 DURATION=20 bench/gateway.sh
@@ -211,7 +213,7 @@ latency() {
 main() {
     install_missing
     log "building release binaries"
-    (cd "$root" && cargo build --release -q -p palisade-cli && cargo build --release -q -p palisade-gateway --example bare_proxy)
+    (cd "$root" && cargo build --release -q -p palisade-cli && cargo build --release -q -p palisade-gateway --example bare_proxy --example copy_floor)
 
     local up; up=$(free_port)
     pids+=("$(start_upstream "$up")")
@@ -220,15 +222,19 @@ main() {
     declare -A port pid
     port[direct]=$up
     port[palisade]=$(free_port); port[nginx]=$(free_port); port[haproxy]=$(free_port); port[hyper-floor]=$(free_port)
+    port[copy-floor]=$(free_port)
     pid[palisade]=$(start_palisade "${port[palisade]}" "$up" "$(free_port)"); pids+=("${pid[palisade]}")
     pid[nginx]=$(start_nginx "${port[nginx]}" "$up"); pids+=("${pid[nginx]}")
     pid[haproxy]=$(start_haproxy "${port[haproxy]}" "$up"); pids+=("${pid[haproxy]}")
     "$root/target/release/examples/bare_proxy" "127.0.0.1:${port[hyper-floor]}" "127.0.0.1:$up" "$WORKERS" \
         >"$work/bare.out" 2>&1 &
     pid[hyper-floor]=$!; pids+=("${pid[hyper-floor]}")
-    for t in palisade nginx haproxy hyper-floor; do wait_port "${port[$t]}"; done
+    "$root/target/release/examples/copy_floor" "127.0.0.1:${port[copy-floor]}" "127.0.0.1:$up" "$WORKERS" \
+        >"$work/copy.out" 2>&1 &
+    pid[copy-floor]=$!; pids+=("${pid[copy-floor]}")
+    for t in palisade nginx haproxy hyper-floor copy-floor; do wait_port "${port[$t]}"; done
 
-    local targets=(direct palisade nginx haproxy hyper-floor)
+    local targets=(direct palisade nginx haproxy hyper-floor copy-floor)
     local out="$work/results"
     : >"$out"
     local hz; hz=$(getconf CLK_TCK)
@@ -271,7 +277,7 @@ print(f"wrk -t1 -c{conns} -d{duration}s peak, then oha -q {rate} --latency-corre
       f"{workers} worker(s) per proxy; medians of {rounds} rounds\n")
 print("| target | req/s | vs nginx | +p50 us | +p99 us | +p99.9 us | +p99 vs nginx | CPU us/req | RSS MiB |")
 print("|---|---|---|---|---|---|---|---|---|")
-for t in ("direct", "palisade", "nginx", "haproxy", "hyper-floor"):
+for t in ("direct", "palisade", "nginx", "haproxy", "hyper-floor", "copy-floor"):
     rps = med(t, "rps")
     added = {k: med(t, k) - med("direct", k) for k in ("p50", "p99", "p999")}
     cpu, rss = med(t, "cpu_us"), med(t, "rss_kib")

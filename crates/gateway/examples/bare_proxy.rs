@@ -15,28 +15,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+mod common;
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: bare_proxy LISTEN UPSTREAM [WORKERS]");
-        std::process::exit(2);
-    };
-    let listen: SocketAddr = listen.parse().expect("LISTEN is ip:port");
-    let upstream: SocketAddr = upstream.parse().expect("UPSTREAM is ip:port");
-    let workers = args.get(2).map_or(1, |w| w.parse().expect("WORKERS is a number"));
-    // Like the gateway: `workers` threads, each a single-threaded runtime accepting
-    // from the same socket, each with its own connection pool.
-    let listener = std::net::TcpListener::bind(listen).expect("bind LISTEN");
-    listener.set_nonblocking(true).expect("a non-blocking listener");
-    let threads: Vec<_> = (0..workers)
-        .map(|_| {
-            let listener = listener.try_clone().expect("a listener handle");
-            std::thread::spawn(move || worker(listener, upstream))
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
+    common::run("bare_proxy", worker);
 }
 
 fn worker(listener: std::net::TcpListener, upstream: SocketAddr) {
