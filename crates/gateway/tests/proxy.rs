@@ -420,11 +420,14 @@ async fn malformed_requests_get_a_4xx_and_the_gateway_keeps_serving() {
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
         "y".repeat(64 << 10)
     );
+    // The gateway answers once it has read its limit and closes with the rest
+    // unread, which resets the connection; the answer was queued before the reset
+    // (on one host, in order) and is read all the same.
     let _ = s.write_all(huge.as_bytes()).await;
     let mut buf = vec![0; 64];
-    let n = s.read(&mut buf).await.unwrap_or(0);
+    let n = s.read(&mut buf).await.unwrap();
     let head = String::from_utf8_lossy(&buf[..n]);
-    assert!(n == 0 || head.starts_with("HTTP/1.1 431"), "{head:?}");
+    assert!(head.starts_with("HTTP/1.1 431"), "{head:?}");
     assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
     gw.shutdown().await;
 }
