@@ -741,6 +741,42 @@ fn de_error(e: &toml::de::Error, text: &str, with_line: bool) -> String {
     }
 }
 
+/// Every wrong type and unknown key in `text`, in its order, starting from serde's
+/// `first`. Serde stops at one, so the line it names is blanked out and the text read
+/// again, until it reads or an error is not on a `key = value` line of its own.
+/// Blanking keeps every line number. It stops rather than report what the blanking
+/// itself caused: a text no longer valid TOML (a value over several lines), or a
+/// field now missing.
+fn type_errors(text: &str, first: toml::de::Error) -> Vec<toml::de::Error> {
+    const MAX: usize = 32;
+    let mut errors = vec![first];
+    let mut text = text.to_string();
+    while errors.len() < MAX {
+        let e = errors.last().expect("one error at least");
+        let Some(span) = e.span() else { break };
+        let start = text[..span.start.min(text.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        let line = text[start..end].trim_start();
+        if line.starts_with('[') || !line.contains('=') {
+            break;
+        }
+        text.replace_range(start..end, &" ".repeat(end - start));
+        if text.parse::<toml::Table>().is_err() {
+            break;
+        }
+        match toml::from_str::<Config>(&text) {
+            Ok(_) => break,
+            Err(next) if next.message().starts_with("missing field") => break,
+            Err(next) => errors.push(next),
+        }
+    }
+    // In the order of the file, not of serde's walk through it.
+    errors.sort_by_key(|e| e.span().map_or(usize::MAX, |s| s.start));
+    errors
+}
+
 impl Config {
     /// Reads `path`, applies `PALISADE_*` environment overrides, parses and
     /// validates.
@@ -793,12 +829,19 @@ impl Config {
             text
         };
         let config: Config = toml::from_str(text).map_err(|e| {
-            // Line numbers of the re-written text would not match the file.
-            ConfigError(vec![if overrides {
-                format!("{} (after PALISADE_* overrides)", de_error(&e, text, false))
-            } else {
-                de_error(&e, text, true)
-            }])
+            ConfigError(
+                type_errors(text, e)
+                    .iter()
+                    .map(|e| {
+                        // Line numbers of the re-written text would not match the file.
+                        if overrides {
+                            format!("{} (after PALISADE_* overrides)", de_error(e, text, false))
+                        } else {
+                            de_error(e, text, true)
+                        }
+                    })
+                    .collect(),
+            )
         })?;
         config.validate()?;
         Ok(config)
@@ -1077,6 +1120,40 @@ endpoints = ["127.0.0.1:9000"]
         let err = Config::from_toml_with_env(MINIMAL, env).unwrap_err().to_string();
         assert!(err.contains("gateway.listen:"), "{err}");
         assert!(err.contains("after PALISADE_* overrides"), "{err}");
+    }
+
+    #[test]
+    fn every_wrong_type_and_unknown_key_is_reported_with_its_line() {
+        let text = format!(
+            "[gateway]\nlisten = 12\nworkers = \"two\"\nlisten_backlog = 5\n{}",
+            MINIMAL.replace("name = \"all\"", "name = \"all\"\ntimeout = 5")
+        );
+        let err = Config::from_toml(&text).unwrap_err();
+        let lines: Vec<&str> = err.0.iter().map(String::as_str).collect();
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines[0].starts_with("gateway.listen (line 2)"), "{lines:#?}");
+        assert!(lines[1].starts_with("gateway.workers (line 3)"), "{lines:#?}");
+        assert!(
+            lines[2].starts_with("gateway.listen_backlog (line 4)"),
+            "{lines:#?}"
+        );
+        assert!(lines[2].contains("unknown field"), "{lines:#?}");
+        assert!(lines[3].starts_with("routes.timeout (line"), "{lines:#?}");
+    }
+
+    #[test]
+    fn blanking_a_line_never_reports_what_the_blanking_caused() {
+        // `cluster` is required: with its bad line blanked it would be missing.
+        let err = Config::from_toml(&MINIMAL.replace("cluster = \"web\"", "cluster = 5")).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].contains("routes.cluster"), "{err}");
+        // A value over several lines: blanking its first line breaks the TOML.
+        let text = MINIMAL.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            "endpoints = [\n  5,\n]\nlb = 7",
+        );
+        let err = Config::from_toml(&text).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
     }
 
     #[test]
