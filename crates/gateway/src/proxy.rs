@@ -770,7 +770,7 @@ fn hash_key(h: &HashOn, req: &Request<Incoming>, client: SocketAddr) -> Option<u
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -790,32 +790,56 @@ fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is cheaper than a removal
-    // (a hash and a probe) per hop-by-hop name.
-    if !h
-        .keys()
-        .any(|k| HOP_BY_HOP.contains(k) || k == header::TRANSFER_ENCODING || k == header::TE)
-    {
+    // One pass over the names finds which hop-by-hop ones are here (most messages
+    // carry none, or only `Connection`); only those are removed, each removal being
+    // a hash and a probe.
+    const TE: u16 = 1 << 7; // after HOP_BY_HOP's bits
+    const TRANSFER_ENCODING: u16 = TE << 1;
+    let mut present = 0u16;
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present |= 1 << i;
+        } else if k == header::TE {
+            present |= TE;
+        } else if k == header::TRANSFER_ENCODING {
+            present |= TRANSFER_ENCODING;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Headers the Connection header names are hop-by-hop too.
+    // Headers the Connection header names are hop-by-hop too. The usual tokens
+    // (`keep-alive`, `close`, `upgrade`) name none beyond the fixed list, and then
+    // nothing is allocated.
     let named: Vec<HeaderName> = connection_tokens(h)
+        .filter(|t| {
+            !t.eq_ignore_ascii_case("close") && !HOP_BY_HOP.iter().any(|n| t.eq_ignore_ascii_case(n.as_str()))
+        })
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+    for n in &named {
         h.remove(n);
     }
-    h.remove(header::TRANSFER_ENCODING);
-    // TE: only "trailers" may pass (gRPC needs it).
-    if let Some(te) = h.get(header::TE)
-        && !te
-            .to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
-    {
-        h.remove(header::TE);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
-    if h.contains_key(header::TE) {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present & TRANSFER_ENCODING != 0 {
+        h.remove(header::TRANSFER_ENCODING);
+    }
+    // TE: only "trailers" may pass (gRPC needs it).
+    if present & TE != 0
+        && let Some(te) = h.get(header::TE)
+    {
+        let trailers = te
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        if trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            h.remove(header::TE);
+        }
     }
 }
 
@@ -1173,6 +1197,52 @@ mod tests {
         let mut out = Vec::new();
         write_addr(&mut out, addr.parse().unwrap());
         String::from_utf8(out).unwrap()
+    }
+
+    fn stripped(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        left.sort();
+        left
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let own = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            stripped(&[("content-type", "text/plain"), ("x-a", "1")]),
+            [own("content-type", "text/plain"), own("x-a", "1")]
+        );
+        assert_eq!(
+            stripped(&[
+                ("connection", "keep-alive, X-Secret"),
+                ("connection", "close"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-connection", "keep-alive"),
+                ("proxy-authenticate", "Basic"),
+                ("proxy-authorization", "Basic eA=="),
+                ("trailer", "x-t"),
+                ("upgrade", "websocket"),
+                ("transfer-encoding", "chunked"),
+                ("x-secret", "hop"),
+                ("x-kept", "end to end"),
+            ]),
+            [own("x-kept", "end to end")]
+        );
+        // TE passes only as `trailers` (gRPC needs it), and not at all without it.
+        assert_eq!(stripped(&[("te", "trailers, deflate")]), [own("te", "trailers")]);
+        assert_eq!(stripped(&[("te", "gzip")]), []);
+        assert_eq!(stripped(&[("connection", "te"), ("te", "trailers")]), []);
     }
 
     #[test]
