@@ -26,7 +26,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 WORKERS=${WORKERS:-1}
-root=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=$(mktemp -d /tmp/palisade-bench.XXXXXX)
 pids=()
 
@@ -88,12 +88,14 @@ rss_kib() {
 }
 
 # Writes an nginx configuration in `dir` around `blocks` (its upstream and server
-# blocks), starts nginx with `workers` workers and prints its pid.
+# blocks), starts nginx with `workers` workers and prints its pid. `NGINX_EXTRA` is
+# added to the main context and `LAUNCH` runs before the command (both for
+# bench/instructions.sh).
 run_nginx() {
     local dir=$1 workers=$2 blocks=$3
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF
-worker_processes $workers;
+worker_processes $workers;${NGINX_EXTRA:-}
 daemon off;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -106,7 +108,7 @@ http {
 $blocks
 }
 EOF
-    nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/out" 2>&1 &
+    ${LAUNCH:-} nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/out" 2>&1 &
     echo $!
 }
 
@@ -194,7 +196,7 @@ failure_rate = 0.5
 [clusters.up.outlier]
 consecutive_5xx = 5
 EOF
-    "$root/target/release/palisade" gateway --config "$dir/gateway.toml" >"$dir/out" 2>&1 &
+    ${LAUNCH:-} "$root/target/release/palisade" gateway --config "$dir/gateway.toml" >"$dir/out" 2>&1 &
     echo $!
 }
 
@@ -293,4 +295,5 @@ for t in ("direct", "palisade", "nginx", "haproxy", "hyper-floor", "copy-floor")
 EOF
 }
 
-main "$@"
+# bench/instructions.sh sources this file for its helpers.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi
