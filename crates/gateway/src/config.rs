@@ -857,6 +857,9 @@ impl Config {
         if self.gateway.tunnel_idle_timeout.0.is_zero() {
             p.push("gateway.tunnel_idle_timeout: must be more than 0".to_string());
         }
+        if self.gateway.pool_idle_timeout.0.is_zero() {
+            p.push("gateway.pool_idle_timeout: must be more than 0".to_string());
+        }
         if let Some(tls) = &self.gateway.tls {
             for proto in &tls.alpn {
                 if !["h2", "http/1.1"].contains(&proto.as_str()) {
@@ -1139,6 +1142,16 @@ endpoints = ["127.0.0.1:9000"]
         );
         assert!(lines[2].contains("unknown field"), "{lines:#?}");
         assert!(lines[3].starts_with("routes.timeout (line"), "{lines:#?}");
+    }
+
+    #[test]
+    fn a_zero_pool_idle_timeout_is_refused() {
+        let text = format!("[gateway]\npool_idle_timeout = \"0s\"\n{MINIMAL}");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("gateway.pool_idle_timeout: must be more than 0"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,17 +1,16 @@
-//! Connections to upstream endpoints: TCP (hyper-util's connector, with its connect
-//! timeout and `TCP_NODELAY`), and for clusters with `[clusters.<name>.tls]`, TLS on
+//! Connections to upstream endpoints: TCP (with the cluster's connect timeout and
+//! `TCP_NODELAY`), and for clusters with `[clusters.<name>.tls]`, TLS on
 //! top (rustls, `ring`): the endpoint's certificate is checked against the
 //! configured CAs (or the Mozilla roots of `webpki-roots`) and the configured server
 //! name (or the endpoint's IP address); ALPN offers `h2` or `http/1.1` to match the
 //! cluster's protocol; a client certificate is presented when configured.
 
-use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -19,7 +18,6 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tower_service::Service;
 
 use crate::BoxError;
 use crate::config::UpstreamTlsConfig;
@@ -91,17 +89,41 @@ impl UpstreamTls {
     }
 }
 
-/// Connects to an endpoint: TCP, then TLS when the cluster has it.
+/// Connects to an endpoint: TCP (within the cluster's connect timeout, with
+/// `TCP_NODELAY`), then TLS when the cluster has it.
 #[derive(Clone)]
 pub struct Connector {
-    tcp: HttpConnector,
+    connect_timeout: Duration,
     tls: Option<UpstreamTls>,
 }
 
 impl Connector {
-    /// A connector over `tcp`, with TLS when `tls` is set.
-    pub fn new(tcp: HttpConnector, tls: Option<UpstreamTls>) -> Self {
-        Connector { tcp, tls }
+    /// A connector giving up on TCP after `connect_timeout`, with TLS when `tls` is
+    /// set.
+    pub fn new(connect_timeout: Duration, tls: Option<UpstreamTls>) -> Self {
+        Connector { connect_timeout, tls }
+    }
+
+    /// A connection to the endpoint at `addr`. TLS checks the configured server
+    /// name, or else the address itself.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Conn, BoxError> {
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(tcp) => tcp?,
+            Err(_) => return Err(format!("no connection within {:?}", self.connect_timeout).into()),
+        };
+        tcp.set_nodelay(true)?;
+        let Some(tls) = &self.tls else {
+            return Ok(Conn::Plain(TokioIo::new(tcp)));
+        };
+        let name = tls
+            .server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+        let stream = tls.connector.connect(name, tcp).await?;
+        if tls.h2 && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err("the endpoint did not agree to HTTP/2 (ALPN h2)".into());
+        }
+        Ok(Conn::Tls(Box::new(TokioIo::new(stream))))
     }
 }
 
@@ -111,60 +133,6 @@ pub enum Conn {
     Plain(TokioIo<TcpStream>),
     /// TLS (boxed: a TLS session is some hundreds of bytes, a socket a few).
     Tls(Box<TokioIo<TlsStream<TcpStream>>>),
-}
-
-impl Service<Uri> for Connector {
-    type Response = Conn;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.tcp.poll_ready(cx).map_err(BoxError::from)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let tcp = self.tcp.call(uri.clone());
-        let tls = self.tls.clone();
-        Box::pin(async move {
-            let tcp = tcp.await?;
-            let Some(tls) = tls else {
-                return Ok(Conn::Plain(tcp));
-            };
-            let name = match tls.server_name {
-                Some(n) => n,
-                None => {
-                    let host = uri
-                        .host()
-                        .unwrap_or_default()
-                        .trim_start_matches('[')
-                        .trim_end_matches(']');
-                    ServerName::try_from(host.to_string())?
-                }
-            };
-            let stream = tls.connector.connect(name, tcp.into_inner()).await?;
-            if tls.h2 && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-                return Err("the endpoint did not agree to HTTP/2 (ALPN h2)".into());
-            }
-            Ok(Conn::Tls(Box::new(TokioIo::new(stream))))
-        })
-    }
-}
-
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        match self {
-            Conn::Plain(io) => io.connected(),
-            Conn::Tls(io) => {
-                let (tcp, session) = io.inner().get_ref();
-                let connected = tcp.connected();
-                if session.alpn_protocol() == Some(b"h2") {
-                    connected.negotiated_h2()
-                } else {
-                    connected
-                }
-            }
-        }
-    }
 }
 
 impl hyper::rt::Read for Conn {

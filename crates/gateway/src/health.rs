@@ -43,18 +43,25 @@ pub fn spawn(upstream: &Arc<Upstream>, section: &ClusterSection) -> Option<JoinH
 }
 
 async fn probe_http(up: &Upstream, addr: std::net::SocketAddr, path: &str) -> bool {
-    let Ok(req) = http::Request::get(format!("http://{addr}{path}"))
+    // HTTP/2 takes the authority from the URI; HTTP/1.1 from `Host`.
+    let req = if up.version == http::Version::HTTP_2 {
+        http::Request::get(format!("http://{addr}{path}"))
+    } else {
+        http::Request::get(path).header(http::header::HOST, addr.to_string())
+    };
+    let Ok(req) = req
         .version(up.version)
         .header(http::header::USER_AGENT, "palisade-health")
         .body(crate::empty())
     else {
         return false;
     };
-    match up.client().request(req).await {
-        Ok(resp) => {
+    match up.pool().send(addr, req).await {
+        Ok((resp, lease)) => {
             let ok = resp.status().is_success();
-            // Read the body so the connection goes back to the pool.
+            // Read the body, then the connection goes back to the pool.
             let _ = resp.into_body().collect().await;
+            drop(lease);
             ok
         }
         Err(_) => false,

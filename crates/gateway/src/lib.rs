@@ -11,6 +11,7 @@ pub mod config;
 pub mod connect;
 pub mod discovery;
 pub mod health;
+pub mod pool;
 pub mod proxy;
 pub mod runtime;
 pub mod server;

@@ -25,6 +25,7 @@ use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
 use tokio::time::Instant;
 
 use crate::config::{HashOn, RetryOn};
+use crate::pool::{Lease, SendError};
 use crate::runtime::{Route, RouteLimiter, Runtime, Upstream};
 use crate::{Body, BoxError, full};
 
@@ -473,13 +474,29 @@ async fn route_request(
         *req.method_mut() = parts.method.clone();
         *req.version_mut() = up.version;
         *req.headers_mut() = headers;
-        *req.uri_mut() = upstream_uri(addr, &parts.uri);
+        *req.uri_mut() = upstream_uri(addr, &parts.uri, up.version);
         let remaining = deadline.saturating_duration_since(Instant::now());
         let per_try = route.per_try_timeout.min(remaining);
         let attempt_start = Instant::now();
         let in_flight = ep.start_owned();
-        let result = tokio::time::timeout(per_try, up.client().request(req)).await;
+        let result = tokio::time::timeout(per_try, up.pool().send(addr, req)).await;
         let latency = attempt_start.elapsed();
+        // The connection goes back to the pool when the verdict is settled: once
+        // the body is read. An upgraded one is no longer the pool's.
+        let (result, lease) = match result {
+            Ok(Ok((resp, lease))) => {
+                let lease = match lease {
+                    Some(l) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                        l.discard();
+                        None
+                    }
+                    other => other,
+                };
+                (Ok(Ok(resp)), lease)
+            }
+            Ok(Err(e)) => (Ok(Err(e)), None),
+            Err(elapsed) => (Err(elapsed), None),
+        };
         let outcome = classify(up, &result);
         let verdict = Verdict {
             upstream: up.clone(),
@@ -489,6 +506,7 @@ async fn route_request(
             outlier: outcome.outlier,
             latency,
             in_flight,
+            lease,
         };
         // An answer whose body is still to come is judged when it ends: a body cut
         // mid-stream is the endpoint's failure, not the success its headers promised.
@@ -588,8 +606,7 @@ struct Classified {
     retry_on: Vec<RetryOn>,
 }
 
-type AttemptResult =
-    Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>;
+type AttemptResult = Result<Result<Response<Incoming>, SendError>, tokio::time::error::Elapsed>;
 
 fn classify(up: &Upstream, result: &AttemptResult) -> Classified {
     match result {
@@ -616,7 +633,7 @@ fn classify(up: &Upstream, result: &AttemptResult) -> Classified {
             }
         }
         Ok(Err(e)) => {
-            let (cause, on) = if e.is_connect() {
+            let (cause, on) = if matches!(e, SendError::Connect(_)) {
                 (Cause::ConnectError, RetryOn::ConnectFailure)
             } else if is_reset(e) {
                 (Cause::Reset, RetryOn::Reset)
@@ -685,8 +702,14 @@ fn grpc_status_as_http(h: &HeaderMap) -> Option<StatusCode> {
     StatusCode::from_u16(http).ok()
 }
 
-fn is_reset(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+/// Whether the connection broke (reset, closed mid-answer) rather than the
+/// endpoint breaking the protocol.
+fn is_reset(e: &SendError) -> bool {
+    let SendError::Http(h) = e else { return false };
+    if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(h);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             return matches!(
@@ -696,11 +719,6 @@ fn is_reset(e: &hyper_util::client::legacy::Error) -> bool {
                     | std::io::ErrorKind::BrokenPipe
                     | std::io::ErrorKind::UnexpectedEof
             );
-        }
-        if let Some(h) = s.downcast_ref::<hyper::Error>()
-            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
-        {
-            return true;
         }
         source = s.source();
     }
@@ -881,12 +899,17 @@ fn prepare_headers(
     h.insert(REQUEST_ID, request_id.clone());
 }
 
-fn upstream_uri(addr: SocketAddr, original: &Uri) -> Uri {
+/// The request target sent upstream: the path and query alone for HTTP/1.1
+/// (origin-form; `Host` says the rest), the whole URI for HTTP/2, whose `:scheme`
+/// and `:authority` come from it.
+fn upstream_uri(addr: SocketAddr, original: &Uri, version: Version) -> Uri {
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    let mut text = Vec::with_capacity(24);
-    write_addr(&mut text, addr);
-    parts.authority = http::uri::Authority::from_maybe_shared(Bytes::from(text)).ok();
+    if version == Version::HTTP_2 {
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        let mut text = Vec::with_capacity(24);
+        write_addr(&mut text, addr);
+        parts.authority = http::uri::Authority::from_maybe_shared(Bytes::from(text)).ok();
+    }
     parts.path_and_query = Some(
         original
             .path_and_query()
@@ -1097,6 +1120,9 @@ struct Verdict {
     outlier: CallResult,
     latency: Duration,
     in_flight: OwnedInFlight,
+    /// The HTTP/1.1 connection the answer comes on, handed back to its pool with
+    /// the verdict: once the body is read.
+    lease: Option<Lease>,
 }
 
 impl Verdict {
@@ -1107,6 +1133,9 @@ impl Verdict {
         self.upstream
             .cluster
             .record(self.in_flight.endpoint(), self.outlier, self.latency);
+        // Back to the pool (if the verdict came from a read body, the connection is
+        // ready for the next request).
+        drop(self.lease);
     }
 
     /// The body broke off: a gateway failure, whatever the status said.
@@ -1276,12 +1305,19 @@ mod tests {
         ] {
             assert_eq!(addr_text(a), a.parse::<SocketAddr>().unwrap().to_string());
         }
-        let uri = upstream_uri("10.0.0.2:81".parse().unwrap(), &"/a/b?c=d".parse().unwrap());
+        let ep: SocketAddr = "10.0.0.2:81".parse().unwrap();
+        let uri = upstream_uri(ep, &"/a/b?c=d".parse().unwrap(), Version::HTTP_2);
         assert_eq!(uri.to_string(), "http://10.0.0.2:81/a/b?c=d");
-        let uri = upstream_uri(
-            "10.0.0.2:81".parse().unwrap(),
-            &Uri::from_static("http://example.com"),
-        );
+        let uri = upstream_uri(ep, &Uri::from_static("http://example.com"), Version::HTTP_2);
         assert_eq!(uri.to_string(), "http://10.0.0.2:81/");
+    }
+
+    #[test]
+    fn http1_upstreams_get_the_origin_form() {
+        let ep: SocketAddr = "10.0.0.2:81".parse().unwrap();
+        let uri = upstream_uri(ep, &"http://example.com/a?b=c".parse().unwrap(), Version::HTTP_11);
+        assert_eq!(uri.to_string(), "/a?b=c");
+        let uri = upstream_uri(ep, &Uri::from_static("http://example.com"), Version::HTTP_11);
+        assert_eq!(uri.to_string(), "/");
     }
 }

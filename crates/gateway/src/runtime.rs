@@ -9,9 +9,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use palisade_balance::failover::FailoverConfig;
 use palisade_balance::health::HealthConfig;
 use palisade_balance::outlier::{FailureRate, OutlierConfig};
@@ -23,12 +20,12 @@ use palisade_resilience::retry::{BudgetConfig, RetryBudget};
 use palisade_resilience::window::WindowConfig;
 use tokio::task::JoinHandle;
 
-use crate::Body;
 use crate::config::{
     ClusterSection, Config, ConfigError, EndpointConfig, FallbackConfig, HashOn, MatchConfig, RetryOn,
     split_host_port,
 };
 use crate::connect::{Connector, UpstreamTls};
+use crate::pool::Pool;
 
 /// The live form of a configuration.
 pub struct Runtime {
@@ -175,10 +172,10 @@ pub struct Upstream {
     pub name: String,
     /// Endpoints, health, outliers, breakers, balancer.
     pub cluster: Cluster,
-    /// Pooled connections to its endpoints: one client per worker thread, and a
+    /// Pooled connections to its endpoints: one pool per worker thread, and a
     /// last one for everything else (health probes), so a connection is only ever
-    /// used on the thread whose runtime drives it. See [`Upstream::client`].
-    clients: Box<[Client<Connector, Body>]>,
+    /// used on the thread whose runtime drives it. See [`Upstream::pool`].
+    pools: Box<[Arc<Pool>]>,
     /// Requests in flight to the cluster, bounded.
     pub bulkhead: Option<Bulkhead>,
     /// `HTTP/1.1` or `HTTP/2` (h2c) to the endpoints.
@@ -196,7 +193,7 @@ thread_local! {
     static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
-/// Marks the calling thread as proxy worker `index` (see [`Upstream::client`]).
+/// Marks the calling thread as proxy worker `index` (see [`Upstream::pool`]).
 pub(crate) fn set_worker(index: usize) {
     WORKER.with(|w| w.set(Some(index)));
 }
@@ -211,15 +208,22 @@ pub fn worker_count(configured: usize) -> usize {
 }
 
 impl Upstream {
-    /// The client of the calling thread: its worker's own pool on a proxy worker,
-    /// the shared last one elsewhere. Each worker is a single-threaded runtime; a
-    /// pooled connection is driven by a task on the runtime that opened it, so
-    /// keeping pools per worker keeps every request and its connection on one
-    /// thread (no cross-thread wake-ups).
-    pub fn client(&self) -> &Client<Connector, Body> {
-        let last = self.clients.len() - 1;
+    /// The connection pool of the calling thread: its worker's own on a proxy
+    /// worker, the shared last one elsewhere. Each worker is a single-threaded
+    /// runtime; a pooled connection is driven by a task on the runtime that opened
+    /// it, so keeping pools per worker keeps every request and its connection on
+    /// one thread (no cross-thread wake-ups, and a lock nobody else takes).
+    pub fn pool(&self) -> &Arc<Pool> {
+        let last = self.pools.len() - 1;
         let i = WORKER.with(std::cell::Cell::get).map_or(last, |w| w.min(last));
-        &self.clients[i]
+        &self.pools[i]
+    }
+
+    /// Closes every pool's connections idle past the idle timeout.
+    pub fn sweep_pools(&self) {
+        for p in &self.pools {
+            p.sweep();
+        }
     }
 }
 
@@ -229,6 +233,22 @@ impl std::fmt::Debug for Upstream {
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
+}
+
+/// Closes pooled connections idle past `idle_timeout`, every `idle_timeout`, so a
+/// gateway without traffic lets go of them (a busy pool also drops them as it meets
+/// them).
+fn spawn_pool_sweeper(up: &Arc<Upstream>, idle_timeout: Duration) -> JoinHandle<()> {
+    let up = Arc::downgrade(up);
+    let idle_timeout = idle_timeout.max(Duration::from_millis(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + idle_timeout, idle_timeout);
+        loop {
+            tick.tick().await;
+            let Some(up) = up.upgrade() else { return };
+            up.sweep_pools();
+        }
+    })
 }
 
 impl Runtime {
@@ -253,6 +273,7 @@ impl Runtime {
                     let up = Arc::new(up);
                     tasks.extend(crate::health::spawn(&up, section));
                     tasks.extend(crate::discovery::spawn(&up, section));
+                    tasks.push(spawn_pool_sweeper(&up, config.gateway.pool_idle_timeout.get()));
                     clusters.insert(name.clone(), up);
                 }
                 Err(e) => problems.push(e),
@@ -415,23 +436,20 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
         );
     }
     cluster.set_endpoints(infos);
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(s.connect_timeout.get()));
-    connector.set_nodelay(true);
     let h2 = s.speaks_h2();
     let tls = match &s.tls {
         Some(t) => Some(UpstreamTls::new(name, t, h2)?),
         None => None,
     };
-    let connector = Connector::new(connector, tls);
-    let clients = (0..=worker_count(config.gateway.workers))
+    let connector = Connector::new(s.connect_timeout.get(), tls);
+    let pools = (0..=worker_count(config.gateway.workers))
         .map(|_| {
-            Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(config.gateway.pool_idle_per_endpoint)
-                .pool_idle_timeout(config.gateway.pool_idle_timeout.get())
-                .pool_timer(TokioTimer::new())
-                .http2_only(h2)
-                .build(connector.clone())
+            Arc::new(Pool::new(
+                connector.clone(),
+                h2,
+                config.gateway.pool_idle_per_endpoint,
+                config.gateway.pool_idle_timeout.get(),
+            ))
         })
         .collect();
     let bulkhead = match s.max_concurrent {
@@ -450,7 +468,7 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
     Ok(Upstream {
         name: name.to_string(),
         cluster,
-        clients,
+        pools,
         bulkhead,
         version: if h2 {
             http::Version::HTTP_2
