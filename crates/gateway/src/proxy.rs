@@ -474,7 +474,15 @@ async fn route_request(
         *req.method_mut() = parts.method.clone();
         *req.version_mut() = up.version;
         *req.headers_mut() = headers;
-        *req.uri_mut() = upstream_uri(addr, &parts.uri, up.version);
+        *req.uri_mut() = upstream_uri(addr, &parts.uri, up.version, up.tls);
+        if up.version == Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+            // An HTTP/1.0 client may send none; HTTP/1.1 requires one.
+            let mut text = Vec::with_capacity(24);
+            write_addr(&mut text, addr);
+            if let Ok(host) = HeaderValue::from_maybe_shared(Bytes::from(text)) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         let per_try = route.per_try_timeout.min(remaining);
         let attempt_start = Instant::now();
@@ -901,11 +909,15 @@ fn prepare_headers(
 
 /// The request target sent upstream: the path and query alone for HTTP/1.1
 /// (origin-form; `Host` says the rest), the whole URI for HTTP/2, whose `:scheme`
-/// and `:authority` come from it.
-fn upstream_uri(addr: SocketAddr, original: &Uri, version: Version) -> Uri {
+/// (`https` over TLS) and `:authority` come from it.
+fn upstream_uri(addr: SocketAddr, original: &Uri, version: Version, tls: bool) -> Uri {
     let mut parts = http::uri::Parts::default();
     if version == Version::HTTP_2 {
-        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.scheme = Some(if tls {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
         let mut text = Vec::with_capacity(24);
         write_addr(&mut text, addr);
         parts.authority = http::uri::Authority::from_maybe_shared(Bytes::from(text)).ok();
@@ -1306,18 +1318,35 @@ mod tests {
             assert_eq!(addr_text(a), a.parse::<SocketAddr>().unwrap().to_string());
         }
         let ep: SocketAddr = "10.0.0.2:81".parse().unwrap();
-        let uri = upstream_uri(ep, &"/a/b?c=d".parse().unwrap(), Version::HTTP_2);
+        let uri = upstream_uri(ep, &"/a/b?c=d".parse().unwrap(), Version::HTTP_2, false);
         assert_eq!(uri.to_string(), "http://10.0.0.2:81/a/b?c=d");
-        let uri = upstream_uri(ep, &Uri::from_static("http://example.com"), Version::HTTP_2);
+        let uri = upstream_uri(
+            ep,
+            &Uri::from_static("http://example.com"),
+            Version::HTTP_2,
+            false,
+        );
         assert_eq!(uri.to_string(), "http://10.0.0.2:81/");
+        let uri = upstream_uri(ep, &"/a".parse().unwrap(), Version::HTTP_2, true);
+        assert_eq!(uri.to_string(), "https://10.0.0.2:81/a");
     }
 
     #[test]
     fn http1_upstreams_get_the_origin_form() {
         let ep: SocketAddr = "10.0.0.2:81".parse().unwrap();
-        let uri = upstream_uri(ep, &"http://example.com/a?b=c".parse().unwrap(), Version::HTTP_11);
+        let uri = upstream_uri(
+            ep,
+            &"http://example.com/a?b=c".parse().unwrap(),
+            Version::HTTP_11,
+            true,
+        );
         assert_eq!(uri.to_string(), "/a?b=c");
-        let uri = upstream_uri(ep, &Uri::from_static("http://example.com"), Version::HTTP_11);
+        let uri = upstream_uri(
+            ep,
+            &Uri::from_static("http://example.com"),
+            Version::HTTP_11,
+            false,
+        );
         assert_eq!(uri.to_string(), "/");
     }
 }

@@ -186,6 +186,8 @@ pub struct Upstream {
     pub breaker_counts_429: bool,
     /// Ready even with no healthy endpoint.
     pub allow_empty: bool,
+    /// TLS to the endpoints (`https` as HTTP/2's `:scheme`).
+    pub tls: bool,
 }
 
 thread_local! {
@@ -478,6 +480,7 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
         breaker_counts_5xx: s.breaker.as_ref().is_none_or(|b| b.count_5xx),
         breaker_counts_429: s.breaker.as_ref().is_some_and(|b| b.count_429),
         allow_empty: s.allow_empty,
+        tls: s.tls.is_some(),
     })
 }
 

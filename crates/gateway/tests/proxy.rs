@@ -233,6 +233,22 @@ async fn proxies_and_sets_forwarding_headers() {
 }
 
 #[tokio::test]
+async fn an_http10_request_without_host_reaches_the_upstream_with_one() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("") + &cluster(&[&up], ""))).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /old HTTP/1.0\r\n\r\n").await.unwrap();
+    // HTTP/1.0 without keep-alive: the gateway closes after its answer.
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    let h = up.last_headers.lock().unwrap().clone();
+    assert_eq!(h["host"], up.addr.to_string().as_str());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn no_route_is_a_404_that_says_so() {
     let up = Upstream::start(Mode::Ok).await;
     let gw = start(&(route("match = { path_prefix = \"/api\" }") + &cluster(&[&up], ""))).await;
