@@ -342,6 +342,11 @@ async fn route_request(
         f.headers = RateLimitHeaders::from(&limited).to_pairs();
         return Err(f);
     }
+    // A CONNECT tunnel (other than HTTP/2's WebSocket, a GET by now) is a forward
+    // proxy's job: its target is a host, not a resource of the cluster.
+    if req.method() == Method::CONNECT {
+        return Err(Failure::new(Cause::BadRequest, "CONNECT tunnels are not proxied"));
+    }
     let max_body = rt.config.gateway.max_body_bytes;
     let declared = req
         .headers()

@@ -423,6 +423,7 @@ async fn malformed_requests_get_a_4xx_and_the_gateway_keeps_serving() {
         &b"GARBAGE\r\n\r\n"[..],
         b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: nope\r\n\r\n",
         b"GET /\x01 HTTP/1.1\r\n\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
     ] {
         let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         s.write_all(garbage).await.unwrap();
