@@ -8,6 +8,7 @@
 #
 #   bench/instructions.sh                 # 3000 requests each, after 500 to warm up
 #   REQUESTS=10000 bench/instructions.sh
+#   ONLY=palisade KEEP=/tmp/cg bench/instructions.sh   # one proxy; keep callgrind's files
 #
 # Installs valgrind and curl from Debian if missing (and what bench/gateway.sh needs).
 set -euo pipefail
@@ -15,6 +16,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gateway.sh"
 
 REQUESTS=${REQUESTS:-3000}
+ONLY=${ONLY:-palisade nginx hyper-floor copy-floor}
 WORKERS=1
 
 # Counts the process `pid` (started under callgrind with counting off, writing
@@ -33,7 +35,14 @@ count() {
     kill "$pid"
     wait "$pid" 2>/dev/null || true
     total=$(cat "$work/callgrind.$name".* | awk '/^totals:/ {s += $2} END {print s}')
+    if [ -n "${KEEP:-}" ]; then
+        mkdir -p "$KEEP" && cp "$work/callgrind.$name".* "$KEEP/"
+    fi
     echo "| $name | $((total / REQUESTS)) |"
+}
+
+wanted() {
+    [[ " $ONLY " == *" $1 "* ]]
 }
 
 under_callgrind() {
@@ -59,17 +68,22 @@ measure() {
     echo
     echo "| proxy | instructions / request |"
     echo "|---|---|"
-    port=$(free_port)
-    pid=$(LAUNCH=$(under_callgrind palisade) start_palisade "$port" "$up" "$(free_port)")
-    pids+=("$pid")
-    count palisade "$port" "$pid"
-    port=$(free_port)
-    pid=$(LAUNCH=$(under_callgrind nginx) NGINX_EXTRA=" master_process off;" start_nginx "$port" "$up")
-    pids+=("$pid")
-    count nginx "$port" "$pid"
+    if wanted palisade; then
+        port=$(free_port)
+        pid=$(LAUNCH=$(under_callgrind palisade) start_palisade "$port" "$up" "$(free_port)")
+        pids+=("$pid")
+        count palisade "$port" "$pid"
+    fi
+    if wanted nginx; then
+        port=$(free_port)
+        pid=$(LAUNCH=$(under_callgrind nginx) NGINX_EXTRA=" master_process off;" start_nginx "$port" "$up")
+        pids+=("$pid")
+        count nginx "$port" "$pid"
+    fi
     local floor name example
     for floor in hyper-floor:bare_proxy copy-floor:copy_floor; do
         name=${floor%%:*} example=${floor##*:}
+        wanted "$name" || continue
         port=$(free_port)
         $(under_callgrind "$name") "$root/target/release/examples/$example" \
             "127.0.0.1:$port" "127.0.0.1:$up" 1 >"$work/$name.out" 2>&1 &

@@ -14,7 +14,10 @@
 //! state is warmest), at most `gateway.pool_idle_per_endpoint`, closed after
 //! `gateway.pool_idle_timeout` unused. A request that a pooled connection turns out
 //! to have been closed under (it was never sent) is sent again on another, as
-//! hyper-util did. HTTP/2 (h2c or `h2` over TLS): one multiplexed connection per
+//! hyper-util did. A bodiless idempotent request whose pooled connection had been
+//! idle a while and broke before any answer came (the endpoint closed it for
+//! idleness just as the request went out) is sent once more on a new connection, as
+//! RFC 9110 section 9.2.2 allows and nginx and Go's client do. HTTP/2 (h2c or `h2` over TLS): one multiplexed connection per
 //! endpoint, replaced when it closes.
 
 use std::collections::{HashMap, VecDeque};
@@ -23,7 +26,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -48,6 +52,7 @@ pub struct Pool {
     h2: bool,
     max_idle: usize,
     idle_timeout: Duration,
+    replay_after: Duration,
     endpoints: Mutex<HashMap<SocketAddr, Idle, BuildHasherDefault<AddrHasher>>>,
 }
 
@@ -102,8 +107,21 @@ impl Pool {
             h2,
             max_idle,
             idle_timeout,
+            replay_after: REPLAY_AFTER,
             endpoints: Mutex::new(HashMap::default()),
         }
+    }
+
+    /// How long a pooled connection must have been idle for a bodiless idempotent
+    /// request that it fails before any answer to be sent again on a new
+    /// connection (default one second). Endpoints close connections for idleness
+    /// after seconds, not microseconds: under load connections are idle far less
+    /// than this and requests pay nothing (the head is copied only when a replay
+    /// is possible).
+    #[must_use]
+    pub fn replay_after(mut self, idle: Duration) -> Self {
+        self.replay_after = idle;
+        self
     }
 
     /// Sends `req` to the endpoint at `addr` on a pooled connection, or a new one,
@@ -122,11 +140,19 @@ impl Pool {
             };
             return Ok((sender.send_request(req).await?, None));
         }
+        let mut fresh = false;
         loop {
-            let (mut sender, reused) = match self.idle_h1(addr) {
-                Some(s) => (s, true),
+            let pooled = if fresh { None } else { self.idle_h1(addr) };
+            let (mut sender, reused, replay) = match pooled {
+                Some((s, idle_for)) => {
+                    let replay = (idle_for >= self.replay_after
+                        && is_idempotent(req.method())
+                        && req.body().is_end_stream())
+                    .then(|| Head::of(&req));
+                    (s, true, replay)
+                }
                 // Boxed: a connect's state is large, and rare once the pool is warm.
-                None => (Box::pin(self.connect_h1(addr)).await?, false),
+                None => (Box::pin(self.connect_h1(addr)).await?, false, None),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -141,7 +167,19 @@ impl Pool {
                     // The pooled connection was found closed before a byte was
                     // sent: nothing reached the endpoint, so another may carry it.
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(SendError::Http(e.into_error())),
+                    Some(_) => return Err(SendError::Http(e.into_error())),
+                    None => {
+                        let e = e.into_error();
+                        match replay {
+                            Some(head) if broke_before_answer(&e) => {
+                                tracing::debug!(error = %e, %addr, "idle pooled connection broke under a request; sending it again on a new one");
+                                metrics::counter!("palisade_pool_replays_total").increment(1);
+                                req = head.into_request();
+                                fresh = true;
+                            }
+                            _ => return Err(SendError::Http(e)),
+                        }
+                    }
                 },
             }
         }
@@ -177,9 +215,9 @@ impl Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The most recently used idle connection to `addr` that is ready; expired and
-    /// closed ones met on the way are dropped.
-    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    /// The most recently used idle connection to `addr` that is ready, and how long
+    /// it was idle; expired and closed ones met on the way are dropped.
+    fn idle_h1(&self, addr: SocketAddr) -> Option<(http1::SendRequest<Body>, Duration)> {
         let mut endpoints = self.lock();
         let idle = endpoints.get_mut(&addr)?;
         let now = Instant::now();
@@ -193,7 +231,7 @@ impl Pool {
         // One handed back before its connection finished the last answer is
         // skipped, not waited for.
         let i = idle.h1.iter().rposition(|(s, _)| s.is_ready())?;
-        idle.h1.remove(i).map(|(s, _)| s)
+        idle.h1.remove(i).map(|(s, since)| (s, now.duration_since(since)))
     }
 
     fn give_back(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
@@ -246,6 +284,69 @@ impl Pool {
         self.lock().entry(addr).or_default().h2 = Some(sender.clone());
         Ok(sender)
     }
+}
+
+/// See [`Pool::replay_after`].
+const REPLAY_AFTER: Duration = Duration::from_secs(1);
+
+/// What a bodiless request needs to be sent again.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn of(req: &Request<Body>) -> Self {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn into_request(self) -> Request<Body> {
+        let mut req = Request::new(crate::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// RFC 9110 section 9.2.2: requests a client may send again when the connection
+/// closed before it had the answer.
+pub(crate) fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Whether the connection ended or was reset before the answer's head came (the
+/// mark of an endpoint closing an idle connection as the request arrived), rather
+/// than answering something hyper could not read.
+pub(crate) fn broke_before_answer(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 impl std::fmt::Debug for Pool {

@@ -381,7 +381,8 @@ async fn route_request(
     let hash_key = route.hash_on.as_ref().and_then(|h| hash_key(h, &req, from.addr));
     let (mut parts, body) = req.into_parts();
     let retry = route.retry.as_ref();
-    let replayable_method = retry.is_some_and(|r| r.non_idempotent || is_idempotent(&parts.method));
+    let replayable_method =
+        retry.is_some_and(|r| r.non_idempotent || crate::pool::is_idempotent(&parts.method));
     let can_buffer = retry.is_some_and(|r| {
         replayable_method
             && (declared.is_some_and(|n| n <= r.buffer_bytes)
@@ -718,24 +719,7 @@ fn grpc_status_as_http(h: &HeaderMap) -> Option<StatusCode> {
 /// Whether the connection broke (reset, closed mid-answer) rather than the
 /// endpoint breaking the protocol.
 fn is_reset(e: &SendError) -> bool {
-    let SendError::Http(h) = e else { return false };
-    if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-        return true;
-    }
-    let mut source = std::error::Error::source(h);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            );
-        }
-        source = s.source();
-    }
-    false
+    matches!(e, SendError::Http(h) if crate::pool::broke_before_answer(h))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -763,13 +747,6 @@ fn body_is_empty(parts: &http::request::Parts) -> bool {
             parts.method,
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
         )
-}
-
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
 }
 
 /// Full jitter: uniformly between zero and `base`.
@@ -886,16 +863,23 @@ fn prepare_headers(
     let authority = parts.uri.authority().map(|a| a.as_str());
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
-    let host = h
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
+    // HTTP/2 carries the authority instead of `Host`; HTTP/1.1 needs one.
+    let sent = if version == Version::HTTP_11 {
+        h.get(header::HOST).cloned()
+    } else {
+        h.remove(header::HOST)
+    };
+    let host = match sent {
+        Some(host) => Some(host),
+        None => authority
+            .and_then(|a| HeaderValue::from_str(a).ok())
+            .inspect(|host| {
+                if version == Version::HTTP_11 {
+                    h.insert(header::HOST, host.clone());
+                }
+            }),
+    };
     if let Some(host) = host {
-        if version == Version::HTTP_11 {
-            h.insert(header::HOST, host.clone());
-        } else {
-            h.remove(header::HOST);
-        }
         h.insert(X_FORWARDED_HOST, host);
     }
     let mut xff = Vec::with_capacity(16);

@@ -263,6 +263,96 @@ async fn a_connection_closed_as_it_is_lent_breaks_the_request_or_is_replaced() {
     }
 }
 
+/// An upstream whose first connection answers one request and then, having read
+/// the next, closes without answering (as an endpoint closing an idle connection
+/// does when a request arrives just then); later connections answer every request.
+/// Counts connections and request heads read.
+async fn closes_under_the_second_request() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted, heads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, h) = (accepted.clone(), heads.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let first = a.fetch_add(1, Ordering::SeqCst) == 0;
+            let h = h.clone();
+            tokio::spawn(async move {
+                for answered in 0.. {
+                    let mut buf = vec![0u8; 4096];
+                    let mut n = 0;
+                    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => n += k,
+                        }
+                    }
+                    h.fetch_add(1, Ordering::SeqCst);
+                    if first && answered == 1 {
+                        return;
+                    }
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    (addr, accepted, heads)
+}
+
+#[tokio::test]
+async fn a_get_that_an_idle_connection_breaks_under_is_sent_again_on_a_new_one() {
+    let (addr, accepted, heads) = closes_under_the_second_request().await;
+    // Every pooled connection counts as idle long enough.
+    let pool = Arc::new(
+        Pool::new(Connector::new(Duration::from_secs(5), None), false, 8, LONG).replay_after(Duration::ZERO),
+    );
+    assert_eq!(fetch(&pool, addr).await, "ok");
+    assert_eq!(
+        fetch(&pool, addr).await,
+        "ok",
+        "the broken request was sent again"
+    );
+    assert_eq!(heads.load(Ordering::SeqCst), 3);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_or_on_a_briefly_idle_connection_is_not_sent_again() {
+    for (replay_after, with_body) in [(Duration::ZERO, true), (LONG, false)] {
+        let (addr, accepted, heads) = closes_under_the_second_request().await;
+        let pool = Arc::new(
+            Pool::new(Connector::new(Duration::from_secs(5), None), false, 8, LONG)
+                .replay_after(replay_after),
+        );
+        assert_eq!(fetch(&pool, addr).await, "ok");
+        let req = if with_body {
+            Request::post("/")
+                .header("host", "upstream")
+                .header("content-length", "4")
+                .body(
+                    http_body_util::Full::new(Bytes::from_static(b"data"))
+                        .map_err(Into::into)
+                        .boxed(),
+                )
+                .unwrap()
+        } else {
+            get("/")
+        };
+        match pool.send(addr, req).await {
+            Err(SendError::Http(e)) => assert!(
+                e.is_incomplete_message() || e.to_string().contains("reset"),
+                "{e}"
+            ),
+            Err(e) => panic!("{e}"),
+            Ok((resp, _)) => panic!("sent again: {}", resp.status()),
+        }
+        assert_eq!(heads.load(Ordering::SeqCst), 2, "body {with_body}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "body {with_body}");
+    }
+}
+
 #[tokio::test]
 async fn a_refused_connection_is_a_connect_error() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

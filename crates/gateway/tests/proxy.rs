@@ -209,6 +209,7 @@ async fn proxies_and_sets_forwarding_headers() {
     let up = Upstream::start(Mode::Ok).await;
     let gw = start(&(route("") + &cluster(&[&up], ""))).await;
     let req = Request::get("/hello?x=1")
+        .header("host", "shop.example:8080")
         .header("connection", "keep-alive, x-secret-hop")
         .header("x-secret-hop", "must not pass")
         .header("x-request-id", "abc-123")
@@ -222,6 +223,11 @@ async fn proxies_and_sets_forwarding_headers() {
     assert_eq!(h["x-request-id"], "abc-123");
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(
+        h["host"], "shop.example:8080",
+        "the client's Host goes upstream as it came"
+    );
+    assert_eq!(h["x-forwarded-host"], "shop.example:8080");
     assert!(
         !h.contains_key("x-secret-hop"),
         "headers named by Connection are hop-by-hop"
