@@ -214,10 +214,7 @@ fn spawn_worker(
                 let rt = runtime.clone();
                 serve(listener, stop, runtime, true, move |from| {
                     let rt = rt.clone();
-                    service_fn(move |req| {
-                        let rt = rt.load_full();
-                        async move { Ok::<_, Infallible>(crate::proxy::handle(&rt, req, from).await) }
-                    })
+                    service_fn(move |req| crate::proxy::handle(rt.load_full(), req, from))
                 })
                 .await;
             });
