@@ -16,9 +16,10 @@
 //! to have been closed under (it was never sent) is sent again on another, as
 //! hyper-util did. A bodiless idempotent request whose pooled connection had been
 //! idle a while and broke before any answer came (the endpoint closed it for
-//! idleness just as the request went out) is sent once more on a new connection, as
-//! RFC 9110 section 9.2.2 allows and nginx and Go's client do. HTTP/2 (h2c or `h2` over TLS): one multiplexed connection per
-//! endpoint, replaced when it closes.
+//! idleness just as the request went out) is sent once more on a new connection,
+//! as RFC 9110 section 9.2.2 allows and nginx and Go's client do. HTTP/2 (h2c or
+//! `h2` over TLS): one multiplexed connection per endpoint, replaced when it
+//! closes.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
