@@ -1299,6 +1299,18 @@ mod tests {
         assert_eq!(stripped(&[("te", "trailers, deflate")]), [own("te", "trailers")]);
         assert_eq!(stripped(&[("te", "gzip")]), []);
         assert_eq!(stripped(&[("connection", "te"), ("te", "trailers")]), []);
+        // Each name alone: the pass that finds them and the removal agree on which is which.
+        for name in HOP_BY_HOP
+            .iter()
+            .map(HeaderName::as_str)
+            .chain(["te", "transfer-encoding"])
+        {
+            assert_eq!(
+                stripped(&[(name, "x"), ("x-kept", "1")]),
+                [own("x-kept", "1")],
+                "{name}"
+            );
+        }
     }
 
     #[test]

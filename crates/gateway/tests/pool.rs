@@ -83,13 +83,30 @@ async fn upstream(keep_alive: bool) -> (SocketAddr, Arc<Counts>) {
     (addr, counts)
 }
 
-fn pool(max_idle: usize, idle_timeout: Duration) -> Arc<Pool> {
-    Arc::new(Pool::new(
+fn new_pool(max_idle: usize, idle_timeout: Duration) -> Pool {
+    Pool::new(
         Connector::new(Duration::from_secs(5), None),
         false,
         max_idle,
         idle_timeout,
-    ))
+    )
+}
+
+fn pool(max_idle: usize, idle_timeout: Duration) -> Arc<Pool> {
+    Arc::new(new_pool(max_idle, idle_timeout))
+}
+
+/// Reads one request head from `s`; false if the connection ended first.
+async fn read_head(s: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => return false,
+            Ok(k) => n += k,
+        }
+    }
+    true
 }
 
 fn get(path: &str) -> Request<palisade_gateway::Body> {
@@ -192,11 +209,7 @@ async fn a_request_on_a_pooled_connection_closed_silently_goes_on_a_new_one() {
             let (mut s, _) = listener.accept().await.unwrap();
             a.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut n = 0;
-                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    n += s.read(&mut buf[n..]).await.unwrap();
-                }
+                assert!(read_head(&mut s).await);
                 s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                     .await
                     .unwrap();
@@ -279,13 +292,8 @@ async fn closes_under_the_second_request() -> (SocketAddr, Arc<AtomicUsize>, Arc
             let h = h.clone();
             tokio::spawn(async move {
                 for answered in 0.. {
-                    let mut buf = vec![0u8; 4096];
-                    let mut n = 0;
-                    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => n += k,
-                        }
+                    if !read_head(&mut s).await {
+                        return;
                     }
                     h.fetch_add(1, Ordering::SeqCst);
                     if first && answered == 1 {
@@ -305,9 +313,7 @@ async fn closes_under_the_second_request() -> (SocketAddr, Arc<AtomicUsize>, Arc
 async fn a_get_that_an_idle_connection_breaks_under_is_sent_again_on_a_new_one() {
     let (addr, accepted, heads) = closes_under_the_second_request().await;
     // Every pooled connection counts as idle long enough.
-    let pool = Arc::new(
-        Pool::new(Connector::new(Duration::from_secs(5), None), false, 8, LONG).replay_after(Duration::ZERO),
-    );
+    let pool = Arc::new(new_pool(8, LONG).replay_after(Duration::ZERO));
     assert_eq!(fetch(&pool, addr).await, "ok");
     assert_eq!(
         fetch(&pool, addr).await,
@@ -322,10 +328,7 @@ async fn a_get_that_an_idle_connection_breaks_under_is_sent_again_on_a_new_one()
 async fn a_request_with_a_body_or_on_a_briefly_idle_connection_is_not_sent_again() {
     for (replay_after, with_body) in [(Duration::ZERO, true), (LONG, false)] {
         let (addr, accepted, heads) = closes_under_the_second_request().await;
-        let pool = Arc::new(
-            Pool::new(Connector::new(Duration::from_secs(5), None), false, 8, LONG)
-                .replay_after(replay_after),
-        );
+        let pool = Arc::new(new_pool(8, LONG).replay_after(replay_after));
         assert_eq!(fetch(&pool, addr).await, "ok");
         let req = if with_body {
             Request::post("/")
