@@ -55,16 +55,17 @@ fn run(args: &[String]) -> anyhow::Result<ExitCode> {
             let path = opts
                 .config
                 .ok_or_else(|| anyhow::anyhow!("check needs --config FILE"))?;
-            // The files the configuration names (TLS) are read too, as at start.
-            let loaded = Config::load(&path).and_then(|c| palisade_gateway::check_files(&c).map(|()| c));
+            // The same compilation as start-up's: every object built, every file the
+            // configuration names read. Only host names are left to resolve at start.
+            let loaded = Config::load(&path).and_then(palisade_gateway::runtime::Runtime::compile);
             match loaded {
-                Ok(c) => {
+                Ok(rt) => {
                     let _ = writeln!(
                         std::io::stdout(),
                         "{}: ok ({} routes, {} clusters)",
                         path.display(),
-                        c.routes.len(),
-                        c.clusters.len()
+                        rt.routes.len(),
+                        rt.clusters.len()
                     );
                     Ok(ExitCode::SUCCESS)
                 }

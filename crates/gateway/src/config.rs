@@ -58,6 +58,37 @@ pub struct GatewaySection {
     /// Proxy worker threads, each a single-threaded runtime (0: one per core). Read
     /// at start only.
     pub workers: usize,
+    /// A client connection has this long to send a request's head: from its
+    /// first byte, or from the connection's start for its first request.
+    pub client_header_timeout: Dur,
+    /// A client connection with no request in progress is closed after this long.
+    pub client_idle_timeout: Dur,
+    /// A request body through which nothing has come from the client for this
+    /// long is a `408`.
+    pub request_body_idle_timeout: Dur,
+    /// HTTP/2 client connections are pinged this often ...
+    pub h2_keepalive_interval: Dur,
+    /// ... and closed when a ping is not answered within this.
+    pub h2_keepalive_timeout: Dur,
+    /// Most client connections open at once, per worker; more are closed at once.
+    pub max_client_connections: usize,
+    /// What an encoded `/` or `\` (`%2F`, `%5C`), or a raw `\`, in a request path
+    /// does: `reject` (400), `keep` (passed as it is, not a separator), or
+    /// `unescape` (decoded to `/`).
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// What an escaped slash in a path does (see [`GatewaySection::escaped_slashes`]).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EscapedSlashes {
+    /// The request is a `400`.
+    #[default]
+    Reject,
+    /// Left as it is: not a path separator for routing.
+    Keep,
+    /// Decoded to `/` before routing and forwarding.
+    Unescape,
 }
 
 /// `[gateway.tls]`: the proxy listener's certificate.
@@ -99,6 +130,13 @@ impl Default for GatewaySection {
             watch_config: true,
             tls: None,
             workers: 0,
+            client_header_timeout: Dur(Duration::from_secs(10)),
+            client_idle_timeout: Dur(Duration::from_secs(60)),
+            request_body_idle_timeout: Dur(Duration::from_secs(30)),
+            h2_keepalive_interval: Dur(Duration::from_secs(30)),
+            h2_keepalive_timeout: Dur(Duration::from_secs(10)),
+            max_client_connections: 10_000,
+            escaped_slashes: EscapedSlashes::Reject,
         }
     }
 }
@@ -262,8 +300,8 @@ pub struct RateLimitConfig {
     #[serde(default)]
     pub burst: Option<u32>,
     /// Who the limit is per: `global`, `client-ip`, or `header:<name>`.
-    #[serde(default = "default_limit_key")]
-    pub key: String,
+    #[serde(default)]
+    pub key: LimitKey,
     /// For keyed limits: most keys remembered.
     #[serde(default = "default_limit_keys")]
     pub max_keys: usize,
@@ -272,8 +310,44 @@ pub struct RateLimitConfig {
 fn one_second() -> Dur {
     Dur(Duration::from_secs(1))
 }
-fn default_limit_key() -> String {
-    "global".into()
+
+/// Who a rate limit is per.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum LimitKey {
+    /// One limit for all.
+    #[default]
+    Global,
+    /// One per client address.
+    ClientIp,
+    /// One per value of this header (requests without it share one).
+    Header(http::HeaderName),
+}
+
+impl TryFrom<String> for LimitKey {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "global" => Ok(LimitKey::Global),
+            "client-ip" => Ok(LimitKey::ClientIp),
+            other => other
+                .strip_prefix("header:")
+                .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+                .map(LimitKey::Header)
+                .ok_or_else(|| format!("`{s}` is not `global`, `client-ip` or `header:<name>`")),
+        }
+    }
+}
+
+impl From<LimitKey> for String {
+    fn from(k: LimitKey) -> String {
+        match k {
+            LimitKey::Global => "global".into(),
+            LimitKey::ClientIp => "client-ip".into(),
+            LimitKey::Header(h) => format!("header:{h}"),
+        }
+    }
 }
 fn default_limit_keys() -> usize {
     100_000
@@ -293,9 +367,10 @@ pub struct FallbackConfig {
     #[serde(default = "default_content_type")]
     pub content_type: String,
     /// Which failures fall back (by cause, e.g. `circuit_open`, `timeout`); empty:
-    /// all of them.
+    /// all of the endpoints' and the gateway's own (a client's bad request never
+    /// falls back).
     #[serde(default)]
-    pub on: Vec<String>,
+    pub on: Vec<crate::cause::Cause>,
 }
 
 fn default_fallback_status() -> u16 {
@@ -334,15 +409,15 @@ pub struct ClusterSection {
     pub dns_refresh: Dur,
     /// Load balancing: `round-robin`, `weighted-round-robin`, `random`,
     /// `least-request`, `peak-ewma`, `ring-hash`, `maglev`.
-    #[serde(default = "default_lb")]
-    pub lb: String,
+    #[serde(default)]
+    pub lb: Lb,
     /// Virtual nodes per endpoint for `ring-hash`.
     #[serde(default = "default_vnodes")]
     pub ring_vnodes: u32,
     /// Upstream protocol: `http1`, `h2c` (HTTP/2 without TLS, also for gRPC) or
     /// `h2` (HTTP/2 over TLS, agreed by ALPN; needs `tls`).
-    #[serde(default = "default_protocol")]
-    pub protocol: String,
+    #[serde(default)]
+    pub protocol: Protocol,
     /// TLS to the endpoints (`None`: cleartext).
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,
@@ -395,21 +470,62 @@ pub struct UpstreamTlsConfig {
 impl ClusterSection {
     /// Whether the endpoints speak HTTP/2 (`h2c` or `h2`), else HTTP/1.1.
     pub fn speaks_h2(&self) -> bool {
-        self.protocol != "http1"
+        self.protocol != Protocol::Http1
     }
+}
+
+/// A cluster's load-balancing policy.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Lb {
+    /// In turn.
+    RoundRobin,
+    /// In turn, by weight.
+    WeightedRoundRobin,
+    /// At random.
+    Random,
+    /// The fewer requests in flight of two random picks.
+    #[default]
+    LeastRequest,
+    /// The lower latency-times-load of two random picks.
+    PeakEwma,
+    /// Consistent hashing on a ring (`ring_vnodes` points per endpoint).
+    RingHash,
+    /// Maglev consistent hashing.
+    Maglev,
+}
+
+/// The protocol spoken to a cluster's endpoints.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1.
+    #[default]
+    #[serde(rename = "http1")]
+    Http1,
+    /// HTTP/2 in the clear (prior knowledge).
+    #[serde(rename = "h2c")]
+    H2c,
+    /// HTTP/2 over TLS.
+    #[serde(rename = "h2")]
+    H2,
+}
+
+/// An active health check's kind.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthKind {
+    /// GET `path`; a 2xx passes.
+    #[default]
+    Http,
+    /// A TCP connection passes.
+    Tcp,
 }
 
 fn default_dns_refresh() -> Dur {
     Dur(Duration::from_secs(30))
 }
-fn default_lb() -> String {
-    "least-request".into()
-}
 fn default_vnodes() -> u32 {
     160
-}
-fn default_protocol() -> String {
-    "http1".into()
 }
 fn default_connect_timeout() -> Dur {
     Dur(Duration::from_secs(1))
@@ -419,7 +535,7 @@ fn default_panic() -> f64 {
 }
 
 /// One endpoint.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum EndpointConfig {
     /// `"host:port"`.
@@ -429,12 +545,49 @@ pub enum EndpointConfig {
         /// `host:port`.
         address: String,
         /// Relative weight.
-        #[serde(default = "one")]
         weight: u32,
         /// Failover tier (0 first).
-        #[serde(default)]
         tier: u8,
     },
+}
+
+/// The table form of an endpoint, read on its own so that a wrong field is
+/// reported as that field's error (an untagged enum says only that nothing matched).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetailedEndpoint {
+    address: String,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    tier: u8,
+}
+
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = EndpointConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"host:port\" or { address = \"host:port\", weight = N, tier = N }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EndpointConfig, E> {
+                Ok(EndpointConfig::Address(v.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<EndpointConfig, A::Error> {
+                let e = DetailedEndpoint::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(EndpointConfig::Detailed {
+                    address: e.address,
+                    weight: e.weight,
+                    tier: e.tier,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 fn one() -> u32 {
@@ -567,8 +720,8 @@ fn default_max_eject() -> u8 {
 #[serde(deny_unknown_fields)]
 pub struct HealthSection {
     /// `http` (GET `path`, 2xx passes) or `tcp` (a connection passes).
-    #[serde(default = "default_health_kind")]
-    pub kind: String,
+    #[serde(default)]
+    pub kind: HealthKind,
     /// Path for `http` checks.
     #[serde(default = "default_health_path")]
     pub path: String,
@@ -586,9 +739,6 @@ pub struct HealthSection {
     pub unhealthy_threshold: u32,
 }
 
-fn default_health_kind() -> String {
-    "http".into()
-}
 fn default_health_path() -> String {
     "/health".into()
 }
@@ -664,26 +814,38 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .map_err(|_| format!("`{text}`: number too large"))?;
         rest = &rest[digits..];
         let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let too_long = || format!("`{text}` is too long");
         let d = match &rest[..unit] {
             "ns" => Duration::from_nanos(n),
             "us" | "µs" => Duration::from_micros(n),
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
+            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_long)?),
+            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_long)?),
             "" => return Err(format!("`{text}` needs a unit (ms, s, m, h)")),
             u => return Err(format!("`{text}`: unknown unit `{u}` (use ms, s, m, h)")),
         };
-        total += d;
+        total = total.checked_add(d).ok_or_else(too_long)?;
         rest = &rest[unit..];
     }
     Ok(total)
 }
 
+/// The longest duration a configuration accepts: longer ones are mistakes (a
+/// deadline that far away is no deadline), and bounding them keeps every
+/// `now + duration` in range.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+        let d = parse_duration(&s).map_err(serde::de::Error::custom)?;
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "`{s}` is longer than 24h, the longest duration accepted"
+            )));
+        }
+        Ok(Dur(d))
     }
 }
 
@@ -698,39 +860,33 @@ impl Serialize for Dur {
 #[error("{}", .0.join("\n"))]
 pub struct ConfigError(pub Vec<String>);
 
-const LB_POLICIES: &[&str] = &[
-    "round-robin",
-    "weighted-round-robin",
-    "random",
-    "least-request",
-    "peak-ewma",
-    "ring-hash",
-    "maglev",
-];
-
 /// A TOML or serde error as one line naming where it is: `gateway.listen (line 2):
-/// invalid type: ...`. The path is the table the line is in and the key on it.
+/// invalid type: ...`. The path is the table the line is in and the key the error
+/// is at: the key before the nearest `=` left of it on its line (so a field of an
+/// inline table, `endpoints = [{ tier = -1 }]`, is `endpoints.tier`).
 fn de_error(e: &toml::de::Error, text: &str, with_line: bool) -> String {
     let message = e.message().trim();
     let Some(span) = e.span() else {
         return message.to_string();
     };
     let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let line_no = text[..start].matches('\n').count() + 1;
-    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-    let table = text[..start]
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let table = text[..line_start]
         .lines()
         .rev()
         .map(str::trim)
         .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
-    let key = line
-        .split_once('=')
-        .map(|(k, _)| k.trim().trim_matches('"'))
-        .filter(|k| !k.is_empty() && !line.starts_with('['));
+        .map(table_name);
+    let key = if line.starts_with('[') {
+        None
+    } else {
+        key_at(&text[line_start..start], line)
+    };
     let at = match (table, key) {
         (Some(t), Some(k)) => format!("{t}.{k}"),
-        (None, Some(k)) => k.to_string(),
+        (None, Some(k)) => k,
         (Some(t), None) => t.to_string(),
         (None, None) => format!("`{line}`"),
     };
@@ -739,6 +895,40 @@ fn de_error(e: &toml::de::Error, text: &str, with_line: bool) -> String {
     } else {
         format!("{at}: {message}")
     }
+}
+
+/// `[a.b] # note` or `[[a]]` -> `a.b`, `a`.
+fn table_name(header: &str) -> &str {
+    header
+        .trim_start_matches('[')
+        .split(']')
+        .next()
+        .unwrap_or("")
+        .trim()
+}
+
+/// The dotted key an error at the end of `before` (its line up to the error) is
+/// in: the line's own key, and the inner key when the error is inside an inline
+/// table. `line` is the whole line.
+fn key_at(before: &str, line: &str) -> Option<String> {
+    let clean = |k: &str| k.trim().trim_matches('"').to_string();
+    let own = line
+        .split_once('=')
+        .map(|(k, _)| clean(k))
+        .filter(|k| !k.is_empty())?;
+    // The identifier before the last `=` left of the error, if it is not the line's own.
+    let inner = before.rsplit_once('=').and_then(|(left, _)| {
+        let ident = left
+            .trim_end()
+            .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '"'))
+            .next()
+            .map(clean)?;
+        (!ident.is_empty() && ident != own).then_some(ident)
+    });
+    Some(match inner {
+        Some(i) => format!("{own}.{i}"),
+        None => own,
+    })
 }
 
 /// Every wrong type and unknown key in `text`, in its order, starting from serde's
@@ -848,186 +1038,334 @@ impl Config {
     }
 
     /// Checks everything serde cannot: references, ranges, names. Reports every
-    /// problem.
+    /// problem. What the library's cores check themselves (a rate limit's quota, a
+    /// breaker's thresholds) they check when the runtime is compiled from this
+    /// (`Runtime::compile`), which `palisade check` and start-up both call.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
         if self.routes.is_empty() {
             p.push("routes: at least one route is needed".to_string());
         }
-        if self.gateway.tunnel_idle_timeout.0.is_zero() {
-            p.push("gateway.tunnel_idle_timeout: must be more than 0".to_string());
+        self.gateway.problems(&mut p);
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}] ({})", r.name);
+            if r.name.is_empty() {
+                p.push(format!("{at}.name: must not be empty"));
+            } else if !names.insert(r.name.as_str()) {
+                p.push(format!("{at}.name: another route is called `{}`", r.name));
+            }
+            if !self.clusters.contains_key(&r.cluster) {
+                p.push(format!("{at}.cluster: no cluster named `{}`", r.cluster));
+            }
+            r.problems(&at, &mut p);
         }
-        if self.gateway.pool_idle_timeout.0.is_zero() {
-            p.push("gateway.pool_idle_timeout: must be more than 0".to_string());
+        for (name, c) in &self.clusters {
+            c.problems(&format!("clusters.{name}"), &mut p);
         }
-        if let Some(tls) = &self.gateway.tls {
+        if p.is_empty() { Ok(()) } else { Err(ConfigError(p)) }
+    }
+}
+
+/// Largest `gateway.workers`.
+pub const MAX_WORKERS: usize = 1024;
+/// Largest `gateway.max_client_connections`.
+pub const MAX_CLIENT_CONNECTIONS: usize = 1 << 20;
+/// Largest `ring_vnodes`.
+pub const MAX_RING_VNODES: u32 = 4096;
+/// Largest `rate_limit.max_keys`.
+pub const MAX_LIMIT_KEYS: usize = 10_000_000;
+/// Largest `gateway.max_header_bytes` (and the least: hyper's read buffer floor).
+pub const HEADER_BYTES: std::ops::RangeInclusive<usize> = 8192..=(1 << 20);
+
+fn positive(p: &mut Vec<String>, at: &str, d: Dur) {
+    if d.0.is_zero() {
+        p.push(format!("{at}: must be more than 0"));
+    }
+}
+
+fn fraction(p: &mut Vec<String>, at: &str, x: f64) {
+    if !(0.0..=1.0).contains(&x) {
+        p.push(format!("{at}: must be between 0 and 1"));
+    }
+}
+
+fn within<T: PartialOrd + fmt::Display>(p: &mut Vec<String>, at: &str, x: T, lo: T, hi: T) {
+    if x < lo || x > hi {
+        p.push(format!("{at}: {x} is not between {lo} and {hi}"));
+    }
+}
+
+impl GatewaySection {
+    fn problems(&self, p: &mut Vec<String>) {
+        for (field, d) in [
+            ("tunnel_idle_timeout", self.tunnel_idle_timeout),
+            ("pool_idle_timeout", self.pool_idle_timeout),
+            ("client_header_timeout", self.client_header_timeout),
+            ("client_idle_timeout", self.client_idle_timeout),
+            ("request_body_idle_timeout", self.request_body_idle_timeout),
+            ("h2_keepalive_interval", self.h2_keepalive_interval),
+            ("h2_keepalive_timeout", self.h2_keepalive_timeout),
+        ] {
+            positive(p, &format!("gateway.{field}"), d);
+        }
+        within(p, "gateway.workers", self.workers, 0, MAX_WORKERS);
+        within(
+            p,
+            "gateway.max_client_connections",
+            self.max_client_connections,
+            1,
+            MAX_CLIENT_CONNECTIONS,
+        );
+        within(
+            p,
+            "gateway.max_header_bytes",
+            self.max_header_bytes,
+            *HEADER_BYTES.start(),
+            *HEADER_BYTES.end(),
+        );
+        within(
+            p,
+            "gateway.pool_idle_per_endpoint",
+            self.pool_idle_per_endpoint,
+            0,
+            100_000,
+        );
+        if usize::try_from(self.max_body_bytes).is_err() {
+            p.push("gateway.max_body_bytes: too large for this machine".to_string());
+        }
+        // The same port on the same address (port 0 is a fresh one each time).
+        if let Some(admin) = self.admin
+            && admin.port() != 0
+            && admin.port() == self.listen.port()
+            && (admin.ip() == self.listen.ip()
+                || admin.ip().is_unspecified()
+                || self.listen.ip().is_unspecified())
+        {
+            p.push(format!(
+                "gateway.admin: {admin} is where the proxy listens (gateway.listen); give the admin listener its own port"
+            ));
+        }
+        if let Some(tls) = &self.tls {
             for proto in &tls.alpn {
                 if !["h2", "http/1.1"].contains(&proto.as_str()) {
                     p.push(format!("gateway.tls.alpn: `{proto}` is not `h2` or `http/1.1`"));
                 }
             }
-            if tls.handshake_timeout.0.is_zero() {
-                p.push("gateway.tls.handshake_timeout: must be more than 0".to_string());
+            positive(p, "gateway.tls.handshake_timeout", tls.handshake_timeout);
+        }
+    }
+}
+
+impl RouteConfig {
+    fn problems(&self, at: &str, p: &mut Vec<String>) {
+        positive(p, &format!("{at}.timeout"), self.timeout);
+        positive(p, &format!("{at}.body_idle_timeout"), self.body_idle_timeout);
+        if let Some(t) = self.per_try_timeout
+            && (t.0.is_zero() || t > self.timeout)
+        {
+            p.push(format!(
+                "{at}.per_try_timeout: must be more than 0 and at most `timeout`"
+            ));
+        }
+        self.matcher.problems(&format!("{at}.match"), p);
+        if let Some(retry) = &self.retry {
+            within(p, &format!("{at}.retry.attempts"), retry.attempts, 1, 10);
+            fraction(p, &format!("{at}.retry.budget_ratio"), retry.budget_ratio);
+            if retry.backoff > retry.max_backoff {
+                p.push(format!("{at}.retry.backoff: must be at most max_backoff"));
+            }
+            for s in &retry.statuses {
+                within(p, &format!("{at}.retry.statuses"), *s, 100, 599);
             }
         }
-        for (i, r) in self.routes.iter().enumerate() {
-            let at = format!("routes[{i}] ({})", r.name);
-            if !self.clusters.contains_key(&r.cluster) {
-                p.push(format!("{at}.cluster: no cluster named `{}`", r.cluster));
-            }
-            if r.timeout.0.is_zero() {
-                p.push(format!("{at}.timeout: must be more than 0"));
-            }
-            if r.body_idle_timeout.0.is_zero() {
-                p.push(format!("{at}.body_idle_timeout: must be more than 0"));
-            }
-            if let Some(t) = r.per_try_timeout
-                && (t.0.is_zero() || t > r.timeout)
-            {
-                p.push(format!(
-                    "{at}.per_try_timeout: must be more than 0 and at most `timeout`"
-                ));
-            }
-            if let Some(prefix) = &r.matcher.path_prefix
-                && !prefix.starts_with('/')
-            {
-                p.push(format!("{at}.match.path_prefix: must start with `/`"));
-            }
-            for m in &r.matcher.methods {
-                if http::Method::from_bytes(m.as_bytes()).is_err() {
-                    p.push(format!("{at}.match.methods: `{m}` is not a method"));
-                }
-            }
-            for h in r.matcher.headers.keys() {
-                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                    p.push(format!("{at}.match.headers: `{h}` is not a header name"));
-                }
-            }
-            if let Some(retry) = &r.retry {
-                if retry.attempts == 0 {
-                    p.push(format!("{at}.retry.attempts: must be at least 1"));
-                }
-                if !(0.0..=1.0).contains(&retry.budget_ratio) {
-                    p.push(format!("{at}.retry.budget_ratio: must be between 0 and 1"));
-                }
-                if retry.backoff > retry.max_backoff {
-                    p.push(format!("{at}.retry.backoff: must be at most max_backoff"));
-                }
-            }
-            if let Some(l) = &r.rate_limit {
-                if l.requests == 0 {
-                    p.push(format!("{at}.rate_limit.requests: must be at least 1"));
-                }
-                if l.per.0.is_zero() {
-                    p.push(format!("{at}.rate_limit.per: must be more than 0"));
-                }
-                let key_ok = l.key == "global"
-                    || l.key == "client-ip"
-                    || l.key
-                        .strip_prefix("header:")
-                        .is_some_and(|h| http::HeaderName::from_bytes(h.as_bytes()).is_ok());
-                if !key_ok {
-                    p.push(format!(
-                        "{at}.rate_limit.key: `{}` is not `global`, `client-ip` or `header:<name>`",
-                        l.key
-                    ));
-                }
-            }
-            if let Some(f) = &r.fallback
-                && http::StatusCode::from_u16(f.status).is_err()
-            {
-                p.push(format!("{at}.fallback.status: {} is not a status", f.status));
+        if let Some(l) = &self.rate_limit {
+            within(
+                p,
+                &format!("{at}.rate_limit.max_keys"),
+                l.max_keys,
+                1,
+                MAX_LIMIT_KEYS,
+            );
+        }
+        if let Some(f) = &self.fallback {
+            within(p, &format!("{at}.fallback.status"), f.status, 200, 599);
+            if http::HeaderValue::from_str(&f.content_type).is_err() {
+                p.push(format!("{at}.fallback.content_type: not a header value"));
             }
         }
-        for (name, c) in &self.clusters {
-            let at = format!("clusters.{name}");
-            if c.endpoints.is_empty() && c.endpoints_file.is_none() && !c.allow_empty {
-                p.push(format!(
-                    "{at}.endpoints: no endpoints (set allow_empty = true if that is meant)"
-                ));
+        match &self.hash_on {
+            Some(HashOn::Header(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                p.push(format!("{at}.hash_on.header: `{h}` is not a header name"));
             }
-            for (j, e) in c.endpoints.iter().enumerate() {
-                if let Err(msg) = split_host_port(e.address()) {
-                    p.push(format!("{at}.endpoints[{j}]: {msg}"));
-                }
-                if e.weight_tier().0 == 0 {
-                    p.push(format!("{at}.endpoints[{j}].weight: must be at least 1"));
-                }
+            Some(HashOn::Cookie(c)) if c.is_empty() || c.contains([';', '=', ' ']) => {
+                p.push(format!("{at}.hash_on.cookie: `{c}` is not a cookie name"));
             }
-            if !LB_POLICIES.contains(&c.lb.as_str()) {
-                p.push(format!(
-                    "{at}.lb: `{}` is not one of {}",
-                    c.lb,
-                    LB_POLICIES.join(", ")
-                ));
-            }
-            if let Some(t) = &c.tls
-                && t.cert_file.is_some() != t.key_file.is_some()
+            _ => {}
+        }
+    }
+}
+
+impl MatchConfig {
+    fn problems(&self, at: &str, p: &mut Vec<String>) {
+        if let Some(host) = &self.host
+            && let Err(e) = host_pattern(host)
+        {
+            p.push(format!("{at}.host: `{host}` {e}"));
+        }
+        for (field, path) in [("path_prefix", &self.path_prefix), ("path", &self.path)] {
+            if let Some(path) = path
+                && !path.starts_with('/')
             {
-                p.push(format!("{at}.tls: cert_file and key_file go together"));
+                p.push(format!("{at}.{field}: must start with `/`"));
             }
-            match (c.protocol.as_str(), &c.tls) {
-                ("http1", _) | ("h2c", None) | ("h2", Some(_)) => {}
-                ("h2c", Some(_)) => p.push(format!(
-                    "{at}.protocol: `h2c` is HTTP/2 in the clear; with `tls` use `h2`"
-                )),
-                ("h2", None) => p.push(format!(
-                    "{at}.protocol: `h2` is HTTP/2 over TLS and needs [{at}.tls]; in the clear use `h2c`"
-                )),
-                (other, _) => p.push(format!("{at}.protocol: `{other}` is not `http1`, `h2c` or `h2`")),
+        }
+        for m in &self.methods {
+            if http::Method::from_bytes(m.as_bytes()).is_err() {
+                p.push(format!("{at}.methods: `{m}` is not a method"));
             }
-            if !(0.0..=1.0).contains(&c.panic_threshold) {
-                p.push(format!("{at}.panic_threshold: must be between 0 and 1"));
+        }
+        for (h, v) in &self.headers {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                p.push(format!("{at}.headers: `{h}` is not a header name"));
             }
-            if c.max_concurrent == Some(0) {
-                p.push(format!("{at}.max_concurrent: must be at least 1"));
-            }
-            if let Some(b) = &c.breaker {
-                if !(0.0..=1.0).contains(&b.failure_rate) || !(0.0..=1.0).contains(&b.slow_call_rate) {
-                    p.push(format!("{at}.breaker: rates must be between 0 and 1"));
-                }
-                if b.half_open_probes == 0 || b.success_threshold == 0 {
-                    p.push(format!(
-                        "{at}.breaker: half_open_probes and success_threshold must be at least 1"
-                    ));
-                }
-                if b.window == 0 {
-                    p.push(format!("{at}.breaker.window: must be at least 1"));
-                }
-                if b.open > b.max_open {
-                    p.push(format!(
-                        "{at}.breaker.open: must be at most max_open ({})",
-                        b.max_open
-                    ));
-                }
-            }
-            if let Some(o) = &c.outlier
-                && (o.max_ejection_percent > 100 || !(0.0..=1.0).contains(&o.failure_rate))
-            {
+            if http::HeaderValue::from_str(v).is_err() {
                 p.push(format!(
-                    "{at}.outlier: max_ejection_percent <= 100 and failure_rate in [0, 1]"
-                ));
-            }
-            if let Some(h) = &c.health {
-                if h.kind != "http" && h.kind != "tcp" {
-                    p.push(format!("{at}.health.kind: `{}` is not `http` or `tcp`", h.kind));
-                }
-                if h.interval.0.is_zero() || h.timeout.0.is_zero() {
-                    p.push(format!("{at}.health: interval and timeout must be more than 0"));
-                }
-                if !h.path.starts_with('/') {
-                    p.push(format!("{at}.health.path: must start with `/`"));
-                }
-            }
-            if let Some(f) = &c.failover
-                && !(0.0..=1.0).contains(&f.healthy_threshold)
-            {
-                p.push(format!(
-                    "{at}.failover.healthy_threshold: must be between 0 and 1"
+                    "{at}.headers.{h}: not a header value (control characters such as NUL, CR, LF cannot be sent)"
                 ));
             }
         }
-        if p.is_empty() { Ok(()) } else { Err(ConfigError(p)) }
+    }
+}
+
+/// Checks a route's host pattern: a host name (labels of letters, digits, `-`),
+/// `*.` and a host name, or an IP address.
+fn host_pattern(host: &str) -> Result<(), &'static str> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if name.parse::<std::net::IpAddr>().is_ok() && name.len() == host.len() {
+        return Ok(());
+    }
+    if host.contains(':') {
+        return Err("has a port or is not a host name (routes match the host without its port)");
+    }
+    host_name(name)
+}
+
+/// Checks a DNS host name (RFC 1123 labels; `_` allowed, as resolvers do).
+fn host_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 253 {
+        return Err("is not a host name (1 to 253 characters)");
+    }
+    let labels_ok = name.trim_end_matches('.').split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    });
+    if !labels_ok {
+        return Err("is not a host name (dot-separated labels of letters, digits and `-`)");
+    }
+    // All digits and dots, yet not an IPv4 address (`256.1.1.1`).
+    if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err("is not an IPv4 address");
+    }
+    Ok(())
+}
+
+impl ClusterSection {
+    fn problems(&self, at: &str, p: &mut Vec<String>) {
+        if self.endpoints.is_empty() && self.endpoints_file.is_none() && !self.allow_empty {
+            p.push(format!(
+                "{at}.endpoints: no endpoints (set allow_empty = true if that is meant)"
+            ));
+        }
+        for (j, e) in self.endpoints.iter().enumerate() {
+            if let Err(msg) = split_host_port(e.address()) {
+                p.push(format!("{at}.endpoints[{j}]: {msg}"));
+            }
+            if e.weight_tier().0 == 0 {
+                p.push(format!("{at}.endpoints[{j}].weight: must be at least 1"));
+            }
+        }
+        within(
+            p,
+            &format!("{at}.ring_vnodes"),
+            self.ring_vnodes,
+            1,
+            MAX_RING_VNODES,
+        );
+        positive(p, &format!("{at}.connect_timeout"), self.connect_timeout);
+        positive(p, &format!("{at}.dns_refresh"), self.dns_refresh);
+        if let Some(t) = &self.tls
+            && t.cert_file.is_some() != t.key_file.is_some()
+        {
+            p.push(format!("{at}.tls: cert_file and key_file go together"));
+        }
+        match (self.protocol, &self.tls) {
+            (Protocol::Http1, _) | (Protocol::H2c, None) | (Protocol::H2, Some(_)) => {}
+            (Protocol::H2c, Some(_)) => p.push(format!(
+                "{at}.protocol: `h2c` is HTTP/2 in the clear; with `tls` use `h2`"
+            )),
+            (Protocol::H2, None) => p.push(format!(
+                "{at}.protocol: `h2` is HTTP/2 over TLS and needs [{at}.tls]; in the clear use `h2c`"
+            )),
+        }
+        fraction(p, &format!("{at}.panic_threshold"), self.panic_threshold);
+        if self.max_concurrent == Some(0) {
+            p.push(format!("{at}.max_concurrent: must be at least 1"));
+        }
+        if let Some(b) = &self.breaker {
+            fraction(p, &format!("{at}.breaker.failure_rate"), b.failure_rate);
+            fraction(p, &format!("{at}.breaker.slow_call_rate"), b.slow_call_rate);
+            if b.half_open_probes == 0 || b.success_threshold == 0 {
+                p.push(format!(
+                    "{at}.breaker: half_open_probes and success_threshold must be at least 1"
+                ));
+            }
+            within(p, &format!("{at}.breaker.window"), b.window, 1, 100_000);
+            if b.open > b.max_open {
+                p.push(format!(
+                    "{at}.breaker.open: must be at most max_open ({})",
+                    b.max_open
+                ));
+            }
+        }
+        if let Some(o) = &self.outlier {
+            within(
+                p,
+                &format!("{at}.outlier.max_ejection_percent"),
+                o.max_ejection_percent,
+                0,
+                100,
+            );
+            fraction(p, &format!("{at}.outlier.failure_rate"), o.failure_rate);
+            positive(
+                p,
+                &format!("{at}.outlier.failure_rate_window"),
+                o.failure_rate_window,
+            );
+        }
+        if let Some(h) = &self.health {
+            positive(p, &format!("{at}.health.interval"), h.interval);
+            positive(p, &format!("{at}.health.timeout"), h.timeout);
+            if !h.path.starts_with('/') || http::uri::PathAndQuery::try_from(h.path.as_str()).is_err() {
+                p.push(format!("{at}.health.path: must be a path starting with `/`"));
+            }
+            if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+                p.push(format!(
+                    "{at}.health: healthy_threshold and unhealthy_threshold must be at least 1"
+                ));
+            }
+        }
+        if let Some(f) = &self.failover {
+            fraction(
+                p,
+                &format!("{at}.failover.healthy_threshold"),
+                f.healthy_threshold,
+            );
+        }
     }
 }
 
@@ -1042,6 +1380,11 @@ pub fn split_host_port(address: &str) -> Result<(&str, u16), String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Err(format!("`{address}` has no host"));
+    }
+    if host.parse::<std::net::IpAddr>().is_err()
+        && let Err(e) = host_name(host)
+    {
+        return Err(format!("`{address}`: `{host}` {e}"));
     }
     Ok((host, port))
 }
@@ -1098,7 +1441,7 @@ endpoints = ["127.0.0.1:9000"]
     fn minimal_config_gets_defaults() {
         let c = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(c.routes[0].timeout, Dur(Duration::from_secs(15)));
-        assert_eq!(c.clusters["web"].lb, "least-request");
+        assert_eq!(c.clusters["web"].lb, Lb::LeastRequest);
         assert_eq!(c.gateway.listen.port(), 8080);
     }
 
@@ -1183,7 +1526,7 @@ retry = { attempts = 0 }
 
 [clusters.web]
 endpoints = ["localhost"]
-lb = "fastest"
+ring_vnodes = 0
 "#;
         let err = Config::from_toml(text).unwrap_err();
         let all = err.0.join("\n");
@@ -1192,7 +1535,7 @@ lb = "fastest"
             "routes[0] (a).per_try_timeout",
             "routes[0] (a).retry.attempts",
             "clusters.web.endpoints[0]: `localhost` is not host:port",
-            "clusters.web.lb: `fastest`",
+            "clusters.web.ring_vnodes: 0 is not between 1 and 4096",
             "gateway.tunnel_idle_timeout: must be more than 0",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in\n{all}");
@@ -1215,7 +1558,7 @@ lb = "fastest"
         ];
         let c = Config::from_toml_with_env(MINIMAL, env).unwrap();
         assert_eq!(c.gateway.listen.port(), 7000);
-        assert_eq!(c.clusters["web"].lb, "maglev");
+        assert_eq!(c.clusters["web"].lb, Lb::Maglev);
         assert_eq!(c.clusters["web"].max_concurrent, Some(7));
     }
 

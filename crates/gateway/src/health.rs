@@ -26,7 +26,7 @@ pub fn spawn(upstream: &Arc<Upstream>, section: &ClusterSection) -> Option<JoinH
                 async move {
                     let addr = ep.addr();
                     let passed = tokio::time::timeout(h.timeout.get(), async {
-                        if h.kind == "tcp" {
+                        if h.kind == crate::config::HealthKind::Tcp {
                             tokio::net::TcpStream::connect(addr).await.is_ok()
                         } else {
                             probe_http(&up, addr, &h.path).await

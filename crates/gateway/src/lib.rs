@@ -7,7 +7,9 @@
 //! [`proxy::handle`] is the request path.
 
 pub mod admin;
+pub mod cause;
 pub mod config;
+pub mod conn;
 pub mod connect;
 pub mod discovery;
 pub mod health;
@@ -40,30 +42,6 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     http_body_util::Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
-}
-
-/// Reads the files a valid configuration names (the listener's certificate and key,
-/// each cluster's CAs and client certificate) as start-up would, and reports every
-/// problem, each naming its field. For `palisade check`.
-pub fn check_files(c: &Config) -> Result<(), ConfigError> {
-    let mut problems = Vec::new();
-    if let Some(Err(e)) = c.gateway.tls.as_ref().map(tls::acceptor) {
-        problems.push(e);
-    }
-    for (name, cluster) in &c.clusters {
-        if let Some(Err(e)) = cluster
-            .tls
-            .as_ref()
-            .map(|t| connect::UpstreamTls::new(name, t, cluster.speaks_h2()))
-        {
-            problems.push(e);
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigError(problems))
-    }
 }
 
 pub use config::{Config, ConfigError};

@@ -20,9 +20,10 @@ use palisade_resilience::retry::{BudgetConfig, RetryBudget};
 use palisade_resilience::window::WindowConfig;
 use tokio::task::JoinHandle;
 
+use crate::cause::Cause;
 use crate::config::{
-    ClusterSection, Config, ConfigError, EndpointConfig, FallbackConfig, HashOn, MatchConfig, RetryOn,
-    split_host_port,
+    ClusterSection, Config, ConfigError, EndpointConfig, FallbackConfig, HashOn, Lb, LimitKey, MatchConfig,
+    RetryOn, split_host_port,
 };
 use crate::connect::{Connector, UpstreamTls};
 use crate::pool::Pool;
@@ -68,7 +69,7 @@ pub struct Route {
     /// Its name.
     pub name: String,
     /// What it matches.
-    pub matcher: MatchConfig,
+    pub matcher: Matcher,
     /// Where it sends.
     pub upstream: Arc<Upstream>,
     /// Total timeout.
@@ -82,11 +83,121 @@ pub struct Route {
     /// Rate limit.
     pub limiter: Option<RouteLimiter>,
     /// Fallback answer.
-    pub fallback: Option<FallbackConfig>,
+    pub fallback: Option<Fallback>,
     /// Hash key source.
-    pub hash_on: Option<HashOn>,
+    pub hash_on: Option<HashKey>,
     /// Its metric handles.
     pub metrics: RouteMetrics,
+}
+
+/// A route's match, compiled: names parsed, host pattern split.
+#[derive(Debug, Default)]
+pub struct Matcher {
+    /// The host, lower case, without port.
+    pub host: Option<HostMatch>,
+    /// The exact path.
+    pub path: Option<String>,
+    /// The path prefix.
+    pub path_prefix: Option<String>,
+    /// Methods (any, if empty).
+    pub methods: Vec<http::Method>,
+    /// Headers with the values they must have.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+/// A route's host pattern.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostMatch {
+    /// This host (lower case).
+    Exact(String),
+    /// Any subdomain of this one: `.example.com` for `*.example.com` (lower case).
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// Whether `host` (without port) matches, ignoring ASCII case.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => host.eq_ignore_ascii_case(h),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len()
+                    && host.is_char_boundary(host.len() - s.len())
+                    && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        }
+    }
+}
+
+impl Matcher {
+    fn compile(m: &MatchConfig) -> Matcher {
+        Matcher {
+            host: m.host.as_ref().map(|h| match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+                None => HostMatch::Exact(h.to_ascii_lowercase()),
+            }),
+            path: m.path.clone(),
+            path_prefix: m.path_prefix.clone(),
+            methods: m
+                .methods
+                .iter()
+                .filter_map(|x| http::Method::from_bytes(x.to_ascii_uppercase().as_bytes()).ok())
+                .collect(),
+            headers: m
+                .headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        http::HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        http::HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A route's fallback answer, ready to send.
+#[derive(Debug)]
+pub struct Fallback {
+    /// Its status.
+    pub status: http::StatusCode,
+    /// Its body.
+    pub body: bytes::Bytes,
+    /// Its content type.
+    pub content_type: http::HeaderValue,
+    /// The causes it answers (empty: every cause but a client's).
+    pub on: Vec<Cause>,
+}
+
+impl Fallback {
+    fn compile(f: &FallbackConfig) -> Option<Fallback> {
+        Some(Fallback {
+            status: http::StatusCode::from_u16(f.status).ok()?,
+            body: bytes::Bytes::from(f.body.clone()),
+            content_type: http::HeaderValue::from_str(&f.content_type).ok()?,
+            on: f.on.clone(),
+        })
+    }
+
+    /// Whether it answers a failure of `cause`.
+    pub fn answers(&self, cause: Cause) -> bool {
+        if self.on.is_empty() {
+            !cause.is_client()
+        } else {
+            self.on.contains(&cause)
+        }
+    }
+}
+
+/// What a hash balancer hashes a request on, compiled.
+#[derive(Debug)]
+pub enum HashKey {
+    /// A header's value.
+    Header(http::HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// The client's IP address.
+    ClientIp,
 }
 
 /// A route's metric handles, registered once so the request path does not build
@@ -254,12 +365,16 @@ fn spawn_pool_sweeper(up: &Arc<Upstream>, idle_timeout: Duration) -> JoinHandle<
 }
 
 impl Runtime {
-    /// Builds a runtime: resolves endpoints, creates clusters and clients, starts
-    /// health and discovery tasks. Fails (starting nothing) if an endpoint cannot be
-    /// resolved.
-    pub async fn build(config: Config) -> Result<Runtime, ConfigError> {
+    /// Compiles a configuration into a runtime that does not run yet: every
+    /// route, limiter, breaker, bulkhead, pool and TLS context built, each core
+    /// validating its own settings, and the files the configuration names (TLS,
+    /// endpoints file) read. Host names are not resolved and no task is started.
+    /// `palisade check` is this function; start-up and reload are this function,
+    /// then [`Runtime::build`]'s resolution and tasks, so a configuration `check`
+    /// accepts cannot fail start-up for a reason of its own.
+    pub fn compile(config: Config) -> Result<Runtime, ConfigError> {
+        config.validate()?;
         let mut clusters = HashMap::new();
-        let mut tasks = Vec::new();
         let mut problems = Vec::new();
         let tls = match config.gateway.tls.as_ref().map(crate::tls::acceptor) {
             Some(Ok(a)) => Some(a),
@@ -270,30 +385,52 @@ impl Runtime {
             None => None,
         };
         for (name, section) in &config.clusters {
-            match build_upstream(name, section, &config).await {
+            match build_upstream(name, section, &config) {
                 Ok(up) => {
-                    let up = Arc::new(up);
-                    tasks.extend(crate::health::spawn(&up, section));
-                    tasks.extend(crate::discovery::spawn(&up, section));
-                    tasks.push(spawn_pool_sweeper(&up, config.gateway.pool_idle_timeout.get()));
-                    clusters.insert(name.clone(), up);
+                    clusters.insert(name.clone(), Arc::new(up));
                 }
-                Err(e) => problems.push(e),
+                Err(e) => problems.extend(e),
             }
         }
-        if !problems.is_empty() {
-            for t in &tasks {
-                t.abort();
-            }
-            return Err(ConfigError(problems));
-        }
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| Route {
+        let mut routes = Vec::new();
+        for (i, r) in config.routes.iter().enumerate() {
+            let at = format!("routes[{i}] ({})", r.name);
+            let limiter = match &r.rate_limit {
+                Some(l) => {
+                    let quota = Quota::new(l.requests, l.per.get()).burst(l.burst.unwrap_or(l.requests));
+                    match Gcra::new(quota) {
+                        Ok(gcra) => Some(match &l.key {
+                            LimitKey::Global => RouteLimiter::Global(RateLimiter::new(gcra)),
+                            LimitKey::ClientIp => {
+                                RouteLimiter::ClientIp(KeyedRateLimiter::new(gcra, l.max_keys))
+                            }
+                            LimitKey::Header(h) => {
+                                RouteLimiter::Header(h.clone(), KeyedRateLimiter::new(gcra, l.max_keys))
+                            }
+                        }),
+                        Err(errors) => {
+                            // The quota's fields by their names in the file.
+                            problems.extend(errors.0.iter().map(|e| {
+                                let field = match e.field.as_str() {
+                                    "limit" => "requests",
+                                    "period" => "per",
+                                    other => other,
+                                };
+                                format!("{at}.rate_limit.{field}: {}", e.problem)
+                            }));
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            let Some(upstream) = clusters.get(&r.cluster) else {
+                continue;
+            };
+            routes.push(Route {
                 name: r.name.clone(),
-                matcher: r.matcher.clone(),
-                upstream: clusters[&r.cluster].clone(),
+                matcher: Matcher::compile(&r.matcher),
+                upstream: upstream.clone(),
                 timeout: r.timeout.get(),
                 per_try_timeout: r.per_try_timeout.map_or(r.timeout.get(), |d| d.get()),
                 body_idle_timeout: r.body_idle_timeout.get(),
@@ -311,25 +448,21 @@ impl Runtime {
                         window: Duration::from_secs(10),
                     }),
                 }),
-                limiter: r.rate_limit.as_ref().map(|l| {
-                    let quota = Quota::new(l.requests, l.per.get()).burst(l.burst.unwrap_or(l.requests));
-                    let gcra = Gcra::new(quota).expect("validated");
-                    if l.key == "client-ip" {
-                        RouteLimiter::ClientIp(KeyedRateLimiter::new(gcra, l.max_keys))
-                    } else if let Some(h) = l.key.strip_prefix("header:") {
-                        RouteLimiter::Header(
-                            http::HeaderName::from_bytes(h.as_bytes()).expect("validated"),
-                            KeyedRateLimiter::new(gcra, l.max_keys),
-                        )
-                    } else {
-                        RouteLimiter::Global(RateLimiter::new(gcra))
-                    }
+                limiter,
+                fallback: r.fallback.as_ref().and_then(Fallback::compile),
+                hash_on: r.hash_on.as_ref().and_then(|h| match h {
+                    HashOn::Header(name) => http::HeaderName::from_bytes(name.as_bytes())
+                        .ok()
+                        .map(HashKey::Header),
+                    HashOn::Cookie(name) => Some(HashKey::Cookie(name.clone())),
+                    HashOn::ClientIp => Some(HashKey::ClientIp),
                 }),
-                fallback: r.fallback.clone(),
-                hash_on: r.hash_on.clone(),
                 metrics: RouteMetrics::new(&r.name),
-            })
-            .collect();
+            });
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError(problems));
+        }
         Ok(Runtime {
             config,
             routes,
@@ -337,8 +470,34 @@ impl Runtime {
             tls,
             unrouted: RouteMetrics::new("none"),
             tunnels: crate::tunnel::Tunnels::default(),
-            tasks,
+            tasks: Vec::new(),
         })
+    }
+
+    /// Builds a runtime that serves: [`Runtime::compile`], then every host name
+    /// resolved, and health, discovery and pool tasks started. Fails (starting
+    /// nothing) if an endpoint cannot be resolved.
+    pub async fn build(config: Config) -> Result<Runtime, ConfigError> {
+        let mut rt = Runtime::compile(config)?;
+        let mut problems = Vec::new();
+        for (name, up) in &rt.clusters {
+            let section = &rt.config.clusters[name];
+            match resolve_endpoints(name, section).await {
+                Ok(infos) => up.cluster.set_endpoints(infos),
+                Err(e) => problems.push(e),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError(problems));
+        }
+        let idle = rt.config.gateway.pool_idle_timeout.get();
+        for (name, up) in &rt.clusters {
+            let section = &rt.config.clusters[name];
+            rt.tasks.extend(crate::health::spawn(up, section));
+            rt.tasks.extend(crate::discovery::spawn(up, section));
+            rt.tasks.push(spawn_pool_sweeper(up, idle));
+        }
+        Ok(rt)
     }
 
     /// Ready: every cluster has a healthy endpoint or may be empty.
@@ -349,20 +508,43 @@ impl Runtime {
     }
 }
 
-async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Result<Upstream, String> {
-    let lb = match s.lb.as_str() {
-        "round-robin" => LbPolicy::RoundRobin,
-        "weighted-round-robin" => LbPolicy::WeightedRoundRobin,
-        "random" => LbPolicy::Random,
-        "peak-ewma" => LbPolicy::PeakEwma,
-        "ring-hash" => LbPolicy::RingHash {
+/// The endpoints of a cluster as configured: addresses resolved, the endpoints
+/// file read.
+async fn resolve_endpoints(name: &str, s: &ClusterSection) -> Result<Vec<EndpointInfo>, String> {
+    let mut infos = Vec::new();
+    for e in &s.endpoints {
+        infos.extend(
+            resolve(e)
+                .await
+                .map_err(|m| format!("clusters.{name}.endpoints: {m}"))?,
+        );
+    }
+    if let Some(path) = &s.endpoints_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("clusters.{name}.endpoints_file: {path}: {e}"))?;
+        infos.extend(
+            crate::discovery::parse_endpoints_file(&text)
+                .map_err(|m| format!("clusters.{name}.endpoints_file: {m}"))?,
+        );
+    }
+    Ok(infos)
+}
+
+fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Result<Upstream, Vec<String>> {
+    let lb = match s.lb {
+        Lb::RoundRobin => LbPolicy::RoundRobin,
+        Lb::WeightedRoundRobin => LbPolicy::WeightedRoundRobin,
+        Lb::Random => LbPolicy::Random,
+        Lb::LeastRequest => LbPolicy::LeastRequest,
+        Lb::PeakEwma => LbPolicy::PeakEwma,
+        Lb::RingHash => LbPolicy::RingHash {
             vnodes: s.ring_vnodes,
         },
-        "maglev" => LbPolicy::Maglev {
+        Lb::Maglev => LbPolicy::Maglev {
             table_size: palisade_balance::hash::Maglev::DEFAULT_SIZE,
         },
-        _ => LbPolicy::LeastRequest,
     };
+    let mut problems = Vec::new();
     let mut cc = ClusterConfig::new(name);
     cc.lb = lb;
     cc.panic_threshold = s.panic_threshold;
@@ -411,36 +593,37 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
             bc = bc.slow_calls(slow.get(), b.slow_call_rate, b.minimum_calls);
         }
         let cluster_name = name.to_string();
-        // Validate once here so a bad combination is a config error, not a panic.
-        bc.validate()
-            .map_err(|e| format!("clusters.{name}.breaker: {e}"))?;
-        cluster = cluster.with_breakers(move |info| {
-            CircuitBreaker::builder(format!("{cluster_name}/{}", info.addr))
-                .config(bc.clone())
-                .build()
-                .expect("validated above")
-        });
+        // The breaker's own validation: a bad combination is a config error here,
+        // and every breaker built from the checked config below then builds.
+        match bc.validate() {
+            Ok(()) => {
+                cluster = cluster.with_breakers(move |info| {
+                    let breaker = CircuitBreaker::builder(format!("{cluster_name}/{}", info.addr))
+                        .config(bc.clone())
+                        .build();
+                    match breaker {
+                        Ok(b) => b,
+                        // Unreachable (the same config validated above); a breaker
+                        // that never opens would hide it, so the process says so.
+                        Err(e) => unreachable!("validated breaker config refused: {e}"),
+                    }
+                });
+            }
+            Err(e) => problems.extend(
+                e.0.iter()
+                    .map(|e| format!("clusters.{name}.breaker.{}: {}", e.field, e.problem)),
+            ),
+        }
     }
-    let mut infos = Vec::new();
-    for e in &s.endpoints {
-        infos.extend(
-            resolve(e)
-                .await
-                .map_err(|m| format!("clusters.{name}.endpoints: {m}"))?,
-        );
-    }
-    if let Some(path) = &s.endpoints_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("clusters.{name}.endpoints_file: {path}: {e}"))?;
-        infos.extend(
-            crate::discovery::parse_endpoints_file(&text)
-                .map_err(|m| format!("clusters.{name}.endpoints_file: {m}"))?,
-        );
-    }
-    cluster.set_endpoints(infos);
     let h2 = s.speaks_h2();
     let tls = match &s.tls {
-        Some(t) => Some(UpstreamTls::new(name, t, h2)?),
+        Some(t) => match UpstreamTls::new(name, t, h2) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        },
         None => None,
     };
     let connector = Connector::new(s.connect_timeout.get(), tls);
@@ -463,10 +646,13 @@ async fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Resu
                     max_wait: Duration::ZERO,
                 },
             )
-            .map_err(|e| format!("clusters.{name}.max_concurrent: {e}"))?,
+            .map_err(|e| vec![format!("clusters.{name}.max_concurrent: {e}")])?,
         ),
         None => None,
     };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
     Ok(Upstream {
         name: name.to_string(),
         cluster,

@@ -18,12 +18,13 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -32,6 +33,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
+use crate::conn::{Activity, Watched};
 use crate::proxy::Downstream;
 use crate::runtime::Runtime;
 
@@ -108,10 +110,44 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// Raises the process's open-file limit to its hard limit (once), so the
+/// connection cap, not the default soft limit of 1024, bounds how many clients are
+/// served, and returns the limit in force.
+pub fn raise_file_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let mut limit = getrlimit(Resource::Nofile);
+        if limit.current < limit.maximum {
+            let raised = rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => limit = raised,
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            }
+        }
+        tracing::info!(open_files = ?limit.current, "open-file limit");
+        limit.current
+    })
+}
+
 /// Starts the gateway: builds the runtime, binds both listeners, serves. `path` is
 /// the file the configuration came from, for reloads.
 pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, StartError> {
     let metrics = metrics_handle();
+    if let Some(files) = raise_file_limit() {
+        let workers = crate::runtime::worker_count(config.gateway.workers) as u64;
+        let wanted = workers.saturating_mul(config.gateway.max_client_connections as u64);
+        if wanted > files {
+            tracing::warn!(
+                open_files = files,
+                client_connections = wanted,
+                "the open-file limit is below workers x max_client_connections; accepts fail past it"
+            );
+        }
+    }
     let gateway = config.gateway.clone();
     let listener = TcpListener::bind(gateway.listen)
         .await
@@ -159,10 +195,11 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
             rx.clone(),
             runtime.clone(),
             false,
-            move |_| {
+            move |_, activity| {
                 let rt = rt.clone();
                 let metrics = metrics.clone();
                 service_fn(move |req| {
+                    let _active = activity.start();
                     let resp = crate::admin::handle(&rt.load(), metrics.as_ref(), &req);
                     async move { Ok::<_, Infallible>(resp) }
                 })
@@ -212,9 +249,9 @@ fn spawn_worker(
                     }
                 };
                 let rt = runtime.clone();
-                serve(listener, stop, runtime, true, move |from| {
+                serve(listener, stop, runtime, true, move |from, activity| {
                     let rt = rt.clone();
-                    service_fn(move |req| crate::proxy::handle(rt.load_full(), req, from))
+                    service_fn(move |req| crate::proxy::handle(rt.load_full(), req, from, activity.start()))
                 })
                 .await;
             });
@@ -227,7 +264,9 @@ fn spawn_worker(
 }
 
 /// Accepts connections until shutdown, then drains them within the configured time.
-/// With `proxy`, connections are TLS when the runtime serving has an acceptor.
+/// With `proxy`, connections are TLS when the runtime serving has an acceptor. At
+/// most `max_client_connections` are open at once (this worker's); more are closed
+/// as they come, and each is closed when its timeouts pass (see [`crate::conn`]).
 async fn serve<S, F>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
@@ -235,7 +274,7 @@ async fn serve<S, F>(
     proxy: bool,
     make: F,
 ) where
-    F: Fn(Downstream) -> S,
+    F: Fn(Downstream, Arc<Activity>) -> S,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<crate::Body>,
@@ -245,14 +284,22 @@ async fn serve<S, F>(
     S::Future: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let max_head = runtime.load().config.gateway.max_header_bytes.max(8192);
-    builder.http1().keep_alive(true).max_buf_size(max_head);
-    // Extended CONNECT (RFC 8441) carries WebSockets over HTTP/2.
-    builder
-        .http2()
-        .max_concurrent_streams(1024)
-        .enable_connect_protocol();
+    let (builder, max_open) = {
+        let rt = runtime.load();
+        let g = &rt.config.gateway;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().keep_alive(true).max_buf_size(g.max_header_bytes);
+        // Extended CONNECT (RFC 8441) carries WebSockets over HTTP/2.
+        builder
+            .http2()
+            .max_concurrent_streams(1024)
+            .enable_connect_protocol()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(g.h2_keepalive_interval.get())
+            .keep_alive_timeout(g.h2_keepalive_timeout.get());
+        (builder, g.max_client_connections)
+    };
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -261,28 +308,39 @@ async fn serve<S, F>(
                     Err(e) => {
                         // Out of file descriptors and the like: back off, keep serving.
                         tracing::warn!(error = %e, "accept failed");
+                        metrics::counter!("palisade_accept_errors_total").increment(1);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                let tls = if proxy { runtime.load().tls.clone() } else { None };
-                let svc = make(Downstream { addr: peer, tls: tls.is_some() });
-                let Some(tls) = tls else {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let conn = graceful.watch(conn.into_owned());
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, %peer, "connection ended with an error");
-                        }
-                    });
+                if open.load(Ordering::Acquire) >= max_open {
+                    // Closed at once: the client learns now, and the backlog drains.
+                    metrics::counter!("palisade_client_connections_refused_total").increment(1);
+                    drop(stream);
                     continue;
+                }
+                let counted = OpenConnection::new(&open);
+                let _ = stream.set_nodelay(true);
+                let (tls, header, idle) = {
+                    let rt = runtime.load();
+                    let g = &rt.config.gateway;
+                    let tls = if proxy { rt.tls.clone() } else { None };
+                    (tls, g.client_header_timeout.get(), g.client_idle_timeout.get())
                 };
-                // The handshake runs in the connection's own task, bounded in time, so a
-                // slow or silent client holds up nobody else.
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
+                let activity = Activity::new();
+                let svc = make(Downstream { addr: peer, tls: tls.is_some() }, activity.clone());
                 tokio::spawn(async move {
+                    let _counted = counted;
+                    let Some(tls) = tls else {
+                        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                        let conn = watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
+                        run_connection(conn, &activity, header, idle, peer).await;
+                        return;
+                    };
+                    // The handshake runs in the connection's own task, bounded in time,
+                    // so a slow or silent client holds up nobody else.
                     let stream = match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
@@ -296,10 +354,12 @@ async fn serve<S, F>(
                             return;
                         }
                     };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        activity.set_h2();
                     }
+                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                    let conn = watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
+                    run_connection(conn, &activity, header, idle, peer).await;
                 });
             }
             _ = stop.changed() => break,
@@ -326,6 +386,46 @@ async fn serve<S, F>(
         if proxy {
             tunnels.close_all();
         }
+    }
+}
+
+/// Serves one client connection until it ends or its timeouts pass.
+async fn run_connection<C, E>(
+    conn: C,
+    activity: &Activity,
+    header: Duration,
+    idle: Duration,
+    peer: SocketAddr,
+) where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::select! {
+        ended = conn => {
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        }
+        why = activity.expired(header, idle) => {
+            metrics::counter!("palisade_client_connections_closed_total", "reason" => why).increment(1);
+            tracing::debug!(%peer, reason = why, "client connection closed");
+        }
+    }
+}
+
+/// One open client connection, counted against the worker's cap while it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::AcqRel);
+        OpenConnection(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -4,6 +4,12 @@
 //! budget on another endpoint, and answer, with every failure the gateway makes
 //! saying why (`x-palisade-cause`).
 
+mod admit;
+mod client_body;
+
+pub use admit::{PathError, normalize_path};
+pub use client_body::{ClientBodyError, ClientFault};
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,81 +21,26 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use palisade_balance::PickError;
 use palisade_balance::endpoint::OwnedInFlight;
 use palisade_balance::outlier::CallResult;
 use palisade_resilience::breaker::{CircuitBreaker, Outcome, Permit};
 use palisade_resilience::bulkhead::BulkheadPermit;
-use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
+use palisade_resilience::ratelimit::RateLimitHeaders;
 use tokio::time::Instant;
 
-use crate::config::{HashOn, RetryOn};
+use crate::config::RetryOn;
+use crate::conn::ActiveGuard;
 use crate::pool::{Lease, SendError};
-use crate::runtime::{Route, RouteLimiter, Runtime, Upstream};
+use crate::runtime::{Route, Runtime, Upstream};
+
+use self::admit::{check_limit, hash_key, matches};
+use self::client_body::ClientBody;
 use crate::{Body, BoxError, full};
 
-/// Why the gateway answered a request itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cause {
-    /// No route matched (404).
-    NoRoute,
-    /// The route's rate limit refused (429).
-    RateLimited,
-    /// The request body is larger than allowed (413).
-    BodyTooLarge,
-    /// The request could not be read (400).
-    BadRequest,
-    /// Every candidate endpoint's breaker is open (503).
-    CircuitOpen,
-    /// No endpoint is healthy, or the cluster is empty (503).
-    NoHealthyEndpoint,
-    /// The cluster's bulkhead is full (503).
-    BulkheadFull,
-    /// The total or per-attempt timeout passed (504).
-    Timeout,
-    /// The endpoint could not be connected to (502).
-    ConnectError,
-    /// The connection was reset or closed before an answer (502).
-    Reset,
-    /// The endpoint broke the protocol (502).
-    ProtocolError,
-}
-
-impl Cause {
-    /// The value of `x-palisade-cause`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Cause::NoRoute => "no_route",
-            Cause::RateLimited => "rate_limited",
-            Cause::BodyTooLarge => "body_too_large",
-            Cause::BadRequest => "bad_request",
-            Cause::CircuitOpen => "circuit_open",
-            Cause::NoHealthyEndpoint => "no_healthy_endpoint",
-            Cause::BulkheadFull => "bulkhead_full",
-            Cause::Timeout => "timeout",
-            Cause::ConnectError => "connect_error",
-            Cause::Reset => "upstream_reset",
-            Cause::ProtocolError => "protocol_error",
-        }
-    }
-
-    /// The status the gateway answers with.
-    pub fn status(self) -> StatusCode {
-        match self {
-            Cause::NoRoute => StatusCode::NOT_FOUND,
-            Cause::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Cause::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Cause::BadRequest => StatusCode::BAD_REQUEST,
-            Cause::CircuitOpen | Cause::NoHealthyEndpoint | Cause::BulkheadFull => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Cause::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Cause::ConnectError | Cause::Reset | Cause::ProtocolError => StatusCode::BAD_GATEWAY,
-        }
-    }
-}
+pub use crate::cause::Cause;
 
 /// The header naming why the gateway answered itself.
 pub const CAUSE_HEADER: HeaderName = HeaderName::from_static("x-palisade-cause");
@@ -168,11 +119,16 @@ pub struct Downstream {
 /// It owns its runtime and returns what a hyper service does, so the server calls
 /// it without an async block around it: each layer of future would be another copy
 /// of its state (some 3.5 KiB) per request.
+///
+/// `active` marks the request in progress on its connection (for the connection's
+/// idle timeout) until its answer is complete.
 pub async fn handle(
     rt: Arc<Runtime>,
     mut req: Request<Incoming>,
     client: Downstream,
+    active: ActiveGuard,
 ) -> Result<Response<Body>, Infallible> {
+    let mut active = Some(active);
     let rt = &*rt;
     let started = Instant::now();
     let request_id = req
@@ -187,6 +143,10 @@ pub async fn handle(
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let extended_connect = mark_extended_connect(&mut req);
+    if let Err(f) = admit::admit(&mut req, rt.config.gateway.escaped_slashes) {
+        metrics::counter!("palisade_client_failures_total", "reason" => "bad_request").increment(1);
+        return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
+    }
     let Some(route) = rt.routes.iter().find(|r| matches(r, &req)) else {
         let f = Failure::new(
             Cause::NoRoute,
@@ -194,21 +154,17 @@ pub async fn handle(
         );
         return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
     };
-    let resp = match route_request(rt, route, req, client, &request_id).await {
+    let resp = match route_request(rt, route, req, client, &request_id, &mut active).await {
         Ok(resp) => resp,
         Err(f) => match &route.fallback {
             // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
-            Some(fb)
-                if !extended_connect && (fb.on.is_empty() || fb.on.iter().any(|c| c == f.cause.as_str())) =>
-            {
+            Some(fb) if !extended_connect && fb.answers(f.cause) => {
                 metrics::counter!("palisade_fallback_total", "route" => route.name.clone(), "cause" => f.cause.as_str())
                     .increment(1);
                 let mut resp = Response::new(full(fb.body.clone()));
-                *resp.status_mut() = StatusCode::from_u16(fb.status).unwrap_or(StatusCode::OK);
+                *resp.status_mut() = fb.status;
                 let h = resp.headers_mut();
-                if let Ok(v) = HeaderValue::from_str(&fb.content_type) {
-                    h.insert(header::CONTENT_TYPE, v);
-                }
+                h.insert(header::CONTENT_TYPE, fb.content_type.clone());
                 h.insert(
                     HeaderName::from_static("x-palisade-fallback"),
                     HeaderValue::from_static(f.cause.as_str()),
@@ -258,78 +214,6 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&id).expect("hex is a valid header value")
 }
 
-/// Whether `route` matches `req`.
-fn matches<B>(route: &Route, req: &Request<B>) -> bool {
-    let m = &route.matcher;
-    if let Some(want) = &m.host {
-        let host = req
-            .uri()
-            .host()
-            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
-            .map(strip_port)
-            .unwrap_or("");
-        let ok = match want.strip_prefix("*.") {
-            Some(suffix) => {
-                host.len() > suffix.len()
-                    && host.ends_with(suffix)
-                    && host[..host.len() - suffix.len()].ends_with('.')
-            }
-            None => host.eq_ignore_ascii_case(want),
-        };
-        if !ok {
-            return false;
-        }
-    }
-    let path = req.uri().path();
-    if m.path.as_deref().is_some_and(|p| p != path) {
-        return false;
-    }
-    if m.path_prefix.as_deref().is_some_and(|p| !path.starts_with(p)) {
-        return false;
-    }
-    if !m.methods.is_empty()
-        && !m
-            .methods
-            .iter()
-            .any(|x| x.eq_ignore_ascii_case(req.method().as_str()))
-    {
-        return false;
-    }
-    m.headers.iter().all(|(k, v)| {
-        req.headers()
-            .get(k.as_str())
-            .is_some_and(|h| h.as_bytes() == v.as_bytes())
-    })
-}
-
-/// `host:port` -> `host` (IPv6 literals keep their brackets).
-fn strip_port(host: &str) -> &str {
-    match host.rsplit_once(':') {
-        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
-        _ => host,
-    }
-}
-
-fn check_limit(
-    limiter: &RouteLimiter,
-    req: &Request<Incoming>,
-    client: SocketAddr,
-) -> Result<(), RateLimited> {
-    match limiter {
-        RouteLimiter::Global(l) => l.check().map(drop),
-        RouteLimiter::ClientIp(l) => l.check(&client.ip()).map(drop),
-        RouteLimiter::Header(name, l) => {
-            let key = req
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            l.check(&key).map(drop)
-        }
-    }
-}
-
 /// The request's body, as sent on each attempt.
 enum SendBody {
     /// Kept in memory: can be sent again.
@@ -344,6 +228,7 @@ async fn route_request(
     mut req: Request<Incoming>,
     from: Downstream,
     request_id: &HeaderValue,
+    active: &mut Option<ActiveGuard>,
 ) -> Result<Response<Body>, Failure> {
     if let Some(limiter) = &route.limiter
         && let Err(limited) = check_limit(limiter, &req, from.addr)
@@ -398,16 +283,24 @@ async fn route_request(
             && (declared.is_some_and(|n| n <= r.buffer_bytes)
                 || (declared.is_none() && body_is_empty(&parts)))
     });
-    let mut send_body = if can_buffer {
-        let bytes = Limited::new(body, max_body as usize)
-            .collect()
-            .await
-            .map_err(|e| body_error(&e))?
-            .to_bytes();
-        SendBody::Buffered(bytes)
+    // The client's body, watched: its failures are the client's (see `client_body`).
+    let idle = rt.config.gateway.request_body_idle_timeout.get();
+    let (mut send_body, client_side) = if body.is_end_stream() {
+        let send = if can_buffer {
+            SendBody::Buffered(Bytes::new())
+        } else {
+            SendBody::Streaming(Some(crate::empty()))
+        };
+        (send, None)
     } else {
-        let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
-        SendBody::Streaming(Some(limited.boxed()))
+        let (mut watched, side) = ClientBody::new(body, max_body, idle);
+        if can_buffer {
+            let bytes = watched.collect().await.map_err(|e| client_error(&e))?.to_bytes();
+            (SendBody::Buffered(bytes), None)
+        } else {
+            watched.prime().await.map_err(ClientFault::failure)?;
+            (SendBody::Streaming(Some(watched.boxed())), Some(side))
+        }
     };
     // The client's headers as sent upstream; hop-by-hop ones go, forwarding ones come.
     prepare_headers(&mut parts, up.version, from, request_id);
@@ -505,6 +398,15 @@ async fn route_request(
         let in_flight = ep.start_owned();
         let result = tokio::time::timeout(per_try, up.pool().send(addr, req)).await;
         let latency = attempt_start.elapsed();
+        // A failure the client's body caused (or a timeout while the gateway waited
+        // for it) is the client's: the endpoint is not judged, and dropping the
+        // breaker's permit counts the call as cancelled.
+        if !matches!(result, Ok(Ok(_)))
+            && let Some(fault) = client_side.as_ref().and_then(|s| s.fault(result.is_err()))
+        {
+            drop((permit, in_flight));
+            return Err(fault.failure());
+        }
         // The connection goes back to the pool when the verdict is settled: once
         // the body is read. An upgraded one is no longer the pool's.
         let (result, lease) = match result {
@@ -531,6 +433,7 @@ async fn route_request(
             latency,
             in_flight,
             lease,
+            active: None,
         };
         // An answer whose body is still to come is judged when it ends: a body cut
         // mid-stream is the endpoint's failure, not the success its headers promised.
@@ -604,6 +507,7 @@ async fn route_request(
             Ok(Ok(resp)) => {
                 if let Some(v) = &mut verdict {
                     v.slot = slot.take();
+                    v.active = active.take();
                 }
                 let verdict = verdict.map(|v| (v, route.body_idle_timeout));
                 Ok(downstream_response(resp, request_id, verdict))
@@ -743,12 +647,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn body_error(e: &BoxError) -> Failure {
-    if e.is::<http_body_util::LengthLimitError>() {
-        Failure::new(Cause::BodyTooLarge, "request body over the limit")
-    } else {
-        Failure::new(Cause::BadRequest, format!("cannot read the request body: {e}"))
-    }
+/// A client body's error while it was read whole (to be sent more than once).
+fn client_error(e: &BoxError) -> Failure {
+    e.downcast_ref::<ClientBodyError>()
+        .map_or(ClientFault::Malformed, |e| e.0)
+        .failure()
 }
 
 fn body_is_empty(parts: &http::request::Parts) -> bool {
@@ -768,23 +671,6 @@ fn jitter(base: Duration) -> Duration {
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
     let secs: u64 = h.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(secs))
-}
-
-fn hash_key(h: &HashOn, req: &Request<Incoming>, client: SocketAddr) -> Option<u64> {
-    use palisade_balance::hash::hash_bytes;
-    match h {
-        HashOn::Header(name) => req.headers().get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
-        HashOn::ClientIp => Some(hash_bytes(client.ip().to_string().as_bytes())),
-        HashOn::Cookie(name) => req
-            .headers()
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|kv| kv.trim().split_once('='))
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| hash_bytes(v.as_bytes())),
-    }
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 section 7.6.1).
@@ -1150,6 +1036,8 @@ struct Verdict {
     /// The HTTP/1.1 connection the answer comes on, handed back to its pool with
     /// the verdict: once the body is read.
     lease: Option<Lease>,
+    /// The client connection's request in progress, until the answer is complete.
+    active: Option<ActiveGuard>,
 }
 
 impl Verdict {

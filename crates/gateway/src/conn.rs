@@ -1,0 +1,257 @@
+//! Client connection timeouts: a connection that is slow to send a request's head
+//! (`client_header_timeout`, from its first byte, or from the connection's start for
+//! its first request) or that sits with no request in progress
+//! (`client_idle_timeout`) is closed, and never touches endpoint health.
+//!
+//! Each connection has an [`Activity`]: its socket ([`Watched`]) notes bytes that
+//! arrive while no request is in progress (a head being sent), each request holds an
+//! [`ActiveGuard`] until its answer is complete, and [`Activity::expired`] resolves
+//! when one of the timeouts has passed. HTTP/2 connections have no head to time
+//! (their streams are bounded by HTTP/2's own limits): only the idle timeout applies,
+//! with keep-alive pings for dead peers.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+const NONE: u64 = u64::MAX;
+
+/// What a client connection is doing, for its timeouts.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    /// Requests in progress.
+    active: AtomicU32,
+    /// When the last request ended, or the connection opened (ms since `epoch`).
+    idle_since: AtomicU64,
+    /// When the first byte came while no request was in progress (ms), or `NONE`.
+    head_since: AtomicU64,
+    /// A request has been served (the idle timeout applies, not the first head's).
+    served: AtomicBool,
+    /// HTTP/2: no head timeout.
+    h2: AtomicBool,
+    /// The first read has been looked at (for the HTTP/2 preface).
+    seen: AtomicBool,
+    wake: Notify,
+}
+
+impl Activity {
+    /// A connection opened now.
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            active: AtomicU32::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(NONE),
+            served: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            seen: AtomicBool::new(false),
+            wake: Notify::new(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(NONE - 1)
+    }
+
+    /// Marks the connection as HTTP/2 (from ALPN): no head timeout.
+    pub fn set_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+        self.seen.store(true, Ordering::Relaxed);
+    }
+
+    /// A request has started; it is in progress until the guard is dropped.
+    pub fn start(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(NONE, Ordering::Relaxed);
+        self.served.store(true, Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+
+    fn on_read(&self, bytes: &[u8]) {
+        if !self.seen.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2") {
+            self.h2.store(true, Ordering::Relaxed);
+            self.served.store(true, Ordering::Relaxed);
+            self.idle_since.store(self.now_ms(), Ordering::Relaxed);
+            return;
+        }
+        if self.active.load(Ordering::Acquire) == 0
+            && !self.h2.load(Ordering::Relaxed)
+            && self.head_since.load(Ordering::Relaxed) == NONE
+        {
+            self.head_since.store(self.now_ms(), Ordering::Relaxed);
+            self.wake.notify_one();
+        }
+    }
+
+    /// When the connection is due to be closed, as things stand (`None`: a
+    /// request is in progress).
+    fn deadline(&self, header: Duration, idle: Duration) -> Option<Instant> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ms = |t: u64| self.epoch + Duration::from_millis(t);
+        let head = self.head_since.load(Ordering::Relaxed);
+        Some(if head != NONE {
+            ms(head) + header
+        } else if self.served.load(Ordering::Relaxed) {
+            ms(self.idle_since.load(Ordering::Relaxed)) + idle
+        } else {
+            ms(self.idle_since.load(Ordering::Relaxed)) + header
+        })
+    }
+
+    /// Resolves when the connection has been slow with a head for `header`, or
+    /// idle for `idle`. Returns which.
+    pub async fn expired(&self, header: Duration, idle: Duration) -> &'static str {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let Some(deadline) = self.deadline(header, idle) else {
+                notified.await;
+                continue;
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    if self.deadline(header, idle).is_some_and(|d| d <= Instant::now()) {
+                        return if self.head_since.load(Ordering::Relaxed) != NONE
+                            || !self.served.load(Ordering::Relaxed)
+                        {
+                            "header_timeout"
+                        } else {
+                            "idle_timeout"
+                        };
+                    }
+                }
+                () = &mut notified => {}
+            }
+        }
+    }
+}
+
+/// A request in progress on a connection; dropped when its answer is complete.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let a = &self.0;
+        if a.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            a.idle_since.store(a.now_ms(), Ordering::Relaxed);
+            a.wake.notify_one();
+        }
+    }
+}
+
+/// A client socket that tells its [`Activity`] what it reads.
+#[derive(Debug)]
+pub struct Watched<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+}
+
+impl<IO> Watched<IO> {
+    /// Watches `io`.
+    pub fn new(io: IO, activity: Arc<Activity>) -> Self {
+        Watched { io, activity }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.on_read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_gets_the_header_timeout() {
+        let a = Activity::new();
+        let started = Instant::now();
+        let why = a.expired(Duration::from_secs(10), Duration::from_secs(60)).await;
+        assert_eq!(why, "header_timeout");
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_progress_holds_the_connection_and_idle_follows_it() {
+        let a = Activity::new();
+        let guard = a.start();
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { a.expired(Duration::from_secs(10), Duration::from_secs(60)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!waiter.is_finished(), "no timeout while a request is in progress");
+        let ended = Instant::now();
+        drop(guard);
+        assert_eq!(waiter.await.unwrap(), "idle_timeout");
+        assert_eq!(ended.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_started_while_idle_gets_the_header_timeout() {
+        let a = Activity::new();
+        drop(a.start());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        a.on_read(b"G");
+        let head = Instant::now();
+        let why = a.expired(Duration::from_secs(10), Duration::from_secs(60)).await;
+        assert_eq!(why, "header_timeout");
+        assert_eq!(head.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_connections_have_only_the_idle_timeout() {
+        let a = Activity::new();
+        a.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        a.on_read(b"ping");
+        let start = Instant::now();
+        let why = a.expired(Duration::from_secs(10), Duration::from_secs(60)).await;
+        assert_eq!(why, "idle_timeout");
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+    }
+}

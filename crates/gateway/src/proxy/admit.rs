@@ -1,0 +1,366 @@
+//! Admission: what a request is before any endpoint sees it. Its `Host` is one and
+//! well formed, its path normalised (the path routed is the path forwarded), its
+//! route found, and the route's rate limit asked.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Uri, Version};
+use palisade_resilience::ratelimit::RateLimited;
+
+use crate::cause::Cause;
+use crate::config::EscapedSlashes;
+use crate::runtime::{HashKey, Route, RouteLimiter};
+
+use super::Failure;
+
+/// Makes the request unambiguous before routing (RFC 9112 section 3.2, RFC 3986
+/// section 6): more than one `Host`, a `Host` that is no authority, or an HTTP/1.1
+/// request with neither `Host` nor an absolute target is a 400; an absolute
+/// target's authority is the `Host` (routed on and sent upstream); the path is
+/// normalised by [`normalize_path`].
+pub(super) fn admit<B>(req: &mut Request<B>, slashes: EscapedSlashes) -> Result<(), Failure> {
+    let bad = |detail: &str| Failure::new(Cause::BadRequest, detail.to_string());
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad("more than one Host header"));
+    }
+    if let Some(h) = host
+        && http::uri::Authority::try_from(h.as_bytes()).is_err()
+    {
+        return Err(bad("the Host header is not a host"));
+    }
+    let is_h1 = matches!(
+        req.version(),
+        Version::HTTP_11 | Version::HTTP_10 | Version::HTTP_09
+    );
+    match req.uri().authority() {
+        // The absolute form's authority wins over `Host` (RFC 9112 section 3.2.2).
+        Some(a) if is_h1 => {
+            if host.is_none_or(|h| h.as_bytes() != a.as_str().as_bytes())
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        None if host.is_none() && req.version() == Version::HTTP_11 => {
+            return Err(bad("an HTTP/1.1 request needs a Host header"));
+        }
+        _ => {}
+    }
+    let normalized = match normalize_path(req.uri().path(), slashes) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(path)) => path,
+        Err(e) => return Err(bad(e.as_str())),
+    };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    let query = parts
+        .path_and_query
+        .as_ref()
+        .and_then(|pq| pq.query())
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    parts.path_and_query = Some(
+        format!("{normalized}{query}")
+            .parse()
+            .map_err(|_| bad("the normalised path is not a valid request target"))?,
+    );
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| bad("the request target is not valid"))?;
+    Ok(())
+}
+
+/// Why a path was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathError {
+    /// `..` would climb above the root.
+    AboveRoot,
+    /// An escaped `/` or `\` (or a raw `\`), refused by `escaped_slashes = "reject"`.
+    EscapedSlash,
+    /// A `%` not followed by two hex digits.
+    BadEscape,
+}
+
+impl PathError {
+    /// The error's text for the client.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathError::AboveRoot => "the path climbs above the root",
+            PathError::EscapedSlash => "the path has an escaped slash or a backslash",
+            PathError::BadEscape => "the path has a % that is not followed by two hex digits",
+        }
+    }
+}
+
+/// The path routed and forwarded: percent-encoded unreserved characters decoded
+/// (`%2e` is `.`, `%41` is `A`), other escapes kept with upper-case hex, escaped
+/// slashes and backslashes treated by `slashes`, then dot segments removed (RFC
+/// 3986 section 5.2.4). A path whose `..` climbs above the root is refused, not
+/// clamped: such a request was written to escape. Paths with nothing to change
+/// (almost all) are borrowed, after one scan of their bytes.
+pub fn normalize_path(path: &str, slashes: EscapedSlashes) -> Result<Cow<'_, str>, PathError> {
+    let b = path.as_bytes();
+    if !b.starts_with(b"/") {
+        return Ok(Cow::Borrowed(path)); // `*` (OPTIONS) and the like
+    }
+    if !has_dot_segment(b) && !b.iter().any(|&c| c == b'%' || c == b'\\') {
+        return Ok(Cow::Borrowed(path));
+    }
+    // Escapes decoded, segment by segment: `segments` holds the output's segments.
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                let (Some(hi), Some(lo)) = (
+                    b.get(i + 1).copied().and_then(hex),
+                    b.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathError::BadEscape);
+                };
+                let c = (hi * 16 + lo) as u8;
+                match c {
+                    b'/' | b'\\' => match slashes {
+                        EscapedSlashes::Reject => return Err(PathError::EscapedSlash),
+                        EscapedSlashes::Keep => push_escape(&mut decoded, c),
+                        EscapedSlashes::Unescape => decoded.push('/'),
+                    },
+                    c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
+                        decoded.push(c as char);
+                    }
+                    c => push_escape(&mut decoded, c),
+                }
+                i += 3;
+            }
+            b'\\' => {
+                match slashes {
+                    EscapedSlashes::Reject => return Err(PathError::EscapedSlash),
+                    EscapedSlashes::Keep => decoded.push('\\'),
+                    EscapedSlashes::Unescape => decoded.push('/'),
+                }
+                i += 1;
+            }
+            _ => {
+                // Copy up to the next byte that needs a look (the path is ASCII: the
+                // URI parser admits nothing else).
+                let next = b[i..]
+                    .iter()
+                    .position(|&c| c == b'%' || c == b'\\')
+                    .map_or(b.len(), |n| i + n);
+                decoded.push_str(&path[i..next]);
+                i = next;
+            }
+        }
+    }
+    remove_dot_segments(&decoded).map(Cow::Owned)
+}
+
+/// Whether a segment of `b` is `.` or `..`.
+fn has_dot_segment(b: &[u8]) -> bool {
+    b.windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"/." && matches!(&b[i + 2..], [] | [b'/', ..] | [b'.'] | [b'.', b'/', ..]))
+}
+
+fn push_escape(out: &mut String, c: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(HEX[usize::from(c >> 4)] as char);
+    out.push(HEX[usize::from(c & 0xf)] as char);
+}
+
+/// RFC 3986 section 5.2.4 on an absolute path, refusing to climb above the root.
+fn remove_dot_segments(path: &str) -> Result<String, PathError> {
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len() - 1;
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." => trailing_slash = i == last,
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                trailing_slash = i == last;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut result = String::with_capacity(path.len());
+    for s in &out {
+        result.push('/');
+        result.push_str(s);
+    }
+    if trailing_slash || result.is_empty() {
+        result.push('/');
+    }
+    Ok(result)
+}
+
+/// Whether `route` matches `req` (admitted: one `Host`, a normalised path).
+pub(super) fn matches<B>(route: &Route, req: &Request<B>) -> bool {
+    let m = &route.matcher;
+    if let Some(want) = &m.host {
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+            .map(strip_port)
+            .unwrap_or("");
+        if !want.matches(host) {
+            return false;
+        }
+    }
+    let path = req.uri().path();
+    if m.path.as_deref().is_some_and(|p| p != path) {
+        return false;
+    }
+    if m.path_prefix.as_deref().is_some_and(|p| !path.starts_with(p)) {
+        return false;
+    }
+    if !m.methods.is_empty() && !m.methods.contains(req.method()) {
+        return false;
+    }
+    m.headers
+        .iter()
+        .all(|(k, v)| req.headers().get(k).is_some_and(|h| h == v))
+}
+
+/// `host:port` -> `host` (IPv6 literals keep their brackets).
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    }
+}
+
+/// Asks the route's limiter for the request.
+pub(super) fn check_limit<B>(
+    limiter: &RouteLimiter,
+    req: &Request<B>,
+    client: SocketAddr,
+) -> Result<(), RateLimited> {
+    match limiter {
+        RouteLimiter::Global(l) => l.check().map(drop),
+        RouteLimiter::ClientIp(l) => l.check(&client.ip()).map(drop),
+        RouteLimiter::Header(name, l) => {
+            let key = req
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            l.check(&key).map(drop)
+        }
+    }
+}
+
+/// The key a hash balancer places the request by.
+pub(super) fn hash_key<B>(h: &HashKey, req: &Request<B>, client: SocketAddr) -> Option<u64> {
+    use palisade_balance::hash::hash_bytes;
+    match h {
+        HashKey::Header(name) => req.headers().get(name).map(|v| hash_bytes(v.as_bytes())),
+        HashKey::ClientIp => Some(hash_bytes(client.ip().to_string().as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| hash_bytes(v.as_bytes())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(p: &str) -> Result<String, PathError> {
+        normalize_path(p, EscapedSlashes::Reject).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn ordinary_paths_are_borrowed() {
+        for p in ["/", "/a/b", "/a.b/c.d", "/.well-known/x", "*"] {
+            assert!(
+                matches!(normalize_path(p, EscapedSlashes::Reject), Ok(Cow::Borrowed(_))),
+                "{p}"
+            );
+        }
+        // `/.well-known` starts a segment with a dot yet is no dot segment.
+        assert_eq!(norm("/.well-known/x").unwrap(), "/.well-known/x");
+    }
+
+    #[test]
+    fn dot_segments_are_removed_and_climbing_out_is_refused() {
+        assert_eq!(norm("/public/../admin/secret").unwrap(), "/admin/secret");
+        assert_eq!(norm("/a/./b/.").unwrap(), "/a/b/");
+        assert_eq!(norm("/a/b/..").unwrap(), "/a/");
+        assert_eq!(norm("/a/%2e%2e/b").unwrap(), "/b");
+        assert_eq!(norm("/a/%2E./b").unwrap(), "/b");
+        assert_eq!(norm("/..").unwrap_err(), PathError::AboveRoot);
+        assert_eq!(norm("/a/../../etc/passwd").unwrap_err(), PathError::AboveRoot);
+        assert_eq!(norm("/%2e%2e/x").unwrap_err(), PathError::AboveRoot);
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_others_kept_upper_case() {
+        assert_eq!(norm("/%41%7e%5f").unwrap(), "/A~_");
+        assert_eq!(norm("/a%20b%3f").unwrap(), "/a%20b%3F");
+        assert_eq!(norm("/a%2").unwrap_err(), PathError::BadEscape);
+        assert_eq!(norm("/a%zz").unwrap_err(), PathError::BadEscape);
+    }
+
+    #[test]
+    fn escaped_slashes_follow_the_policy() {
+        for p in ["/public/..%2fadmin", "/a%2Fb", "/a%5cb", "/a\\b"] {
+            assert_eq!(norm(p).unwrap_err(), PathError::EscapedSlash, "{p}");
+        }
+        let keep = |p| normalize_path(p, EscapedSlashes::Keep).map(Cow::into_owned);
+        assert_eq!(keep("/public/..%2fadmin").unwrap(), "/public/..%2Fadmin");
+        let unescape = |p| normalize_path(p, EscapedSlashes::Unescape).map(Cow::into_owned);
+        assert_eq!(unescape("/public/..%2fadmin").unwrap(), "/admin");
+        assert_eq!(unescape("/public\\..\\admin").unwrap(), "/admin");
+        assert_eq!(unescape("/..%2f..%2fetc").unwrap_err(), PathError::AboveRoot);
+    }
+
+    #[test]
+    fn absolute_form_authority_becomes_the_host() {
+        let mut req = Request::get("http://b.test/abs")
+            .header("host", "a.test")
+            .body(())
+            .unwrap();
+        admit(&mut req, EscapedSlashes::Reject).unwrap();
+        assert_eq!(req.headers()["host"], "b.test");
+        let mut req = Request::get("/x")
+            .header("host", "a")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            admit(&mut req, EscapedSlashes::Reject).unwrap_err().cause,
+            Cause::BadRequest
+        );
+        let mut req = Request::get("/x").body(()).unwrap();
+        assert_eq!(
+            admit(&mut req, EscapedSlashes::Reject).unwrap_err().cause,
+            Cause::BadRequest
+        );
+        let mut req = Request::get("/x").version(Version::HTTP_10).body(()).unwrap();
+        admit(&mut req, EscapedSlashes::Reject).unwrap();
+        let mut req = Request::get("/p/../q?a=/../b")
+            .header("host", "h")
+            .body(())
+            .unwrap();
+        admit(&mut req, EscapedSlashes::Reject).unwrap();
+        assert_eq!(req.uri().to_string(), "/q?a=/../b");
+    }
+}
