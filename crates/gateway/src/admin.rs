@@ -125,8 +125,32 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     r
 }
 
-/// Replaces the value of any key that looks like a secret.
+/// Whether a header's value is a credential: `authorization`, `proxy-authorization`,
+/// `cookie`, `set-cookie`, and any name with `auth`, `token`, `secret`, `key`,
+/// `session`, `password` or `signature` in it (`x-api-key`, `x-auth-token`).
+pub fn is_credential_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "cookie",
+        "auth",
+        "token",
+        "secret",
+        "key",
+        "session",
+        "password",
+        "signature",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
+}
+
+/// Redacts the configuration's secrets for `/admin/config`: the value of any key
+/// that names a secret (`secret`, `password`, `token`, `key_file`, `private`), the
+/// values of route header matches on credential headers
+/// ([`is_credential_header`]), and fallback bodies (an operator may put anything
+/// in one; its length is shown).
 fn redact(v: &mut serde_json::Value) {
+    const REDACTED: &str = "[redacted]";
     match v {
         serde_json::Value::Object(m) => {
             for (k, val) in m.iter_mut() {
@@ -135,7 +159,20 @@ fn redact(v: &mut serde_json::Value) {
                     .iter()
                     .any(|s| k.contains(s))
                 {
-                    *val = serde_json::Value::String("[redacted]".into());
+                    *val = serde_json::Value::String(REDACTED.into());
+                } else if k == "headers"
+                    && let Some(headers) = val.as_object_mut()
+                {
+                    for (name, value) in headers.iter_mut() {
+                        if is_credential_header(name) {
+                            *value = serde_json::Value::String(REDACTED.into());
+                        }
+                    }
+                } else if k == "fallback"
+                    && let Some(body) = val.get_mut("body")
+                {
+                    let len = body.as_str().map_or(0, str::len);
+                    *body = serde_json::Value::String(format!("[redacted: {len} bytes]"));
                 } else {
                     redact(val);
                 }
