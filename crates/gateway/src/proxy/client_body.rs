@@ -14,12 +14,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
 
 use crate::BoxError;
 use crate::cause::Cause;
 
 use super::Failure;
+use super::idle::IdleTimer;
 
 const SENDING: u8 = 0;
 const WAITING: u8 = 1;
@@ -100,10 +100,7 @@ pub(super) struct ClientBody {
     side: Arc<ClientSide>,
     read: u64,
     max: u64,
-    idle: Duration,
-    /// Made at the body's first pause only.
-    timer: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    idle: IdleTimer,
     /// A frame read ahead by [`ClientBody::prime`].
     peeked: Option<Frame<Bytes>>,
 }
@@ -122,9 +119,7 @@ impl ClientBody {
             side: side.clone(),
             read: 0,
             max,
-            idle,
-            timer: None,
-            armed: false,
+            idle: IdleTimer::new(idle),
             peeked: None,
         };
         (body, side)
@@ -175,20 +170,10 @@ impl HttpBody for ClientBody {
         }
         let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
             this.side.set(WAITING);
-            if !this.armed {
-                let deadline = Instant::now() + this.idle;
-                match &mut this.timer {
-                    Some(t) => t.as_mut().reset(deadline),
-                    None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                }
-                this.armed = true;
-            }
-            if let Some(t) = &mut this.timer {
-                ready!(t.as_mut().poll(cx));
-            }
+            ready!(this.idle.poll_paused(cx));
             return this.fail(ClientFault::TooSlow);
         };
-        this.armed = false;
+        this.idle.moved();
         match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {

@@ -6,6 +6,7 @@
 
 mod admit;
 mod client_body;
+mod idle;
 
 pub use admit::{PathError, normalize_path};
 pub use client_body::{ClientBodyError, ClientFault};
@@ -38,6 +39,7 @@ use crate::runtime::{Route, Runtime, Upstream};
 
 use self::admit::{check_limit, hash_key, matches};
 use self::client_body::ClientBody;
+use self::idle::IdleTimer;
 use crate::{Body, BoxError, full};
 
 pub use crate::cause::Cause;
@@ -1010,9 +1012,7 @@ fn downstream_response(
         Some((verdict, idle)) => JudgedBody {
             inner: body,
             verdict: Some(verdict),
-            idle,
-            timer: None,
-            armed: false,
+            idle: IdleTimer::new(idle),
         }
         .boxed(),
         None => body.map_err(BoxError::from).boxed(),
@@ -1067,11 +1067,7 @@ impl Verdict {
 struct JudgedBody {
     inner: Incoming,
     verdict: Option<Verdict>,
-    idle: Duration,
-    /// Made at the body's first pause only: most bodies are whole at once.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The timer runs from the current pause (a frame since disarms it).
-    armed: bool,
+    idle: IdleTimer,
 }
 
 /// A response body that stalled longer than the route's `body_idle_timeout`.
@@ -1089,24 +1085,14 @@ impl HttpBody for JudgedBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
-            if !this.armed {
-                let deadline = Instant::now() + this.idle;
-                match &mut this.timer {
-                    Some(t) => t.as_mut().reset(deadline),
-                    None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                }
-                this.armed = true;
-            }
-            if let Some(t) = &mut this.timer {
-                ready!(t.as_mut().poll(cx));
-            }
+            ready!(this.idle.poll_paused(cx));
             if let Some(v) = this.verdict.take() {
                 v.body_failed();
             }
             metrics::counter!("palisade_body_idle_timeouts_total").increment(1);
-            return Poll::Ready(Some(Err(BodyIdle(this.idle).into())));
+            return Poll::Ready(Some(Err(BodyIdle(this.idle.idle()).into())));
         };
-        this.armed = false;
+        this.idle.moved();
         // gRPC's status arrives in the trailers: an `unavailable` stream is the
         // endpoint's failure although its HTTP status said 200.
         if let Some(Ok(f)) = &frame
