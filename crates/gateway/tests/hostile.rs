@@ -418,3 +418,30 @@ async fn admin_config_redacts_credentials_and_fallback_bodies() {
     assert!(answer.contains("acme"), "non-credential values stay: {answer}");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_its_idle_timeout() {
+    let up = Upstream::start().await;
+    let gw = start("client_idle_timeout = \"300ms\"", &guarded(&up)).await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/h2", gw.addr))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, format!("/h2 {} 0", gw.addr).as_bytes());
+    // Nothing more is sent: the gateway closes the connection.
+    tokio::time::timeout(PATIENCE, conn)
+        .await
+        .expect("the gateway should have closed the idle HTTP/2 connection")
+        .unwrap()
+        .ok();
+    assert!(sender.is_closed());
+    gw.shutdown().await;
+}
