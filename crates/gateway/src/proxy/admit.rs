@@ -27,9 +27,7 @@ pub(super) fn admit<B>(req: &mut Request<B>, slashes: EscapedSlashes) -> Result<
     if hosts.next().is_some() {
         return Err(bad("more than one Host header"));
     }
-    if let Some(h) = host
-        && http::uri::Authority::try_from(h.as_bytes()).is_err()
-    {
+    if host.is_some_and(|h| !is_authority(h.as_bytes())) {
         return Err(bad("the Host header is not a host"));
     }
     let is_h1 = matches!(
@@ -69,6 +67,37 @@ pub(super) fn admit<B>(req: &mut Request<B>, slashes: EscapedSlashes) -> Result<
     );
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| bad("the request target is not valid"))?;
     Ok(())
+}
+
+/// Whether `b` can be a `Host` value: `host[:port]`, of the characters RFC 3986
+/// allows in a reg-name or an IP literal (checked by one scan, not by parsing a URI
+/// authority, which copies the value on every request).
+fn is_authority(b: &[u8]) -> bool {
+    !b.is_empty()
+        && b.iter().all(|&c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                        | b'%'
+                )
+        })
 }
 
 /// Why a path was refused.
