@@ -1,4 +1,4 @@
-//! Failover tiers (seed 001 section 5): endpoints are grouped in priority tiers
+//! Failover tiers (Envoy's priority levels): endpoints are grouped in priority tiers
 //! (0 = local, 1 = standby, 2 = disaster recovery, ...). Traffic goes to the first
 //! tier whose healthy share is at least `healthy_threshold`. It moves to a later
 //! tier as soon as the current one falls below, and moves back to an earlier tier

@@ -1037,10 +1037,12 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks everything serde cannot: references, ranges, names. Reports every
-    /// problem. What the library's cores check themselves (a rate limit's quota, a
-    /// breaker's thresholds) they check when the runtime is compiled from this
-    /// (`Runtime::compile`), which `palisade check` and start-up both call.
+    /// Checks what serde cannot and no compiled part checks for itself:
+    /// references, ranges, names. Reports every problem. The rest is checked where
+    /// it is turned into what runs, by `Runtime::compile` (which `palisade check`,
+    /// start-up and reload all call): route matches, fallbacks and hash keys are
+    /// parsed there, and each policy core validates its own settings (a rate
+    /// limit's quota, a breaker's thresholds).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
         if self.routes.is_empty() {
@@ -1168,7 +1170,6 @@ impl RouteConfig {
                 "{at}.per_try_timeout: must be more than 0 and at most `timeout`"
             ));
         }
-        self.matcher.problems(&format!("{at}.match"), p);
         if let Some(retry) = &self.retry {
             within(p, &format!("{at}.retry.attempts"), retry.attempts, 1, 10);
             fraction(p, &format!("{at}.retry.budget_ratio"), retry.budget_ratio);
@@ -1188,59 +1189,12 @@ impl RouteConfig {
                 MAX_LIMIT_KEYS,
             );
         }
-        if let Some(f) = &self.fallback {
-            within(p, &format!("{at}.fallback.status"), f.status, 200, 599);
-            if http::HeaderValue::from_str(&f.content_type).is_err() {
-                p.push(format!("{at}.fallback.content_type: not a header value"));
-            }
-        }
-        match &self.hash_on {
-            Some(HashOn::Header(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
-                p.push(format!("{at}.hash_on.header: `{h}` is not a header name"));
-            }
-            Some(HashOn::Cookie(c)) if c.is_empty() || c.contains([';', '=', ' ']) => {
-                p.push(format!("{at}.hash_on.cookie: `{c}` is not a cookie name"));
-            }
-            _ => {}
-        }
-    }
-}
-
-impl MatchConfig {
-    fn problems(&self, at: &str, p: &mut Vec<String>) {
-        if let Some(host) = &self.host
-            && let Err(e) = host_pattern(host)
-        {
-            p.push(format!("{at}.host: `{host}` {e}"));
-        }
-        for (field, path) in [("path_prefix", &self.path_prefix), ("path", &self.path)] {
-            if let Some(path) = path
-                && !path.starts_with('/')
-            {
-                p.push(format!("{at}.{field}: must start with `/`"));
-            }
-        }
-        for m in &self.methods {
-            if http::Method::from_bytes(m.as_bytes()).is_err() {
-                p.push(format!("{at}.methods: `{m}` is not a method"));
-            }
-        }
-        for (h, v) in &self.headers {
-            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                p.push(format!("{at}.headers: `{h}` is not a header name"));
-            }
-            if http::HeaderValue::from_str(v).is_err() {
-                p.push(format!(
-                    "{at}.headers.{h}: not a header value (control characters such as NUL, CR, LF cannot be sent)"
-                ));
-            }
-        }
     }
 }
 
 /// Checks a route's host pattern: a host name (labels of letters, digits, `-`),
 /// `*.` and a host name, or an IP address.
-fn host_pattern(host: &str) -> Result<(), &'static str> {
+pub(crate) fn host_pattern(host: &str) -> Result<(), &'static str> {
     let name = host.strip_prefix("*.").unwrap_or(host);
     if name.parse::<std::net::IpAddr>().is_ok() && name.len() == host.len() {
         return Ok(());

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use crate::cause::Cause;
 use crate::config::{
     ClusterSection, Config, ConfigError, EndpointConfig, FallbackConfig, HashOn, Lb, LimitKey, MatchConfig,
-    RetryOn, split_host_port,
+    RetryOn, RouteConfig, host_pattern, split_host_port,
 };
 use crate::connect::{Connector, UpstreamTls};
 use crate::pool::Pool;
@@ -129,7 +129,44 @@ impl HostMatch {
 }
 
 impl Matcher {
-    fn compile(m: &MatchConfig) -> Matcher {
+    /// Parses a route's match (`at`: its path in the file), reporting each value
+    /// that does not parse to `p`: the one check of these values, so none can be
+    /// dropped here after passing elsewhere (a dropped header condition would widen
+    /// the route).
+    fn compile(m: &MatchConfig, at: &str, p: &mut Vec<String>) -> Matcher {
+        if let Some(host) = &m.host
+            && let Err(e) = host_pattern(host)
+        {
+            p.push(format!("{at}.host: `{host}` {e}"));
+        }
+        for (field, path) in [("path_prefix", &m.path_prefix), ("path", &m.path)] {
+            if path.as_ref().is_some_and(|path| !path.starts_with('/')) {
+                p.push(format!("{at}.{field}: must start with `/`"));
+            }
+        }
+        let mut methods = Vec::new();
+        for x in &m.methods {
+            match http::Method::from_bytes(x.to_ascii_uppercase().as_bytes()) {
+                Ok(method) => methods.push(method),
+                Err(_) => p.push(format!("{at}.methods: `{x}` is not a method")),
+            }
+        }
+        let mut headers = Vec::new();
+        for (k, v) in &m.headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes());
+            if name.is_err() {
+                p.push(format!("{at}.headers: `{k}` is not a header name"));
+            }
+            let value = http::HeaderValue::from_str(v);
+            if value.is_err() {
+                p.push(format!(
+                    "{at}.headers.{k}: not a header value (control characters such as NUL, CR, LF cannot be sent)"
+                ));
+            }
+            if let (Ok(name), Ok(value)) = (name, value) {
+                headers.push((name, value));
+            }
+        }
         Matcher {
             host: m.host.as_ref().map(|h| match h.strip_prefix('*') {
                 Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
@@ -137,21 +174,8 @@ impl Matcher {
             }),
             path: m.path.clone(),
             path_prefix: m.path_prefix.clone(),
-            methods: m
-                .methods
-                .iter()
-                .filter_map(|x| http::Method::from_bytes(x.to_ascii_uppercase().as_bytes()).ok())
-                .collect(),
-            headers: m
-                .headers
-                .iter()
-                .filter_map(|(k, v)| {
-                    Some((
-                        http::HeaderName::from_bytes(k.as_bytes()).ok()?,
-                        http::HeaderValue::from_str(v).ok()?,
-                    ))
-                })
-                .collect(),
+            methods,
+            headers,
         }
     }
 }
@@ -170,11 +194,23 @@ pub struct Fallback {
 }
 
 impl Fallback {
-    fn compile(f: &FallbackConfig) -> Option<Fallback> {
+    /// Parses a route's fallback (`at`: its path in the file), reporting each
+    /// value that does not parse to `p`.
+    fn compile(f: &FallbackConfig, at: &str, p: &mut Vec<String>) -> Option<Fallback> {
+        let status = http::StatusCode::from_u16(f.status)
+            .ok()
+            .filter(|s| (200..=599).contains(&s.as_u16()));
+        if status.is_none() {
+            p.push(format!("{at}.status: {} is not between 200 and 599", f.status));
+        }
+        let content_type = http::HeaderValue::from_str(&f.content_type).ok();
+        if content_type.is_none() {
+            p.push(format!("{at}.content_type: not a header value"));
+        }
         Some(Fallback {
-            status: http::StatusCode::from_u16(f.status).ok()?,
+            status: status?,
             body: bytes::Bytes::from(f.body.clone()),
-            content_type: http::HeaderValue::from_str(&f.content_type).ok()?,
+            content_type: content_type?,
             on: f.on.clone(),
         })
     }
@@ -198,6 +234,51 @@ pub enum HashKey {
     Cookie(String),
     /// The client's IP address.
     ClientIp,
+}
+
+impl HashKey {
+    /// Parses a route's `hash_on` (`at`: its path in the file), reporting a name
+    /// that does not parse to `p`.
+    fn compile(h: &HashOn, at: &str, p: &mut Vec<String>) -> Option<HashKey> {
+        match h {
+            HashOn::Header(name) => match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(name) => Some(HashKey::Header(name)),
+                Err(_) => {
+                    p.push(format!("{at}.header: `{name}` is not a header name"));
+                    None
+                }
+            },
+            HashOn::Cookie(name) if name.is_empty() || name.contains([';', '=', ' ']) => {
+                p.push(format!("{at}.cookie: `{name}` is not a cookie name"));
+                None
+            }
+            HashOn::Cookie(name) => Some(HashKey::Cookie(name.clone())),
+            HashOn::ClientIp => Some(HashKey::ClientIp),
+        }
+    }
+}
+
+/// What a route's own settings compile to, before any cluster is built.
+struct RouteParts {
+    matcher: Matcher,
+    fallback: Option<Fallback>,
+    hash_on: Option<HashKey>,
+}
+
+impl RouteParts {
+    fn compile(r: &RouteConfig, at: &str, p: &mut Vec<String>) -> RouteParts {
+        RouteParts {
+            matcher: Matcher::compile(&r.matcher, &format!("{at}.match"), p),
+            fallback: r
+                .fallback
+                .as_ref()
+                .and_then(|f| Fallback::compile(f, &format!("{at}.fallback"), p)),
+            hash_on: r
+                .hash_on
+                .as_ref()
+                .and_then(|h| HashKey::compile(h, &format!("{at}.hash_on"), p)),
+        }
+    }
 }
 
 /// A route's metric handles, registered once so the request path does not build
@@ -373,9 +454,20 @@ impl Runtime {
     /// then [`Runtime::build`]'s resolution and tasks, so a configuration `check`
     /// accepts cannot fail start-up for a reason of its own.
     pub fn compile(config: Config) -> Result<Runtime, ConfigError> {
-        config.validate()?;
+        // The file's own checks and the routes' values parsed, all reported at once;
+        // clusters are built only from a configuration that passed both.
+        let mut problems = config.validate().err().map_or_else(Vec::new, |e| e.0);
+        let route_at = |i: usize, name: &str| format!("routes[{i}] ({name})");
+        let mut parts: Vec<RouteParts> = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RouteParts::compile(r, &route_at(i, &r.name), &mut problems))
+            .collect();
+        if !problems.is_empty() {
+            return Err(ConfigError(problems));
+        }
         let mut clusters = HashMap::new();
-        let mut problems = Vec::new();
         let tls = match config.gateway.tls.as_ref().map(crate::tls::acceptor) {
             Some(Ok(a)) => Some(a),
             Some(Err(e)) => {
@@ -393,8 +485,8 @@ impl Runtime {
             }
         }
         let mut routes = Vec::new();
-        for (i, r) in config.routes.iter().enumerate() {
-            let at = format!("routes[{i}] ({})", r.name);
+        for ((i, r), parts) in config.routes.iter().enumerate().zip(parts.drain(..)) {
+            let at = route_at(i, &r.name);
             let limiter = match &r.rate_limit {
                 Some(l) => {
                     let quota = Quota::new(l.requests, l.per.get()).burst(l.burst.unwrap_or(l.requests));
@@ -429,7 +521,7 @@ impl Runtime {
             };
             routes.push(Route {
                 name: r.name.clone(),
-                matcher: Matcher::compile(&r.matcher),
+                matcher: parts.matcher,
                 upstream: upstream.clone(),
                 timeout: r.timeout.get(),
                 per_try_timeout: r.per_try_timeout.map_or(r.timeout.get(), |d| d.get()),
@@ -449,14 +541,8 @@ impl Runtime {
                     }),
                 }),
                 limiter,
-                fallback: r.fallback.as_ref().and_then(Fallback::compile),
-                hash_on: r.hash_on.as_ref().and_then(|h| match h {
-                    HashOn::Header(name) => http::HeaderName::from_bytes(name.as_bytes())
-                        .ok()
-                        .map(HashKey::Header),
-                    HashOn::Cookie(name) => Some(HashKey::Cookie(name.clone())),
-                    HashOn::ClientIp => Some(HashKey::ClientIp),
-                }),
+                fallback: parts.fallback,
+                hash_on: parts.hash_on,
                 metrics: RouteMetrics::new(&r.name),
             });
         }

@@ -1,13 +1,13 @@
 //! Load shedding: refuse some work early so that the work accepted still finishes
-//! in time (seed 001 section 6.2; Envoy's adaptive concurrency, Netflix's
+//! in time (Envoy's adaptive concurrency, Netflix's
 //! concurrency-limits).
 //!
 //! * [`AdaptiveConcurrency`] finds how many calls a dependency can take at once from
 //!   the latency it shows, instead of a number guessed in a config file: when latency
 //!   grows beyond its long-run level the limit shrinks, when it holds the limit grows.
 //!   Calls above the limit are refused at once with [`Shed`].
-//! * [`TieredShedder`] degrades by load level and request [`Priority`] (seed 001's
-//!   table): below 60% everything is served; 60-80% drops non-core requests; 80-90%
+//! * [`TieredShedder`] degrades by load level and request [`Priority`] (the
+//!   degradation table): below 60% everything is served; 60-80% drops non-core requests; 80-90%
 //!   also serves normal requests in a degraded form; above 90% serves core requests
 //!   only. The load comes from any [`LoadSignal`]: the adaptive limit's utilization,
 //!   a bulkhead's, or a [`LoadGauge`] a CPU sampler sets.
@@ -463,7 +463,7 @@ pub enum Admission {
     Shed,
 }
 
-/// Load thresholds (fractions of capacity) between the levels; seed 001's defaults.
+/// Load thresholds (fractions of capacity) between the levels; the common defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Tiers {
     /// Elevated at or above this (0.6).
@@ -513,7 +513,7 @@ impl Tiers {
 }
 
 impl LoadLevel {
-    /// The admission of a request of `priority` at this level (seed 001's table).
+    /// The admission of a request of `priority` at this level (the degradation table).
     pub fn admit(self, priority: Priority) -> Admission {
         use {Admission::*, Priority::*};
         match (self, priority) {

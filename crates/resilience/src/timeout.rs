@@ -4,7 +4,7 @@
 //!   [`TimeoutLayer`](crate::layer::timeout::TimeoutLayer).
 //! * [`AdaptiveTimeout`] = a recent latency quantile (p95 by default) x a multiplier,
 //!   clamped to `[min, max]`, using `initial` until it has `min_samples` samples
-//!   (seed 001 section 3.3). Latencies go into a windowed log-linear histogram
+//!   (p95 x k, the usual adaptive rule). Latencies go into a windowed log-linear histogram
 //!   (8 sub-buckets per power of two: at most 12.5% above the true quantile), so the
 //!   timeout follows the service as it speeds up or slows down.
 //! * [`Deadline`]: an outer timeout publishes its deadline to everything it wraps, so

@@ -1,5 +1,5 @@
 //! State-machine tests with the manual clock: every transition, every override,
-//! and the scenario tables of seed 001.
+//! and the pattern's worked scenario tables.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,7 +36,7 @@ const F: Outcome = Outcome::Failure;
 
 #[test]
 fn seed_failure_rate_table_trips_on_the_fifth_request() {
-    // Seed 001 section 2.2: threshold 50%; S S F F F -> 0%, 0%, 33%, 50%, 60% -> Open at T5.
+    // Failure-rate scenario: threshold 50%; S S F F F -> 0%, 0%, 33%, 50%, 60% -> Open at T5.
     // The table stays closed at T4 (50% of 4 calls), so the minimum volume is 5 calls.
     let (b, _clock, events) = breaker(
         BreakerConfig::empty()
@@ -64,7 +64,7 @@ fn seed_failure_rate_table_trips_on_the_fifth_request() {
 
 #[test]
 fn seed_consecutive_failure_table_trips_on_the_eighth_request() {
-    // Seed 001 section 3.2: threshold 5; F F S F F F F F -> Open at request 8.
+    // Consecutive-failure scenario: threshold 5; F F S F F F F F -> Open at request 8.
     let (b, _clock, _events) = breaker(BreakerConfig::empty().consecutive_failures(5));
     let outcomes = [F, F, S, F, F, F, F, F];
     for (i, outcome) in outcomes.into_iter().enumerate() {

@@ -5,7 +5,7 @@ use crate::window::WindowConfig;
 
 /// How a [`CircuitBreaker`](super::CircuitBreaker) decides and recovers.
 ///
-/// The default is the seeds' "combined strategy": trip on 5 consecutive failures
+/// The default is the usual "combined strategy": trip on 5 consecutive failures
 /// **or** a failure rate of 50% over the last 100 calls once at least 20 were seen;
 /// stay open 30 s; then let up to 3 probes through and close after 3 successes.
 ///

@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn seed_consecutive_failure_table() {
-        // Seed 001 section 3.2, method 1: threshold 5; F F S F F F F F trips at request 8.
+        // Consecutive-failure method: threshold 5; F F S F F F F F trips at request 8.
         let d = ConsecutiveFailures::new(5);
         let outcomes = [true, true, false, true, true, true, true, true];
         let runs = [1, 2, 0, 1, 2, 3, 4, 5];
@@ -197,7 +197,7 @@ mod tests {
             threshold: 0.5,
             min_calls: 10,
         });
-        // Seed 001 method 2: 1 of 1 failed is 100% but below the minimum volume.
+        // Failure-rate method: 1 of 1 failed is 100% but below the minimum volume.
         assert_eq!(
             r.judge(&Snapshot {
                 total: 1,

@@ -19,7 +19,7 @@ struct Entry {
 }
 
 /// One breaker per key: per endpoint or per route, never one for a whole service
-/// (seed 001, pitfall 2), with memory bounded by `capacity`.
+/// (one shared breaker would let one bad instance open it for all), with memory bounded by `capacity`.
 ///
 /// When a shard is full, the least recently used breakers are evicted, closed ones
 /// before open ones (an open breaker carries knowledge worth keeping). A later

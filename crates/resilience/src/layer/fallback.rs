@@ -7,7 +7,7 @@
 //!
 //! The fallback path can be rate limited ([`FallbackLayer::limit`]): when it is
 //! exhausted the original error is returned. A fallback that calls another
-//! dependency must not become the next thing to fall over (seed 001, pitfall 4).
+//! dependency must not become the next thing to fall over.
 
 use std::future::Future;
 use std::pin::Pin;
