@@ -1270,6 +1270,11 @@ impl ClusterSection {
         if self.max_concurrent == Some(0) {
             p.push(format!("{at}.max_concurrent: must be at least 1"));
         }
+        self.policy_problems(at, p);
+    }
+
+    /// The breaker's, outlier detection's, health checks' and failover's problems.
+    fn policy_problems(&self, at: &str, p: &mut Vec<String>) {
         if let Some(b) = &self.breaker {
             fraction(p, &format!("{at}.breaker.failure_rate"), b.failure_rate);
             fraction(p, &format!("{at}.breaker.slow_call_rate"), b.slow_call_rate);

@@ -22,8 +22,8 @@ use tokio::task::JoinHandle;
 
 use crate::cause::Cause;
 use crate::config::{
-    ClusterSection, Config, ConfigError, EndpointConfig, FallbackConfig, HashOn, Lb, LimitKey, MatchConfig,
-    RetryOn, RouteConfig, host_pattern, split_host_port,
+    BreakerSection, ClusterSection, Config, ConfigError, EndpointConfig, FallbackConfig, HashOn, Lb,
+    LimitKey, MatchConfig, RateLimitConfig, RetryOn, RouteConfig, host_pattern, split_host_port,
 };
 use crate::connect::{Connector, UpstreamTls};
 use crate::pool::Pool;
@@ -358,6 +358,34 @@ pub enum RouteLimiter {
     Header(http::HeaderName, KeyedRateLimiter<String>),
 }
 
+impl RouteLimiter {
+    /// Builds a route's limiter, the rate-limit core validating its quota; its
+    /// problems go to `p` under the file's names (`at`: the table's path).
+    fn compile(l: &RateLimitConfig, at: &str, p: &mut Vec<String>) -> Option<RouteLimiter> {
+        let quota = Quota::new(l.requests, l.per.get()).burst(l.burst.unwrap_or(l.requests));
+        match Gcra::new(quota) {
+            Ok(gcra) => Some(match &l.key {
+                LimitKey::Global => RouteLimiter::Global(RateLimiter::new(gcra)),
+                LimitKey::ClientIp => RouteLimiter::ClientIp(KeyedRateLimiter::new(gcra, l.max_keys)),
+                LimitKey::Header(h) => {
+                    RouteLimiter::Header(h.clone(), KeyedRateLimiter::new(gcra, l.max_keys))
+                }
+            }),
+            Err(errors) => {
+                p.extend(errors.0.iter().map(|e| {
+                    let field = match e.field.as_str() {
+                        "limit" => "requests",
+                        "period" => "per",
+                        other => other,
+                    };
+                    format!("{at}.{field}: {}", e.problem)
+                }));
+                None
+            }
+        }
+    }
+}
+
 /// A cluster, ready to serve: balancing state, a pooled client, a bulkhead.
 pub struct Upstream {
     /// The cluster's name.
@@ -487,35 +515,10 @@ impl Runtime {
         let mut routes = Vec::new();
         for ((i, r), parts) in config.routes.iter().enumerate().zip(parts.drain(..)) {
             let at = route_at(i, &r.name);
-            let limiter = match &r.rate_limit {
-                Some(l) => {
-                    let quota = Quota::new(l.requests, l.per.get()).burst(l.burst.unwrap_or(l.requests));
-                    match Gcra::new(quota) {
-                        Ok(gcra) => Some(match &l.key {
-                            LimitKey::Global => RouteLimiter::Global(RateLimiter::new(gcra)),
-                            LimitKey::ClientIp => {
-                                RouteLimiter::ClientIp(KeyedRateLimiter::new(gcra, l.max_keys))
-                            }
-                            LimitKey::Header(h) => {
-                                RouteLimiter::Header(h.clone(), KeyedRateLimiter::new(gcra, l.max_keys))
-                            }
-                        }),
-                        Err(errors) => {
-                            // The quota's fields by their names in the file.
-                            problems.extend(errors.0.iter().map(|e| {
-                                let field = match e.field.as_str() {
-                                    "limit" => "requests",
-                                    "period" => "per",
-                                    other => other,
-                                };
-                                format!("{at}.rate_limit.{field}: {}", e.problem)
-                            }));
-                            None
-                        }
-                    }
-                }
-                None => None,
-            };
+            let limiter = r
+                .rate_limit
+                .as_ref()
+                .and_then(|l| RouteLimiter::compile(l, &format!("{at}.rate_limit"), &mut problems));
             let Some(upstream) = clusters.get(&r.cluster) else {
                 continue;
             };
@@ -616,8 +619,10 @@ async fn resolve_endpoints(name: &str, s: &ClusterSection) -> Result<Vec<Endpoin
     Ok(infos)
 }
 
-fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Result<Upstream, Vec<String>> {
-    let lb = match s.lb {
+/// The balancing side of a cluster's section, for the balance crate.
+fn cluster_config(name: &str, s: &ClusterSection) -> ClusterConfig {
+    let mut cc = ClusterConfig::new(name);
+    cc.lb = match s.lb {
         Lb::RoundRobin => LbPolicy::RoundRobin,
         Lb::WeightedRoundRobin => LbPolicy::WeightedRoundRobin,
         Lb::Random => LbPolicy::Random,
@@ -630,9 +635,6 @@ fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Result<Ups
             table_size: palisade_balance::hash::Maglev::DEFAULT_SIZE,
         },
     };
-    let mut problems = Vec::new();
-    let mut cc = ClusterConfig::new(name);
-    cc.lb = lb;
     cc.panic_threshold = s.panic_threshold;
     cc.outlier = s.outlier.as_ref().map(|o| OutlierConfig {
         consecutive_5xx: (o.consecutive_5xx > 0).then_some(o.consecutive_5xx),
@@ -659,47 +661,56 @@ fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Result<Ups
             stable_period: f.stable_period.get(),
         };
     }
-    let mut cluster = Cluster::new(cc);
-    if let Some(b) = &s.breaker {
-        let mut bc = BreakerConfig::empty()
-            .window(WindowConfig::Count { size: b.window })
-            .half_open(b.half_open_probes, b.success_threshold)
-            .open_duration(OpenDuration::Backoff {
-                initial: b.open.get(),
-                multiplier: 2.0,
-                max: b.max_open.get(),
+    cc
+}
+
+/// The breaker of each endpoint of cluster `name`, checked by the breaker's own
+/// validation (its problems named under `clusters.<name>.breaker`).
+fn breaker_config(name: &str, b: &BreakerSection) -> Result<BreakerConfig, Vec<String>> {
+    let mut bc = BreakerConfig::empty()
+        .window(WindowConfig::Count { size: b.window })
+        .half_open(b.half_open_probes, b.success_threshold)
+        .open_duration(OpenDuration::Backoff {
+            initial: b.open.get(),
+            multiplier: 2.0,
+            max: b.max_open.get(),
+        });
+    if b.consecutive_failures > 0 {
+        bc = bc.consecutive_failures(b.consecutive_failures);
+    }
+    if b.failure_rate > 0.0 {
+        bc = bc.failure_rate(b.failure_rate, b.minimum_calls);
+    }
+    if let Some(slow) = b.slow_call {
+        bc = bc.slow_calls(slow.get(), b.slow_call_rate, b.minimum_calls);
+    }
+    bc.validate().map(|()| bc).map_err(|e| {
+        e.0.iter()
+            .map(|e| format!("clusters.{name}.breaker.{}: {}", e.field, e.problem))
+            .collect()
+    })
+}
+
+fn build_upstream(name: &str, s: &ClusterSection, config: &Config) -> Result<Upstream, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut cluster = Cluster::new(cluster_config(name, s));
+    match s.breaker.as_ref().map(|b| breaker_config(name, b)) {
+        Some(Ok(bc)) => {
+            let cluster_name = name.to_string();
+            cluster = cluster.with_breakers(move |info| {
+                let breaker = CircuitBreaker::builder(format!("{cluster_name}/{}", info.addr))
+                    .config(bc.clone())
+                    .build();
+                match breaker {
+                    Ok(b) => b,
+                    // Unreachable: the same config passed the breaker's validation in
+                    // `breaker_config`; a breaker that never opens would hide it.
+                    Err(e) => unreachable!("validated breaker config refused: {e}"),
+                }
             });
-        if b.consecutive_failures > 0 {
-            bc = bc.consecutive_failures(b.consecutive_failures);
         }
-        if b.failure_rate > 0.0 {
-            bc = bc.failure_rate(b.failure_rate, b.minimum_calls);
-        }
-        if let Some(slow) = b.slow_call {
-            bc = bc.slow_calls(slow.get(), b.slow_call_rate, b.minimum_calls);
-        }
-        let cluster_name = name.to_string();
-        // The breaker's own validation: a bad combination is a config error here,
-        // and every breaker built from the checked config below then builds.
-        match bc.validate() {
-            Ok(()) => {
-                cluster = cluster.with_breakers(move |info| {
-                    let breaker = CircuitBreaker::builder(format!("{cluster_name}/{}", info.addr))
-                        .config(bc.clone())
-                        .build();
-                    match breaker {
-                        Ok(b) => b,
-                        // Unreachable (the same config validated above); a breaker
-                        // that never opens would hide it, so the process says so.
-                        Err(e) => unreachable!("validated breaker config refused: {e}"),
-                    }
-                });
-            }
-            Err(e) => problems.extend(
-                e.0.iter()
-                    .map(|e| format!("clusters.{name}.breaker.{}: {}", e.field, e.problem)),
-            ),
-        }
+        Some(Err(e)) => problems.extend(e),
+        None => {}
     }
     let h2 = s.speaks_h2();
     let tls = match &s.tls {

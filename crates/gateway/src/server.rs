@@ -275,13 +275,7 @@ async fn serve<S, F>(
     make: F,
 ) where
     F: Fn(Downstream, Arc<Activity>) -> S,
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::Body>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     let graceful = GracefulShutdown::new();
     let (builder, max_open) = {
@@ -327,40 +321,10 @@ async fn serve<S, F>(
                     let tls = if proxy { rt.tls.clone() } else { None };
                     (tls, g.client_header_timeout.get(), g.client_idle_timeout.get())
                 };
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
                 let activity = Activity::new();
                 let svc = make(Downstream { addr: peer, tls: tls.is_some() }, activity.clone());
-                tokio::spawn(async move {
-                    let _counted = counted;
-                    let Some(tls) = tls else {
-                        let io = TokioIo::new(Watched::new(stream, activity.clone()));
-                        let conn = watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
-                        run_connection(conn, &activity, header, idle, peer).await;
-                        return;
-                    };
-                    // The handshake runs in the connection's own task, bounded in time,
-                    // so a slow or silent client holds up nobody else.
-                    let stream = match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            metrics::counter!("palisade_tls_handshake_failures_total", "reason" => "error").increment(1);
-                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            metrics::counter!("palisade_tls_handshake_failures_total", "reason" => "timeout").increment(1);
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        activity.set_h2();
-                    }
-                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
-                    let conn = watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
-                    run_connection(conn, &activity, header, idle, peer).await;
-                });
+                let client = Client { peer, activity, header, idle, _counted: counted };
+                tokio::spawn(client.serve(stream, tls, builder.clone(), graceful.watcher(), svc));
             }
             _ = stop.changed() => break,
         }
@@ -386,6 +350,89 @@ async fn serve<S, F>(
         if proxy {
             tunnels.close_all();
         }
+    }
+}
+
+/// The service a listener runs per connection (the proxy's or the admin's).
+trait ConnService:
+    hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<crate::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> ConnService for S where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
+/// One client connection, counted against its worker's cap while it lives.
+struct Client {
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    header: Duration,
+    idle: Duration,
+    _counted: OpenConnection,
+}
+
+impl Client {
+    /// Serves the connection (after its TLS handshake, when `tls`) until it ends
+    /// or its timeouts pass.
+    async fn serve<S>(
+        self,
+        stream: tokio::net::TcpStream,
+        tls: Option<crate::tls::Tls>,
+        builder: auto::Builder<TokioExecutor>,
+        watcher: hyper_util::server::graceful::Watcher,
+        svc: S,
+    ) where
+        S: ConnService,
+    {
+        let Client {
+            peer,
+            activity,
+            header,
+            idle,
+            ..
+        } = &self;
+        let Some(tls) = tls else {
+            let io = TokioIo::new(Watched::new(stream, activity.clone()));
+            let conn = watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
+            run_connection(conn, activity, *header, *idle, *peer).await;
+            return;
+        };
+        // The handshake runs in the connection's own task, bounded in time, so a
+        // slow or silent client holds up nobody else.
+        let stream = match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                metrics::counter!("palisade_tls_handshake_failures_total", "reason" => "error").increment(1);
+                tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                metrics::counter!("palisade_tls_handshake_failures_total", "reason" => "timeout")
+                    .increment(1);
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            activity.set_h2();
+        }
+        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+        let conn = watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
+        run_connection(conn, activity, *header, *idle, *peer).await;
     }
 }
 

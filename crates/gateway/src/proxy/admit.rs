@@ -4,16 +4,193 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Uri, Version};
-use palisade_resilience::ratelimit::RateLimited;
+use http::{Method, Request, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
 
 use crate::cause::Cause;
 use crate::config::EscapedSlashes;
-use crate::runtime::{HashKey, Route, RouteLimiter};
+use crate::runtime::{HashKey, Route, RouteLimiter, Runtime, Upstream};
 
-use super::Failure;
+use super::client_body::{ClientBody, ClientBodyError, ClientFault, ClientSide};
+use super::{Downstream, Failure, SendBody, Upgrade};
+
+/// A request admitted to its route, ready to be sent on each attempt.
+pub(super) struct Prepared {
+    /// Its head, as sent upstream (hop-by-hop headers gone, forwarding ones set).
+    parts: http::request::Parts,
+    /// Its body.
+    pub(super) body: SendBody,
+    /// Where its streamed body stands (the client's failures).
+    pub(super) client_side: Option<Arc<ClientSide>>,
+    /// The protocol it asks to switch to, and the client's half of the connection.
+    pub(super) upgrade: Option<(Upgrade, hyper::upgrade::OnUpgrade)>,
+    /// What a hash balancer places it by.
+    pub(super) hash_key: Option<u64>,
+    /// Its method may be sent again (idempotent, or the route allows it).
+    pub(super) replayable_method: bool,
+}
+
+/// The admit phase for a routed request: its rate limit, its size, its upgrade,
+/// its body watched (read whole when it may be sent again, else its first frame
+/// read ahead), and its head made the one sent upstream.
+pub(super) async fn prepare(
+    rt: &Runtime,
+    route: &Route,
+    mut req: Request<Incoming>,
+    from: Downstream,
+    request_id: &HeaderValue,
+) -> Result<Prepared, Failure> {
+    if let Some(limiter) = &route.limiter
+        && let Err(limited) = check_limit(limiter, &req, from.addr)
+    {
+        let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
+        f.headers = RateLimitHeaders::from(&limited).to_pairs();
+        return Err(f);
+    }
+    // A CONNECT tunnel (other than HTTP/2's WebSocket, a GET by now) is a forward
+    // proxy's job: its target is a host, not a resource of the cluster.
+    if req.method() == Method::CONNECT {
+        return Err(Failure::new(Cause::BadRequest, "CONNECT tunnels are not proxied"));
+    }
+    let max_body = rt.config.gateway.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > max_body) {
+        return Err(Failure::new(
+            Cause::BodyTooLarge,
+            format!("body of {n} bytes is over the limit of {max_body}"),
+        ));
+    }
+    let up = &route.upstream;
+    // An HTTP/1.1 upgrade (WebSocket and the like): the client's half of the
+    // connection is taken now; it is joined to the endpoint's half if that answers 101.
+    let upgrade = match super::upgrade_protocol(&req) {
+        Some(_) if up.version != Version::HTTP_11 => {
+            return Err(Failure::new(
+                Cause::ProtocolError,
+                format!(
+                    "cluster {} speaks HTTP/2; upgrades and WebSockets are passed only to HTTP/1.1 clusters",
+                    up.name
+                ),
+            ));
+        }
+        Some(u) => Some((u, hyper::upgrade::on(&mut req))),
+        None => None,
+    };
+    let hash_key = route.hash_on.as_ref().and_then(|h| hash_key(h, &req, from.addr));
+    let (mut parts, body) = req.into_parts();
+    let retry = route.retry.as_ref();
+    let replayable_method =
+        retry.is_some_and(|r| r.non_idempotent || crate::pool::is_idempotent(&parts.method));
+    let can_buffer = retry.is_some_and(|r| {
+        replayable_method
+            && (declared.is_some_and(|n| n <= r.buffer_bytes)
+                || (declared.is_none() && super::body_is_empty(&parts)))
+    });
+    let idle = rt.config.gateway.request_body_idle_timeout.get();
+    let (body, client_side) = watch_body(body, can_buffer, max_body, idle).await?;
+    // The client's headers as sent upstream; hop-by-hop ones go, forwarding ones come.
+    super::prepare_headers(&mut parts, up.version, from, request_id);
+    if let Some((u, _)) = &upgrade {
+        let h = &mut parts.headers;
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u.protocol.clone());
+        // An HTTP/2 client sends no key (RFC 8441 section 5); an HTTP/1.1 server wants one.
+        if u.over_h2 && !h.contains_key(header::SEC_WEBSOCKET_KEY) {
+            h.insert(header::SEC_WEBSOCKET_KEY, super::websocket_key());
+        }
+    }
+    Ok(Prepared {
+        parts,
+        body,
+        client_side,
+        upgrade,
+        hash_key,
+        replayable_method,
+    })
+}
+
+/// The client's body, watched so its failures are known as the client's (see
+/// `client_body`): read whole when it may be sent again (`buffer`), else its first
+/// frame read ahead, so a body bad from its start never reaches an endpoint.
+async fn watch_body(
+    body: Incoming,
+    buffer: bool,
+    max: u64,
+    idle: std::time::Duration,
+) -> Result<(SendBody, Option<Arc<ClientSide>>), Failure> {
+    if body.is_end_stream() {
+        let send = if buffer {
+            SendBody::Buffered(Bytes::new())
+        } else {
+            SendBody::Streaming(Some(crate::empty()))
+        };
+        return Ok((send, None));
+    }
+    let (mut watched, side) = ClientBody::new(body, max, idle);
+    if buffer {
+        let bytes = watched.collect().await.map_err(|e| client_error(&e))?.to_bytes();
+        Ok((SendBody::Buffered(bytes), None))
+    } else {
+        watched.prime().await.map_err(ClientFault::failure)?;
+        Ok((SendBody::Streaming(Some(watched.boxed())), Some(side)))
+    }
+}
+
+/// A client body's error while it was read whole (to be sent more than once).
+fn client_error(e: &crate::BoxError) -> Failure {
+    e.downcast_ref::<ClientBodyError>()
+        .map_or(ClientFault::Malformed, |e| e.0)
+        .failure()
+}
+
+impl Prepared {
+    /// The request for one attempt to `addr`: the body taken (streamed) or copied
+    /// (buffered); the head copied only when another attempt may need it.
+    pub(super) fn next_request(
+        &mut self,
+        addr: SocketAddr,
+        up: &Upstream,
+        last_chance: bool,
+    ) -> Request<crate::Body> {
+        let body = match &mut self.body {
+            SendBody::Buffered(b) => http_body_util::Full::new(b.clone())
+                .map_err(crate::BoxError::from)
+                .boxed(),
+            SendBody::Streaming(b) => b.take().unwrap_or_else(crate::empty),
+        };
+        let last_chance = last_chance || !matches!(self.body, SendBody::Buffered(_));
+        let headers = if last_chance {
+            std::mem::take(&mut self.parts.headers)
+        } else {
+            self.parts.headers.clone()
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = self.parts.method.clone();
+        *req.version_mut() = up.version;
+        *req.headers_mut() = headers;
+        *req.uri_mut() = super::upstream_uri(addr, &self.parts.uri, up.version, up.tls);
+        if up.version == Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+            // An HTTP/1.0 client may send none; HTTP/1.1 requires one.
+            let mut text = Vec::with_capacity(24);
+            super::write_addr(&mut text, addr);
+            if let Ok(host) = HeaderValue::from_maybe_shared(Bytes::from(text)) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
+        req
+    }
+}
 
 /// Makes the request unambiguous before routing (RFC 9112 section 3.2, RFC 3986
 /// section 6): more than one `Host`, a `Host` that is no authority, or an HTTP/1.1

@@ -24,12 +24,11 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use palisade_balance::PickError;
 use palisade_balance::endpoint::OwnedInFlight;
 use palisade_balance::outlier::CallResult;
+use palisade_balance::{EndpointState, PickError};
 use palisade_resilience::breaker::{CircuitBreaker, Outcome, Permit};
 use palisade_resilience::bulkhead::BulkheadPermit;
-use palisade_resilience::ratelimit::RateLimitHeaders;
 use tokio::time::Instant;
 
 use crate::config::RetryOn;
@@ -37,8 +36,7 @@ use crate::conn::ActiveGuard;
 use crate::pool::{Lease, SendError};
 use crate::runtime::{Route, Runtime, Upstream};
 
-use self::admit::{check_limit, hash_key, matches};
-use self::client_body::ClientBody;
+use self::admit::matches;
 use self::idle::IdleTimer;
 use crate::{Body, BoxError, full};
 
@@ -224,207 +222,54 @@ enum SendBody {
     Streaming(Option<Body>),
 }
 
+/// The request path after admission: attempts until one is answered or the
+/// request cannot go on, each phase a function of its own (admit, attempt, decide,
+/// answer), as pingora names its phases.
 async fn route_request(
     rt: &Runtime,
     route: &Route,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     from: Downstream,
     request_id: &HeaderValue,
     active: &mut Option<ActiveGuard>,
 ) -> Result<Response<Body>, Failure> {
-    if let Some(limiter) = &route.limiter
-        && let Err(limited) = check_limit(limiter, &req, from.addr)
-    {
-        let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
-        f.headers = RateLimitHeaders::from(&limited).to_pairs();
-        return Err(f);
-    }
-    // A CONNECT tunnel (other than HTTP/2's WebSocket, a GET by now) is a forward
-    // proxy's job: its target is a host, not a resource of the cluster.
-    if req.method() == Method::CONNECT {
-        return Err(Failure::new(Cause::BadRequest, "CONNECT tunnels are not proxied"));
-    }
-    let max_body = rt.config.gateway.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max_body) {
-        return Err(Failure::new(
-            Cause::BodyTooLarge,
-            format!(
-                "body of {} bytes is over the limit of {max_body}",
-                declared.unwrap_or(0)
-            ),
-        ));
-    }
+    let mut req = admit::prepare(rt, route, req, from, request_id).await?;
     let up = &route.upstream;
-    // An HTTP/1.1 upgrade (WebSocket and the like): the client's half of the
-    // connection is taken now; it is joined to the endpoint's half if that answers 101.
-    let mut upgrade = match upgrade_protocol(&req) {
-        Some(_) if up.version != Version::HTTP_11 => {
-            return Err(Failure::new(
-                Cause::ProtocolError,
-                format!(
-                    "cluster {} speaks HTTP/2; upgrades and WebSockets are passed only to HTTP/1.1 clusters",
-                    up.name
-                ),
-            ));
-        }
-        Some(u) => Some((u, hyper::upgrade::on(&mut req))),
-        None => None,
-    };
-    let hash_key = route.hash_on.as_ref().and_then(|h| hash_key(h, &req, from.addr));
-    let (mut parts, body) = req.into_parts();
-    let retry = route.retry.as_ref();
-    let replayable_method =
-        retry.is_some_and(|r| r.non_idempotent || crate::pool::is_idempotent(&parts.method));
-    let can_buffer = retry.is_some_and(|r| {
-        replayable_method
-            && (declared.is_some_and(|n| n <= r.buffer_bytes)
-                || (declared.is_none() && body_is_empty(&parts)))
-    });
-    // The client's body, watched: its failures are the client's (see `client_body`).
-    let idle = rt.config.gateway.request_body_idle_timeout.get();
-    let (mut send_body, client_side) = if body.is_end_stream() {
-        let send = if can_buffer {
-            SendBody::Buffered(Bytes::new())
-        } else {
-            SendBody::Streaming(Some(crate::empty()))
-        };
-        (send, None)
-    } else {
-        let (mut watched, side) = ClientBody::new(body, max_body, idle);
-        if can_buffer {
-            let bytes = watched.collect().await.map_err(|e| client_error(&e))?.to_bytes();
-            (SendBody::Buffered(bytes), None)
-        } else {
-            watched.prime().await.map_err(ClientFault::failure)?;
-            (SendBody::Streaming(Some(watched.boxed())), Some(side))
-        }
-    };
-    // The client's headers as sent upstream; hop-by-hop ones go, forwarding ones come.
-    prepare_headers(&mut parts, up.version, from, request_id);
-    if let Some((u, _)) = &upgrade {
-        let h = &mut parts.headers;
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, u.protocol.clone());
-        // An HTTP/2 client sends no key (RFC 8441 section 5); an HTTP/1.1 server wants one.
-        if u.over_h2 && !h.contains_key(header::SEC_WEBSOCKET_KEY) {
-            h.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
-        }
-    }
-
     // Held until the answer is complete: a streaming body or an open tunnel still
     // occupies the cluster.
-    let mut slot = match &up.bulkhead {
+    let slot = match &up.bulkhead {
         Some(b) => Some(
             b.try_acquire()
                 .map_err(|e| Failure::new(Cause::BulkheadFull, e.to_string()))?,
         ),
         None => None,
     };
+    let retry = route.retry.as_ref();
     if let Some(r) = retry {
         r.budget.deposit();
     }
-    let deadline = Instant::now() + route.timeout;
-    let max_attempts = retry.map_or(1, |r| r.attempts.max(1));
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut attempts = 0u32;
-    let mut refusals = 0usize;
-    let mut backoff = retry.map_or(Duration::ZERO, |r| r.backoff);
+    let mut attempts = Attempts::new(route);
     loop {
-        let pick = up.cluster.pick(hash_key, &tried).map_err(|e| match e {
-            PickError::NoEndpoints => Failure::new(
-                Cause::NoHealthyEndpoint,
-                format!("cluster {} has no endpoints", up.name),
-            ),
-            PickError::NoHealthyEndpoint => Failure::new(
-                Cause::NoHealthyEndpoint,
-                format!("no healthy endpoint in cluster {}", up.name),
-            ),
-        })?;
-        let ep = pick.endpoint;
+        let Some((ep, permit)) = attempts.pick(route, req.hash_key)? else {
+            continue;
+        };
         let addr = ep.addr();
-        // The endpoint's breaker: a refusal sends nothing, so another endpoint may be
-        // tried at once (bounded by the number of endpoints).
-        let permit = match ep.breaker().map(|b| b.try_acquire_owned()) {
-            Some(Err(rejected)) => {
-                tried.push(addr);
-                refusals += 1;
-                let may_retry = retry.is_some_and(|r| r.retry_on.contains(&RetryOn::Refused));
-                if may_retry && refusals < up.cluster.len() && Instant::now() < deadline {
-                    continue;
-                }
-                let mut f = Failure::new(Cause::CircuitOpen, format!("circuit open for {addr}")).at(addr);
-                if let Some(after) = rejected.retry_after {
-                    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-                    f.headers.push(("retry-after", secs.max(1).to_string()));
-                }
-                return Err(f);
-            }
-            Some(Ok(p)) => Some(p),
-            None => None,
-        };
-        attempts += 1;
-        let body = match &mut send_body {
-            SendBody::Buffered(b) => http_body_util::Full::new(b.clone())
-                .map_err(BoxError::from)
-                .boxed(),
-            SendBody::Streaming(b) => b.take().unwrap_or_else(crate::empty),
-        };
-        // The headers are copied only when another attempt may need them.
-        let last_chance = !matches!(send_body, SendBody::Buffered(_)) || attempts >= max_attempts;
-        let headers = if last_chance {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        *req.version_mut() = up.version;
-        *req.headers_mut() = headers;
-        *req.uri_mut() = upstream_uri(addr, &parts.uri, up.version, up.tls);
-        if up.version == Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
-            // An HTTP/1.0 client may send none; HTTP/1.1 requires one.
-            let mut text = Vec::with_capacity(24);
-            write_addr(&mut text, addr);
-            if let Ok(host) = HeaderValue::from_maybe_shared(Bytes::from(text)) {
-                req.headers_mut().insert(header::HOST, host);
-            }
-        }
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let per_try = route.per_try_timeout.min(remaining);
+        let upstream_req = req.next_request(addr, up, attempts.last_chance());
+        let per_try = attempts.per_try(route);
         let attempt_start = Instant::now();
         let in_flight = ep.start_owned();
-        let result = tokio::time::timeout(per_try, up.pool().send(addr, req)).await;
+        let result = tokio::time::timeout(per_try, up.pool().send(addr, upstream_req)).await;
         let latency = attempt_start.elapsed();
         // A failure the client's body caused (or a timeout while the gateway waited
         // for it) is the client's: the endpoint is not judged, and dropping the
         // breaker's permit counts the call as cancelled.
         if !matches!(result, Ok(Ok(_)))
-            && let Some(fault) = client_side.as_ref().and_then(|s| s.fault(result.is_err()))
+            && let Some(fault) = req.client_side.as_ref().and_then(|s| s.fault(result.is_err()))
         {
             drop((permit, in_flight));
             return Err(fault.failure());
         }
-        // The connection goes back to the pool when the verdict is settled: once
-        // the body is read. An upgraded one is no longer the pool's.
-        let (result, lease) = match result {
-            Ok(Ok((resp, lease))) => {
-                let lease = match lease {
-                    Some(l) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                        l.discard();
-                        None
-                    }
-                    other => other,
-                };
-                (Ok(Ok(resp)), lease)
-            }
-            Ok(Err(e)) => (Ok(Err(e)), None),
-            Err(elapsed) => (Err(elapsed), None),
-        };
+        let (result, lease) = take_lease(result);
         let outcome = classify(up, &result);
         let verdict = Verdict {
             upstream: up.clone(),
@@ -437,56 +282,216 @@ async fn route_request(
             lease,
             active: None,
         };
-        // An answer whose body is still to come is judged when it ends: a body cut
-        // mid-stream is the endpoint's failure, not the success its headers promised.
-        let mut verdict = match &result {
-            Ok(Ok(resp))
-                if resp.status() != StatusCode::SWITCHING_PROTOCOLS && !resp.body().is_end_stream() =>
-            {
-                Some(verdict)
-            }
-            _ => {
-                verdict.settle();
-                None
-            }
+        let mut attempted = Attempted {
+            addr,
+            verdict: verdict.judged_now_or_at_body_end(&result),
+            result,
+            outcome,
+            per_try,
         };
-        let replayable = matches!(send_body, SendBody::Buffered(_));
-        let wants_retry = retry.is_some_and(|r| {
-            let status_listed = matches!(&result, Ok(Ok(resp))
-                if r.retry_on.contains(&RetryOn::RetriableStatus) && r.statuses.contains(&resp.status().as_u16()));
-            replayable_method
-                && replayable
-                && attempts < max_attempts
-                && (status_listed || outcome.retry_on.iter().any(|c| r.retry_on.contains(c)))
-        });
-        if wants_retry && let Some(r) = retry {
-            let server_hint = match &result {
-                Ok(Ok(resp)) => retry_after(resp.headers()),
-                _ => None,
-            };
-            let delay = server_hint
-                .unwrap_or_else(|| jitter(backoff))
-                .min(r.max_backoff.max(server_hint.unwrap_or_default()));
-            let in_time = Instant::now() + delay < deadline;
-            if in_time && r.budget.try_withdraw() {
-                // The answer is dropped unread: it is judged by its headers.
-                if let Some(v) = verdict.take() {
-                    v.settle();
-                }
-                route.metrics.retried();
-                tried.push(addr);
-                backoff = (backoff * 2).min(r.max_backoff);
-                tokio::time::sleep(delay).await;
-                continue;
+        let replayable = req.replayable_method && matches!(req.body, SendBody::Buffered(_));
+        if let Some(delay) = attempts.retry_delay(route, replayable, &attempted) {
+            // The answer is dropped unread: it is judged by its headers.
+            if let Some(v) = attempted.verdict.take() {
+                v.settle();
             }
-            if in_time {
-                metrics::counter!("palisade_retry_budget_exhausted_total", "route" => route.name.clone())
-                    .increment(1);
-            }
+            route.metrics.retried();
+            attempts.retrying(addr, route);
+            tokio::time::sleep(delay).await;
+            continue;
         }
-        return match result {
+        let exchange = Exchange {
+            rt,
+            route,
+            request_id,
+        };
+        return exchange.answer(attempted, &mut req.upgrade, slot, active);
+    }
+}
+
+/// What the gateway knows of the request being answered.
+struct Exchange<'a> {
+    rt: &'a Runtime,
+    route: &'a Route,
+    request_id: &'a HeaderValue,
+}
+
+/// One attempt's result, as the decide and answer phases see it.
+struct Attempted {
+    addr: SocketAddr,
+    result: AttemptResult,
+    outcome: Classified,
+    /// Kept for an answer whose body is still to come.
+    verdict: Option<Verdict>,
+    per_try: Duration,
+}
+
+/// An endpoint picked for an attempt, with its breaker's permit (if it has one).
+type Picked = (Arc<EndpointState>, Option<Permit<CircuitBreaker>>);
+
+/// What the pool's send came to within the attempt's timeout.
+type Sent = Result<Result<(Response<Incoming>, Option<Lease>), SendError>, tokio::time::error::Elapsed>;
+
+/// The attempts of one request: its deadline, the endpoints tried, the backoff.
+struct Attempts {
+    deadline: Instant,
+    max: u32,
+    made: u32,
+    refusals: usize,
+    tried: Vec<SocketAddr>,
+    backoff: Duration,
+}
+
+impl Attempts {
+    fn new(route: &Route) -> Self {
+        let retry = route.retry.as_ref();
+        Attempts {
+            deadline: Instant::now() + route.timeout,
+            max: retry.map_or(1, |r| r.attempts.max(1)),
+            made: 0,
+            refusals: 0,
+            tried: Vec::new(),
+            backoff: retry.map_or(Duration::ZERO, |r| r.backoff),
+        }
+    }
+
+    /// Picks an endpoint and asks its breaker. `None`: the breaker refused and
+    /// another endpoint may be tried at once (a refusal sends nothing; bounded by
+    /// the number of endpoints). An attempt is counted when the breaker permits.
+    fn pick(&mut self, route: &Route, hash_key: Option<u64>) -> Result<Option<Picked>, Failure> {
+        let up = &route.upstream;
+        let pick = up.cluster.pick(hash_key, &self.tried).map_err(|e| match e {
+            PickError::NoEndpoints => Failure::new(
+                Cause::NoHealthyEndpoint,
+                format!("cluster {} has no endpoints", up.name),
+            ),
+            PickError::NoHealthyEndpoint => Failure::new(
+                Cause::NoHealthyEndpoint,
+                format!("no healthy endpoint in cluster {}", up.name),
+            ),
+        })?;
+        let ep = pick.endpoint;
+        let addr = ep.addr();
+        let permit = match ep.breaker().map(|b| b.try_acquire_owned()) {
+            Some(Err(rejected)) => {
+                self.tried.push(addr);
+                self.refusals += 1;
+                let may_retry = route
+                    .retry
+                    .as_ref()
+                    .is_some_and(|r| r.retry_on.contains(&RetryOn::Refused));
+                if may_retry && self.refusals < up.cluster.len() && Instant::now() < self.deadline {
+                    return Ok(None);
+                }
+                let mut f = Failure::new(Cause::CircuitOpen, format!("circuit open for {addr}")).at(addr);
+                if let Some(after) = rejected.retry_after {
+                    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+                    f.headers.push(("retry-after", secs.max(1).to_string()));
+                }
+                return Err(f);
+            }
+            Some(Ok(p)) => Some(p),
+            None => None,
+        };
+        self.made += 1;
+        Ok(Some((ep, permit)))
+    }
+
+    /// Whether this attempt is the last one allowed.
+    fn last_chance(&self) -> bool {
+        self.made >= self.max
+    }
+
+    /// The attempt's timeout: the per-attempt one, within what is left of the total.
+    fn per_try(&self, route: &Route) -> Duration {
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        route.per_try_timeout.min(remaining)
+    }
+
+    /// The decide phase: the wait before another attempt, if the route retries this
+    /// result, the request can be sent again, time is left and the retry budget
+    /// allows one.
+    fn retry_delay(&self, route: &Route, replayable: bool, attempted: &Attempted) -> Option<Duration> {
+        let (result, outcome) = (&attempted.result, &attempted.outcome);
+        let r = route.retry.as_ref()?;
+        let status_listed = matches!(result, Ok(Ok(resp))
+            if r.retry_on.contains(&RetryOn::RetriableStatus) && r.statuses.contains(&resp.status().as_u16()));
+        let wanted = replayable
+            && self.made < self.max
+            && (status_listed || outcome.retry_on.iter().any(|c| r.retry_on.contains(c)));
+        if !wanted {
+            return None;
+        }
+        let server_hint = match result {
+            Ok(Ok(resp)) => retry_after(resp.headers()),
+            _ => None,
+        };
+        let delay = server_hint
+            .unwrap_or_else(|| jitter(self.backoff))
+            .min(r.max_backoff.max(server_hint.unwrap_or_default()));
+        if Instant::now() + delay >= self.deadline {
+            return None;
+        }
+        if !r.budget.try_withdraw() {
+            metrics::counter!("palisade_retry_budget_exhausted_total", "route" => route.name.clone())
+                .increment(1);
+            return None;
+        }
+        Some(delay)
+    }
+
+    /// Notes a retry away from `addr`: it is not picked again, and the backoff
+    /// doubles.
+    fn retrying(&mut self, addr: SocketAddr, route: &Route) {
+        self.tried.push(addr);
+        if let Some(r) = &route.retry {
+            self.backoff = (self.backoff * 2).min(r.max_backoff);
+        }
+    }
+}
+
+/// Takes the pooled connection's lease off an answer: it goes back to the pool
+/// when the verdict is settled (once the body is read); an upgraded connection is
+/// no longer the pool's.
+fn take_lease(result: Sent) -> (AttemptResult, Option<Lease>) {
+    match result {
+        Ok(Ok((resp, lease))) => {
+            let lease = match lease {
+                Some(l) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    l.discard();
+                    None
+                }
+                other => other,
+            };
+            (Ok(Ok(resp)), lease)
+        }
+        Ok(Err(e)) => (Ok(Err(e)), None),
+        Err(elapsed) => (Err(elapsed), None),
+    }
+}
+
+impl Exchange<'_> {
+    /// The answer phase: the endpoint's answer passed on (taking the cluster's
+    /// bulkhead slot and the connection's request guard to its body's end), its
+    /// tunnel opened, or the failure the attempt came to.
+    fn answer(
+        &self,
+        attempted: Attempted,
+        upgrade: &mut Option<(Upgrade, hyper::upgrade::OnUpgrade)>,
+        mut slot: Option<BulkheadPermit>,
+        active: &mut Option<ActiveGuard>,
+    ) -> Result<Response<Body>, Failure> {
+        let Attempted {
+            addr,
+            result,
+            outcome,
+            mut verdict,
+            per_try,
+        } = attempted;
+        let route = self.route;
+        match result {
             Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match upgrade.take() {
-                Some(u) => Ok(tunnel(rt, route, addr, resp, u, request_id, slot)),
+                Some(u) => Ok(tunnel(self.rt, route, addr, resp, u, self.request_id, slot)),
                 None => Err(Failure::new(
                     Cause::ProtocolError,
                     "101 answer to a request that asked for no upgrade",
@@ -512,7 +517,7 @@ async fn route_request(
                     v.active = active.take();
                 }
                 let verdict = verdict.map(|v| (v, route.body_idle_timeout));
-                Ok(downstream_response(resp, request_id, verdict))
+                Ok(downstream_response(resp, self.request_id, verdict))
             }
             Ok(Err(e)) => {
                 Err(Failure::new(outcome.cause.unwrap_or(Cause::ProtocolError), error_chain(&e)).at(addr))
@@ -525,7 +530,7 @@ async fn route_request(
                 };
                 Err(Failure::new(Cause::Timeout, format!("no answer within {what} ({per_try:?})")).at(addr))
             }
-        };
+        }
     }
 }
 
@@ -647,13 +652,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-/// A client body's error while it was read whole (to be sent more than once).
-fn client_error(e: &BoxError) -> Failure {
-    e.downcast_ref::<ClientBodyError>()
-        .map_or(ClientFault::Malformed, |e| e.0)
-        .failure()
 }
 
 fn body_is_empty(parts: &http::request::Parts) -> bool {
@@ -1041,6 +1039,23 @@ struct Verdict {
 }
 
 impl Verdict {
+    /// An answer whose body is still to come is judged when it ends (a body cut
+    /// mid-stream is the endpoint's failure, not the success its headers promised):
+    /// its verdict is kept. Any other result is judged now.
+    fn judged_now_or_at_body_end(self, result: &AttemptResult) -> Option<Verdict> {
+        match result {
+            Ok(Ok(resp))
+                if resp.status() != StatusCode::SWITCHING_PROTOCOLS && !resp.body().is_end_stream() =>
+            {
+                Some(self)
+            }
+            _ => {
+                self.settle();
+                None
+            }
+        }
+    }
+
     fn settle(self) {
         if let Some(p) = self.permit {
             p.record(self.breaker);
