@@ -37,16 +37,41 @@ pub(super) struct Prepared {
     pub(super) replayable_method: bool,
 }
 
+/// A request body still to be watched ([`PendingBody::watch`]).
+pub(super) struct PendingBody {
+    body: Incoming,
+    buffer: bool,
+    max: u64,
+    idle: std::time::Duration,
+}
+
+impl PendingBody {
+    /// The client's body, watched so its failures are known as the client's (see
+    /// `client_body`): read whole when it may be sent again, else its first frame
+    /// read ahead, so a body bad from its start never reaches an endpoint.
+    pub(super) async fn watch(self) -> Result<(SendBody, Option<Arc<ClientSide>>), Failure> {
+        let (mut watched, side) = ClientBody::new(self.body, self.max, self.idle);
+        if self.buffer {
+            let bytes = watched.collect().await.map_err(|e| client_error(&e))?.to_bytes();
+            Ok((SendBody::Buffered(bytes), None))
+        } else {
+            watched.prime().await.map_err(ClientFault::failure)?;
+            Ok((SendBody::Streaming(Some(watched.boxed())), Some(side)))
+        }
+    }
+}
+
 /// The admit phase for a routed request: its rate limit, its size, its upgrade,
-/// its body watched (read whole when it may be sent again, else its first frame
-/// read ahead), and its head made the one sent upstream.
-pub(super) async fn prepare(
+/// and its head made the one sent upstream. A body still to come is returned to be
+/// watched ([`PendingBody::watch`]); the request path awaits nothing for a request
+/// without one.
+pub(super) fn prepare(
     rt: &Runtime,
     route: &Route,
     mut req: Request<Incoming>,
     from: Downstream,
     request_id: &HeaderValue,
-) -> Result<Prepared, Failure> {
+) -> Result<(Prepared, Option<PendingBody>), Failure> {
     if let Some(limiter) = &route.limiter
         && let Err(limited) = check_limit(limiter, &req, from.addr)
     {
@@ -97,8 +122,22 @@ pub(super) async fn prepare(
             && (declared.is_some_and(|n| n <= r.buffer_bytes)
                 || (declared.is_none() && super::body_is_empty(&parts)))
     });
-    let idle = rt.config.gateway.request_body_idle_timeout.get();
-    let (body, client_side) = watch_body(body, can_buffer, max_body, idle).await?;
+    let (body, pending) = if body.is_end_stream() {
+        let send = if can_buffer {
+            SendBody::Buffered(Bytes::new())
+        } else {
+            SendBody::Streaming(Some(crate::empty()))
+        };
+        (send, None)
+    } else {
+        let pending = PendingBody {
+            body,
+            buffer: can_buffer,
+            max: max_body,
+            idle: rt.config.gateway.request_body_idle_timeout.get(),
+        };
+        (SendBody::Streaming(None), Some(pending))
+    };
     // The client's headers as sent upstream; hop-by-hop ones go, forwarding ones come.
     super::prepare_headers(&mut parts, up.version, from, request_id);
     if let Some((u, _)) = &upgrade {
@@ -110,41 +149,15 @@ pub(super) async fn prepare(
             h.insert(header::SEC_WEBSOCKET_KEY, super::websocket_key());
         }
     }
-    Ok(Prepared {
+    let prepared = Prepared {
         parts,
         body,
-        client_side,
+        client_side: None,
         upgrade,
         hash_key,
         replayable_method,
-    })
-}
-
-/// The client's body, watched so its failures are known as the client's (see
-/// `client_body`): read whole when it may be sent again (`buffer`), else its first
-/// frame read ahead, so a body bad from its start never reaches an endpoint.
-async fn watch_body(
-    body: Incoming,
-    buffer: bool,
-    max: u64,
-    idle: std::time::Duration,
-) -> Result<(SendBody, Option<Arc<ClientSide>>), Failure> {
-    if body.is_end_stream() {
-        let send = if buffer {
-            SendBody::Buffered(Bytes::new())
-        } else {
-            SendBody::Streaming(Some(crate::empty()))
-        };
-        return Ok((send, None));
-    }
-    let (mut watched, side) = ClientBody::new(body, max, idle);
-    if buffer {
-        let bytes = watched.collect().await.map_err(|e| client_error(&e))?.to_bytes();
-        Ok((SendBody::Buffered(bytes), None))
-    } else {
-        watched.prime().await.map_err(ClientFault::failure)?;
-        Ok((SendBody::Streaming(Some(watched.boxed())), Some(side)))
-    }
+    };
+    Ok((prepared, pending))
 }
 
 /// A client body's error while it was read whole (to be sent more than once).

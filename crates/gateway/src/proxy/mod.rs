@@ -233,7 +233,10 @@ async fn route_request(
     request_id: &HeaderValue,
     active: &mut Option<ActiveGuard>,
 ) -> Result<Response<Body>, Failure> {
-    let mut req = admit::prepare(rt, route, req, from, request_id).await?;
+    let (mut req, pending) = admit::prepare(rt, route, req, from, request_id)?;
+    if let Some(body) = pending {
+        (req.body, req.client_side) = body.watch().await?;
+    }
     let up = &route.upstream;
     // Held until the answer is complete: a streaming body or an open tunnel still
     // occupies the cluster.
