@@ -882,7 +882,8 @@ fn de_error(e: &toml::de::Error, text: &str, with_line: bool) -> String {
     let key = if line.starts_with('[') {
         None
     } else {
-        key_at(&text[line_start..start], line)
+        let rest = text[start..].lines().next().unwrap_or("");
+        key_at(&text[line_start..start], rest)
     };
     let at = match (table, key) {
         (Some(t), Some(k)) => format!("{t}.{k}"),
@@ -907,24 +908,29 @@ fn table_name(header: &str) -> &str {
         .trim()
 }
 
-/// The dotted key an error at the end of `before` (its line up to the error) is
-/// in: the line's own key, and the inner key when the error is inside an inline
-/// table. `line` is the whole line.
-fn key_at(before: &str, line: &str) -> Option<String> {
+/// The dotted key of an error on a `key = value` line: `before` is the line up to
+/// the error, `rest` the line from it. The line's own key, and the inner key when
+/// the error is inside an inline table: the key the error stands on (an unknown
+/// field), or else the key whose value it is in.
+fn key_at(before: &str, rest: &str) -> Option<String> {
     let clean = |k: &str| k.trim().trim_matches('"').to_string();
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '"';
+    let line = format!("{before}{rest}");
     let own = line
         .split_once('=')
         .map(|(k, _)| clean(k))
         .filter(|k| !k.is_empty())?;
-    // The identifier before the last `=` left of the error, if it is not the line's own.
-    let inner = before.rsplit_once('=').and_then(|(left, _)| {
-        let ident = left
+    let inner = match before.rsplit_once('=') {
+        // Past the last value (a `,` or `{` since): the error stands on a key.
+        Some((left, value)) if !value.contains([',', '{']) => left
             .trim_end()
-            .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '"'))
+            .rsplit(|c: char| !is_key_char(c))
             .next()
-            .map(clean)?;
-        (!ident.is_empty() && ident != own).then_some(ident)
-    });
+            .map(clean),
+        Some(_) => Some(clean(rest.split(|c: char| !is_key_char(c)).next().unwrap_or(""))),
+        None => None,
+    }
+    .filter(|i| !i.is_empty() && *i != own);
     Some(match inner {
         Some(i) => format!("{own}.{i}"),
         None => own,
@@ -1444,6 +1450,22 @@ endpoints = ["127.0.0.1:9000"]
         );
         assert!(lines[2].contains("unknown field"), "{lines:#?}");
         assert!(lines[3].starts_with("routes.timeout (line"), "{lines:#?}");
+    }
+
+    #[test]
+    fn an_error_inside_an_inline_table_names_its_inner_key() {
+        let unknown = MINIMAL.replace(
+            "cluster = \"web\"",
+            "cluster = \"web\"\nretry = { attempts = 2, tries = 1 }",
+        );
+        let err = Config::from_toml(&unknown).unwrap_err().to_string();
+        assert!(err.starts_with("routes.retry.tries (line"), "{err}");
+        let wrong = MINIMAL.replace(
+            "cluster = \"web\"",
+            "cluster = \"web\"\nretry = { attempts = \"two\" }",
+        );
+        let err = Config::from_toml(&wrong).unwrap_err().to_string();
+        assert!(err.starts_with("routes.retry.attempts (line"), "{err}");
     }
 
     #[test]
