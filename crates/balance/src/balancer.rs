@@ -16,7 +16,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use palisade_resilience::Instant;
+use palisade_core::Instant;
 
 use crate::endpoint::EndpointState;
 use crate::hash::{Maglev, Ring};

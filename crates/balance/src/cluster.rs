@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use palisade_core::SharedClock;
 use palisade_resilience::breaker::CircuitBreaker;
-use palisade_resilience::clock::SharedClock;
 
 use crate::balancer::{LbPolicy, Picker};
 use crate::endpoint::{EndpointInfo, EndpointState};
@@ -370,7 +370,7 @@ impl Cluster {
     }
 }
 
-fn healthy_share(eps: &[Arc<EndpointState>], members: &[usize], now: palisade_resilience::Instant) -> f64 {
+fn healthy_share(eps: &[Arc<EndpointState>], members: &[usize], now: palisade_core::Instant) -> f64 {
     if members.is_empty() {
         return 0.0;
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use palisade_resilience::Instant;
+use palisade_core::Instant;
 use palisade_resilience::breaker::{CircuitBreaker, State};
 
 use crate::health::HealthState;

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use palisade_resilience::Instant;
+use palisade_core::Instant;
 
 /// Failover settings.
 #[derive(Clone, Debug, PartialEq)]

@@ -18,7 +18,7 @@
 //! * **the load balancer** ([`balancer`]): round robin, smooth weighted round robin,
 //!   random, least request (power of two choices), peak EWMA, ring hash and maglev.
 //!
-//! Everything here is sans-I/O: time comes from a `palisade_resilience::Clock`, probe
+//! Everything here is sans-I/O: time comes from a `palisade_core::Clock`, probe
 //! results and call outcomes are told to it. The gateway does the I/O.
 
 pub mod balancer;

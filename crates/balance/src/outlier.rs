@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use palisade_resilience::Instant;
+use palisade_core::Instant;
 use palisade_resilience::window::{Sample, SlidingWindow, WindowConfig};
 
 /// Outlier detection settings for a cluster.

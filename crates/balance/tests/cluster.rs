@@ -10,9 +10,9 @@ use palisade_balance::hash::mix;
 use palisade_balance::health::HealthConfig;
 use palisade_balance::outlier::{CallResult, OutlierConfig};
 use palisade_balance::{Cluster, ClusterConfig, EndpointInfo, LbPolicy, PickError};
+use palisade_core::SharedClock;
+use palisade_core::{Clock, ManualClock};
 use palisade_resilience::breaker::{BreakerConfig, CircuitBreaker, Outcome};
-use palisade_resilience::clock::SharedClock;
-use palisade_resilience::{Clock, ManualClock};
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))

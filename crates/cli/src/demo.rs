@@ -30,7 +30,7 @@ use palisade_gateway::Config;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-use crate::Options;
+use crate::DemoArgs;
 
 /// How a demo upstream behaves.
 #[derive(Clone, Copy, Debug)]
@@ -93,7 +93,11 @@ async fn answer(kind: Behaviour, world: &World, path: &str) -> Response<Full<Byt
     r
 }
 
-fn config(opts: &Options, api: &[(SocketAddr, &str)], orders: &[(SocketAddr, u8)]) -> anyhow::Result<Config> {
+fn config(
+    opts: &DemoArgs,
+    api: &[(SocketAddr, &str)],
+    orders: &[(SocketAddr, u8)],
+) -> anyhow::Result<Config> {
     let listen = opts
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -160,7 +164,7 @@ struct Second {
 }
 
 /// Runs the demo until Ctrl-C or `--duration`.
-pub async fn run(opts: Options) -> anyhow::Result<()> {
+pub async fn run(opts: DemoArgs) -> anyhow::Result<()> {
     let world = Arc::new(World {
         started: Instant::now(),
         zone_a_down: AtomicBool::new(false),

@@ -4,6 +4,7 @@
 //! palisade gateway --config FILE   run the proxy (SIGHUP or a file change reloads; SIGTERM drains)
 //! palisade check --config FILE     validate a configuration, print every problem, exit 1 if any
 //! palisade demo [--duration 30s]   the gateway in front of built-in failing upstreams, with traffic
+//! palisade completions SHELL       a completion script for bash, zsh, fish, elvish or PowerShell
 //! ```
 
 use std::io::Write;
@@ -11,27 +12,72 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{CommandFactory, Parser, Subcommand};
 use palisade_gateway::Config;
 
 mod demo;
 
-const USAGE: &str = "\
-usage:
-  palisade gateway --config FILE   run the gateway
-  palisade check --config FILE     validate a configuration file
-  palisade demo [--duration DUR] [--listen ADDR] [--admin ADDR]
-                                   run the gateway in front of built-in demo upstreams
-                                   with built-in traffic, printing what happens each second
-options:
-  -h, --help                       this text
-environment:
-  PALISADE_<SECTION>__<KEY>=VALUE  override a configuration value
-  RUST_LOG=info,palisade=debug     log filter
-";
+/// A resilient reverse proxy: routes, clusters, breakers, retries, health.
+#[derive(Debug, Parser)]
+#[command(
+    name = "palisade",
+    version,
+    propagate_version = true,
+    after_help = "Environment:\n  PALISADE_<SECTION>__<KEY>=VALUE  override a configuration value (PALISADE_GATEWAY__LISTEN=0.0.0.0:80)\n  RUST_LOG=info,palisade=debug     log filter"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (SIGHUP or, with watch_config, an edit reloads; SIGTERM drains).
+    Gateway {
+        /// The configuration file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a configuration: the compilation start-up runs, every problem printed.
+    ///
+    /// Exits 0 when the file would start, 1 when it has problems (each printed on a
+    /// line of its own, naming its field and line).
+    Check {
+        /// The configuration file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the gateway in front of built-in failing upstreams, with traffic, printing
+    /// what happens each second.
+    Demo(DemoArgs),
+    /// Print a shell completion script (`palisade completions bash > /etc/bash_completion.d/palisade`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Options of `palisade demo`.
+#[derive(Debug, Default, clap::Args)]
+pub struct DemoArgs {
+    /// Stop after this long (`30s`, `2m`); until Ctrl-C if not given.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub duration: Option<Duration>,
+    /// Where the demo gateway listens.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Where its admin endpoints listen.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    palisade_core::config::parse_duration(text)
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
+    let cli = Cli::parse();
+    match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "palisade: {e:#}");
@@ -40,50 +86,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &[String]) -> anyhow::Result<ExitCode> {
-    let Some(cmd) = args.first() else {
-        let _ = write!(std::io::stderr(), "{USAGE}");
-        return Ok(ExitCode::from(2));
-    };
-    let opts = Options::parse(&args[1..])?;
-    match cmd.as_str() {
-        "-h" | "--help" | "help" => {
-            let _ = write!(std::io::stdout(), "{USAGE}");
-            Ok(ExitCode::SUCCESS)
-        }
-        "check" => {
-            let path = opts
-                .config
-                .ok_or_else(|| anyhow::anyhow!("check needs --config FILE"))?;
-            // The same compilation as start-up's: every object built, every file the
-            // configuration names read. Only host names are left to resolve at start.
-            let loaded = Config::load(&path).and_then(palisade_gateway::runtime::Runtime::compile);
-            match loaded {
-                Ok(rt) => {
-                    let _ = writeln!(
-                        std::io::stdout(),
-                        "{}: ok ({} routes, {} clusters)",
-                        path.display(),
-                        rt.routes.len(),
-                        rt.clusters.len()
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    let mut err = std::io::stderr();
-                    let _ = writeln!(err, "{}: {} problem(s)", path.display(), e.0.len());
-                    for p in &e.0 {
-                        let _ = writeln!(err, "  {p}");
-                    }
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
-        "gateway" => {
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Check { config: path } => Ok(check(&path)),
+        Command::Gateway { config: path } => {
             init_logs("info");
-            let path = opts
-                .config
-                .ok_or_else(|| anyhow::anyhow!("gateway needs --config FILE"))?;
             let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
             // The proxy's own worker threads are started by the gateway; this
             // runtime runs the rest (signals, reloads, the admin listener, probes).
@@ -92,15 +99,49 @@ fn run(args: &[String]) -> anyhow::Result<ExitCode> {
                 .build()?
                 .block_on(gateway(config, path))
         }
-        "demo" => {
+        Command::Demo(args) => {
             init_logs("warn");
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(demo::run(opts))?;
+                .block_on(demo::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
-        other => anyhow::bail!("unknown command `{other}`\n{USAGE}"),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "palisade", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `palisade check`: the same compilation as start-up's, every object built and
+/// every file the configuration names read; only host names are left to resolve.
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path).and_then(palisade_gateway::runtime::Runtime::compile) {
+        Ok(rt) => {
+            let _ = writeln!(
+                std::io::stdout(),
+                "{}: ok ({} routes, {} clusters)",
+                path.display(),
+                rt.routes.len(),
+                rt.clusters.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut err = std::io::stderr();
+            let n = e.0.len();
+            let _ = writeln!(
+                err,
+                "{}: {n} problem{}",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            );
+            for p in &e.0 {
+                let _ = writeln!(err, "  {p}");
+            }
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -140,52 +181,4 @@ async fn gateway(config: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
     tracing::info!("shutting down: draining requests in flight");
     handle.shutdown().await;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Command-line options shared by the commands.
-#[derive(Debug, Default)]
-pub struct Options {
-    /// `--config FILE`.
-    pub config: Option<PathBuf>,
-    /// `--duration 30s`.
-    pub duration: Option<Duration>,
-    /// `--listen ADDR`.
-    pub listen: Option<std::net::SocketAddr>,
-    /// `--admin ADDR`.
-    pub admin: Option<std::net::SocketAddr>,
-}
-
-impl Options {
-    fn parse(args: &[String]) -> anyhow::Result<Options> {
-        let mut o = Options::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let (flag, inline) = match a.split_once('=') {
-                Some((f, v)) => (f, Some(v.to_string())),
-                None => (a.as_str(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| it.next().cloned())
-                    .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))
-            };
-            match flag {
-                "--config" | "-c" => o.config = Some(PathBuf::from(value()?)),
-                "--duration" => {
-                    let v = value()?;
-                    o.duration = Some(
-                        palisade_gateway::config::parse_duration(&v)
-                            .map_err(|e| anyhow::anyhow!("--duration: {e}"))?,
-                    );
-                }
-                "--listen" => {
-                    o.listen = Some(value()?.parse().map_err(|e| anyhow::anyhow!("--listen: {e}"))?)
-                }
-                "--admin" => o.admin = Some(value()?.parse().map_err(|e| anyhow::anyhow!("--admin: {e}"))?),
-                other => anyhow::bail!("unknown option `{other}`"),
-            }
-        }
-        Ok(o)
-    }
 }

@@ -11,7 +11,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use palisade_core::config::{Dur, MAX_DURATION, parse_duration};
+pub use palisade_core::{ConfigError, ConfigErrors};
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -771,274 +774,33 @@ fn default_stable() -> Dur {
     Dur(Duration::from_secs(30))
 }
 
-/// A duration written as `"250ms"`, `"30s"`, `"5m"`, `"1h"` (or a combination such
-/// as `"1m30s"`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Dur(pub Duration);
-
-impl Dur {
-    /// The duration.
-    pub fn get(self) -> Duration {
-        self.0
-    }
-}
-
-impl fmt::Display for Dur {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        if ms % 1000 == 0 && ms > 0 {
-            write!(f, "{}s", ms / 1000)
-        } else {
-            write!(f, "{ms}ms")
-        }
-    }
-}
-
-/// Parses `"250ms"`, `"30s"`, `"1m30s"`, `"2h"`, `"100us"`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    if t.is_empty() {
-        return Err("empty duration".into());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "`{text}` is not a duration (try \"250ms\", \"30s\", \"5m\")"
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("`{text}`: number too large"))?;
-        rest = &rest[digits..];
-        let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let too_long = || format!("`{text}` is too long");
-        let d = match &rest[..unit] {
-            "ns" => Duration::from_nanos(n),
-            "us" | "µs" => Duration::from_micros(n),
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_long)?),
-            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_long)?),
-            "" => return Err(format!("`{text}` needs a unit (ms, s, m, h)")),
-            u => return Err(format!("`{text}`: unknown unit `{u}` (use ms, s, m, h)")),
-        };
-        total = total.checked_add(d).ok_or_else(too_long)?;
-        rest = &rest[unit..];
-    }
-    Ok(total)
-}
-
-/// The longest duration a configuration accepts: longer ones are mistakes (a
-/// deadline that far away is no deadline), and bounding them keeps every
-/// `now + duration` in range.
-pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let d = parse_duration(&s).map_err(serde::de::Error::custom)?;
-        if d > MAX_DURATION {
-            return Err(serde::de::Error::custom(format!(
-                "`{s}` is longer than 24h, the longest duration accepted"
-            )));
-        }
-        Ok(Dur(d))
-    }
-}
-
-impl Serialize for Dur {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-/// Every problem found in a configuration, each with its path.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{}", .0.join("\n"))]
-pub struct ConfigError(pub Vec<String>);
-
-/// A TOML or serde error as one line naming where it is: `gateway.listen (line 2):
-/// invalid type: ...`. The path is the table the line is in and the key the error
-/// is at: the key before the nearest `=` left of it on its line (so a field of an
-/// inline table, `endpoints = [{ tier = -1 }]`, is `endpoints.tier`).
-fn de_error(e: &toml::de::Error, text: &str, with_line: bool) -> String {
-    let message = e.message().trim();
-    let Some(span) = e.span() else {
-        return message.to_string();
-    };
-    let start = span.start.min(text.len());
-    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    let line_no = text[..start].matches('\n').count() + 1;
-    let line = text[line_start..].lines().next().unwrap_or("").trim();
-    let table = text[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(table_name);
-    let key = if line.starts_with('[') {
-        None
-    } else {
-        let rest = text[start..].lines().next().unwrap_or("");
-        key_at(&text[line_start..start], rest)
-    };
-    let at = match (table, key) {
-        (Some(t), Some(k)) => format!("{t}.{k}"),
-        (None, Some(k)) => k,
-        (Some(t), None) => t.to_string(),
-        (None, None) => format!("`{line}`"),
-    };
-    if with_line {
-        format!("{at} (line {line_no}): {message}")
-    } else {
-        format!("{at}: {message}")
-    }
-}
-
-/// `[a.b] # note` or `[[a]]` -> `a.b`, `a`.
-fn table_name(header: &str) -> &str {
-    header
-        .trim_start_matches('[')
-        .split(']')
-        .next()
-        .unwrap_or("")
-        .trim()
-}
-
-/// The dotted key of an error on a `key = value` line: `before` is the line up to
-/// the error, `rest` the line from it. The line's own key, and the inner key when
-/// the error is inside an inline table: the key the error stands on (an unknown
-/// field), or else the key whose value it is in.
-fn key_at(before: &str, rest: &str) -> Option<String> {
-    let clean = |k: &str| k.trim().trim_matches('"').to_string();
-    let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '"';
-    let line = format!("{before}{rest}");
-    let own = line
-        .split_once('=')
-        .map(|(k, _)| clean(k))
-        .filter(|k| !k.is_empty())?;
-    let inner = match before.rsplit_once('=') {
-        // Past the last value (a `,` or `{` since): the error stands on a key.
-        Some((left, value)) if !value.contains([',', '{']) => left
-            .trim_end()
-            .rsplit(|c: char| !is_key_char(c))
-            .next()
-            .map(clean),
-        Some(_) => Some(clean(rest.split(|c: char| !is_key_char(c)).next().unwrap_or(""))),
-        None => None,
-    }
-    .filter(|i| !i.is_empty() && *i != own);
-    Some(match inner {
-        Some(i) => format!("{own}.{i}"),
-        None => own,
-    })
-}
-
-/// Every wrong type and unknown key in `text`, in its order, starting from serde's
-/// `first`. Serde stops at one, so the line it names is blanked out and the text read
-/// again, until it reads or an error is not on a `key = value` line of its own.
-/// Blanking keeps every line number. It stops rather than report what the blanking
-/// itself caused: a text no longer valid TOML (a value over several lines), or a
-/// field now missing.
-fn type_errors(text: &str, first: toml::de::Error) -> Vec<toml::de::Error> {
-    const MAX: usize = 32;
-    let mut errors = vec![first];
-    let mut text = text.to_string();
-    while errors.len() < MAX {
-        let e = errors.last().expect("one error at least");
-        let Some(span) = e.span() else { break };
-        let start = text[..span.start.min(text.len())]
-            .rfind('\n')
-            .map_or(0, |i| i + 1);
-        let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
-        let line = text[start..end].trim_start();
-        if line.starts_with('[') || !line.contains('=') {
-            break;
-        }
-        text.replace_range(start..end, &" ".repeat(end - start));
-        if text.parse::<toml::Table>().is_err() {
-            break;
-        }
-        match toml::from_str::<Config>(&text) {
-            Ok(_) => break,
-            Err(next) if next.message().starts_with("missing field") => break,
-            Err(next) => errors.push(next),
-        }
-    }
-    // In the order of the file, not of serde's walk through it.
-    errors.sort_by_key(|e| e.span().map_or(usize::MAX, |s| s.start));
-    errors
-}
-
 impl Config {
     /// Reads `path`, applies `PALISADE_*` environment overrides, parses and
     /// validates.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(vec![format!("{}: cannot read: {e}", path.display())]))?;
+            .map_err(|e| ConfigErrors::one(path.display().to_string(), format!("cannot read: {e}")))?;
         Config::from_toml_with_env(&text, std::env::vars())
     }
 
     /// Parses and validates TOML text.
-    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
         Config::from_toml_with_env(text, std::iter::empty())
     }
 
     /// Parses TOML text, applies overrides from `(name, value)` pairs named
     /// `PALISADE_<SECTION>__<KEY>[__<KEY>..]` (e.g. `PALISADE_GATEWAY__LISTEN`,
-    /// `PALISADE_CLUSTERS__API__LB`), and validates.
+    /// `PALISADE_CLUSTERS__API__LB`), and validates. Names without a `__` are not
+    /// overrides (every key is in a section), so `PALISADE_LOG` and the like are
+    /// left alone.
     pub fn from_toml_with_env(
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError(vec![de_error(&e, text, true)]))?;
-        let mut problems = Vec::new();
-        let mut overrides = false;
-        for (name, value) in env {
-            let Some(path) = name.strip_prefix("PALISADE_") else {
-                continue;
-            };
-            if !path.contains("__") {
-                continue;
-            }
-            overrides = true;
-            let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
-            if let Err(e) = set_path(&mut table, &keys, &value) {
-                problems.push(format!("{name}: {e}"));
-            }
-        }
-        if !problems.is_empty() {
-            return Err(ConfigError(problems));
-        }
-        // Deserialise from text, not from the table, so an error keeps its place in
-        // the file; with overrides, the place is in the file as overridden.
-        let overridden;
-        let text = if overrides {
-            overridden = toml::to_string(&table).map_err(|e| ConfigError(vec![e.to_string()]))?;
-            overridden.as_str()
-        } else {
-            text
-        };
-        let config: Config = toml::from_str(text).map_err(|e| {
-            ConfigError(
-                type_errors(text, e)
-                    .iter()
-                    .map(|e| {
-                        // Line numbers of the re-written text would not match the file.
-                        if overrides {
-                            format!("{} (after PALISADE_* overrides)", de_error(e, text, false))
-                        } else {
-                            de_error(e, text, true)
-                        }
-                    })
-                    .collect(),
-            )
-        })?;
+    ) -> Result<Config, ConfigErrors> {
+        let env = env
+            .into_iter()
+            .filter(|(name, _)| name.strip_prefix(ENV_PREFIX).is_some_and(|k| k.contains("__")));
+        let config: Config = palisade_core::config::from_toml(text, ENV_PREFIX, env)?;
         config.validate()?;
         Ok(config)
     }
@@ -1049,31 +811,40 @@ impl Config {
     /// start-up and reload all call): route matches, fallbacks and hash keys are
     /// parsed there, and each policy core validates its own settings (a rate
     /// limit's quota, a breaker's thresholds).
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut p = Vec::new();
         if self.routes.is_empty() {
-            p.push("routes: at least one route is needed".to_string());
+            p.push(ConfigError::new("routes", "at least one route is needed"));
         }
         self.gateway.problems(&mut p);
         let mut names = std::collections::HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}] ({})", r.name);
             if r.name.is_empty() {
-                p.push(format!("{at}.name: must not be empty"));
+                p.push(ConfigError::new(format!("{at}.name"), "must not be empty"));
             } else if !names.insert(r.name.as_str()) {
-                p.push(format!("{at}.name: another route is called `{}`", r.name));
+                p.push(ConfigError::new(
+                    format!("{at}.name"),
+                    format!("another route is called `{}`", r.name),
+                ));
             }
             if !self.clusters.contains_key(&r.cluster) {
-                p.push(format!("{at}.cluster: no cluster named `{}`", r.cluster));
+                p.push(ConfigError::new(
+                    format!("{at}.cluster"),
+                    format!("no cluster named `{}`", r.cluster),
+                ));
             }
             r.problems(&at, &mut p);
         }
         for (name, c) in &self.clusters {
             c.problems(&format!("clusters.{name}"), &mut p);
         }
-        if p.is_empty() { Ok(()) } else { Err(ConfigError(p)) }
+        ConfigErrors::result(p)
     }
 }
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "PALISADE_";
 
 /// Largest `gateway.workers`.
 pub const MAX_WORKERS: usize = 1024;
@@ -1086,26 +857,26 @@ pub const MAX_LIMIT_KEYS: usize = 10_000_000;
 /// Largest `gateway.max_header_bytes` (and the least: hyper's read buffer floor).
 pub const HEADER_BYTES: std::ops::RangeInclusive<usize> = 8192..=(1 << 20);
 
-fn positive(p: &mut Vec<String>, at: &str, d: Dur) {
+fn positive(p: &mut Vec<ConfigError>, at: &str, d: Dur) {
     if d.0.is_zero() {
-        p.push(format!("{at}: must be more than 0"));
+        p.push(ConfigError::new(at, "must be more than 0"));
     }
 }
 
-fn fraction(p: &mut Vec<String>, at: &str, x: f64) {
+fn fraction(p: &mut Vec<ConfigError>, at: &str, x: f64) {
     if !(0.0..=1.0).contains(&x) {
-        p.push(format!("{at}: must be between 0 and 1"));
+        p.push(ConfigError::new(at, "must be between 0 and 1"));
     }
 }
 
-fn within<T: PartialOrd + fmt::Display>(p: &mut Vec<String>, at: &str, x: T, lo: T, hi: T) {
+fn within<T: PartialOrd + fmt::Display>(p: &mut Vec<ConfigError>, at: &str, x: T, lo: T, hi: T) {
     if x < lo || x > hi {
-        p.push(format!("{at}: {x} is not between {lo} and {hi}"));
+        p.push(ConfigError::new(at, format!("{x} is not between {lo} and {hi}")));
     }
 }
 
 impl GatewaySection {
-    fn problems(&self, p: &mut Vec<String>) {
+    fn problems(&self, p: &mut Vec<ConfigError>) {
         for (field, d) in [
             ("tunnel_idle_timeout", self.tunnel_idle_timeout),
             ("pool_idle_timeout", self.pool_idle_timeout),
@@ -1140,7 +911,10 @@ impl GatewaySection {
             100_000,
         );
         if usize::try_from(self.max_body_bytes).is_err() {
-            p.push("gateway.max_body_bytes: too large for this machine".to_string());
+            p.push(ConfigError::new(
+                "gateway.max_body_bytes",
+                "too large for this machine",
+            ));
         }
         // The same port on the same address (port 0 is a fresh one each time).
         if let Some(admin) = self.admin
@@ -1150,14 +924,15 @@ impl GatewaySection {
                 || admin.ip().is_unspecified()
                 || self.listen.ip().is_unspecified())
         {
-            p.push(format!(
-                "gateway.admin: {admin} is where the proxy listens (gateway.listen); give the admin listener its own port"
-            ));
+            p.push(ConfigError::new("gateway.admin", format!("{admin} is where the proxy listens (gateway.listen); give the admin listener its own port")));
         }
         if let Some(tls) = &self.tls {
             for proto in &tls.alpn {
                 if !["h2", "http/1.1"].contains(&proto.as_str()) {
-                    p.push(format!("gateway.tls.alpn: `{proto}` is not `h2` or `http/1.1`"));
+                    p.push(ConfigError::new(
+                        "gateway.tls.alpn",
+                        format!("`{proto}` is not `h2` or `http/1.1`"),
+                    ));
                 }
             }
             positive(p, "gateway.tls.handshake_timeout", tls.handshake_timeout);
@@ -1166,21 +941,25 @@ impl GatewaySection {
 }
 
 impl RouteConfig {
-    fn problems(&self, at: &str, p: &mut Vec<String>) {
+    fn problems(&self, at: &str, p: &mut Vec<ConfigError>) {
         positive(p, &format!("{at}.timeout"), self.timeout);
         positive(p, &format!("{at}.body_idle_timeout"), self.body_idle_timeout);
         if let Some(t) = self.per_try_timeout
             && (t.0.is_zero() || t > self.timeout)
         {
-            p.push(format!(
-                "{at}.per_try_timeout: must be more than 0 and at most `timeout`"
+            p.push(ConfigError::new(
+                format!("{at}.per_try_timeout"),
+                "must be more than 0 and at most `timeout`",
             ));
         }
         if let Some(retry) = &self.retry {
             within(p, &format!("{at}.retry.attempts"), retry.attempts, 1, 10);
             fraction(p, &format!("{at}.retry.budget_ratio"), retry.budget_ratio);
             if retry.backoff > retry.max_backoff {
-                p.push(format!("{at}.retry.backoff: must be at most max_backoff"));
+                p.push(ConfigError::new(
+                    format!("{at}.retry.backoff"),
+                    "must be at most max_backoff",
+                ));
             }
             for s in &retry.statuses {
                 within(p, &format!("{at}.retry.statuses"), *s, 100, 599);
@@ -1235,18 +1014,22 @@ fn host_name(name: &str) -> Result<(), &'static str> {
 }
 
 impl ClusterSection {
-    fn problems(&self, at: &str, p: &mut Vec<String>) {
+    fn problems(&self, at: &str, p: &mut Vec<ConfigError>) {
         if self.endpoints.is_empty() && self.endpoints_file.is_none() && !self.allow_empty {
-            p.push(format!(
-                "{at}.endpoints: no endpoints (set allow_empty = true if that is meant)"
+            p.push(ConfigError::new(
+                format!("{at}.endpoints"),
+                "no endpoints (set allow_empty = true if that is meant)",
             ));
         }
         for (j, e) in self.endpoints.iter().enumerate() {
             if let Err(msg) = split_host_port(e.address()) {
-                p.push(format!("{at}.endpoints[{j}]: {msg}"));
+                p.push(ConfigError::new(format!("{at}.endpoints[{j}]"), msg));
             }
             if e.weight_tier().0 == 0 {
-                p.push(format!("{at}.endpoints[{j}].weight: must be at least 1"));
+                p.push(ConfigError::new(
+                    format!("{at}.endpoints[{j}].weight"),
+                    "must be at least 1",
+                ));
             }
         }
         within(
@@ -1261,42 +1044,29 @@ impl ClusterSection {
         if let Some(t) = &self.tls
             && t.cert_file.is_some() != t.key_file.is_some()
         {
-            p.push(format!("{at}.tls: cert_file and key_file go together"));
+            p.push(ConfigError::new(
+                format!("{at}.tls"),
+                "cert_file and key_file go together",
+            ));
         }
         match (self.protocol, &self.tls) {
             (Protocol::Http1, _) | (Protocol::H2c, None) | (Protocol::H2, Some(_)) => {}
-            (Protocol::H2c, Some(_)) => p.push(format!(
-                "{at}.protocol: `h2c` is HTTP/2 in the clear; with `tls` use `h2`"
+            (Protocol::H2c, Some(_)) => p.push(ConfigError::new(
+                format!("{at}.protocol"),
+                "`h2c` is HTTP/2 in the clear; with `tls` use `h2`",
             )),
-            (Protocol::H2, None) => p.push(format!(
-                "{at}.protocol: `h2` is HTTP/2 over TLS and needs [{at}.tls]; in the clear use `h2c`"
+            (Protocol::H2, None) => p.push(ConfigError::new(
+                format!("{at}.protocol"),
+                format!("`h2` is HTTP/2 over TLS and needs [{at}.tls]; in the clear use `h2c`"),
             )),
         }
         fraction(p, &format!("{at}.panic_threshold"), self.panic_threshold);
-        if self.max_concurrent == Some(0) {
-            p.push(format!("{at}.max_concurrent: must be at least 1"));
-        }
         self.policy_problems(at, p);
     }
 
-    /// The breaker's, outlier detection's, health checks' and failover's problems.
-    fn policy_problems(&self, at: &str, p: &mut Vec<String>) {
-        if let Some(b) = &self.breaker {
-            fraction(p, &format!("{at}.breaker.failure_rate"), b.failure_rate);
-            fraction(p, &format!("{at}.breaker.slow_call_rate"), b.slow_call_rate);
-            if b.half_open_probes == 0 || b.success_threshold == 0 {
-                p.push(format!(
-                    "{at}.breaker: half_open_probes and success_threshold must be at least 1"
-                ));
-            }
-            within(p, &format!("{at}.breaker.window"), b.window, 1, 100_000);
-            if b.open > b.max_open {
-                p.push(format!(
-                    "{at}.breaker.open: must be at most max_open ({})",
-                    b.max_open
-                ));
-            }
-        }
+    /// Outlier detection's, health checks' and failover's problems (the breaker's
+    /// and the bulkhead's are their cores' own, found when the cluster is built).
+    fn policy_problems(&self, at: &str, p: &mut Vec<ConfigError>) {
         if let Some(o) = &self.outlier {
             within(
                 p,
@@ -1316,11 +1086,15 @@ impl ClusterSection {
             positive(p, &format!("{at}.health.interval"), h.interval);
             positive(p, &format!("{at}.health.timeout"), h.timeout);
             if !h.path.starts_with('/') || http::uri::PathAndQuery::try_from(h.path.as_str()).is_err() {
-                p.push(format!("{at}.health.path: must be a path starting with `/`"));
+                p.push(ConfigError::new(
+                    format!("{at}.health.path"),
+                    "must be a path starting with `/`",
+                ));
             }
             if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
-                p.push(format!(
-                    "{at}.health: healthy_threshold and unhealthy_threshold must be at least 1"
+                p.push(ConfigError::new(
+                    format!("{at}.health"),
+                    "healthy_threshold and unhealthy_threshold must be at least 1",
                 ));
             }
         }
@@ -1354,27 +1128,6 @@ pub fn split_host_port(address: &str) -> Result<(&str, u16), String> {
     Ok((host, port))
 }
 
-fn set_path(table: &mut toml::Table, keys: &[String], value: &str) -> Result<(), String> {
-    let (last, parents) = keys.split_last().ok_or("empty key")?;
-    let mut t = table;
-    for k in parents {
-        let entry = t
-            .entry(k.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        t = entry
-            .as_table_mut()
-            .ok_or_else(|| format!("`{k}` is not a table"))?;
-    }
-    // A TOML literal if it parses as one (numbers, booleans, arrays), else a string.
-    let parsed = format!("v = {value}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_string()));
-    t.insert(last.clone(), parsed);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1392,14 +1145,6 @@ endpoints = ["127.0.0.1:9000"]
     fn the_annotated_example_is_valid() {
         let c = Config::from_toml(include_str!("../../../examples/gateway.toml")).unwrap();
         assert!(c.clusters["api"].breaker.is_some());
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert!(parse_duration("30").unwrap_err().contains("unit"));
-        assert!(parse_duration("3 weeks").is_err());
     }
 
     #[test]
@@ -1440,7 +1185,7 @@ endpoints = ["127.0.0.1:9000"]
             MINIMAL.replace("name = \"all\"", "name = \"all\"\ntimeout = 5")
         );
         let err = Config::from_toml(&text).unwrap_err();
-        let lines: Vec<&str> = err.0.iter().map(String::as_str).collect();
+        let lines: Vec<String> = err.iter().map(ToString::to_string).collect();
         assert_eq!(lines.len(), 4, "{lines:#?}");
         assert!(lines[0].starts_with("gateway.listen (line 2)"), "{lines:#?}");
         assert!(lines[1].starts_with("gateway.workers (line 3)"), "{lines:#?}");
@@ -1483,7 +1228,7 @@ endpoints = ["127.0.0.1:9000"]
         // `cluster` is required: with its bad line blanked it would be missing.
         let err = Config::from_toml(&MINIMAL.replace("cluster = \"web\"", "cluster = 5")).unwrap_err();
         assert_eq!(err.0.len(), 1, "{err}");
-        assert!(err.0[0].contains("routes.cluster"), "{err}");
+        assert_eq!(err.fields(), ["routes.cluster"]);
         // A value over several lines: blanking its first line breaks the TOML.
         let text = MINIMAL.replace(
             "endpoints = [\"127.0.0.1:9000\"]",
@@ -1510,7 +1255,7 @@ endpoints = ["localhost"]
 ring_vnodes = 0
 "#;
         let err = Config::from_toml(text).unwrap_err();
-        let all = err.0.join("\n");
+        let all = err.to_string();
         for needle in [
             "routes[0] (a).cluster: no cluster named `nope`",
             "routes[0] (a).per_try_timeout",

@@ -20,7 +20,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::BoxError;
-use crate::config::UpstreamTlsConfig;
+use crate::config::{ConfigError, UpstreamTlsConfig};
 
 /// TLS settings of one cluster, ready to connect with.
 #[derive(Clone)]
@@ -33,19 +33,24 @@ pub struct UpstreamTls {
 impl UpstreamTls {
     /// Builds the TLS client for cluster `cluster` from `c`; `h2` offers HTTP/2 by
     /// ALPN (else HTTP/1.1). Errors name the field.
-    pub fn new(cluster: &str, c: &UpstreamTlsConfig, h2: bool) -> Result<Self, String> {
+    pub fn new(cluster: &str, c: &UpstreamTlsConfig, h2: bool) -> Result<Self, ConfigError> {
         let at = format!("clusters.{cluster}.tls");
         let mut roots = RootCertStore::empty();
         match &c.ca_file {
             Some(path) => {
                 let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                     .and_then(Iterator::collect)
-                    .map_err(|e| format!("{at}.ca_file: cannot read {}: {e}", path.display()))?;
+                    .map_err(|e| {
+                        ConfigError::new(
+                            format!("{at}.ca_file"),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?;
                 let (added, _) = roots.add_parsable_certificates(certs);
                 if added == 0 {
-                    return Err(format!(
-                        "{at}.ca_file: {} holds no usable certificate",
-                        path.display()
+                    return Err(ConfigError::new(
+                        format!("{at}.ca_file"),
+                        format!("{} holds no usable certificate", path.display()),
                     ));
                 }
             }
@@ -54,30 +59,36 @@ impl UpstreamTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("{at}: {e}"))?
+            .map_err(|e| ConfigError::new(&at, e.to_string()))?
             .with_root_certificates(roots);
         let mut config = match (&c.cert_file, &c.key_file) {
             (Some(cert), Some(key)) => {
                 let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
                     .and_then(Iterator::collect)
-                    .map_err(|e| format!("{at}.cert_file: cannot read {}: {e}", cert.display()))?;
+                    .map_err(|e| {
+                        ConfigError::new(
+                            format!("{at}.cert_file"),
+                            format!("cannot read {}: {e}", cert.display()),
+                        )
+                    })?;
                 let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    format!(
-                        "{at}.key_file: cannot read a private key from {}: {e}",
-                        key.display()
+                    ConfigError::new(
+                        format!("{at}.key_file"),
+                        format!("cannot read a private key from {}: {e}", key.display()),
                     )
                 })?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("{at}: the key does not fit the certificate: {e}"))?
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    ConfigError::new(&at, format!("the key does not fit the certificate: {e}"))
+                })?
             }
             (None, None) => builder.with_no_client_auth(),
-            _ => return Err(format!("{at}: cert_file and key_file go together")),
+            _ => return Err(ConfigError::new(&at, "cert_file and key_file go together")),
         };
         config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
         let server_name = match &c.server_name {
             Some(name) => Some(
-                ServerName::try_from(name.clone()).map_err(|e| format!("{at}.server_name: `{name}`: {e}"))?,
+                ServerName::try_from(name.clone())
+                    .map_err(|e| ConfigError::new(format!("{at}.server_name"), format!("`{name}`: {e}")))?,
             ),
             None => None,
         };

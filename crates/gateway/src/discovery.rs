@@ -3,14 +3,15 @@
 //! replaces the cluster's endpoint set; endpoints that stay keep their state and
 //! requests in flight are not disturbed. A failed refresh keeps the last good set.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use palisade_balance::EndpointInfo;
 use tokio::task::JoinHandle;
 
-use crate::config::{ClusterSection, split_host_port};
-use crate::runtime::{Upstream, resolve};
+use crate::config::{ClusterSection, ConfigError, EndpointConfig, split_host_port};
+use crate::upstream::Upstream;
 
 /// Starts the discovery task of `upstream` when it has host names or a file.
 pub fn spawn(upstream: &Arc<Upstream>, section: &ClusterSection) -> Option<JoinHandle<()>> {
@@ -102,6 +103,47 @@ pub fn parse_endpoints_file(text: &str) -> Result<Vec<EndpointInfo>, String> {
     } else {
         Err(bad.join("; "))
     }
+}
+
+/// The endpoints of a cluster as configured: addresses resolved, the endpoints
+/// file read.
+pub(crate) async fn resolve_endpoints(
+    name: &str,
+    s: &ClusterSection,
+) -> Result<Vec<EndpointInfo>, ConfigError> {
+    let at = |field: &str| format!("clusters.{name}.{field}");
+    let mut infos = Vec::new();
+    for e in &s.endpoints {
+        infos.extend(
+            resolve(e)
+                .await
+                .map_err(|m| ConfigError::new(at("endpoints"), m))?,
+        );
+    }
+    if let Some(path) = &s.endpoints_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(at("endpoints_file"), format!("{path}: {e}")))?;
+        infos.extend(parse_endpoints_file(&text).map_err(|m| ConfigError::new(at("endpoints_file"), m))?);
+    }
+    Ok(infos)
+}
+
+/// Resolves one configured endpoint to endpoint infos (a host name may give several
+/// addresses).
+pub async fn resolve(e: &EndpointConfig) -> Result<Vec<EndpointInfo>, String> {
+    let (host, port) = split_host_port(e.address())?;
+    let (weight, tier) = e.weight_tier();
+    let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|err| format!("cannot resolve `{}`: {err}", e.address()))?
+            .collect(),
+    };
+    Ok(addrs
+        .into_iter()
+        .map(|a| EndpointInfo::new(a).weight(weight).tier(tier))
+        .collect())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 
 use crate::config::ClusterSection;
-use crate::runtime::Upstream;
+use crate::upstream::Upstream;
 
 /// Starts the probe task of `upstream`, if its cluster has health checks.
 pub fn spawn(upstream: &Arc<Upstream>, section: &ClusterSection) -> Option<JoinHandle<()>> {

@@ -15,10 +15,12 @@ pub mod discovery;
 pub mod health;
 pub mod pool;
 pub mod proxy;
+pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod tls;
 pub mod tunnel;
+pub mod upstream;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -44,5 +46,5 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, ConfigErrors};
 pub use server::{Handle, start};

@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigErrors};
 use crate::conn::{Activity, Watched};
 use crate::proxy::Downstream;
 use crate::runtime::Runtime;
@@ -67,7 +67,7 @@ impl std::fmt::Debug for Handle {
 pub enum StartError {
     /// The configuration is wrong.
     #[error("invalid configuration:\n{0}")]
-    Config(#[from] ConfigError),
+    Config(#[from] ConfigErrors),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -138,7 +138,7 @@ pub fn raise_file_limit() -> Option<u64> {
 pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, StartError> {
     let metrics = metrics_handle();
     if let Some(files) = raise_file_limit() {
-        let workers = crate::runtime::worker_count(config.gateway.workers) as u64;
+        let workers = crate::upstream::worker_count(config.gateway.workers) as u64;
         let wanted = workers.saturating_mul(config.gateway.max_client_connections as u64);
         if wanted > files {
             tracing::warn!(
@@ -181,7 +181,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
         source,
     })?;
     let mut workers = Vec::new();
-    for index in 0..crate::runtime::worker_count(gateway.workers) {
+    for index in 0..crate::upstream::worker_count(gateway.workers) {
         let listener = listener.try_clone().map_err(|source| StartError::Bind {
             addr: gateway.listen,
             source,
@@ -239,7 +239,7 @@ fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("palisade-worker-{index}"))
         .spawn(move || {
-            crate::runtime::set_worker(index);
+            crate::upstream::set_worker(index);
             rt.block_on(async move {
                 let listener = match TcpListener::from_std(listener) {
                     Ok(l) => l,
@@ -484,7 +484,7 @@ impl Handle {
 
     /// Swaps in a new configuration. On error nothing changes. Listener addresses
     /// are not changed by a reload (restart for that).
-    pub async fn reload(&self, config: Config) -> Result<(), ConfigError> {
+    pub async fn reload(&self, config: Config) -> Result<(), ConfigErrors> {
         let old = self.runtime.load();
         if config.gateway.listen != old.config.gateway.listen
             || config.gateway.admin != old.config.gateway.admin
@@ -500,9 +500,9 @@ impl Handle {
     }
 
     /// Re-reads the configuration file and reloads it.
-    pub async fn reload_from_file(&self) -> Result<(), ConfigError> {
+    pub async fn reload_from_file(&self) -> Result<(), ConfigErrors> {
         let Some(path) = &self.config_path else {
-            return Err(ConfigError(vec!["no configuration file to reload".into()]));
+            return Err(ConfigErrors::one("--config", "no configuration file to reload"));
         };
         let result = match Config::load(path) {
             Ok(c) => self.reload(c).await,

@@ -15,8 +15,8 @@ use std::pin::pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::breaker::{ConfigError, ConfigErrors};
 use crate::sync::{AtomicU32, CachePadded, Ordering};
+use crate::{ConfigError, ConfigErrors};
 
 /// The size of a [`Bulkhead`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -30,14 +30,14 @@
 
 pub mod breaker;
 pub mod bulkhead;
-pub mod clock;
 pub mod layer;
 pub mod ratelimit;
 pub mod replay;
 pub mod retry;
 pub mod shed;
-mod sync;
 pub mod timeout;
 pub mod window;
 
-pub use clock::{Clock, Instant, ManualClock, SystemClock};
+pub use palisade_core::clock;
+pub(crate) use palisade_core::sync;
+pub use palisade_core::{Clock, ConfigError, ConfigErrors, Instant, ManualClock, SystemClock};

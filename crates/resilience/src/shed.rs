@@ -16,10 +16,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::breaker::{ConfigError, ConfigErrors};
 use crate::bulkhead::Bulkhead;
 use crate::clock::{Instant, SharedClock, SystemClock, duration_nanos};
 use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
+use crate::{ConfigError, ConfigErrors};
 
 /// A request was shed: refused to protect the work already accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -14,10 +14,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::breaker::{ConfigError, ConfigErrors};
 use crate::clock::{Instant, SharedClock, SystemClock, duration_nanos};
 use crate::sync::{AtomicU64, Ordering};
 use crate::window::Buckets;
+use crate::{ConfigError, ConfigErrors};
 use tokio::task::futures::TaskLocalFuture;
 
 // --- deadline --------------------------------------------------------------------

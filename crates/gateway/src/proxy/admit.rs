@@ -16,7 +16,9 @@ use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
 
 use crate::cause::Cause;
 use crate::config::EscapedSlashes;
-use crate::runtime::{HashKey, Route, RouteLimiter, Runtime, Upstream};
+use crate::route::{HashKey, Route, RouteLimiter};
+use crate::runtime::Runtime;
+use crate::upstream::Upstream;
 
 use super::client_body::{ClientBody, ClientBodyError, ClientFault, ClientSide};
 use super::{Downstream, Failure, SendBody, Upgrade};

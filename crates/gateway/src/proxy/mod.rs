@@ -34,7 +34,9 @@ use tokio::time::Instant;
 use crate::config::RetryOn;
 use crate::conn::ActiveGuard;
 use crate::pool::{Lease, SendError};
-use crate::runtime::{Route, Runtime, Upstream};
+use crate::route::Route;
+use crate::runtime::Runtime;
+use crate::upstream::Upstream;
 
 use self::admit::matches;
 use self::idle::IdleTimer;

@@ -1,7 +1,11 @@
-use std::fmt;
 use std::time::Duration;
 
 use crate::window::WindowConfig;
+use crate::{ConfigError, ConfigErrors};
+
+/// Upper bound of `half_open_probes` and `success_threshold`: each is a 16-bit
+/// field of the breaker's packed state word.
+pub(crate) const MAX_PROBES: u32 = 0xFFFF;
 
 /// How a [`CircuitBreaker`](super::CircuitBreaker) decides and recovers.
 ///
@@ -227,16 +231,16 @@ impl BreakerConfig {
             }
             OpenDuration::Fixed(_) => {}
         }
-        if !(1..=super::state::MAX_PROBES).contains(&self.half_open_probes) {
+        if !(1..=MAX_PROBES).contains(&self.half_open_probes) {
             errors.push(ConfigError::new(
                 "half_open_probes",
-                format!("must be between 1 and {}", super::state::MAX_PROBES),
+                format!("must be between 1 and {}", MAX_PROBES),
             ));
         }
-        if !(1..=super::state::MAX_PROBES).contains(&self.success_threshold) {
+        if !(1..=MAX_PROBES).contains(&self.success_threshold) {
             errors.push(ConfigError::new(
                 "success_threshold",
-                format!("must be between 1 and {}", super::state::MAX_PROBES),
+                format!("must be between 1 and {}", MAX_PROBES),
             ));
         }
         ConfigErrors::result(errors)
@@ -252,61 +256,6 @@ fn check_rate(errors: &mut Vec<ConfigError>, field: &'static str, rate: f64) {
 fn check_min_calls(errors: &mut Vec<ConfigError>, field: &'static str, n: u32) {
     if n == 0 {
         errors.push(ConfigError::new(field, "must be at least 1"));
-    }
-}
-
-/// One problem with a configuration: which field, and what is wrong with it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {problem}")]
-pub struct ConfigError {
-    /// Dotted path of the field, e.g. `failure_rate.threshold`.
-    pub field: String,
-    /// What is wrong and what would be right.
-    pub problem: String,
-}
-
-impl ConfigError {
-    /// A problem with `field`.
-    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        ConfigError {
-            field: field.into(),
-            problem: problem.into(),
-        }
-    }
-}
-
-/// Every problem found in a configuration.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl ConfigErrors {
-    /// `Ok` when `errors` is empty, else every one of them.
-    pub fn result(errors: Vec<ConfigError>) -> Result<(), ConfigErrors> {
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
-    }
-
-    /// The fields with problems, in the order found.
-    pub fn fields(&self) -> Vec<&str> {
-        self.0.iter().map(|e| e.field.as_str()).collect()
-    }
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid configuration ({} problem{}):",
-            self.0.len(),
-            if self.0.len() == 1 { "" } else { "s" }
-        )?;
-        for e in &self.0 {
-            write!(f, "\n  - {e}")?;
-        }
-        Ok(())
     }
 }
 

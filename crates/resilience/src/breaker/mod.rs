@@ -27,7 +27,8 @@ mod permit;
 mod registry;
 mod state;
 
-pub use config::{BreakerConfig, ConfigError, ConfigErrors, OpenDuration, RateThreshold, SlowCallThreshold};
+pub use crate::{ConfigError, ConfigErrors};
+pub use config::{BreakerConfig, OpenDuration, RateThreshold, SlowCallThreshold};
 pub use detector::{ConsecutiveFailures, Detector, FailureRate, SlowCallRate, Trip};
 pub use event::{Cause, Listener, State, StateChange};
 pub use permit::{Outcome, Permit};

@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge};
 
-use super::config::{BreakerConfig, ConfigErrors};
+use super::config::BreakerConfig;
 use super::detector::{Detector, Trip};
 use super::event::{Cause, Listener, State, StateChange};
 use super::permit::{Kind, Outcome, Permit, Ticket};
+use crate::ConfigErrors;
 use crate::clock::{Instant, SharedClock, duration_nanos};
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, CachePadded, Ordering};
 use crate::window::{Sample, Snapshot, WindowConfig};
@@ -27,8 +28,6 @@ const STATE_MASK: u64 = 0x7;
 const PROBE_ONE: u64 = 1 << 8;
 const SUCCESS_ONE: u64 = 1 << 24;
 const GEN_SHIFT: u32 = 40;
-/// Upper bound of `half_open_probes` and `success_threshold` (16-bit fields).
-pub(crate) const MAX_PROBES: u32 = 0xFFFF;
 
 #[inline]
 fn state_of(w: u64) -> u64 {

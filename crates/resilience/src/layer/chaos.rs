@@ -18,8 +18,8 @@ use tokio::time::Sleep;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::breaker::{ConfigError, ConfigErrors};
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::{ConfigError, ConfigErrors};
 
 /// The run-time switchboard of a [`ChaosLayer`]. Clones share it. Starts disabled
 /// with every rate at zero.

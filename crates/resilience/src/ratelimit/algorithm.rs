@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use super::{Allowed, RateLimited};
-use crate::breaker::{ConfigError, ConfigErrors};
 use crate::clock::{Instant, duration_nanos};
+use crate::{ConfigError, ConfigErrors};
 
 /// What a rate-limiting algorithm decides for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use super::{Algorithm, Allowed, Gcra, Quota, RateLimited, Verdict};
-use crate::breaker::ConfigErrors;
+use crate::ConfigErrors;
 use crate::clock::{Instant, SharedClock};
 use crate::sync::{AtomicU64, CachePadded, Ordering};
 

@@ -2,8 +2,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Allowed, Quota, RateLimited};
-use crate::breaker::{ConfigError, ConfigErrors};
 use crate::clock::{Instant, SharedClock, SystemClock, duration_nanos};
+use crate::{ConfigError, ConfigErrors};
 
 /// How a [`WarmUpLimiter`] ramps up.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,8 +1,8 @@
 use std::time::Duration;
 
 use super::{Backoff, RetryBudget};
-use crate::breaker::{ConfigError, ConfigErrors};
 use crate::clock::Instant;
+use crate::{ConfigError, ConfigErrors};
 
 /// What a finished attempt asks of the retry loop (the caller's predicate decides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -108,12 +108,18 @@ impl Default for WindowConfig {
     }
 }
 
+/// The most calls a count window holds (each is a slot of the window's memory).
+pub const MAX_COUNT_WINDOW: u32 = 100_000;
+
 impl WindowConfig {
     /// Checks the numbers; the error names the field.
-    pub fn validate(&self) -> Result<(), crate::breaker::ConfigError> {
-        use crate::breaker::ConfigError;
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        use crate::ConfigError;
         match *self {
-            WindowConfig::Count { size: 0 } => Err(ConfigError::new("window.size", "must be at least 1")),
+            WindowConfig::Count { size } if !(1..=MAX_COUNT_WINDOW).contains(&size) => Err(ConfigError::new(
+                "window.size",
+                format!("{size} is not between 1 and {MAX_COUNT_WINDOW}"),
+            )),
             WindowConfig::Count { .. } => Ok(()),
             WindowConfig::Time { buckets: 0, .. } => {
                 Err(ConfigError::new("window.buckets", "must be at least 1"))

@@ -42,7 +42,7 @@ impl Instant {
 
 /// Converts a duration to whole nanoseconds, saturating at `u64::MAX` (584 years).
 #[inline]
-pub(crate) fn duration_nanos(d: Duration) -> u64 {
+pub fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -198,7 +198,7 @@ impl Clock for TokioClock {
 /// A clock that moves only when told to. Clones share the same time.
 ///
 /// ```
-/// use palisade_resilience::{Clock, ManualClock};
+/// use palisade_core::{Clock, ManualClock};
 /// use std::time::Duration;
 ///
 /// let clock = ManualClock::new();

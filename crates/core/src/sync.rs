@@ -1,13 +1,16 @@
-//! Atomics and locks, swapped for loom's model-checked versions under `--cfg loom`.
+//! Atomics, swapped for loom's model-checked versions under `--cfg loom`.
+//!
+//! The lock-free cores of the workspace import their atomics from here, so that one
+//! `RUSTFLAGS="--cfg loom"` build model-checks all of them.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
+pub use loom::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
+pub use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 /// Called inside the (short, bounded) spin of a bucket reset.
 #[inline]
-pub(crate) fn spin_wait() {
+pub fn spin_wait() {
     #[cfg(loom)]
     loom::thread::yield_now();
     #[cfg(not(loom))]
@@ -18,7 +21,7 @@ pub(crate) fn spin_wait() {
 /// invalidate readers of its neighbours.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-pub(crate) struct CachePadded<T>(pub(crate) T);
+pub struct CachePadded<T>(pub T);
 
 impl<T> std::ops::Deref for CachePadded<T> {
     type Target = T;

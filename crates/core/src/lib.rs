@@ -1,0 +1,23 @@
+//! # palisade-core
+//!
+//! What every Palisade crate needs and no single feature owns:
+//!
+//! - [`clock`]: time as policies see it. Code asks a [`Clock`] for "now", so a test
+//!   moves a [`ManualClock`] by hand instead of sleeping.
+//! - [`sync`]: the atomics lock-free cores use, swapped for loom's under `--cfg loom`.
+//! - [`ConfigError`] and [`ConfigErrors`]: every problem in a configuration, each
+//!   naming its field.
+//! - [`config`] (feature `toml`): TOML files with durations written `"250ms"`,
+//!   errors naming field and line, and environment overrides.
+//!
+//! Dependencies point one way: every other crate of the workspace may use this one,
+//! and this one uses none of them.
+
+pub mod clock;
+#[cfg(feature = "toml")]
+pub mod config;
+mod error;
+pub mod sync;
+
+pub use clock::{Clock, Instant, ManualClock, SharedClock, SystemClock, TokioClock};
+pub use error::{ConfigError, ConfigErrors};

@@ -1,0 +1,359 @@
+//! Routes compiled from their configuration: matchers with names parsed, fallback
+//! answers built, hash keys, limiters with their quota validated by the rate-limit
+//! core, retry settings with their budget, and metric handles registered once.
+
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use palisade_resilience::ratelimit::{Gcra, KeyedRateLimiter, Quota, RateLimiter};
+use palisade_resilience::retry::RetryBudget;
+
+use crate::cause::Cause;
+use crate::config::{
+    ConfigError, FallbackConfig, HashOn, LimitKey, MatchConfig, RateLimitConfig, RetryOn, RouteConfig,
+    host_pattern,
+};
+use crate::upstream::Upstream;
+
+/// One route, ready to serve.
+#[derive(Debug)]
+pub struct Route {
+    /// Its name.
+    pub name: String,
+    /// What it matches.
+    pub matcher: Matcher,
+    /// Where it sends.
+    pub upstream: Arc<Upstream>,
+    /// Total timeout.
+    pub timeout: Duration,
+    /// Per-attempt timeout.
+    pub per_try_timeout: Duration,
+    /// Longest pause in a response body.
+    pub body_idle_timeout: Duration,
+    /// Retry settings.
+    pub retry: Option<RouteRetry>,
+    /// Rate limit.
+    pub limiter: Option<RouteLimiter>,
+    /// Fallback answer.
+    pub fallback: Option<Fallback>,
+    /// Hash key source.
+    pub hash_on: Option<HashKey>,
+    /// Its metric handles.
+    pub metrics: RouteMetrics,
+}
+
+/// A route's match, compiled: names parsed, host pattern split.
+#[derive(Debug, Default)]
+pub struct Matcher {
+    /// The host, lower case, without port.
+    pub host: Option<HostMatch>,
+    /// The exact path.
+    pub path: Option<String>,
+    /// The path prefix.
+    pub path_prefix: Option<String>,
+    /// Methods (any, if empty).
+    pub methods: Vec<http::Method>,
+    /// Headers with the values they must have.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+/// A route's host pattern.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostMatch {
+    /// This host (lower case).
+    Exact(String),
+    /// Any subdomain of this one: `.example.com` for `*.example.com` (lower case).
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// Whether `host` (without port) matches, ignoring ASCII case.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => host.eq_ignore_ascii_case(h),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len()
+                    && host.is_char_boundary(host.len() - s.len())
+                    && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        }
+    }
+}
+
+impl Matcher {
+    /// Parses a route's match (`at`: its path in the file), reporting each value
+    /// that does not parse to `p`: the one check of these values, so none can be
+    /// dropped here after passing elsewhere (a dropped header condition would widen
+    /// the route).
+    fn compile(m: &MatchConfig, at: &str, p: &mut Vec<ConfigError>) -> Matcher {
+        if let Some(host) = &m.host
+            && let Err(e) = host_pattern(host)
+        {
+            p.push(ConfigError::new(format!("{at}.host"), format!("`{host}` {e}")));
+        }
+        for (field, path) in [("path_prefix", &m.path_prefix), ("path", &m.path)] {
+            if path.as_ref().is_some_and(|path| !path.starts_with('/')) {
+                p.push(ConfigError::new(format!("{at}.{field}"), "must start with `/`"));
+            }
+        }
+        let mut methods = Vec::new();
+        for x in &m.methods {
+            match http::Method::from_bytes(x.to_ascii_uppercase().as_bytes()) {
+                Ok(method) => methods.push(method),
+                Err(_) => p.push(ConfigError::new(
+                    format!("{at}.methods"),
+                    format!("`{x}` is not a method"),
+                )),
+            }
+        }
+        let mut headers = Vec::new();
+        for (k, v) in &m.headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes());
+            if name.is_err() {
+                p.push(ConfigError::new(
+                    format!("{at}.headers"),
+                    format!("`{k}` is not a header name"),
+                ));
+            }
+            let value = http::HeaderValue::from_str(v);
+            if value.is_err() {
+                p.push(ConfigError::new(
+                    format!("{at}.headers.{k}"),
+                    "not a header value (control characters such as NUL, CR, LF cannot be sent)",
+                ));
+            }
+            if let (Ok(name), Ok(value)) = (name, value) {
+                headers.push((name, value));
+            }
+        }
+        Matcher {
+            host: m.host.as_ref().map(|h| match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+                None => HostMatch::Exact(h.to_ascii_lowercase()),
+            }),
+            path: m.path.clone(),
+            path_prefix: m.path_prefix.clone(),
+            methods,
+            headers,
+        }
+    }
+}
+
+/// A route's fallback answer, ready to send.
+#[derive(Debug)]
+pub struct Fallback {
+    /// Its status.
+    pub status: http::StatusCode,
+    /// Its body.
+    pub body: bytes::Bytes,
+    /// Its content type.
+    pub content_type: http::HeaderValue,
+    /// The causes it answers (empty: every cause but a client's).
+    pub on: Vec<Cause>,
+}
+
+impl Fallback {
+    /// Parses a route's fallback (`at`: its path in the file), reporting each
+    /// value that does not parse to `p`.
+    fn compile(f: &FallbackConfig, at: &str, p: &mut Vec<ConfigError>) -> Option<Fallback> {
+        let status = http::StatusCode::from_u16(f.status)
+            .ok()
+            .filter(|s| (200..=599).contains(&s.as_u16()));
+        if status.is_none() {
+            p.push(ConfigError::new(
+                format!("{at}.status"),
+                format!("{} is not between 200 and 599", f.status),
+            ));
+        }
+        let content_type = http::HeaderValue::from_str(&f.content_type).ok();
+        if content_type.is_none() {
+            p.push(ConfigError::new(
+                format!("{at}.content_type"),
+                "not a header value",
+            ));
+        }
+        Some(Fallback {
+            status: status?,
+            body: bytes::Bytes::from(f.body.clone()),
+            content_type: content_type?,
+            on: f.on.clone(),
+        })
+    }
+
+    /// Whether it answers a failure of `cause`.
+    pub fn answers(&self, cause: Cause) -> bool {
+        if self.on.is_empty() {
+            !cause.is_client()
+        } else {
+            self.on.contains(&cause)
+        }
+    }
+}
+
+/// What a hash balancer hashes a request on, compiled.
+#[derive(Debug)]
+pub enum HashKey {
+    /// A header's value.
+    Header(http::HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// The client's IP address.
+    ClientIp,
+}
+
+impl HashKey {
+    /// Parses a route's `hash_on` (`at`: its path in the file), reporting a name
+    /// that does not parse to `p`.
+    fn compile(h: &HashOn, at: &str, p: &mut Vec<ConfigError>) -> Option<HashKey> {
+        match h {
+            HashOn::Header(name) => match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(name) => Some(HashKey::Header(name)),
+                Err(_) => {
+                    p.push(ConfigError::new(
+                        format!("{at}.header"),
+                        format!("`{name}` is not a header name"),
+                    ));
+                    None
+                }
+            },
+            HashOn::Cookie(name) if name.is_empty() || name.contains([';', '=', ' ']) => {
+                p.push(ConfigError::new(
+                    format!("{at}.cookie"),
+                    format!("`{name}` is not a cookie name"),
+                ));
+                None
+            }
+            HashOn::Cookie(name) => Some(HashKey::Cookie(name.clone())),
+            HashOn::ClientIp => Some(HashKey::ClientIp),
+        }
+    }
+}
+
+/// What a route's own settings compile to, before any cluster is built.
+pub(crate) struct RouteParts {
+    pub(crate) matcher: Matcher,
+    pub(crate) fallback: Option<Fallback>,
+    pub(crate) hash_on: Option<HashKey>,
+}
+
+impl RouteParts {
+    pub(crate) fn compile(r: &RouteConfig, at: &str, p: &mut Vec<ConfigError>) -> RouteParts {
+        RouteParts {
+            matcher: Matcher::compile(&r.matcher, &format!("{at}.match"), p),
+            fallback: r
+                .fallback
+                .as_ref()
+                .and_then(|f| Fallback::compile(f, &format!("{at}.fallback"), p)),
+            hash_on: r
+                .hash_on
+                .as_ref()
+                .and_then(|h| HashKey::compile(h, &format!("{at}.hash_on"), p)),
+        }
+    }
+}
+
+/// A route's metric handles, registered once so the request path does not build
+/// label sets and look them up in the registry on every request.
+pub struct RouteMetrics {
+    name: String,
+    duration: metrics::Histogram,
+    retries: metrics::Counter,
+    /// `palisade_requests_total` by status, registered on first use (index: status - 100).
+    by_status: Box<[OnceLock<metrics::Counter>]>,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    /// The handles for the route called `name` (`none` for requests no route took).
+    pub fn new(name: &str) -> Self {
+        RouteMetrics {
+            name: name.to_string(),
+            duration: metrics::histogram!("palisade_request_duration_seconds", "route" => name.to_string()),
+            retries: metrics::counter!("palisade_retries_total", "route" => name.to_string()),
+            by_status: (100..600).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn answered(&self, status: http::StatusCode, elapsed: Duration) {
+        let code = status.as_u16();
+        let counter = self.by_status[usize::from(code - 100)].get_or_init(|| {
+            metrics::counter!("palisade_requests_total", "route" => self.name.clone(), "status" => code.to_string())
+        });
+        counter.increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+
+    /// Counts one retry.
+    pub fn retried(&self) {
+        self.retries.increment(1);
+    }
+}
+
+/// A route's retry settings, with its budget.
+#[derive(Debug)]
+pub struct RouteRetry {
+    /// Attempts in all.
+    pub attempts: u32,
+    /// Conditions.
+    pub retry_on: Vec<RetryOn>,
+    /// Statuses for `retriable-status`.
+    pub statuses: Vec<u16>,
+    /// First backoff.
+    pub backoff: Duration,
+    /// Largest backoff.
+    pub max_backoff: Duration,
+    /// Retry POST / PATCH too.
+    pub non_idempotent: bool,
+    /// Bodies kept for replay up to this size.
+    pub buffer_bytes: u64,
+    /// The route's retry budget.
+    pub budget: RetryBudget,
+}
+
+/// A route's rate limiter.
+#[derive(Debug)]
+pub enum RouteLimiter {
+    /// One limit for everyone.
+    Global(RateLimiter),
+    /// One limit per client address.
+    ClientIp(KeyedRateLimiter<IpAddr>),
+    /// One limit per value of a header (requests without it share one).
+    Header(http::HeaderName, KeyedRateLimiter<String>),
+}
+
+impl RouteLimiter {
+    /// Builds a route's limiter, the rate-limit core validating its quota; its
+    /// problems go to `p` under the file's names (`at`: the table's path).
+    pub(crate) fn compile(l: &RateLimitConfig, at: &str, p: &mut Vec<ConfigError>) -> Option<RouteLimiter> {
+        let quota = Quota::new(l.requests, l.per.get()).burst(l.burst.unwrap_or(l.requests));
+        match Gcra::new(quota) {
+            Ok(gcra) => Some(match &l.key {
+                LimitKey::Global => RouteLimiter::Global(RateLimiter::new(gcra)),
+                LimitKey::ClientIp => RouteLimiter::ClientIp(KeyedRateLimiter::new(gcra, l.max_keys)),
+                LimitKey::Header(h) => {
+                    RouteLimiter::Header(h.clone(), KeyedRateLimiter::new(gcra, l.max_keys))
+                }
+            }),
+            Err(errors) => {
+                p.extend(errors.into_iter().map(|mut e| {
+                    e.field = match e.field.as_str() {
+                        "limit" => format!("{at}.requests"),
+                        "period" => format!("{at}.per"),
+                        other => format!("{at}.{other}"),
+                    };
+                    e
+                }));
+                None
+            }
+        }
+    }
+}
