@@ -955,12 +955,6 @@ impl RouteConfig {
         if let Some(retry) = &self.retry {
             within(p, &format!("{at}.retry.attempts"), retry.attempts, 1, 10);
             fraction(p, &format!("{at}.retry.budget_ratio"), retry.budget_ratio);
-            if retry.backoff > retry.max_backoff {
-                p.push(ConfigError::new(
-                    format!("{at}.retry.backoff"),
-                    "must be at most max_backoff",
-                ));
-            }
             for s in &retry.statuses {
                 within(p, &format!("{at}.retry.statuses"), *s, 100, 599);
             }

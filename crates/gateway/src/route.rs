@@ -7,12 +7,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use palisade_resilience::ratelimit::{Gcra, KeyedRateLimiter, Quota, RateLimiter};
-use palisade_resilience::retry::RetryBudget;
+use palisade_resilience::retry::{Backoff, BudgetConfig, RetryBudget, RetryPolicy};
 
 use crate::cause::Cause;
 use crate::config::{
-    ConfigError, FallbackConfig, HashOn, LimitKey, MatchConfig, RateLimitConfig, RetryOn, RouteConfig,
-    host_pattern,
+    ConfigError, FallbackConfig, HashOn, LimitKey, MatchConfig, RateLimitConfig, RetryConfig, RetryOn,
+    RouteConfig, host_pattern,
 };
 use crate::upstream::Upstream;
 
@@ -298,25 +298,60 @@ impl RouteMetrics {
     }
 }
 
-/// A route's retry settings, with its budget.
+/// A route's retry settings: what is retried (the gateway's conditions), and the
+/// resilience crate's retry policy deciding how often and after how long (attempts,
+/// full-jitter exponential backoff, the route's budget, the server's `Retry-After`).
 #[derive(Debug)]
 pub struct RouteRetry {
-    /// Attempts in all.
-    pub attempts: u32,
     /// Conditions.
     pub retry_on: Vec<RetryOn>,
     /// Statuses for `retriable-status`.
     pub statuses: Vec<u16>,
-    /// First backoff.
-    pub backoff: Duration,
-    /// Largest backoff.
-    pub max_backoff: Duration,
     /// Retry POST / PATCH too.
     pub non_idempotent: bool,
     /// Bodies kept for replay up to this size.
     pub buffer_bytes: u64,
-    /// The route's retry budget.
-    pub budget: RetryBudget,
+    /// Attempts, backoff and the route's budget.
+    pub policy: RetryPolicy,
+}
+
+impl RouteRetry {
+    /// Builds a route's retry settings, the retry core validating its policy; its
+    /// problems go to `p` under the file's names (`at`: the table's path).
+    pub(crate) fn compile(c: &RetryConfig, at: &str, p: &mut Vec<ConfigError>) -> Option<RouteRetry> {
+        let budget = RetryBudget::new(BudgetConfig {
+            ratio: c.budget_ratio,
+            min_per_second: c.budget_min_per_second,
+            window: Duration::from_secs(10),
+        });
+        let policy = RetryPolicy::new(c.attempts)
+            .backoff(Backoff::ExponentialJitter {
+                initial: c.backoff.get(),
+                multiplier: 2.0,
+                max: c.max_backoff.get(),
+            })
+            .budget(budget);
+        if let Err(errors) = policy.validate() {
+            p.extend(errors.into_iter().map(|mut e| {
+                let key = match e.field.as_str() {
+                    "max_attempts" => "attempts",
+                    "backoff.max" => "max_backoff",
+                    "budget.ratio" => "budget_ratio",
+                    other => other,
+                };
+                e.field = format!("{at}.{key}");
+                e
+            }));
+            return None;
+        }
+        Some(RouteRetry {
+            retry_on: c.retry_on.clone(),
+            statuses: c.statuses.clone(),
+            non_idempotent: c.non_idempotent,
+            buffer_bytes: c.buffer_bytes,
+            policy,
+        })
+    }
 }
 
 /// A route's rate limiter.

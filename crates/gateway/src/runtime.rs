@@ -6,9 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use palisade_resilience::retry::{BudgetConfig, RetryBudget};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors};
@@ -97,6 +95,10 @@ impl Runtime {
                 .rate_limit
                 .as_ref()
                 .and_then(|l| RouteLimiter::compile(l, &format!("{at}.rate_limit"), &mut problems));
+            let retry = r
+                .retry
+                .as_ref()
+                .and_then(|c| RouteRetry::compile(c, &format!("{at}.retry"), &mut problems));
             let Some(upstream) = clusters.get(&r.cluster) else {
                 continue;
             };
@@ -107,20 +109,7 @@ impl Runtime {
                 timeout: r.timeout.get(),
                 per_try_timeout: r.per_try_timeout.map_or(r.timeout.get(), |d| d.get()),
                 body_idle_timeout: r.body_idle_timeout.get(),
-                retry: r.retry.as_ref().map(|c| RouteRetry {
-                    attempts: c.attempts,
-                    retry_on: c.retry_on.clone(),
-                    statuses: c.statuses.clone(),
-                    backoff: c.backoff.get(),
-                    max_backoff: c.max_backoff.get(),
-                    non_idempotent: c.non_idempotent,
-                    buffer_bytes: c.buffer_bytes,
-                    budget: RetryBudget::new(BudgetConfig {
-                        ratio: c.budget_ratio,
-                        min_per_second: c.budget_min_per_second,
-                        window: Duration::from_secs(10),
-                    }),
-                }),
+                retry,
                 limiter,
                 fallback: parts.fallback,
                 hash_on: parts.hash_on,
