@@ -73,6 +73,7 @@ pub fn clusters_json(rt: &Runtime) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     for (name, up) in &rt.clusters {
         let now = up.cluster.clock().now();
+        let events = *up.events.borrow();
         let eps: Vec<_> = up
             .cluster
             .endpoints()
@@ -86,6 +87,9 @@ pub fn clusters_json(rt: &Runtime) -> serde_json::Value {
                 "panic": up.cluster.is_panicking(),
                 "in_flight": up.bulkhead.as_ref().map(|b| b.in_flight()),
                 "max_concurrent": up.bulkhead.as_ref().map(|b| b.config().max_concurrent),
+                "probe_rounds": events.probe_rounds,
+                "endpoint_sets": events.endpoint_sets,
+                "refresh_failures": events.refresh_failures,
                 "endpoints": eps,
             }),
         );

@@ -48,9 +48,13 @@ pub fn spawn(upstream: &Arc<Upstream>, section: &ClusterSection) -> Option<JoinH
                 since_dns = std::time::Duration::ZERO;
             }
             match collect(&section).await {
-                Ok(infos) => up.cluster.set_endpoints(infos),
+                Ok(infos) => {
+                    up.cluster.set_endpoints(infos);
+                    up.events.send_modify(|e| e.endpoint_sets += 1);
+                }
                 Err(e) => {
-                    tracing::warn!(cluster = %up.name, error = %e, "discovery failed; keeping the last endpoint set")
+                    tracing::warn!(cluster = %up.name, error = %e, "discovery failed; keeping the last endpoint set");
+                    up.events.send_modify(|e| e.refresh_failures += 1);
                 }
             }
         }

@@ -38,6 +38,7 @@ pub fn spawn(upstream: &Arc<Upstream>, section: &ClusterSection) -> Option<JoinH
                 }
             });
             join_all(probes).await;
+            up.events.send_modify(|e| e.probe_rounds += 1);
         }
     }))
 }

@@ -40,6 +40,22 @@ pub struct Upstream {
     pub allow_empty: bool,
     /// TLS to the endpoints (`https` as HTTP/2's `:scheme`).
     pub tls: bool,
+    /// What the cluster's background tasks have done so far, for whoever waits on
+    /// them (the admin API, tests): a watch, so a waiter wakes on the change itself.
+    pub events: tokio::sync::watch::Sender<UpstreamEvents>,
+}
+
+/// Counts of what a cluster's background tasks did (see [`Upstream::events`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamEvents {
+    /// Rounds of active health probes completed (every endpoint probed, its
+    /// result recorded).
+    pub probe_rounds: u64,
+    /// Endpoint sets installed by discovery (a DNS re-resolution or an endpoints
+    /// file re-read).
+    pub endpoint_sets: u64,
+    /// Discovery refreshes that failed (the last good set was kept).
+    pub refresh_failures: u64,
 }
 
 thread_local! {
@@ -271,6 +287,7 @@ impl Upstream {
             breaker_counts_429: s.breaker.as_ref().is_some_and(|b| b.count_429),
             allow_empty: s.allow_empty,
             tls: s.tls.is_some(),
+            events: tokio::sync::watch::Sender::new(UpstreamEvents::default()),
         })
     }
 }

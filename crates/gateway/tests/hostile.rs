@@ -13,11 +13,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use palisade_gateway::{Config, Handle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+mod support;
 
 /// Long enough for anything the gateway does here; a test that needs it failed.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -26,44 +27,30 @@ const PATIENCE: Duration = Duration::from_secs(20);
 /// `path host body-length`; `hits` counts the requests it saw.
 struct Upstream {
     addr: SocketAddr,
-    hits: AtomicU32,
+    hits: Arc<AtomicU32>,
 }
 
 impl Upstream {
     async fn start() -> Arc<Upstream> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let up = Arc::new(Upstream {
-            addr: listener.local_addr().unwrap(),
-            hits: AtomicU32::new(0),
-        });
-        let u = up.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let u = u.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let u = u.clone();
-                        async move {
-                            u.hits.fetch_add(1, Ordering::SeqCst);
-                            let path = req.uri().path().to_string();
-                            let host = req
-                                .headers()
-                                .get("host")
-                                .map(|h| h.to_str().unwrap().to_string())
-                                .unwrap_or_default();
-                            let body = req.into_body().collect().await?.to_bytes();
-                            let text = format!("{path} {host} {}", body.len());
-                            Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(text))))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+        let hits = Arc::new(AtomicU32::new(0));
+        let seen = hits.clone();
+        let addr = support::serve_http1(move |req: Request<Incoming>| {
+            let seen = seen.clone();
+            async move {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let path = req.uri().path().to_string();
+                let host = req
+                    .headers()
+                    .get("host")
+                    .map(|h| h.to_str().unwrap().to_string())
+                    .unwrap_or_default();
+                let length = req.into_body().collect().await?.to_bytes().len();
+                let text = format!("{path} {host} {length}");
+                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(text))))
             }
-        });
-        up
+        })
+        .await;
+        Arc::new(Upstream { addr, hits })
     }
 
     fn hits(&self) -> u32 {

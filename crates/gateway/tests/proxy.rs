@@ -18,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 
+mod support;
+
 /// What a fake upstream does with the next requests.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -551,14 +553,7 @@ async fn held_body(gw: &Handle) -> Incoming {
 }
 
 fn endpoint_json(gw: &Handle, addr: SocketAddr) -> serde_json::Value {
-    let clusters = palisade_gateway::admin::clusters_json(&gw.runtime());
-    clusters["c"]["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["address"] == addr.to_string())
-        .unwrap()
-        .clone()
+    support::endpoint_json(gw, "c", addr)
 }
 
 #[tokio::test]

@@ -366,16 +366,11 @@ impl Shadow {
         let candidates = self.candidates.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut permits = Vec::with_capacity(candidates.len());
         for c in &candidates {
-            let before = c.breaker.as_ref().map(|b| b.state());
-            let mut rejected = c.limiter.as_ref().is_some_and(|l| l.check().is_err());
+            let limited = c.limiter.as_ref().is_some_and(|l| l.check().is_err());
+            // A metrics-only breaker lets every call through and says which it
+            // would have rejected (open, or half-open with its probes taken).
             let permit = c.breaker.as_ref().and_then(|b| b.try_acquire_owned().ok());
-            // A metrics-only breaker admits everything; it would have rejected
-            // while open. (Half-open calls beyond the probes are counted by the
-            // breaker's own `palisade_breaker_shadow_rejections_total`.)
-            if matches!(before, Some(State::Open | State::ForcedOpen)) {
-                rejected = true;
-            }
-            if rejected {
+            if limited || permit.as_ref().is_some_and(|p| p.would_have_been_rejected()) {
                 c.would_reject.fetch_add(1, Ordering::Relaxed);
                 c.reject_metric.increment(1);
             }

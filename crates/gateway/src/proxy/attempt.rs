@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use palisade_balance::PickError;
-use palisade_resilience::retry::RetryState;
+use palisade_resilience::retry::{RetryState, StopReason};
 use tokio::time::Instant;
 
 use super::decide::{self, Tried};
@@ -100,20 +100,23 @@ impl Attempts {
     ) -> Option<Duration> {
         let (r, state) = (route.retry.as_ref()?, self.retry.as_mut()?);
         let (status, hint) = match result {
-            Ok(Ok(resp)) => (Some(resp.status()), retry_after(resp.headers())),
+            Ok(Ok(resp)) => (Some(resp.status()), Some(resp.headers())),
             _ => (None, None),
         };
         let tried = Tried {
             status,
-            hint,
             met: &outcome.retry_on,
             replayable,
         };
+        if !decide::wanted(r, &tried) {
+            return None;
+        }
+        let hint = hint.and_then(retry_after);
         let time_left = self.deadline.saturating_duration_since(Instant::now());
-        match decide::retry_delay(r, state, &tried, time_left) {
+        match decide::retry_delay(r, state, hint, time_left) {
             Ok(delay) => Some(delay),
             Err(stop) => {
-                if stop == Some(palisade_resilience::retry::StopReason::BudgetExhausted) {
+                if stop == StopReason::BudgetExhausted {
                     metrics::counter!("palisade_retry_budget_exhausted_total", "route" => route.name.clone())
                         .increment(1);
                 }

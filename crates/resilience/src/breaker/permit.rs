@@ -19,8 +19,10 @@ pub(crate) enum Kind {
     Closed,
     /// A half-open probe.
     Probe,
-    /// Disabled, or a call a metrics-only breaker would have rejected: not counted.
+    /// Disabled: not counted.
     Passive,
+    /// A call a metrics-only breaker would have rejected, let through: not counted.
+    WouldReject,
     /// Already recorded: the permit's drop does nothing.
     Done,
 }
@@ -56,6 +58,13 @@ impl<B: AsRef<CircuitBreaker>> Permit<B> {
     #[inline]
     pub(crate) fn new(breaker: B, ticket: Ticket) -> Self {
         Permit { breaker, ticket }
+    }
+
+    /// Whether the breaker would have rejected this call, had it not been in
+    /// metrics-only mode ([`CircuitBreaker::set_metrics_only`]).
+    #[inline]
+    pub fn would_have_been_rejected(&self) -> bool {
+        self.ticket.kind == Kind::WouldReject
     }
 
     /// Records how the call went.

@@ -501,13 +501,13 @@ impl CircuitBreaker {
             match state_of(w) {
                 CLOSED => return Ok(ticket(Kind::Closed)),
                 DISABLED => return Ok(ticket(Kind::Passive)),
-                FORCED_OPEN => return self.reject(Refusal::FORCED_OPEN, ticket(Kind::Passive)),
+                FORCED_OPEN => return self.reject(Refusal::FORCED_OPEN, ticket(Kind::WouldReject)),
                 OPEN => {
                     let now = inner.clock.now();
                     let until = inner.open_until.load(Ordering::Acquire);
                     if now.as_nanos() < until {
                         let wait = Duration::from_nanos(until - now.as_nanos());
-                        return self.reject(Refusal::open(wait), ticket(Kind::Passive));
+                        return self.reject(Refusal::open(wait), ticket(Kind::WouldReject));
                     }
                     let next = next_period(w, HALF_OPEN);
                     match inner
@@ -523,7 +523,7 @@ impl CircuitBreaker {
                 }
                 _ => {
                     if probes_of(w) >= inner.config.half_open_probes {
-                        return self.reject(Refusal::HALF_OPEN, ticket(Kind::Passive));
+                        return self.reject(Refusal::HALF_OPEN, ticket(Kind::WouldReject));
                     }
                     match inner.state.compare_exchange_weak(
                         w,
@@ -577,7 +577,7 @@ impl CircuitBreaker {
                 }
             }
             Kind::Probe => self.finish_probe(ticket, outcome),
-            Kind::Passive | Kind::Done => {}
+            Kind::Passive | Kind::WouldReject | Kind::Done => {}
         }
     }
 
