@@ -4,6 +4,8 @@
 //!
 //! - [`clock`]: time as policies see it. Code asks a [`Clock`] for "now", so a test
 //!   moves a [`ManualClock`] by hand instead of sleeping.
+//! - [`Cause`]: why a policy answered a call rather than what it called, one
+//!   vocabulary for the gateway's `x-palisade-cause` and the tower layers' errors.
 //! - [`sync`]: the atomics lock-free cores use, swapped for loom's under `--cfg loom`.
 //! - [`ConfigError`] and [`ConfigErrors`]: every problem in a configuration, each
 //!   naming its field.
@@ -13,11 +15,13 @@
 //! Dependencies point one way: every other crate of the workspace may use this one,
 //! and this one uses none of them.
 
+mod cause;
 pub mod clock;
 #[cfg(feature = "toml")]
 pub mod config;
 mod error;
 pub mod sync;
 
+pub use cause::Cause;
 pub use clock::{Clock, Instant, ManualClock, SharedClock, SystemClock, TokioClock};
 pub use error::{ConfigError, ConfigErrors};

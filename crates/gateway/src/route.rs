@@ -173,6 +173,14 @@ impl Fallback {
                 "not a header value",
             ));
         }
+        // The endpoint's own answers are passed on, never `upstream` failures.
+        if f.on.contains(&Cause::Upstream) {
+            p.push(ConfigError::new(
+                format!("{at}.on"),
+                "`upstream` is not a cause the gateway answers for (an endpoint's own answer is passed on; name connect_error, upstream_reset, protocol_error or timeout)",
+            ));
+            return None;
+        }
         Some(Fallback {
             status: status?,
             body: bytes::Bytes::from(f.body.clone()),

@@ -75,6 +75,17 @@ fn every_mistake_is_an_error_naming_its_field() {
             "fallback.status: 101",
         ),
         (
+            with("[[routes]]", "fallback = { on = [\"timeout\", \"upstream\"] }"),
+            "fallback.on: `upstream` is not a cause",
+        ),
+        (
+            with(
+                "[[routes]]",
+                "retry = { attempts = 2, backoff = \"2s\", max_backoff = \"1s\" }",
+            ),
+            "retry.max_backoff: must be at least backoff.initial",
+        ),
+        (
             with("[[routes]]", "hash_on = { header = \"\" }"),
             "hash_on.header",
         ),

@@ -40,4 +40,4 @@ pub mod window;
 
 pub use palisade_core::clock;
 pub(crate) use palisade_core::sync;
-pub use palisade_core::{Clock, ConfigError, ConfigErrors, Instant, ManualClock, SystemClock};
+pub use palisade_core::{Cause, Clock, ConfigError, ConfigErrors, Instant, ManualClock, SystemClock};

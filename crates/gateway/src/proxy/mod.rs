@@ -84,13 +84,13 @@ impl Failure {
 fn failure_response(f: &Failure, request_id: &HeaderValue) -> Response<Body> {
     let body = serde_json::json!({
         "error": f.cause.as_str(),
-        "status": f.cause.status().as_u16(),
+        "status": f.cause.http_status(),
         "detail": f.detail,
         "endpoint": f.endpoint.map(|e| e.to_string()),
         "request_id": request_id.to_str().unwrap_or(""),
     });
     let mut resp = Response::new(full(body.to_string()));
-    *resp.status_mut() = f.cause.status();
+    *resp.status_mut() = crate::cause::status(f.cause);
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CAUSE_HEADER, HeaderValue::from_static(f.cause.as_str()));

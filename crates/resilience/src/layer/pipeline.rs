@@ -59,6 +59,7 @@ use super::admit::{AdmitError, Admitted};
 use super::breaker::{CircuitBreakerService, Classify};
 use super::retry::{Retry, RetryPredicate};
 use super::timeout::{Elapsed, Timeout, TimeoutError, TimeoutSource};
+use crate::Cause;
 use crate::breaker::{BreakerError, CircuitBreaker, Outcome, Rejected};
 use crate::bulkhead::{Bulkhead, BulkheadFull};
 use crate::clock::TokioClock;
@@ -88,15 +89,16 @@ pub enum PolicyError<E> {
 }
 
 impl<E> PolicyError<E> {
-    /// A short stable name for the cause: `upstream`, `circuit_open`, `timeout`,
-    /// `bulkhead_full` or `rate_limited` (for logs, metrics labels, headers).
-    pub fn cause(&self) -> &'static str {
+    /// Why: [`Cause::Upstream`], `CircuitOpen`, `Timeout`, `BulkheadFull` or
+    /// `RateLimited`, the vocabulary the gateway's `x-palisade-cause` speaks too
+    /// ([`Cause::as_str`] for logs, metric labels, headers).
+    pub fn cause(&self) -> Cause {
         match self {
-            PolicyError::Inner(_) => "upstream",
-            PolicyError::CircuitOpen(_) => "circuit_open",
-            PolicyError::Timeout(_) => "timeout",
-            PolicyError::BulkheadFull(_) => "bulkhead_full",
-            PolicyError::RateLimited(_) => "rate_limited",
+            PolicyError::Inner(_) => Cause::Upstream,
+            PolicyError::CircuitOpen(_) => Cause::CircuitOpen,
+            PolicyError::Timeout(_) => Cause::Timeout,
+            PolicyError::BulkheadFull(_) => Cause::BulkheadFull,
+            PolicyError::RateLimited(_) => Cause::RateLimited,
         }
     }
 
