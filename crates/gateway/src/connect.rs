@@ -19,7 +19,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::BoxError;
 use crate::config::{ConfigError, UpstreamTlsConfig};
 
 /// TLS settings of one cluster, ready to connect with.
@@ -100,6 +99,20 @@ impl UpstreamTls {
     }
 }
 
+/// Why a connection to an endpoint could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP did not connect within the cluster's `connect_timeout`.
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    /// TCP or TLS failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The endpoint's TLS did not agree to HTTP/2, which the cluster speaks.
+    #[error("the endpoint did not agree to HTTP/2 (ALPN h2)")]
+    NoH2,
+}
+
 /// Connects to an endpoint: TCP (within the cluster's connect timeout, with
 /// `TCP_NODELAY`), then TLS when the cluster has it.
 #[derive(Clone)]
@@ -117,10 +130,10 @@ impl Connector {
 
     /// A connection to the endpoint at `addr`. TLS checks the configured server
     /// name, or else the address itself.
-    pub async fn connect(&self, addr: SocketAddr) -> Result<Conn, BoxError> {
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Conn, ConnectError> {
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(tcp) => tcp?,
-            Err(_) => return Err(format!("no connection within {:?}", self.connect_timeout).into()),
+            Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
         };
         tcp.set_nodelay(true)?;
         let Some(tls) = &self.tls else {
@@ -132,7 +145,7 @@ impl Connector {
             .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
         let stream = tls.connector.connect(name, tcp).await?;
         if tls.h2 && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Err("the endpoint did not agree to HTTP/2 (ALPN h2)".into());
+            return Err(ConnectError::NoH2);
         }
         Ok(Conn::Tls(Box::new(TokioIo::new(stream))))
     }

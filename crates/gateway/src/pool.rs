@@ -33,15 +33,15 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::connect::Connector;
-use crate::{Body, BoxError};
+use crate::Body;
+use crate::connect::{ConnectError, Connector};
 
 /// Why a request got no answer from an endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// No connection could be made (TCP, or the TLS handshake).
     #[error("cannot connect")]
-    Connect(#[source] BoxError),
+    Connect(#[source] ConnectError),
     /// The connection failed while the request was sent or the answer read.
     #[error(transparent)]
     Http(#[from] hyper::Error),

@@ -141,3 +141,44 @@ pub(super) fn body_is_empty(parts: &http::request::Parts) -> bool {
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
         )
 }
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn grpc(code: &'static str) -> Option<u16> {
+        let mut h = HeaderMap::new();
+        h.insert(GRPC_STATUS, HeaderValue::from_static(code));
+        grpc_status_as_http(&h).map(|s| s.as_u16())
+    }
+
+    #[test]
+    fn grpc_statuses_stand_for_the_http_statuses_envoy_maps_them_to() {
+        let table = [
+            ("0", 200),
+            ("1", 499),
+            ("3", 400),
+            ("4", 504),
+            ("5", 404),
+            ("7", 403),
+            ("8", 429),
+            ("12", 501),
+            ("13", 500),
+            ("14", 503),
+            ("16", 401),
+            ("99", 500),
+        ];
+        for (code, http) in table {
+            assert_eq!(grpc(code), Some(http), "grpc-status {code}");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_grpc_status_stands_for_nothing() {
+        assert_eq!(grpc_status_as_http(&HeaderMap::new()), None);
+        assert_eq!(grpc("unavailable"), None);
+        assert_eq!(grpc(" 14 "), Some(503));
+    }
+}
