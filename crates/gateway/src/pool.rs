@@ -25,13 +25,14 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use palisade_core::{Clock, Instant, SystemClock};
 
 use crate::Body;
 use crate::connect::{ConnectError, Connector};
@@ -189,11 +190,12 @@ impl Pool {
     /// Closes connections idle for longer than the idle timeout, and those the
     /// endpoint closed. Run now and then, so an idle gateway lets go of them.
     pub fn sweep(&self) {
-        let now = Instant::now();
+        let now = SystemClock.now();
         let mut endpoints = self.lock();
         endpoints.retain(|_, idle| {
-            idle.h1
-                .retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < self.idle_timeout);
+            idle.h1.retain(|(s, since)| {
+                !s.is_closed() && now.saturating_duration_since(*since) < self.idle_timeout
+            });
             if idle.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
                 idle.h2 = None;
             }
@@ -221,9 +223,9 @@ impl Pool {
     fn idle_h1(&self, addr: SocketAddr) -> Option<(http1::SendRequest<Body>, Duration)> {
         let mut endpoints = self.lock();
         let idle = endpoints.get_mut(&addr)?;
-        let now = Instant::now();
+        let now = SystemClock.now();
         while let Some((s, since)) = idle.h1.front() {
-            if s.is_closed() || now.duration_since(*since) >= self.idle_timeout {
+            if s.is_closed() || now.saturating_duration_since(*since) >= self.idle_timeout {
                 idle.h1.pop_front();
             } else {
                 break;
@@ -232,7 +234,9 @@ impl Pool {
         // One handed back before its connection finished the last answer is
         // skipped, not waited for.
         let i = idle.h1.iter().rposition(|(s, _)| s.is_ready())?;
-        idle.h1.remove(i).map(|(s, since)| (s, now.duration_since(since)))
+        idle.h1
+            .remove(i)
+            .map(|(s, since)| (s, now.saturating_duration_since(since)))
     }
 
     fn give_back(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
@@ -245,7 +249,7 @@ impl Pool {
             // Full: the oldest goes.
             idle.h1.pop_front();
         }
-        idle.h1.push_back((sender, Instant::now()));
+        idle.h1.push_back((sender, SystemClock.now()));
     }
 
     fn idle_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<Body>> {

@@ -33,7 +33,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors};
-use crate::conn::{Activity, Watched};
+use crate::conn::{Activity, Ended, Watched};
 use crate::proxy::Downstream;
 use crate::runtime::Runtime;
 
@@ -324,7 +324,10 @@ async fn serve<S, F>(
                 let activity = Activity::new();
                 let svc = make(Downstream { addr: peer, tls: tls.is_some() }, activity.clone());
                 let client = Client { peer, activity, header, idle, _counted: counted };
-                tokio::spawn(client.serve(stream, tls, builder.clone(), graceful.watcher(), svc));
+                // Boxed: the connection's future holds hyper's dispatcher with the
+                // request's future inside (kilobytes), and a spawn moves what it is
+                // given more than once.
+                tokio::spawn(Box::pin(client.serve(stream, tls, builder.clone(), graceful.watcher(), svc)));
             }
             _ = stop.changed() => break,
         }
@@ -447,13 +450,10 @@ async fn run_connection<C, E>(
     C: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::select! {
-        ended = conn => {
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        }
-        why = activity.expired(header, idle) => {
+    match crate::conn::until_expired(conn, activity.expired(header, idle)).await {
+        Ended::Connection(Err(e)) => tracing::debug!(error = %e, %peer, "connection ended with an error"),
+        Ended::Connection(Ok(())) => {}
+        Ended::Expired(why) => {
             metrics::counter!("palisade_client_connections_closed_total", "reason" => why).increment(1);
             tracing::debug!(%peer, reason = why, "client connection closed");
         }
