@@ -171,15 +171,16 @@ pub async fn until_expired<C: Future, T: Future>(conn: C, timer: T) -> Ended<C::
     let waker = Waker::from(flag.clone());
     let mut conn = std::pin::pin!(conn);
     let mut timer = std::pin::pin!(timer);
+    // The task's waker as last handed to the flag: the lock is taken only when the
+    // waker changes (for a tokio task, once).
+    let mut registered: Option<Waker> = None;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = conn.as_mut().poll(cx) {
             return Poll::Ready(Ended::Connection(out));
         }
-        {
-            let mut task = flag.task.lock().unwrap_or_else(|e| e.into_inner());
-            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            registered = Some(cx.waker().clone());
+            *flag.task.lock().unwrap_or_else(|e| e.into_inner()) = registered.clone();
         }
         if flag.fired.swap(false, Ordering::AcqRel)
             && let Poll::Ready(out) = timer.as_mut().poll(&mut Context::from_waker(&waker))

@@ -72,6 +72,7 @@ pub(super) fn prepare(
     route: &Route,
     mut req: Request<Incoming>,
     from: Downstream,
+    host: Option<HeaderValue>,
     request_id: &HeaderValue,
 ) -> Result<(Prepared, Option<PendingBody>), Failure> {
     if let Some(limiter) = &route.limiter
@@ -141,7 +142,7 @@ pub(super) fn prepare(
         (SendBody::Streaming(None), Some(pending))
     };
     // The client's headers as sent upstream; hop-by-hop ones go, forwarding ones come.
-    super::prepare_headers(&mut parts, up.version, from, request_id);
+    super::prepare_headers(&mut parts, up.version, from, host, request_id);
     if let Some((u, _)) = &upgrade {
         let h = &mut parts.headers;
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -212,7 +213,10 @@ impl Prepared {
 /// request with neither `Host` nor an absolute target is a 400; an absolute
 /// target's authority is the `Host` (routed on and sent upstream); the path is
 /// normalised by [`normalize_path`].
-pub(super) fn admit<B>(req: &mut Request<B>, slashes: EscapedSlashes) -> Result<(), Failure> {
+pub(super) fn admit<B>(
+    req: &mut Request<B>,
+    slashes: EscapedSlashes,
+) -> Result<Option<HeaderValue>, Failure> {
     let bad = |detail: &str| Failure::new(Cause::BadRequest, detail.to_string());
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
@@ -222,6 +226,7 @@ pub(super) fn admit<B>(req: &mut Request<B>, slashes: EscapedSlashes) -> Result<
     if host.is_some_and(|h| !is_authority(h.as_bytes())) {
         return Err(bad("the Host header is not a host"));
     }
+    let mut host = host.cloned();
     let is_h1 = matches!(
         req.version(),
         Version::HTTP_11 | Version::HTTP_10 | Version::HTTP_09
@@ -229,10 +234,13 @@ pub(super) fn admit<B>(req: &mut Request<B>, slashes: EscapedSlashes) -> Result<
     match req.uri().authority() {
         // The absolute form's authority wins over `Host` (RFC 9112 section 3.2.2).
         Some(a) if is_h1 => {
-            if host.is_none_or(|h| h.as_bytes() != a.as_str().as_bytes())
+            if host
+                .as_ref()
+                .is_none_or(|h| h.as_bytes() != a.as_str().as_bytes())
                 && let Ok(v) = HeaderValue::from_str(a.as_str())
             {
-                req.headers_mut().insert(header::HOST, v);
+                req.headers_mut().insert(header::HOST, v.clone());
+                host = Some(v);
             }
         }
         None if host.is_none() && req.version() == Version::HTTP_11 => {
@@ -241,7 +249,7 @@ pub(super) fn admit<B>(req: &mut Request<B>, slashes: EscapedSlashes) -> Result<
         _ => {}
     }
     let normalized = match normalize_path(req.uri().path(), slashes) {
-        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Borrowed(_)) => return Ok(host),
         Ok(Cow::Owned(path)) => path,
         Err(e) => return Err(bad(e.as_str())),
     };
@@ -258,7 +266,7 @@ pub(super) fn admit<B>(req: &mut Request<B>, slashes: EscapedSlashes) -> Result<
             .map_err(|_| bad("the normalised path is not a valid request target"))?,
     );
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| bad("the request target is not valid"))?;
-    Ok(())
+    Ok(host)
 }
 
 /// Whether `b` can be a `Host` value: `host[:port]`, of the characters RFC 3986

@@ -98,22 +98,22 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Turns the client's headers into those sent upstream: hop-by-hop headers removed,
 /// `Host` kept for HTTP/1.1 (HTTP/2 carries the authority), `x-forwarded-*` and
-/// `x-request-id` set.
+/// `x-request-id` set. `host` is the request's `Host` as admitted.
 pub(super) fn prepare_headers(
     parts: &mut http::request::Parts,
     version: Version,
     from: Downstream,
+    host: Option<HeaderValue>,
     request_id: &HeaderValue,
 ) {
     let authority = parts.uri.authority().map(|a| a.as_str());
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
     // HTTP/2 carries the authority instead of `Host`; HTTP/1.1 needs one.
-    let sent = if version == Version::HTTP_11 {
-        h.get(header::HOST).cloned()
-    } else {
-        h.remove(header::HOST)
-    };
+    if version != Version::HTTP_11 && host.is_some() {
+        h.remove(header::HOST);
+    }
+    let sent = host;
     let host = match sent {
         Some(host) => Some(host),
         None => authority

@@ -148,10 +148,13 @@ pub async fn handle(
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let extended_connect = mark_extended_connect(&mut req);
-    if let Err(f) = admit::admit(&mut req, rt.config.gateway.escaped_slashes) {
-        metrics::counter!("palisade_client_failures_total", "reason" => "bad_request").increment(1);
-        return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
-    }
+    let host = match admit::admit(&mut req, rt.config.gateway.escaped_slashes) {
+        Ok(host) => host,
+        Err(f) => {
+            metrics::counter!("palisade_client_failures_total", "reason" => "bad_request").increment(1);
+            return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
+        }
+    };
     let Some(route) = rt.routes.iter().find(|r| matches(r, &req)) else {
         let f = Failure::new(
             Cause::NoRoute,
@@ -159,7 +162,7 @@ pub async fn handle(
         );
         return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
     };
-    let resp = match route_request(rt, route, req, client, &request_id, &mut active).await {
+    let resp = match route_request(rt, route, req, (client, host), &request_id, &mut active).await {
         Ok(resp) => resp,
         Err(f) => match &route.fallback {
             // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
@@ -234,11 +237,11 @@ async fn route_request(
     rt: &Runtime,
     route: &Route,
     req: Request<Incoming>,
-    from: Downstream,
+    (from, host): (Downstream, Option<HeaderValue>),
     request_id: &HeaderValue,
     active: &mut Option<ActiveGuard>,
 ) -> Result<Response<Body>, Failure> {
-    let (mut req, pending) = admit::prepare(rt, route, req, from, request_id)?;
+    let (mut req, pending) = admit::prepare(rt, route, req, from, host, request_id)?;
     if let Some(body) = pending {
         (req.body, req.client_side) = body.watch().await?;
     }
