@@ -130,3 +130,97 @@ impl Attempts {
         self.tried.push(addr);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use palisade_balance::EndpointInfo;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::runtime::Runtime;
+
+    const A: &str = "127.0.0.1:9001";
+    const B: &str = "127.0.0.1:9002";
+
+    /// A compiled runtime (no socket: nothing is resolved or started) whose one
+    /// route `r` has `route` added, to a cluster of endpoints A and B whose breakers
+    /// open on one failure for a minute.
+    fn runtime(route: &str) -> Runtime {
+        let text = format!(
+            "[[routes]]\nname = \"r\"\ncluster = \"c\"\ntimeout = \"10s\"\nper_try_timeout = \"2s\"\n{route}\n\n\
+             [clusters.c]\nendpoints = [\"{A}\", \"{B}\"]\nlb = \"round-robin\"\n\
+             breaker = {{ consecutive_failures = 1, failure_rate = 0.0, open = \"60s\", max_open = \"60s\" }}\n"
+        );
+        let rt = Runtime::compile(Config::from_toml(&text).unwrap()).unwrap();
+        let infos = [A, B].map(|a| EndpointInfo::new(a.parse::<SocketAddr>().unwrap()));
+        rt.clusters["c"].cluster.set_endpoints(infos);
+        rt
+    }
+
+    /// Opens the breaker of the endpoint at `addr` by one failed call.
+    fn trip(rt: &Runtime, addr: &str) {
+        let eps = rt.clusters["c"].cluster.endpoints();
+        let ep = eps.iter().find(|e| e.addr().to_string() == addr).unwrap();
+        ep.breaker().unwrap().try_acquire().unwrap().failure();
+    }
+
+    #[test]
+    fn an_endpoint_whose_breaker_is_open_is_not_picked() {
+        let rt = runtime("retry = { attempts = 2, retry_on = [\"refused\"] }");
+        trip(&rt, A);
+        let route = &rt.routes[0];
+        for _ in 0..4 {
+            let mut attempts = Attempts::new(route);
+            let (ep, _permit) = attempts.pick(route, None).ok().flatten().unwrap();
+            assert_eq!(ep.addr().to_string(), B);
+            assert!(!attempts.last_chance(route), "the first of two attempts");
+        }
+    }
+
+    #[test]
+    fn without_a_retry_on_refusals_an_open_breaker_is_a_503_saying_when_to_come_back() {
+        let rt = runtime("");
+        trip(&rt, A);
+        trip(&rt, B);
+        let route = &rt.routes[0];
+        let mut attempts = Attempts::new(route);
+        let failure = match attempts.pick(route, None) {
+            Err(f) => f,
+            Ok(_) => panic!("an endpoint was picked through an open breaker"),
+        };
+        assert_eq!(failure.cause, Cause::CircuitOpen);
+        let retry_after = failure.headers.iter().find(|(k, _)| *k == "retry-after");
+        assert_eq!(retry_after.map(|(_, v)| v.as_str()), Some("60"));
+        assert!(
+            attempts.last_chance(route),
+            "a route without retries has one attempt"
+        );
+    }
+
+    #[test]
+    fn an_attempt_gets_the_per_try_timeout_within_what_is_left_of_the_total() {
+        let rt = runtime("");
+        let route = &rt.routes[0];
+        let attempts = Attempts::new(route);
+        assert_eq!(attempts.per_try(route), Duration::from_secs(2));
+        let late = Attempts {
+            deadline: Instant::now() + Duration::from_millis(500),
+            ..Attempts::new(route)
+        };
+        assert!(late.per_try(route) <= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn an_empty_cluster_is_no_healthy_endpoint() {
+        let rt = runtime("");
+        rt.clusters["c"].cluster.set_endpoints([]);
+        let route = &rt.routes[0];
+        match Attempts::new(route).pick(route, None) {
+            Err(f) => assert_eq!(f.cause, Cause::NoHealthyEndpoint),
+            Ok(_) => panic!("picked from an empty cluster"),
+        }
+    }
+}
