@@ -61,13 +61,54 @@ pub fn spawn(upstream: &Arc<Upstream>, section: &ClusterSection) -> Option<JoinH
     }))
 }
 
-async fn collect(section: &ClusterSection) -> Result<Vec<EndpointInfo>, String> {
+/// Why a cluster's endpoints could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// An entry of `endpoints` is not `host:port`.
+    #[error("{0}")]
+    Address(String),
+    /// A host name did not resolve.
+    #[error("cannot resolve `{address}`: {source}")]
+    Resolve {
+        /// The entry, as configured.
+        address: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// The endpoints file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Lines of the endpoints file that are not endpoints, each named.
+    #[error("{}", .0.join("; "))]
+    File(Vec<String>),
+}
+
+impl DiscoveryError {
+    /// The cluster's field the error is about.
+    pub fn field(&self) -> &'static str {
+        match self {
+            DiscoveryError::Address(_) | DiscoveryError::Resolve { .. } => "endpoints",
+            DiscoveryError::Read { .. } | DiscoveryError::File(_) => "endpoints_file",
+        }
+    }
+}
+
+/// A cluster's endpoints as configured: addresses resolved, the endpoints file read.
+async fn collect(section: &ClusterSection) -> Result<Vec<EndpointInfo>, DiscoveryError> {
     let mut infos = Vec::new();
     for e in &section.endpoints {
         infos.extend(resolve(e).await?);
     }
     if let Some(path) = &section.endpoints_file {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        let text = std::fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
+            path: path.clone(),
+            source,
+        })?;
         infos.extend(parse_endpoints_file(&text)?);
     }
     Ok(infos)
@@ -79,7 +120,7 @@ fn file_mtime(path: Option<&str>) -> Option<SystemTime> {
 
 /// Parses an endpoints file: one `ip:port [weight] [tier]` per line; blank lines
 /// and `#` comments are skipped. Every bad line is reported.
-pub fn parse_endpoints_file(text: &str) -> Result<Vec<EndpointInfo>, String> {
+pub fn parse_endpoints_file(text: &str) -> Result<Vec<EndpointInfo>, DiscoveryError> {
     let mut out = Vec::new();
     let mut bad = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -105,43 +146,34 @@ pub fn parse_endpoints_file(text: &str) -> Result<Vec<EndpointInfo>, String> {
     if bad.is_empty() {
         Ok(out)
     } else {
-        Err(bad.join("; "))
+        Err(DiscoveryError::File(bad))
     }
 }
 
-/// The endpoints of a cluster as configured: addresses resolved, the endpoints
-/// file read.
+/// The endpoints of cluster `name` as configured, for start-up: a failure is a
+/// configuration problem naming the field.
 pub(crate) async fn resolve_endpoints(
     name: &str,
     s: &ClusterSection,
 ) -> Result<Vec<EndpointInfo>, ConfigError> {
-    let at = |field: &str| format!("clusters.{name}.{field}");
-    let mut infos = Vec::new();
-    for e in &s.endpoints {
-        infos.extend(
-            resolve(e)
-                .await
-                .map_err(|m| ConfigError::new(at("endpoints"), m))?,
-        );
-    }
-    if let Some(path) = &s.endpoints_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(at("endpoints_file"), format!("{path}: {e}")))?;
-        infos.extend(parse_endpoints_file(&text).map_err(|m| ConfigError::new(at("endpoints_file"), m))?);
-    }
-    Ok(infos)
+    collect(s)
+        .await
+        .map_err(|e| ConfigError::new(format!("clusters.{name}.{}", e.field()), e.to_string()))
 }
 
 /// Resolves one configured endpoint to endpoint infos (a host name may give several
 /// addresses).
-pub async fn resolve(e: &EndpointConfig) -> Result<Vec<EndpointInfo>, String> {
-    let (host, port) = split_host_port(e.address())?;
+pub async fn resolve(e: &EndpointConfig) -> Result<Vec<EndpointInfo>, DiscoveryError> {
+    let (host, port) = split_host_port(e.address()).map_err(DiscoveryError::Address)?;
     let (weight, tier) = e.weight_tier();
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         Err(_) => tokio::net::lookup_host((host, port))
             .await
-            .map_err(|err| format!("cannot resolve `{}`: {err}", e.address()))?
+            .map_err(|source| DiscoveryError::Resolve {
+                address: e.address().to_string(),
+                source,
+            })?
             .collect(),
     };
     Ok(addrs
@@ -160,6 +192,13 @@ mod tests {
         assert_eq!(ok.len(), 2);
         assert_eq!((ok[1].weight, ok[1].tier), (3, 1));
         let err = parse_endpoints_file("127.0.0.1:80\nnot-an-address\n127.0.0.1:81 x\n").unwrap_err();
-        assert!(err.contains("line 2") && err.contains("line 3"), "{err}");
+        assert_eq!(err.field(), "endpoints_file");
+        let DiscoveryError::File(lines) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            lines[0].starts_with("line 2:") && lines[1].starts_with("line 3:"),
+            "{err}"
+        );
     }
 }
