@@ -448,6 +448,16 @@ pub struct ClusterSection {
     /// Failover between tiers.
     #[serde(default)]
     pub failover: Option<FailoverSection>,
+    /// 4xx statuses that count as the endpoint's failures (for its breaker and for
+    /// outlier detection, as a 5xx would), e.g. `[409]` from a service that answers
+    /// 409 when its own store is overloaded.
+    #[serde(default)]
+    pub failure_statuses: Vec<u16>,
+    /// Response headers whose presence makes an answer, whatever its status, the
+    /// endpoint's failure (an upstream's own overload signal, e.g.
+    /// `x-overloaded`).
+    #[serde(default)]
+    pub failure_headers: Vec<String>,
 }
 
 /// `[clusters.<name>.tls]`: TLS to a cluster's endpoints.
@@ -1055,6 +1065,9 @@ impl ClusterSection {
             )),
         }
         fraction(p, &format!("{at}.panic_threshold"), self.panic_threshold);
+        for s in &self.failure_statuses {
+            within(p, &format!("{at}.failure_statuses"), *s, 400, 499);
+        }
         self.policy_problems(at, p);
     }
 

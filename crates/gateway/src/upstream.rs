@@ -36,6 +36,11 @@ pub struct Upstream {
     pub breaker_counts_5xx: bool,
     /// Breaker counts 429 as failures.
     pub breaker_counts_429: bool,
+    /// 4xx statuses that are the endpoint's failures (`failure_statuses`).
+    pub failure_statuses: Box<[u16]>,
+    /// Headers whose presence makes an answer the endpoint's failure
+    /// (`failure_headers`).
+    pub failure_headers: Box<[http::HeaderName]>,
     /// Ready even with no healthy endpoint.
     pub allow_empty: bool,
     /// TLS to the endpoints (`https` as HTTP/2's `:scheme`).
@@ -236,6 +241,20 @@ impl Upstream {
             Some(Err(e)) => problems.extend(e),
             None => {}
         }
+        let failure_headers: Vec<http::HeaderName> = s
+            .failure_headers
+            .iter()
+            .filter_map(|h| match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => {
+                    problems.push(ConfigError::new(
+                        format!("clusters.{name}.failure_headers"),
+                        format!("`{h}` is not a header name"),
+                    ));
+                    None
+                }
+            })
+            .collect();
         let h2 = s.speaks_h2();
         let tls = match &s.tls {
             Some(t) => match UpstreamTls::new(name, t, h2) {
@@ -285,6 +304,8 @@ impl Upstream {
             },
             breaker_counts_5xx: s.breaker.as_ref().is_none_or(|b| b.count_5xx),
             breaker_counts_429: s.breaker.as_ref().is_some_and(|b| b.count_429),
+            failure_statuses: s.failure_statuses.clone().into(),
+            failure_headers: failure_headers.into(),
             allow_empty: s.allow_empty,
             tls: s.tls.is_some(),
             events: tokio::sync::watch::Sender::new(UpstreamEvents::default()),

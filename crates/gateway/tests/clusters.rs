@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +31,8 @@ struct Upstream {
     addr: SocketAddr,
     health: Arc<AtomicU16>,
     status: Arc<AtomicU16>,
+    /// Answers carry `x-overloaded: 1` while set.
+    overloaded: Arc<AtomicBool>,
     probes: Arc<AtomicU32>,
     hits: Arc<AtomicU32>,
 }
@@ -39,9 +41,11 @@ impl Upstream {
     async fn start() -> Upstream {
         let (health, status) = (Arc::new(AtomicU16::new(200)), Arc::new(AtomicU16::new(200)));
         let (probes, hits) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let overloaded = Arc::new(AtomicBool::new(false));
         let (h, st, p, n) = (health.clone(), status.clone(), probes.clone(), hits.clone());
+        let o = overloaded.clone();
         let addr = support::serve_http1(move |req: Request<Incoming>| {
-            let (h, st, p, n) = (h.clone(), st.clone(), p.clone(), n.clone());
+            let (h, st, p, n, o) = (h.clone(), st.clone(), p.clone(), n.clone(), o.clone());
             async move {
                 let status = if req.uri().path() == "/health" {
                     p.fetch_add(1, Ordering::SeqCst);
@@ -52,6 +56,10 @@ impl Upstream {
                 };
                 let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
                 *r.status_mut() = StatusCode::from_u16(status).unwrap();
+                if o.load(Ordering::SeqCst) {
+                    r.headers_mut()
+                        .insert("x-overloaded", http::HeaderValue::from_static("1"));
+                }
                 Ok::<_, std::convert::Infallible>(r)
             }
         })
@@ -60,6 +68,7 @@ impl Upstream {
             addr,
             health,
             status,
+            overloaded,
             probes,
             hits,
         }
@@ -307,5 +316,44 @@ async fn admin_clusters_shows_each_endpoint_and_the_clusters_tasks() {
         assert_eq!(ep["healthy"], true, "{ep}");
         assert_eq!(ep["in_flight"], 0, "{ep}");
     }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn chosen_4xx_statuses_count_against_the_endpoints_breaker() {
+    let breaker =
+        "breaker = { consecutive_failures = 2, failure_rate = 0.0, open = \"1h\", max_open = \"1h\" }";
+    for (extra, opens) in [("", false), ("failure_statuses = [409]", true)] {
+        let up = Upstream::start().await;
+        up.status.store(409, Ordering::SeqCst);
+        let gw = start(&format!("{}{breaker}\n{extra}", endpoints(&[&up]))).await;
+        for _ in 0..2 {
+            assert_eq!(
+                get(gw.addr, "/").await.0,
+                StatusCode::CONFLICT,
+                "passed on as it is"
+            );
+        }
+        let state = endpoint(&gw, up.addr);
+        let expected = if opens { "open" } else { "closed" };
+        assert_eq!(state["breaker"], expected, "{extra:?}: {state}");
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn an_upstreams_own_overload_header_makes_its_answers_failures_for_outlier_detection() {
+    let (a, b) = (Upstream::start().await, Upstream::start().await);
+    a.overloaded.store(true, Ordering::SeqCst);
+    let gw = start(&format!(
+        "{}failure_headers = [\"x-overloaded\"]\noutlier = {{ consecutive_5xx = 2, base_ejection_time = \"1h\", max_ejection_time = \"1h\", max_ejection_percent = 50 }}",
+        endpoints(&[&a, &b])
+    ))
+    .await;
+    // Round robin: four requests give `a` two 200s that carry the header.
+    assert_eq!(spread(&gw, 4, &[&a, &b]).await, [2, 2]);
+    assert_eq!(endpoint(&gw, a.addr)["ejected"], true);
+    assert_eq!(endpoint(&gw, b.addr)["ejected"], false);
+    assert_eq!(spread(&gw, 4, &[&a, &b]).await, [0, 4]);
     gw.shutdown().await;
 }

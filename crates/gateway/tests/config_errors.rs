@@ -75,6 +75,14 @@ fn every_mistake_is_an_error_naming_its_field() {
             "fallback.status: 101",
         ),
         (
+            with("[clusters.c]", "failure_statuses = [200]"),
+            "clusters.c.failure_statuses: 200 is not between 400 and 499",
+        ),
+        (
+            with("[clusters.c]", "failure_headers = [\"x bad\"]"),
+            "clusters.c.failure_headers: `x bad` is not a header name",
+        ),
+        (
             with("[[routes]]", "fallback = { on = [\"timeout\", \"upstream\"] }"),
             "fallback.on: `upstream` is not a cause",
         ),

@@ -206,12 +206,20 @@ impl HttpBody for JudgedBody {
         };
         this.idle.moved();
         // gRPC's status arrives in the trailers: an `unavailable` stream is the
-        // endpoint's failure although its HTTP status said 200.
+        // endpoint's failure although its HTTP status said 200. Trailers can make a
+        // verdict worse, never better (the answer's head may have declared a failure).
         if let Some(Ok(f)) = &frame
-            && let Some(s) = f.trailers_ref().and_then(grpc_status_as_http)
+            && let Some(trailers) = f.trailers_ref()
+            && let Some(s) = grpc_status_as_http(trailers)
             && let Some(v) = &mut self.verdict
         {
-            (v.breaker, v.outlier) = judge_status(&v.upstream, s);
+            let (breaker, outlier) = judge_status(&v.upstream, s, trailers);
+            if breaker == Outcome::Failure {
+                v.breaker = breaker;
+            }
+            if outlier != CallResult::Success {
+                v.outlier = outlier;
+            }
         }
         let failed = matches!(frame, Some(Err(_)));
         if (failed || frame.is_none() || self.inner.is_end_stream())

@@ -32,7 +32,7 @@ pub(super) fn classify(up: &Upstream, result: &AttemptResult) -> Classified {
                 StatusCode::OK => grpc_status_as_http(resp.headers()).unwrap_or(StatusCode::OK),
                 other => other,
             };
-            let (breaker, outlier) = judge_status(up, s);
+            let (breaker, outlier) = judge_status(up, s, resp.headers());
             let mut retry_on = Vec::new();
             if s.is_server_error() {
                 retry_on.push(RetryOn::Status5xx);
@@ -71,12 +71,16 @@ pub(super) fn classify(up: &Upstream, result: &AttemptResult) -> Classified {
     }
 }
 
-/// What an answer with status `s` tells the endpoint's breaker (5xx, and 429 when
-/// configured, are failures) and outlier detection (502-504 are gateway failures,
-/// other 5xx server errors).
-pub(super) fn judge_status(up: &Upstream, s: StatusCode) -> (Outcome, CallResult) {
+/// What an answer with status `s` and headers `h` tells the endpoint's breaker
+/// (5xx, and 429 when configured, are failures) and outlier detection (502-504 are
+/// gateway failures, other 5xx server errors). The cluster's `failure_statuses` and
+/// `failure_headers` make an answer a failure for both, as a 5xx.
+pub(super) fn judge_status(up: &Upstream, s: StatusCode, h: &HeaderMap) -> (Outcome, CallResult) {
+    let declared = (!up.failure_statuses.is_empty() && up.failure_statuses.contains(&s.as_u16()))
+        || (!up.failure_headers.is_empty() && up.failure_headers.iter().any(|n| h.contains_key(n)));
     let breaker = if (s.is_server_error() && up.breaker_counts_5xx)
         || (s == StatusCode::TOO_MANY_REQUESTS && up.breaker_counts_429)
+        || declared
     {
         Outcome::Failure
     } else {
@@ -84,7 +88,7 @@ pub(super) fn judge_status(up: &Upstream, s: StatusCode) -> (Outcome, CallResult
     };
     let outlier = if matches!(s.as_u16(), 502..=504) {
         CallResult::GatewayFailure
-    } else if s.is_server_error() {
+    } else if s.is_server_error() || declared {
         CallResult::ServerError
     } else {
         CallResult::Success

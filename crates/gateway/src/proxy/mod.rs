@@ -167,7 +167,7 @@ pub async fn handle(
         Err(f) => match &route.fallback {
             // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
             Some(fb) if !extended_connect && fb.answers(f.cause) => {
-                metrics::counter!("palisade_fallback_total", "route" => route.name.clone(), "cause" => f.cause.as_str())
+                metrics::counter!("palisade_route_fallbacks_total", "route" => route.name.clone(), "cause" => f.cause.as_str())
                     .increment(1);
                 let mut resp = Response::new(full(fb.body.clone()));
                 *resp.status_mut() = fb.status;
