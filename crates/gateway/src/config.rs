@@ -308,6 +308,35 @@ pub struct RateLimitConfig {
     /// For keyed limits: most keys remembered.
     #[serde(default = "default_limit_keys")]
     pub max_keys: usize,
+    /// How the limit is kept: `gcra` (default; a token bucket of `burst`),
+    /// `sliding-window` (at most `requests` in any window of `per`), `pacing` (GCRA
+    /// that delays a request over the rate by up to `max_wait` instead of refusing
+    /// it) or `warm-up` (one global limit that starts at a third of the rate after a
+    /// quiet spell and reaches it over `warm_up`).
+    #[serde(default)]
+    pub algorithm: LimitAlgorithm,
+    /// `pacing` and `warm-up`: the longest a request waits for its turn (counted in
+    /// the route's timeout); `warm-up` without it refuses instead.
+    #[serde(default)]
+    pub max_wait: Option<Dur>,
+    /// `warm-up`: how long a cold limit takes to reach the full rate.
+    #[serde(default)]
+    pub warm_up: Option<Dur>,
+}
+
+/// How a route's rate limit is kept.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LimitAlgorithm {
+    /// GCRA: a token bucket of `burst`, refusing past it.
+    #[default]
+    Gcra,
+    /// A sliding window counter.
+    SlidingWindow,
+    /// GCRA that delays rather than refuses, up to `max_wait`.
+    Pacing,
+    /// A smooth limit with a cold start.
+    WarmUp,
 }
 
 fn one_second() -> Dur {
@@ -970,6 +999,12 @@ impl RouteConfig {
             }
         }
         if let Some(l) = &self.rate_limit {
+            if l.max_wait.is_some_and(|w| w >= self.timeout) {
+                p.push(ConfigError::new(
+                    format!("{at}.rate_limit.max_wait"),
+                    "must be shorter than the route's `timeout` (the wait is part of it)",
+                ));
+            }
             within(
                 p,
                 &format!("{at}.rate_limit.max_keys"),

@@ -6,13 +6,16 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use palisade_resilience::ratelimit::{Gcra, KeyedRateLimiter, Quota, RateLimiter};
+use palisade_resilience::ratelimit::{
+    Algorithm, Allowed, Gcra, KeyedRateLimiter, Quota, RateLimited, RateLimiter, SlidingWindowCounter,
+    WarmUp, WarmUpLimiter,
+};
 use palisade_resilience::retry::{Backoff, BudgetConfig, RetryBudget, RetryPolicy};
 
 use crate::cause::Cause;
 use crate::config::{
-    ConfigError, FallbackConfig, HashOn, LimitKey, MatchConfig, RateLimitConfig, RetryConfig, RetryOn,
-    RouteConfig, host_pattern,
+    ConfigError, FallbackConfig, HashOn, LimitAlgorithm, LimitKey, MatchConfig, RateLimitConfig, RetryConfig,
+    RetryOn, RouteConfig, host_pattern,
 };
 use crate::upstream::Upstream;
 
@@ -362,41 +365,149 @@ impl RouteRetry {
     }
 }
 
-/// A route's rate limiter.
+/// A route's rate limiter: one of the library's algorithms, for one key.
 #[derive(Debug)]
 pub enum RouteLimiter {
+    /// GCRA, refusing past its burst or (pacing) delaying up to its `max_wait`.
+    Gcra(Keyed<Gcra>),
+    /// A sliding window counter.
+    Window(Keyed<SlidingWindowCounter>),
+    /// One global limit with a cold start.
+    WarmUp(WarmUpLimiter),
+}
+
+/// A limiter of algorithm `A` for everyone, per client address, or per value of a
+/// header.
+#[derive(Debug)]
+pub enum Keyed<A> {
     /// One limit for everyone.
-    Global(RateLimiter),
+    Global(RateLimiter<A>),
     /// One limit per client address.
-    ClientIp(KeyedRateLimiter<IpAddr>),
+    ClientIp(KeyedRateLimiter<IpAddr, A>),
     /// One limit per value of a header (requests without it share one).
-    Header(http::HeaderName, KeyedRateLimiter<String>),
+    Header(http::HeaderName, KeyedRateLimiter<String, A>),
+}
+
+impl<A: Algorithm> Keyed<A> {
+    fn new(algorithm: A, key: &LimitKey, max_keys: usize) -> Self {
+        match key {
+            LimitKey::Global => Keyed::Global(RateLimiter::new(algorithm)),
+            LimitKey::ClientIp => Keyed::ClientIp(KeyedRateLimiter::new(algorithm, max_keys)),
+            LimitKey::Header(h) => Keyed::Header(h.clone(), KeyedRateLimiter::new(algorithm, max_keys)),
+        }
+    }
+
+    fn check<B>(&self, req: &http::Request<B>, client: IpAddr) -> Result<Allowed, RateLimited> {
+        match self {
+            Keyed::Global(l) => l.check(),
+            Keyed::ClientIp(l) => l.check(&client),
+            Keyed::Header(name, l) => {
+                let key = req
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                l.check(&key)
+            }
+        }
+    }
 }
 
 impl RouteLimiter {
-    /// Builds a route's limiter, the rate-limit core validating its quota; its
+    /// Asks the limit for `req` from `client`: allowed now, allowed after a wait
+    /// ([`Allowed::wait`], pacing), or refused.
+    pub fn check<B>(&self, req: &http::Request<B>, client: IpAddr) -> Result<Allowed, RateLimited> {
+        match self {
+            RouteLimiter::Gcra(k) => k.check(req, client),
+            RouteLimiter::Window(k) => k.check(req, client),
+            RouteLimiter::WarmUp(l) => l.check(),
+        }
+    }
+
+    /// Builds a route's limiter, the rate-limit core validating its settings; its
     /// problems go to `p` under the file's names (`at`: the table's path).
     pub(crate) fn compile(l: &RateLimitConfig, at: &str, p: &mut Vec<ConfigError>) -> Option<RouteLimiter> {
+        let bad = |p: &mut Vec<ConfigError>, field: &str, problem: &str| {
+            p.push(ConfigError::new(format!("{at}.{field}"), problem));
+        };
         let quota = Quota::new(l.requests, l.per.get()).burst(l.burst.unwrap_or(l.requests));
-        match Gcra::new(quota) {
-            Ok(gcra) => Some(match &l.key {
-                LimitKey::Global => RouteLimiter::Global(RateLimiter::new(gcra)),
-                LimitKey::ClientIp => RouteLimiter::ClientIp(KeyedRateLimiter::new(gcra, l.max_keys)),
-                LimitKey::Header(h) => {
-                    RouteLimiter::Header(h.clone(), KeyedRateLimiter::new(gcra, l.max_keys))
+        let built = match l.algorithm {
+            LimitAlgorithm::Gcra | LimitAlgorithm::Pacing if l.warm_up.is_some() => {
+                bad(p, "warm_up", "is for `algorithm = \"warm-up\"`");
+                return None;
+            }
+            LimitAlgorithm::Gcra if l.max_wait.is_some() => {
+                bad(
+                    p,
+                    "max_wait",
+                    "is for `pacing` and `warm-up` (gcra refuses at once)",
+                );
+                return None;
+            }
+            LimitAlgorithm::Gcra => {
+                Gcra::new(quota).map(|a| RouteLimiter::Gcra(Keyed::new(a, &l.key, l.max_keys)))
+            }
+            LimitAlgorithm::Pacing => {
+                let Some(wait) = l.max_wait.filter(|w| !w.is_zero()) else {
+                    bad(
+                        p,
+                        "max_wait",
+                        "pacing needs the longest a request may wait (e.g. \"500ms\")",
+                    );
+                    return None;
+                };
+                Gcra::pacing(quota, wait.get()).map(|a| RouteLimiter::Gcra(Keyed::new(a, &l.key, l.max_keys)))
+            }
+            LimitAlgorithm::SlidingWindow => {
+                if l.burst.is_some() || l.max_wait.is_some() || l.warm_up.is_some() {
+                    bad(
+                        p,
+                        "algorithm",
+                        "a sliding window takes `requests` and `per` only (no burst, max_wait or warm_up)",
+                    );
+                    return None;
                 }
-            }),
-            Err(errors) => {
+                SlidingWindowCounter::new(l.requests, l.per.get())
+                    .map(|a| RouteLimiter::Window(Keyed::new(a, &l.key, l.max_keys)))
+            }
+            LimitAlgorithm::WarmUp => {
+                if l.key != LimitKey::Global {
+                    bad(
+                        p,
+                        "key",
+                        "a warm-up limit is one global limit (its ramp is the service's, not a client's)",
+                    );
+                    return None;
+                }
+                let Some(period) = l.warm_up else {
+                    bad(
+                        p,
+                        "warm_up",
+                        "a warm-up limit needs its warm-up period (e.g. \"2m\")",
+                    );
+                    return None;
+                };
+                let config = WarmUp {
+                    max_wait: l.max_wait.map_or(Duration::ZERO, |w| w.get()),
+                    ..WarmUp::new(quota, period.get())
+                };
+                WarmUpLimiter::new(config).map(RouteLimiter::WarmUp)
+            }
+        };
+        built
+            .map_err(|errors| {
                 p.extend(errors.into_iter().map(|mut e| {
                     e.field = match e.field.as_str() {
-                        "limit" => format!("{at}.requests"),
+                        "limit" | "quota.limit" => format!("{at}.requests"),
+                        "window" | "quota.period" => format!("{at}.per"),
+                        "period" if l.algorithm == LimitAlgorithm::WarmUp => format!("{at}.warm_up"),
                         "period" => format!("{at}.per"),
-                        other => format!("{at}.{other}"),
+                        other => format!("{at}.{}", other.trim_start_matches("quota.")),
                     };
                     e
                 }));
-                None
-            }
-        }
+            })
+            .ok()
     }
 }

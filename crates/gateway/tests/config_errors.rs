@@ -75,6 +75,52 @@ fn every_mistake_is_an_error_naming_its_field() {
             "fallback.status: 101",
         ),
         (
+            with(
+                "[[routes]]",
+                "rate_limit = { requests = 5, algorithm = \"pacing\" }",
+            ),
+            "rate_limit.max_wait: pacing needs",
+        ),
+        (
+            with(
+                "[[routes]]",
+                "rate_limit = { requests = 5, algorithm = \"warm-up\", warm_up = \"1m\", key = \"client-ip\" }",
+            ),
+            "rate_limit.key: a warm-up limit is one global limit",
+        ),
+        (
+            with(
+                "[[routes]]",
+                "rate_limit = { requests = 5, algorithm = \"warm-up\" }",
+            ),
+            "rate_limit.warm_up: a warm-up limit needs",
+        ),
+        (
+            with(
+                "[[routes]]",
+                "rate_limit = { requests = 5, burst = 2, algorithm = \"sliding-window\" }",
+            ),
+            "rate_limit.algorithm: a sliding window takes",
+        ),
+        (
+            with("[[routes]]", "rate_limit = { requests = 5, max_wait = \"1s\" }"),
+            "rate_limit.max_wait: is for `pacing`",
+        ),
+        (
+            with(
+                "[[routes]]",
+                "rate_limit = { requests = 5, algorithm = \"pacing\", max_wait = \"1h\" }",
+            ),
+            "rate_limit.max_wait: must be shorter than the route's `timeout`",
+        ),
+        (
+            with(
+                "[[routes]]",
+                "rate_limit = { requests = 5, algorithm = \"leaky\" }",
+            ),
+            "routes.rate_limit.algorithm",
+        ),
+        (
             with("[clusters.c]", "failure_statuses = [200]"),
             "clusters.c.failure_statuses: 200 is not between 400 and 499",
         ),

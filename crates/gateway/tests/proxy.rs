@@ -395,6 +395,81 @@ async fn rate_limit_is_a_429_with_retry_after() {
     gw.shutdown().await;
 }
 
+/// Sends `n` GETs at once and returns their statuses, sorted.
+async fn at_once(addr: SocketAddr, n: usize) -> Vec<u16> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        set.spawn(async move { get(addr, "/").await.status.as_u16() });
+    }
+    let mut statuses = set.join_all().await;
+    statuses.sort_unstable();
+    statuses
+}
+
+#[tokio::test]
+async fn a_sliding_window_limit_counts_every_request_in_its_window() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(
+        &(route("rate_limit = { requests = 3, per = \"1h\", algorithm = \"sliding-window\" }")
+            + &cluster(&[&up], "")),
+    )
+    .await;
+    assert_eq!(at_once(gw.addr, 5).await, [200, 200, 200, 429, 429]);
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.cause(), "rate_limited");
+    assert!(a.headers.contains_key("retry-after"));
+    assert_eq!(up.hits(), 3);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pacing_limit_delays_requests_over_the_rate_instead_of_refusing_them() {
+    let up = Upstream::start(Mode::Ok).await;
+    // One request every 20 ms, no burst: four at once are paced out over 60 ms.
+    let paced = start(
+        &(route("rate_limit = { requests = 1, per = \"20ms\", burst = 1, algorithm = \"pacing\", max_wait = \"5s\" }")
+            + &cluster(&[&up], "")),
+    )
+    .await;
+    assert_eq!(at_once(paced.addr, 4).await, [200, 200, 200, 200]);
+    paced.shutdown().await;
+    // The same quota refusing: one of four gets through.
+    let refusing =
+        start(&(route("rate_limit = { requests = 1, per = \"1h\", burst = 1 }") + &cluster(&[&up], "")))
+            .await;
+    assert_eq!(at_once(refusing.addr, 4).await, [200, 429, 429, 429]);
+    refusing.shutdown().await;
+    // A wait longer than `max_wait` is refused.
+    let bounded = start(
+        &(route("rate_limit = { requests = 1, per = \"1h\", burst = 1, algorithm = \"pacing\", max_wait = \"1s\" }")
+            + &cluster(&[&up], "")),
+    )
+    .await;
+    assert_eq!(at_once(bounded.addr, 2).await, [200, 429]);
+    bounded.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_warm_up_limit_starts_slower_than_its_full_rate() {
+    let up = Upstream::start(Mode::Ok).await;
+    // Full rate: 30 requests a second, burst 30; cold: a third of it, one every 100 ms.
+    let full = start(&(route("rate_limit = { requests = 30, per = \"1s\" }") + &cluster(&[&up], ""))).await;
+    assert!(at_once(full.addr, 6).await.iter().all(|&s| s == 200));
+    full.shutdown().await;
+    let cold = start(
+        &(route("rate_limit = { requests = 30, per = \"1s\", algorithm = \"warm-up\", warm_up = \"1h\" }")
+            + &cluster(&[&up], "")),
+    )
+    .await;
+    let statuses = at_once(cold.addr, 6).await;
+    assert!(
+        statuses.contains(&429),
+        "a cold limit refuses what the warm one admits: {statuses:?}"
+    );
+    assert_eq!(statuses[0], 200);
+    cold.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_large_body_is_a_413() {
     let up = Upstream::start(Mode::Ok).await;

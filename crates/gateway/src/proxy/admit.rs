@@ -12,11 +12,11 @@ use http::{Method, Request, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
+use palisade_resilience::ratelimit::RateLimitHeaders;
 
 use crate::cause::Cause;
 use crate::config::EscapedSlashes;
-use crate::route::{HashKey, Route, RouteLimiter};
+use crate::route::{HashKey, Route};
 use crate::runtime::Runtime;
 use crate::upstream::Upstream;
 
@@ -37,6 +37,8 @@ pub(super) struct Prepared {
     pub(super) hash_key: Option<u64>,
     /// Its method may be sent again (idempotent, or the route allows it).
     pub(super) replayable_method: bool,
+    /// How long a pacing rate limit holds it before its first attempt.
+    pub(super) pace: std::time::Duration,
 }
 
 /// A request body still to be watched ([`PendingBody::watch`]).
@@ -75,13 +77,15 @@ pub(super) fn prepare(
     host: Option<HeaderValue>,
     request_id: &HeaderValue,
 ) -> Result<(Prepared, Option<PendingBody>), Failure> {
-    if let Some(limiter) = &route.limiter
-        && let Err(limited) = check_limit(limiter, &req, from.addr)
-    {
-        let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
-        f.headers = RateLimitHeaders::from(&limited).to_pairs();
-        return Err(f);
-    }
+    let pace = match route.limiter.as_ref().map(|l| l.check(&req, from.addr.ip())) {
+        Some(Err(limited)) => {
+            let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
+            f.headers = RateLimitHeaders::from(&limited).to_pairs();
+            return Err(f);
+        }
+        Some(Ok(allowed)) => allowed.wait(),
+        None => std::time::Duration::ZERO,
+    };
     // A CONNECT tunnel (other than HTTP/2's WebSocket, a GET by now) is a forward
     // proxy's job: its target is a host, not a resource of the cluster.
     if req.method() == Method::CONNECT {
@@ -159,6 +163,7 @@ pub(super) fn prepare(
         upgrade,
         hash_key,
         replayable_method,
+        pace,
     };
     Ok((prepared, pending))
 }
@@ -476,27 +481,6 @@ fn strip_port(host: &str) -> &str {
     match host.rsplit_once(':') {
         Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
         _ => host,
-    }
-}
-
-/// Asks the route's limiter for the request.
-pub(super) fn check_limit<B>(
-    limiter: &RouteLimiter,
-    req: &Request<B>,
-    client: SocketAddr,
-) -> Result<(), RateLimited> {
-    match limiter {
-        RouteLimiter::Global(l) => l.check().map(drop),
-        RouteLimiter::ClientIp(l) => l.check(&client.ip()).map(drop),
-        RouteLimiter::Header(name, l) => {
-            let key = req
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            l.check(&key).map(drop)
-        }
     }
 }
 

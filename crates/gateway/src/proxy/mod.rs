@@ -256,6 +256,10 @@ async fn route_request(
         None => None,
     };
     let mut attempts = Attempts::new(route);
+    // A pacing limit's wait, within the route's timeout (its deadline is set).
+    if !req.pace.is_zero() {
+        tokio::time::sleep(req.pace).await;
+    }
     loop {
         let Some((ep, permit)) = attempts.pick(route, req.hash_key)? else {
             continue;
