@@ -37,11 +37,14 @@ pub enum Cause {
     /// What was called failed with an error of its own, which the policy passes on
     /// (502 where an HTTP status stands for it).
     Upstream,
+    /// A fault injected on purpose, by a chaos drill (503 unless the drill names
+    /// another status).
+    FaultInjected,
 }
 
 impl Cause {
     /// Every cause.
-    pub const ALL: [Cause; 13] = [
+    pub const ALL: [Cause; 14] = [
         Cause::NoRoute,
         Cause::RateLimited,
         Cause::BodyTooLarge,
@@ -55,6 +58,7 @@ impl Cause {
         Cause::Reset,
         Cause::ProtocolError,
         Cause::Upstream,
+        Cause::FaultInjected,
     ];
 
     /// Its stable name: the value of `x-palisade-cause`, the name `fallback.on`
@@ -74,6 +78,7 @@ impl Cause {
             Cause::Reset => "upstream_reset",
             Cause::ProtocolError => "protocol_error",
             Cause::Upstream => "upstream",
+            Cause::FaultInjected => "fault_injected",
         }
     }
 
@@ -85,7 +90,7 @@ impl Cause {
             Cause::BodyTooLarge => 413,
             Cause::BadRequest => 400,
             Cause::ClientTimeout => 408,
-            Cause::CircuitOpen | Cause::NoHealthyEndpoint | Cause::BulkheadFull => 503,
+            Cause::CircuitOpen | Cause::NoHealthyEndpoint | Cause::BulkheadFull | Cause::FaultInjected => 503,
             Cause::Timeout => 504,
             Cause::ConnectError | Cause::Reset | Cause::ProtocolError | Cause::Upstream => 502,
         }

@@ -178,6 +178,36 @@ pub struct RouteConfig {
     /// For hash balancers: what the request is hashed on.
     #[serde(default)]
     pub hash_on: Option<HashOn>,
+    /// Fault injection (chaos drills): off unless this table is set.
+    #[serde(default)]
+    pub fault: Option<FaultConfig>,
+}
+
+/// A route's fault injection, Envoy's fault filter as the model: a share of the
+/// route's requests delayed, a share answered with an error status by the gateway
+/// itself (never sent), optionally only requests carrying a header.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FaultConfig {
+    /// Added before the request is sent.
+    #[serde(default)]
+    pub delay: Option<Dur>,
+    /// Share of requests delayed (0 to 1).
+    #[serde(default)]
+    pub delay_rate: f64,
+    /// The status an aborted request is answered with.
+    #[serde(default = "default_abort_status")]
+    pub abort_status: u16,
+    /// Share of requests aborted (0 to 1).
+    #[serde(default)]
+    pub abort_rate: f64,
+    /// Only requests carrying this header are candidates (a drill's own traffic).
+    #[serde(default)]
+    pub header: Option<String>,
+}
+
+fn default_abort_status() -> u16 {
+    503
 }
 
 fn default_timeout() -> Dur {
@@ -996,6 +1026,23 @@ impl RouteConfig {
             fraction(p, &format!("{at}.retry.budget_ratio"), retry.budget_ratio);
             for s in &retry.statuses {
                 within(p, &format!("{at}.retry.statuses"), *s, 100, 599);
+            }
+        }
+        if let Some(f) = &self.fault {
+            fraction(p, &format!("{at}.fault.delay_rate"), f.delay_rate);
+            fraction(p, &format!("{at}.fault.abort_rate"), f.abort_rate);
+            within(p, &format!("{at}.fault.abort_status"), f.abort_status, 400, 599);
+            if f.delay_rate > 0.0 && f.delay.is_none_or(Dur::is_zero) {
+                p.push(ConfigError::new(
+                    format!("{at}.fault.delay"),
+                    "a delay_rate needs the delay (e.g. \"200ms\")",
+                ));
+            }
+            if f.delay.is_some_and(|d| d >= self.timeout) {
+                p.push(ConfigError::new(
+                    format!("{at}.fault.delay"),
+                    "must be shorter than the route's `timeout` (the delay is part of it)",
+                ));
             }
         }
         if let Some(l) = &self.rate_limit {

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use palisade_resilience::layer::chaos::{Chaos, Injection};
 use palisade_resilience::ratelimit::{
     Algorithm, Allowed, Gcra, KeyedRateLimiter, Quota, RateLimited, RateLimiter, SlidingWindowCounter,
     WarmUp, WarmUpLimiter,
@@ -14,8 +15,8 @@ use palisade_resilience::retry::{Backoff, BudgetConfig, RetryBudget, RetryPolicy
 
 use crate::cause::Cause;
 use crate::config::{
-    ConfigError, FallbackConfig, HashOn, LimitAlgorithm, LimitKey, MatchConfig, RateLimitConfig, RetryConfig,
-    RetryOn, RouteConfig, host_pattern,
+    ConfigError, FallbackConfig, FaultConfig, HashOn, LimitAlgorithm, LimitKey, MatchConfig, RateLimitConfig,
+    RetryConfig, RetryOn, RouteConfig, host_pattern,
 };
 use crate::upstream::Upstream;
 
@@ -42,6 +43,8 @@ pub struct Route {
     pub fallback: Option<Fallback>,
     /// Hash key source.
     pub hash_on: Option<HashKey>,
+    /// Fault injection, when the route has it.
+    pub fault: Option<RouteFault>,
     /// Its metric handles.
     pub metrics: RouteMetrics,
 }
@@ -509,5 +512,81 @@ impl RouteLimiter {
                 }));
             })
             .ok()
+    }
+}
+
+/// A route's fault injection on the library's chaos core ([`Chaos`]): a share of
+/// requests delayed, a share aborted with a status, optionally only requests
+/// carrying a header.
+#[derive(Debug)]
+pub struct RouteFault {
+    /// The rates and the delay.
+    pub chaos: Chaos,
+    /// The status of an aborted request.
+    pub abort_status: http::StatusCode,
+    /// Only requests carrying this header are candidates.
+    pub header: Option<http::HeaderName>,
+}
+
+/// What a route's fault table does to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Nothing.
+    None,
+    /// Sent after this delay.
+    Delay(Duration),
+    /// Answered by the gateway with this status, never sent.
+    Abort(http::StatusCode),
+}
+
+impl RouteFault {
+    /// Builds a route's fault table (`at`: its path in the file).
+    pub(crate) fn compile(f: &FaultConfig, at: &str, p: &mut Vec<ConfigError>) -> Option<RouteFault> {
+        let header = match &f.header {
+            Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => {
+                    p.push(ConfigError::new(
+                        format!("{at}.header"),
+                        format!("`{h}` is not a header name"),
+                    ));
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let chaos = Chaos::new();
+        let set = chaos
+            .set_outcome_rate(f.abort_rate)
+            .and_then(|()| chaos.set_latency(f.delay_rate, f.delay.map_or(Duration::ZERO, |d| d.get())));
+        if let Err(errors) = set {
+            p.extend(errors.into_iter().map(|mut e| {
+                e.field = format!("{at}.{}", e.field);
+                e
+            }));
+            return None;
+        }
+        chaos.enable();
+        Some(RouteFault {
+            chaos,
+            abort_status: http::StatusCode::from_u16(f.abort_status).ok()?,
+            header,
+        })
+    }
+
+    /// What to do to `req`.
+    pub fn decide<B>(&self, req: &http::Request<B>) -> Fault {
+        if self
+            .header
+            .as_ref()
+            .is_some_and(|h| !req.headers().contains_key(h))
+        {
+            return Fault::None;
+        }
+        match self.chaos.decide() {
+            Injection::Outcome | Injection::Error => Fault::Abort(self.abort_status),
+            Injection::Latency(d) => Fault::Delay(d),
+            Injection::None => Fault::None,
+        }
     }
 }

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors};
 use crate::discovery::resolve_endpoints;
-use crate::route::{Route, RouteLimiter, RouteMetrics, RouteParts, RouteRetry};
+use crate::route::{Route, RouteFault, RouteLimiter, RouteMetrics, RouteParts, RouteRetry};
 use crate::upstream::{Upstream, spawn_pool_sweeper};
 
 /// The live form of a configuration.
@@ -99,6 +99,10 @@ impl Runtime {
                 .retry
                 .as_ref()
                 .and_then(|c| RouteRetry::compile(c, &format!("{at}.retry"), &mut problems));
+            let fault = r
+                .fault
+                .as_ref()
+                .and_then(|f| RouteFault::compile(f, &format!("{at}.fault"), &mut problems));
             let Some(upstream) = clusters.get(&r.cluster) else {
                 continue;
             };
@@ -113,6 +117,7 @@ impl Runtime {
                 limiter,
                 fallback: parts.fallback,
                 hash_on: parts.hash_on,
+                fault,
                 metrics: RouteMetrics::new(&r.name),
             });
         }

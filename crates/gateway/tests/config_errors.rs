@@ -121,6 +121,22 @@ fn every_mistake_is_an_error_naming_its_field() {
             "routes.rate_limit.algorithm",
         ),
         (
+            with("[[routes]]", "fault = { abort_rate = 1.5 }"),
+            "fault.abort_rate: must be between 0 and 1",
+        ),
+        (
+            with("[[routes]]", "fault = { delay_rate = 0.5 }"),
+            "fault.delay: a delay_rate needs the delay",
+        ),
+        (
+            with("[[routes]]", "fault = { abort_rate = 0.1, abort_status = 200 }"),
+            "fault.abort_status: 200 is not between 400 and 599",
+        ),
+        (
+            with("[[routes]]", "fault = { abort_rate = 0.1, header = \"x bad\" }"),
+            "fault.header: `x bad` is not a header name",
+        ),
+        (
             with("[clusters.c]", "failure_statuses = [200]"),
             "clusters.c.failure_statuses: 200 is not between 400 and 499",
         ),

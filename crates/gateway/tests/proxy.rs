@@ -471,6 +471,47 @@ async fn a_warm_up_limit_starts_slower_than_its_full_rate() {
 }
 
 #[tokio::test]
+async fn fault_injection_aborts_and_delays_the_routes_requests_and_says_so() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(&(route("fault = { abort_rate = 1.0, abort_status = 500 }") + &cluster(&[&up], ""))).await;
+    let a = get(gw.addr, "/").await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(a.cause(), "fault_injected");
+    assert_eq!(up.hits(), 0, "an aborted request is never sent");
+    gw.shutdown().await;
+
+    let gw = start(&(route("fault = { delay = \"20ms\", delay_rate = 1.0 }") + &cluster(&[&up], ""))).await;
+    assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+    assert_eq!(up.hits(), 1, "a delayed request is sent");
+    let m = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    assert!(
+        m.lines().any(|l| l.starts_with("palisade_faults_injected_total{")
+            && l.contains("kind=\"delay\"")
+            && l.ends_with(" 1")),
+        "{m}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_fault_limited_to_a_header_spares_requests_without_it() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw =
+        start(&(route("fault = { abort_rate = 1.0, header = \"x-chaos-drill\" }") + &cluster(&[&up], "")))
+            .await;
+    assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+    let drill = Request::get("/")
+        .header("x-chaos-drill", "1")
+        .body(Full::default())
+        .unwrap();
+    let a = send(gw.addr, drill).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.cause(), "fault_injected");
+    assert_eq!(up.hits(), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_large_body_is_a_413() {
     let up = Upstream::start(Mode::Ok).await;
     let gw = start(&(route("") + &cluster(&[&up], ""))).await;

@@ -16,7 +16,7 @@ use palisade_resilience::ratelimit::RateLimitHeaders;
 
 use crate::cause::Cause;
 use crate::config::EscapedSlashes;
-use crate::route::{HashKey, Route};
+use crate::route::{Fault, HashKey, Route};
 use crate::runtime::Runtime;
 use crate::upstream::Upstream;
 
@@ -37,7 +37,8 @@ pub(super) struct Prepared {
     pub(super) hash_key: Option<u64>,
     /// Its method may be sent again (idempotent, or the route allows it).
     pub(super) replayable_method: bool,
-    /// How long a pacing rate limit holds it before its first attempt.
+    /// How long it is held before its first attempt: a pacing rate limit's wait and
+    /// an injected delay (both within the route's timeout).
     pub(super) pace: std::time::Duration,
 }
 
@@ -85,6 +86,21 @@ pub(super) fn prepare(
         }
         Some(Ok(allowed)) => allowed.wait(),
         None => std::time::Duration::ZERO,
+    };
+    let pace = match route.fault.as_ref().map(|f| f.decide(&req)) {
+        Some(Fault::Abort(status)) => {
+            metrics::counter!("palisade_faults_injected_total", "route" => route.name.clone(), "kind" => "abort")
+                .increment(1);
+            let mut f = Failure::new(Cause::FaultInjected, "aborted by the route's fault injection");
+            f.status = Some(status);
+            return Err(f);
+        }
+        Some(Fault::Delay(d)) => {
+            metrics::counter!("palisade_faults_injected_total", "route" => route.name.clone(), "kind" => "delay")
+                .increment(1);
+            pace + d
+        }
+        Some(Fault::None) | None => pace,
     };
     // A CONNECT tunnel (other than HTTP/2's WebSocket, a GET by now) is a forward
     // proxy's job: its target is a host, not a resource of the cluster.

@@ -58,6 +58,8 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 #[derive(Debug)]
 struct Failure {
     cause: Cause,
+    /// The status answered, when not the cause's own (an injected fault's).
+    status: Option<StatusCode>,
     endpoint: Option<SocketAddr>,
     /// Extra headers (`Retry-After`, `X-RateLimit-*`).
     headers: Vec<(&'static str, String)>,
@@ -68,6 +70,7 @@ impl Failure {
     fn new(cause: Cause, detail: impl Into<String>) -> Self {
         Failure {
             cause,
+            status: None,
             endpoint: None,
             headers: Vec::new(),
             detail: detail.into(),
@@ -84,13 +87,13 @@ impl Failure {
 fn failure_response(f: &Failure, request_id: &HeaderValue) -> Response<Body> {
     let body = serde_json::json!({
         "error": f.cause.as_str(),
-        "status": f.cause.http_status(),
+        "status": f.status.map_or(f.cause.http_status(), |s| s.as_u16()),
         "detail": f.detail,
         "endpoint": f.endpoint.map(|e| e.to_string()),
         "request_id": request_id.to_str().unwrap_or(""),
     });
     let mut resp = Response::new(full(body.to_string()));
-    *resp.status_mut() = crate::cause::status(f.cause);
+    *resp.status_mut() = f.status.unwrap_or_else(|| crate::cause::status(f.cause));
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CAUSE_HEADER, HeaderValue::from_static(f.cause.as_str()));
@@ -256,7 +259,8 @@ async fn route_request(
         None => None,
     };
     let mut attempts = Attempts::new(route);
-    // A pacing limit's wait, within the route's timeout (its deadline is set).
+    // A pacing limit's wait or an injected delay, within the route's timeout (its
+    // deadline is set).
     if !req.pace.is_zero() {
         tokio::time::sleep(req.pace).await;
     }
