@@ -181,6 +181,21 @@ pub struct RouteConfig {
     /// Fault injection (chaos drills): off unless this table is set.
     #[serde(default)]
     pub fault: Option<FaultConfig>,
+    /// Deadline propagation: off unless this table is set.
+    #[serde(default)]
+    pub deadline: Option<DeadlineConfig>,
+}
+
+/// A route's deadline propagation: a deadline the client sends shortens the
+/// route's timeout, and each attempt tells the endpoint how long it has. gRPC
+/// requests use `grpc-timeout`; others the header named here (milliseconds), if any.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeadlineConfig {
+    /// The header carrying a deadline in milliseconds for requests that are not
+    /// gRPC (e.g. `x-request-timeout-ms`).
+    #[serde(default)]
+    pub header: Option<String>,
 }
 
 /// A route's fault injection, Envoy's fault filter as the model: a share of the

@@ -15,8 +15,8 @@ use palisade_resilience::retry::{Backoff, BudgetConfig, RetryBudget, RetryPolicy
 
 use crate::cause::Cause;
 use crate::config::{
-    ConfigError, FallbackConfig, FaultConfig, HashOn, LimitAlgorithm, LimitKey, MatchConfig, RateLimitConfig,
-    RetryConfig, RetryOn, RouteConfig, host_pattern,
+    ConfigError, DeadlineConfig, FallbackConfig, FaultConfig, HashOn, LimitAlgorithm, LimitKey, MatchConfig,
+    RateLimitConfig, RetryConfig, RetryOn, RouteConfig, host_pattern,
 };
 use crate::upstream::Upstream;
 
@@ -45,6 +45,8 @@ pub struct Route {
     pub hash_on: Option<HashKey>,
     /// Fault injection, when the route has it.
     pub fault: Option<RouteFault>,
+    /// Deadline propagation, when the route has it.
+    pub deadline: Option<RouteDeadline>,
     /// Its metric handles.
     pub metrics: RouteMetrics,
 }
@@ -542,19 +544,7 @@ pub enum Fault {
 impl RouteFault {
     /// Builds a route's fault table (`at`: its path in the file).
     pub(crate) fn compile(f: &FaultConfig, at: &str, p: &mut Vec<ConfigError>) -> Option<RouteFault> {
-        let header = match &f.header {
-            Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
-                Ok(name) => Some(name),
-                Err(_) => {
-                    p.push(ConfigError::new(
-                        format!("{at}.header"),
-                        format!("`{h}` is not a header name"),
-                    ));
-                    return None;
-                }
-            },
-            None => None,
-        };
+        let header = header_field(f.header.as_deref(), at, p).ok()?;
         let chaos = Chaos::new();
         let set = chaos
             .set_outcome_rate(f.abort_rate)
@@ -588,5 +578,135 @@ impl RouteFault {
             Injection::Latency(d) => Fault::Delay(d),
             Injection::None => Fault::None,
         }
+    }
+}
+
+/// A route's deadline propagation (see [`DeadlineConfig`]).
+#[derive(Debug)]
+pub struct RouteDeadline {
+    /// The header carrying a deadline in milliseconds for requests that are not
+    /// gRPC.
+    pub header: Option<http::HeaderName>,
+}
+
+/// A table's optional `header` field parsed (`at`: the table's path); a bad name is
+/// reported to `p`.
+fn header_field(
+    header: Option<&str>,
+    at: &str,
+    p: &mut Vec<ConfigError>,
+) -> Result<Option<http::HeaderName>, ()> {
+    match header.map(|h| (h, http::HeaderName::from_bytes(h.as_bytes()))) {
+        None => Ok(None),
+        Some((_, Ok(name))) => Ok(Some(name)),
+        Some((h, Err(_))) => {
+            p.push(ConfigError::new(
+                format!("{at}.header"),
+                format!("`{h}` is not a header name"),
+            ));
+            Err(())
+        }
+    }
+}
+
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
+impl RouteDeadline {
+    /// Builds a route's deadline propagation (`at`: its path in the file).
+    pub(crate) fn compile(d: &DeadlineConfig, at: &str, p: &mut Vec<ConfigError>) -> Option<RouteDeadline> {
+        let header = header_field(d.header.as_deref(), at, p).ok()?;
+        Some(RouteDeadline { header })
+    }
+
+    /// The time the client gives the request, if it says: `grpc-timeout` on a gRPC
+    /// request, else the configured header in milliseconds. Unreadable values are
+    /// ignored (the route's own timeout holds).
+    pub fn incoming(&self, h: &http::HeaderMap) -> Option<Duration> {
+        if is_grpc(h) {
+            h.get(GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()))
+        } else {
+            let v = h.get(self.header.as_ref()?)?;
+            v.to_str().ok()?.trim().parse().ok().map(Duration::from_millis)
+        }
+    }
+
+    /// Tells the endpoint it has `left`: `grpc-timeout` (in milliseconds, rounded
+    /// up) on a gRPC request, else the configured header.
+    pub fn outgoing(&self, h: &mut http::HeaderMap, left: Duration) {
+        let ms = left
+            .as_millis()
+            .saturating_add(u128::from(left.subsec_nanos() % 1_000_000 > 0));
+        let (name, value) = if is_grpc(h) {
+            // At most 8 digits (the gRPC wire format).
+            (GRPC_TIMEOUT, format!("{}m", ms.min(99_999_999)))
+        } else if let Some(name) = &self.header {
+            (name.clone(), ms.to_string())
+        } else {
+            return;
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+}
+
+fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_refuse_the_rest() {
+        let ms = |v: &str| parse_grpc_timeout(v.as_bytes()).map(|d| d.as_millis());
+        assert_eq!(ms("2H"), Some(7_200_000));
+        assert_eq!(ms("1M"), Some(60_000));
+        assert_eq!(ms("3S"), Some(3_000));
+        assert_eq!(ms("250m"), Some(250));
+        assert_eq!(ms("5000u"), Some(5));
+        assert_eq!(ms("7000000n"), Some(7));
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+            assert_eq!(ms(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_time_left_is_written_in_the_requests_own_form() {
+        let d = RouteDeadline {
+            header: Some(http::HeaderName::from_static("x-request-timeout-ms")),
+        };
+        let mut grpc = http::HeaderMap::new();
+        grpc.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc+proto"),
+        );
+        d.outgoing(&mut grpc, Duration::from_micros(1500));
+        assert_eq!(grpc["grpc-timeout"], "2m");
+        assert_eq!(d.incoming(&grpc), Some(Duration::from_millis(2)));
+        let mut plain = http::HeaderMap::new();
+        d.outgoing(&mut plain, Duration::from_millis(250));
+        assert_eq!(plain["x-request-timeout-ms"], "250");
+        assert_eq!(d.incoming(&plain), Some(Duration::from_millis(250)));
     }
 }

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors};
 use crate::discovery::resolve_endpoints;
-use crate::route::{Route, RouteFault, RouteLimiter, RouteMetrics, RouteParts, RouteRetry};
+use crate::route::{Route, RouteDeadline, RouteFault, RouteLimiter, RouteMetrics, RouteParts, RouteRetry};
 use crate::upstream::{Upstream, spawn_pool_sweeper};
 
 /// The live form of a configuration.
@@ -103,6 +103,10 @@ impl Runtime {
                 .fault
                 .as_ref()
                 .and_then(|f| RouteFault::compile(f, &format!("{at}.fault"), &mut problems));
+            let deadline = r
+                .deadline
+                .as_ref()
+                .and_then(|d| RouteDeadline::compile(d, &format!("{at}.deadline"), &mut problems));
             let Some(upstream) = clusters.get(&r.cluster) else {
                 continue;
             };
@@ -118,6 +122,7 @@ impl Runtime {
                 fallback: parts.fallback,
                 hash_on: parts.hash_on,
                 fault,
+                deadline,
                 metrics: RouteMetrics::new(&r.name),
             });
         }

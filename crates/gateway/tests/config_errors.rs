@@ -121,6 +121,10 @@ fn every_mistake_is_an_error_naming_its_field() {
             "routes.rate_limit.algorithm",
         ),
         (
+            with("[[routes]]", "deadline = { header = \"x bad\" }"),
+            "deadline.header: `x bad` is not a header name",
+        ),
+        (
             with("[[routes]]", "fault = { abort_rate = 1.5 }"),
             "fault.abort_rate: must be between 0 and 1",
         ),

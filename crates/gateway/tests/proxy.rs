@@ -512,6 +512,56 @@ async fn a_fault_limited_to_a_header_spares_requests_without_it() {
 }
 
 #[tokio::test]
+async fn a_client_deadline_shortens_the_route_and_each_attempt_tells_the_endpoint_what_is_left() {
+    let up = Upstream::start(Mode::Ok).await;
+    let gw = start(
+        &(route("timeout = \"10s\"\ndeadline = { header = \"x-request-timeout-ms\" }")
+            + &cluster(&[&up], "")),
+    )
+    .await;
+    let seen = |name: &str| -> String {
+        let h = up.last_headers.lock().unwrap();
+        h.get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let with = |name: &'static str, value: &'static str| {
+        Request::get("/")
+            .header(name, value)
+            .body(Full::default())
+            .unwrap()
+    };
+    // The client gave 250 ms: the endpoint hears of at most that.
+    assert_eq!(
+        send(gw.addr, with("x-request-timeout-ms", "250")).await.status,
+        StatusCode::OK
+    );
+    let left: u64 = seen("x-request-timeout-ms").parse().unwrap();
+    assert!((1..=250).contains(&left), "{left}");
+    // Without one, the route's own 10 s.
+    assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+    let left: u64 = seen("x-request-timeout-ms").parse().unwrap();
+    assert!((250..=10_000).contains(&left), "{left}");
+    // gRPC speaks grpc-timeout, both ways.
+    let grpc = Request::post("/svc/Method")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "300m")
+        .body(Full::default())
+        .unwrap();
+    send(gw.addr, grpc).await;
+    let left = seen("grpc-timeout");
+    let ms: u64 = left.strip_suffix('m').unwrap().parse().unwrap();
+    assert!((1..=300).contains(&ms), "{left}");
+    // A deadline already passed: answered at once, never sent.
+    let before = up.hits();
+    let a = send(gw.addr, with("x-request-timeout-ms", "0")).await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(a.cause(), "timeout");
+    assert_eq!(up.hits(), before);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_large_body_is_a_413() {
     let up = Upstream::start(Mode::Ok).await;
     let gw = start(&(route("") + &cluster(&[&up], ""))).await;

@@ -40,6 +40,8 @@ pub(super) struct Prepared {
     /// How long it is held before its first attempt: a pacing rate limit's wait and
     /// an injected delay (both within the route's timeout).
     pub(super) pace: std::time::Duration,
+    /// The time the client gave it (deadline propagation), when it said.
+    pub(super) client_deadline: Option<std::time::Duration>,
 }
 
 /// A request body still to be watched ([`PendingBody::watch`]).
@@ -87,6 +89,10 @@ pub(super) fn prepare(
         Some(Ok(allowed)) => allowed.wait(),
         None => std::time::Duration::ZERO,
     };
+    let client_deadline = route.deadline.as_ref().and_then(|d| d.incoming(req.headers()));
+    if client_deadline.is_some_and(|d| d.is_zero()) {
+        return Err(Failure::new(Cause::Timeout, "the client's deadline had passed"));
+    }
     let pace = match route.fault.as_ref().map(|f| f.decide(&req)) {
         Some(Fault::Abort(status)) => {
             metrics::counter!("palisade_faults_injected_total", "route" => route.name.clone(), "kind" => "abort")
@@ -180,6 +186,7 @@ pub(super) fn prepare(
         hash_key,
         replayable_method,
         pace,
+        client_deadline,
     };
     Ok((prepared, pending))
 }

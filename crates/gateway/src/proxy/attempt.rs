@@ -25,9 +25,12 @@ pub(super) struct Attempts {
 
 impl Attempts {
     /// The first attempt's state; counts the request in the route's retry budget.
-    pub(super) fn new(route: &Route) -> Self {
+    /// The route's timeout, or the time the client gave (`client_deadline`) when
+    /// shorter, starts now.
+    pub(super) fn new(route: &Route, client_deadline: Option<Duration>) -> Self {
+        let total = client_deadline.map_or(route.timeout, |d| d.min(route.timeout));
         Attempts {
-            deadline: Instant::now() + route.timeout,
+            deadline: Instant::now() + total,
             refusals: 0,
             tried: Vec::new(),
             retry: route.retry.as_ref().map(|r| r.policy.begin(None)),
@@ -173,7 +176,7 @@ mod tests {
         trip(&rt, A);
         let route = &rt.routes[0];
         for _ in 0..4 {
-            let mut attempts = Attempts::new(route);
+            let mut attempts = Attempts::new(route, None);
             let (ep, _permit) = attempts.pick(route, None).ok().flatten().unwrap();
             assert_eq!(ep.addr().to_string(), B);
             assert!(!attempts.last_chance(route), "the first of two attempts");
@@ -186,7 +189,7 @@ mod tests {
         trip(&rt, A);
         trip(&rt, B);
         let route = &rt.routes[0];
-        let mut attempts = Attempts::new(route);
+        let mut attempts = Attempts::new(route, None);
         let failure = match attempts.pick(route, None) {
             Err(f) => f,
             Ok(_) => panic!("an endpoint was picked through an open breaker"),
@@ -204,11 +207,11 @@ mod tests {
     fn an_attempt_gets_the_per_try_timeout_within_what_is_left_of_the_total() {
         let rt = runtime("");
         let route = &rt.routes[0];
-        let attempts = Attempts::new(route);
+        let attempts = Attempts::new(route, None);
         assert_eq!(attempts.per_try(route), Duration::from_secs(2));
         let late = Attempts {
             deadline: Instant::now() + Duration::from_millis(500),
-            ..Attempts::new(route)
+            ..Attempts::new(route, None)
         };
         assert!(late.per_try(route) <= Duration::from_millis(500));
     }
@@ -218,7 +221,7 @@ mod tests {
         let rt = runtime("");
         rt.clusters["c"].cluster.set_endpoints([]);
         let route = &rt.routes[0];
-        match Attempts::new(route).pick(route, None) {
+        match Attempts::new(route, None).pick(route, None) {
             Err(f) => assert_eq!(f.cause, Cause::NoHealthyEndpoint),
             Ok(_) => panic!("picked from an empty cluster"),
         }

@@ -258,7 +258,7 @@ async fn route_request(
         ),
         None => None,
     };
-    let mut attempts = Attempts::new(route);
+    let mut attempts = Attempts::new(route, req.client_deadline);
     // A pacing limit's wait or an injected delay, within the route's timeout (its
     // deadline is set).
     if !req.pace.is_zero() {
@@ -269,8 +269,11 @@ async fn route_request(
             continue;
         };
         let addr = ep.addr();
-        let upstream_req = req.next_request(addr, up, attempts.last_chance(route));
+        let mut upstream_req = req.next_request(addr, up, attempts.last_chance(route));
         let per_try = attempts.per_try(route);
+        if let Some(d) = &route.deadline {
+            d.outgoing(upstream_req.headers_mut(), per_try);
+        }
         let attempt_start = SystemClock.now();
         let in_flight = ep.start_owned();
         let result = tokio::time::timeout(per_try, up.pool().send(addr, upstream_req)).await;
