@@ -184,6 +184,51 @@ pub struct RouteConfig {
     /// Deadline propagation: off unless this table is set.
     #[serde(default)]
     pub deadline: Option<DeadlineConfig>,
+    /// Adaptive per-try timeouts: off unless this table is set.
+    #[serde(default)]
+    pub adaptive_timeout: Option<AdaptiveTimeoutConfig>,
+}
+
+/// A route's adaptive per-try timeout: each endpoint's recent latency quantile
+/// times `multiplier`, clamped to [`min`, `max`]; the fixed `per_try_timeout` until
+/// `min_samples` answers are in the `window` (and as `max` unless set).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveTimeoutConfig {
+    /// The latency quantile followed (0.95: p95).
+    #[serde(default = "default_quantile")]
+    pub quantile: f64,
+    /// The timeout is the quantile times this (at least 1).
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    /// The shortest timeout given.
+    #[serde(default = "default_adaptive_min")]
+    pub min: Dur,
+    /// The longest timeout given (default: the route's per-try timeout).
+    #[serde(default)]
+    pub max: Option<Dur>,
+    /// Answers needed before the timeout adapts.
+    #[serde(default = "default_adaptive_samples")]
+    pub min_samples: u32,
+    /// How far back latencies count.
+    #[serde(default = "default_adaptive_window")]
+    pub window: Dur,
+}
+
+fn default_quantile() -> f64 {
+    0.95
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_adaptive_min() -> Dur {
+    Dur(Duration::from_millis(50))
+}
+fn default_adaptive_samples() -> u32 {
+    100
+}
+fn default_adaptive_window() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 
 /// A route's deadline propagation: a deadline the client sends shortens the

@@ -12,11 +12,12 @@ use palisade_resilience::ratelimit::{
     WarmUp, WarmUpLimiter,
 };
 use palisade_resilience::retry::{Backoff, BudgetConfig, RetryBudget, RetryPolicy};
+use palisade_resilience::timeout::{AdaptiveConfig, AdaptiveTimeout};
 
 use crate::cause::Cause;
 use crate::config::{
-    ConfigError, DeadlineConfig, FallbackConfig, FaultConfig, HashOn, LimitAlgorithm, LimitKey, MatchConfig,
-    RateLimitConfig, RetryConfig, RetryOn, RouteConfig, host_pattern,
+    AdaptiveTimeoutConfig, ConfigError, DeadlineConfig, FallbackConfig, FaultConfig, HashOn, LimitAlgorithm,
+    LimitKey, MatchConfig, RateLimitConfig, RetryConfig, RetryOn, RouteConfig, host_pattern,
 };
 use crate::upstream::Upstream;
 
@@ -47,6 +48,8 @@ pub struct Route {
     pub fault: Option<RouteFault>,
     /// Deadline propagation, when the route has it.
     pub deadline: Option<RouteDeadline>,
+    /// Adaptive per-try timeouts, when the route has them.
+    pub adaptive: Option<AdaptiveTimeouts>,
     /// Its metric handles.
     pub metrics: RouteMetrics,
 }
@@ -708,5 +711,59 @@ mod tests {
         d.outgoing(&mut plain, Duration::from_millis(250));
         assert_eq!(plain["x-request-timeout-ms"], "250");
         assert_eq!(d.incoming(&plain), Some(Duration::from_millis(250)));
+    }
+}
+
+/// A route's adaptive per-try timeouts: one [`AdaptiveTimeout`] per endpoint,
+/// made on the endpoint's first attempt.
+#[derive(Debug)]
+pub struct AdaptiveTimeouts {
+    config: AdaptiveConfig,
+    by_endpoint: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Arc<AdaptiveTimeout>>>,
+}
+
+impl AdaptiveTimeouts {
+    /// Builds a route's adaptive timeouts, the timeout core validating them (`at`:
+    /// the table's path; `per_try`: the route's fixed per-try timeout, the cold
+    /// start and default ceiling).
+    pub(crate) fn compile(
+        c: &AdaptiveTimeoutConfig,
+        per_try: Duration,
+        at: &str,
+        p: &mut Vec<ConfigError>,
+    ) -> Option<AdaptiveTimeouts> {
+        let config = AdaptiveConfig {
+            quantile: c.quantile,
+            multiplier: c.multiplier,
+            min: c.min.get(),
+            max: c.max.map_or(per_try, |m| m.get()),
+            initial: per_try,
+            min_samples: c.min_samples,
+            window: c.window.get(),
+        };
+        if let Err(errors) = config.validate() {
+            p.extend(errors.into_iter().map(|mut e| {
+                e.field = format!("{at}.{}", e.field);
+                e
+            }));
+            return None;
+        }
+        Some(AdaptiveTimeouts {
+            config,
+            by_endpoint: std::sync::Mutex::default(),
+        })
+    }
+
+    /// The adaptive timeout of the endpoint at `addr`.
+    pub fn for_endpoint(&self, addr: std::net::SocketAddr) -> Arc<AdaptiveTimeout> {
+        let mut map = self.by_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(addr)
+            .or_insert_with(|| match AdaptiveTimeout::new(self.config) {
+                Ok(t) => Arc::new(t),
+                // Unreachable: the same config passed the core's validation in
+                // `compile`.
+                Err(e) => unreachable!("validated adaptive timeout refused: {e}"),
+            })
+            .clone()
     }
 }

@@ -11,7 +11,9 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors};
 use crate::discovery::resolve_endpoints;
-use crate::route::{Route, RouteDeadline, RouteFault, RouteLimiter, RouteMetrics, RouteParts, RouteRetry};
+use crate::route::{
+    AdaptiveTimeouts, Route, RouteDeadline, RouteFault, RouteLimiter, RouteMetrics, RouteParts, RouteRetry,
+};
 use crate::upstream::{Upstream, spawn_pool_sweeper};
 
 /// The live form of a configuration.
@@ -107,6 +109,10 @@ impl Runtime {
                 .deadline
                 .as_ref()
                 .and_then(|d| RouteDeadline::compile(d, &format!("{at}.deadline"), &mut problems));
+            let per_try = r.per_try_timeout.map_or(r.timeout.get(), |d| d.get());
+            let adaptive = r.adaptive_timeout.as_ref().and_then(|c| {
+                AdaptiveTimeouts::compile(c, per_try, &format!("{at}.adaptive_timeout"), &mut problems)
+            });
             let Some(upstream) = clusters.get(&r.cluster) else {
                 continue;
             };
@@ -123,6 +129,7 @@ impl Runtime {
                 hash_on: parts.hash_on,
                 fault,
                 deadline,
+                adaptive,
                 metrics: RouteMetrics::new(&r.name),
             });
         }

@@ -121,6 +121,17 @@ fn every_mistake_is_an_error_naming_its_field() {
             "routes.rate_limit.algorithm",
         ),
         (
+            with("[[routes]]", "adaptive_timeout = { quantile = 1.5 }"),
+            "adaptive_timeout.quantile: must be in (0, 1)",
+        ),
+        (
+            with(
+                "[[routes]]",
+                "adaptive_timeout = { min = \"1s\", max = \"100ms\" }",
+            ),
+            "adaptive_timeout.max: must be at least min",
+        ),
+        (
             with("[[routes]]", "deadline = { header = \"x bad\" }"),
             "deadline.header: `x bad` is not a header name",
         ),

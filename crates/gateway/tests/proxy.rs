@@ -562,6 +562,38 @@ async fn a_client_deadline_shortens_the_route_and_each_attempt_tells_the_endpoin
 }
 
 #[tokio::test]
+async fn an_adaptive_timeout_starts_at_the_fixed_one_and_follows_the_endpoints_latency() {
+    let up = Upstream::start(Mode::Ok).await;
+    // The endpoint is told the time its attempt has: the adaptive timeout, seen.
+    let gw = start(
+        &(route(
+            "per_try_timeout = \"2s\"\ndeadline = { header = \"x-request-timeout-ms\" }\n\
+             adaptive_timeout = { min = \"50ms\", min_samples = 20, window = \"60ms\" }",
+        ) + &cluster(&[&up], "")),
+    )
+    .await;
+    let seen = || -> u64 {
+        let h = up.last_headers.lock().unwrap();
+        h["x-request-timeout-ms"].to_str().unwrap().parse().unwrap()
+    };
+    assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+    assert_eq!(seen(), 2000, "cold: the fixed per-try timeout");
+    // A loopback endpoint answers in milliseconds: p95 x 2 is far below 2 s (on an
+    // idle machine, below the 50 ms floor), never below the floor.
+    let mut adapted = false;
+    for _ in 0..5000 {
+        assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+        if seen() < 1000 {
+            adapted = true;
+            break;
+        }
+    }
+    assert!(adapted, "the timeout never followed the latency down");
+    assert!(seen() >= 50, "clamped at `min`: {}", seen());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_large_body_is_a_413() {
     let up = Upstream::start(Mode::Ok).await;
     let gw = start(&(route("") + &cluster(&[&up], ""))).await;

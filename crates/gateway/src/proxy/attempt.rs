@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use palisade_balance::PickError;
 use palisade_resilience::retry::{RetryState, StopReason};
+use palisade_resilience::timeout::AdaptiveTimeout;
 use tokio::time::Instant;
 
 use super::decide::{self, Tried};
@@ -86,10 +87,13 @@ impl Attempts {
         }
     }
 
-    /// The attempt's timeout: the per-attempt one, within what is left of the total.
-    pub(super) fn per_try(&self, route: &Route) -> Duration {
+    /// The attempt's timeout: the per-attempt one (the endpoint's adaptive one when
+    /// the route has them), within what is left of the total.
+    pub(super) fn per_try(&self, route: &Route, adaptive: Option<&AdaptiveTimeout>) -> Duration {
         let remaining = self.deadline.saturating_duration_since(Instant::now());
-        route.per_try_timeout.min(remaining)
+        adaptive
+            .map_or(route.per_try_timeout, AdaptiveTimeout::timeout)
+            .min(remaining)
     }
 
     /// The decide phase for this request's last attempt: the wait before another,
@@ -208,12 +212,12 @@ mod tests {
         let rt = runtime("");
         let route = &rt.routes[0];
         let attempts = Attempts::new(route, None);
-        assert_eq!(attempts.per_try(route), Duration::from_secs(2));
+        assert_eq!(attempts.per_try(route, None), Duration::from_secs(2));
         let late = Attempts {
             deadline: Instant::now() + Duration::from_millis(500),
             ..Attempts::new(route, None)
         };
-        assert!(late.per_try(route) <= Duration::from_millis(500));
+        assert!(late.per_try(route, None) <= Duration::from_millis(500));
     }
 
     #[test]

@@ -270,7 +270,8 @@ async fn route_request(
         };
         let addr = ep.addr();
         let mut upstream_req = req.next_request(addr, up, attempts.last_chance(route));
-        let per_try = attempts.per_try(route);
+        let adaptive = route.adaptive.as_ref().map(|a| a.for_endpoint(addr));
+        let per_try = attempts.per_try(route, adaptive.as_deref());
         if let Some(d) = &route.deadline {
             d.outgoing(upstream_req.headers_mut(), per_try);
         }
@@ -286,6 +287,15 @@ async fn route_request(
         {
             drop((permit, in_flight));
             return Err(fault.failure());
+        }
+        // The endpoint's latency for its adaptive timeout: an answer's time, or the
+        // whole timeout for an attempt it cut off (it took at least that long).
+        if let Some(t) = &adaptive {
+            match &result {
+                Ok(Ok(_)) => t.record(latency),
+                Err(_) => t.record(per_try),
+                Ok(Err(_)) => {}
+            }
         }
         let (result, lease) = take_lease(result);
         let outcome = classify(up, &result);
