@@ -1123,6 +1123,16 @@ impl RouteConfig {
     }
 }
 
+/// A header name from the file, or `None` with the problem reported to `p` under
+/// `field`: the one parse of every header name a configuration holds.
+pub(crate) fn header_name(name: &str, field: &str, p: &mut Vec<ConfigError>) -> Option<http::HeaderName> {
+    let parsed = http::HeaderName::from_bytes(name.as_bytes()).ok();
+    if parsed.is_none() {
+        p.push(ConfigError::new(field, format!("`{name}` is not a header name")));
+    }
+    parsed
+}
+
 /// Checks a route's host pattern: a host name (labels of letters, digits, `-`),
 /// `*.` and a host name, or an IP address.
 pub(crate) fn host_pattern(host: &str) -> Result<(), &'static str> {

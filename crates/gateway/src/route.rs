@@ -17,7 +17,7 @@ use palisade_resilience::timeout::{AdaptiveConfig, AdaptiveTimeout};
 use crate::cause::Cause;
 use crate::config::{
     AdaptiveTimeoutConfig, ConfigError, DeadlineConfig, FallbackConfig, FaultConfig, HashOn, LimitAlgorithm,
-    LimitKey, MatchConfig, RateLimitConfig, RetryConfig, RetryOn, RouteConfig, host_pattern,
+    LimitKey, MatchConfig, RateLimitConfig, RetryConfig, RetryOn, RouteConfig, header_name, host_pattern,
 };
 use crate::upstream::Upstream;
 
@@ -120,13 +120,7 @@ impl Matcher {
         }
         let mut headers = Vec::new();
         for (k, v) in &m.headers {
-            let name = http::HeaderName::from_bytes(k.as_bytes());
-            if name.is_err() {
-                p.push(ConfigError::new(
-                    format!("{at}.headers"),
-                    format!("`{k}` is not a header name"),
-                ));
-            }
+            let name = header_name(k, &format!("{at}.headers"), p);
             let value = http::HeaderValue::from_str(v);
             if value.is_err() {
                 p.push(ConfigError::new(
@@ -134,7 +128,7 @@ impl Matcher {
                     "not a header value (control characters such as NUL, CR, LF cannot be sent)",
                 ));
             }
-            if let (Ok(name), Ok(value)) = (name, value) {
+            if let (Some(name), Ok(value)) = (name, value) {
                 headers.push((name, value));
             }
         }
@@ -226,16 +220,7 @@ impl HashKey {
     /// that does not parse to `p`.
     fn compile(h: &HashOn, at: &str, p: &mut Vec<ConfigError>) -> Option<HashKey> {
         match h {
-            HashOn::Header(name) => match http::HeaderName::from_bytes(name.as_bytes()) {
-                Ok(name) => Some(HashKey::Header(name)),
-                Err(_) => {
-                    p.push(ConfigError::new(
-                        format!("{at}.header"),
-                        format!("`{name}` is not a header name"),
-                    ));
-                    None
-                }
-            },
+            HashOn::Header(name) => header_name(name, &format!("{at}.header"), p).map(HashKey::Header),
             HashOn::Cookie(name) if name.is_empty() || name.contains([';', '=', ' ']) => {
                 p.push(ConfigError::new(
                     format!("{at}.cookie"),
@@ -592,24 +577,16 @@ pub struct RouteDeadline {
     pub header: Option<http::HeaderName>,
 }
 
-/// A table's optional `header` field parsed (`at`: the table's path); a bad name is
-/// reported to `p`.
+/// A table's optional `header` field (`at`: the table's path): `Err` when it is
+/// set and not a header name (reported to `p`).
 fn header_field(
     header: Option<&str>,
     at: &str,
     p: &mut Vec<ConfigError>,
 ) -> Result<Option<http::HeaderName>, ()> {
-    match header.map(|h| (h, http::HeaderName::from_bytes(h.as_bytes()))) {
-        None => Ok(None),
-        Some((_, Ok(name))) => Ok(Some(name)),
-        Some((h, Err(_))) => {
-            p.push(ConfigError::new(
-                format!("{at}.header"),
-                format!("`{h}` is not a header name"),
-            ));
-            Err(())
-        }
-    }
+    header
+        .map(|h| header_name(h, &format!("{at}.header"), p).ok_or(()))
+        .transpose()
 }
 
 const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");

@@ -14,7 +14,7 @@ use palisade_resilience::bulkhead::{Bulkhead, BulkheadConfig};
 use palisade_resilience::window::WindowConfig;
 use tokio::task::JoinHandle;
 
-use crate::config::{BreakerSection, ClusterSection, Config, ConfigError, Lb};
+use crate::config::{BreakerSection, ClusterSection, Config, ConfigError, Lb, header_name};
 use crate::connect::{Connector, UpstreamTls};
 use crate::pool::Pool;
 
@@ -244,16 +244,7 @@ impl Upstream {
         let failure_headers: Vec<http::HeaderName> = s
             .failure_headers
             .iter()
-            .filter_map(|h| match http::HeaderName::from_bytes(h.as_bytes()) {
-                Ok(name) => Some(name),
-                Err(_) => {
-                    problems.push(ConfigError::new(
-                        format!("clusters.{name}.failure_headers"),
-                        format!("`{h}` is not a header name"),
-                    ));
-                    None
-                }
-            })
+            .filter_map(|h| header_name(h, &format!("clusters.{name}.failure_headers"), &mut problems))
             .collect();
         let h2 = s.speaks_h2();
         let tls = match &s.tls {
