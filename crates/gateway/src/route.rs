@@ -54,6 +54,46 @@ pub struct Route {
     pub metrics: RouteMetrics,
 }
 
+impl Route {
+    /// Builds route `r` (`at`: its path in the file) from its parts and its cluster,
+    /// each policy validated by its core and its problems reported to `p`; `None`
+    /// when its cluster was not built (its problems are reported all the same).
+    pub(crate) fn compile(
+        r: &RouteConfig,
+        parts: RouteParts,
+        upstream: Option<Arc<Upstream>>,
+        at: &str,
+        p: &mut Vec<ConfigError>,
+    ) -> Option<Route> {
+        let per_try_timeout = r.per_try_timeout.map_or(r.timeout.get(), |d| d.get());
+        let limiter =
+            (r.rate_limit.as_ref()).and_then(|l| RouteLimiter::compile(l, &format!("{at}.rate_limit"), p));
+        let retry = (r.retry.as_ref()).and_then(|c| RouteRetry::compile(c, &format!("{at}.retry"), p));
+        let fault = (r.fault.as_ref()).and_then(|f| RouteFault::compile(f, &format!("{at}.fault"), p));
+        let deadline =
+            (r.deadline.as_ref()).and_then(|d| RouteDeadline::compile(d, &format!("{at}.deadline"), p));
+        let adaptive = (r.adaptive_timeout.as_ref()).and_then(|c| {
+            AdaptiveTimeouts::compile(c, per_try_timeout, &format!("{at}.adaptive_timeout"), p)
+        });
+        Some(Route {
+            name: r.name.clone(),
+            matcher: parts.matcher,
+            upstream: upstream?,
+            timeout: r.timeout.get(),
+            per_try_timeout,
+            body_idle_timeout: r.body_idle_timeout.get(),
+            retry,
+            limiter,
+            fallback: parts.fallback,
+            hash_on: parts.hash_on,
+            fault,
+            deadline,
+            adaptive,
+            metrics: RouteMetrics::new(&r.name),
+        })
+    }
+}
+
 /// A route's match, compiled: names parsed, host pattern split.
 #[derive(Debug, Default)]
 pub struct Matcher {
@@ -369,6 +409,18 @@ pub enum RouteLimiter {
     WarmUp(WarmUpLimiter),
 }
 
+/// The file's key for a rate-limit core's field: the quota's `limit` is
+/// `requests`, its period (a window's too) `per`, a warm-up's period `warm_up`.
+fn limit_key(algorithm: LimitAlgorithm, core: &str) -> &str {
+    match core {
+        "limit" | "quota.limit" => "requests",
+        "window" | "quota.period" => "per",
+        "period" if algorithm == LimitAlgorithm::WarmUp => "warm_up",
+        "period" => "per",
+        other => other.trim_start_matches("quota."),
+    }
+}
+
 /// A limiter of algorithm `A` for everyone, per client address, or per value of a
 /// header.
 #[derive(Debug)]
@@ -491,13 +543,7 @@ impl RouteLimiter {
         built
             .map_err(|errors| {
                 p.extend(errors.into_iter().map(|mut e| {
-                    e.field = match e.field.as_str() {
-                        "limit" | "quota.limit" => format!("{at}.requests"),
-                        "window" | "quota.period" => format!("{at}.per"),
-                        "period" if l.algorithm == LimitAlgorithm::WarmUp => format!("{at}.warm_up"),
-                        "period" => format!("{at}.per"),
-                        other => format!("{at}.{}", other.trim_start_matches("quota.")),
-                    };
+                    e.field = format!("{at}.{}", limit_key(l.algorithm, &e.field));
                     e
                 }));
             })

@@ -11,9 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors};
 use crate::discovery::resolve_endpoints;
-use crate::route::{
-    AdaptiveTimeouts, Route, RouteDeadline, RouteFault, RouteLimiter, RouteMetrics, RouteParts, RouteRetry,
-};
+use crate::route::{Route, RouteMetrics, RouteParts};
 use crate::upstream::{Upstream, spawn_pool_sweeper};
 
 /// The live form of a configuration.
@@ -92,46 +90,14 @@ impl Runtime {
         }
         let mut routes = Vec::new();
         for ((i, r), parts) in config.routes.iter().enumerate().zip(parts.drain(..)) {
-            let at = route_at(i, &r.name);
-            let limiter = r
-                .rate_limit
-                .as_ref()
-                .and_then(|l| RouteLimiter::compile(l, &format!("{at}.rate_limit"), &mut problems));
-            let retry = r
-                .retry
-                .as_ref()
-                .and_then(|c| RouteRetry::compile(c, &format!("{at}.retry"), &mut problems));
-            let fault = r
-                .fault
-                .as_ref()
-                .and_then(|f| RouteFault::compile(f, &format!("{at}.fault"), &mut problems));
-            let deadline = r
-                .deadline
-                .as_ref()
-                .and_then(|d| RouteDeadline::compile(d, &format!("{at}.deadline"), &mut problems));
-            let per_try = r.per_try_timeout.map_or(r.timeout.get(), |d| d.get());
-            let adaptive = r.adaptive_timeout.as_ref().and_then(|c| {
-                AdaptiveTimeouts::compile(c, per_try, &format!("{at}.adaptive_timeout"), &mut problems)
-            });
-            let Some(upstream) = clusters.get(&r.cluster) else {
-                continue;
-            };
-            routes.push(Route {
-                name: r.name.clone(),
-                matcher: parts.matcher,
-                upstream: upstream.clone(),
-                timeout: r.timeout.get(),
-                per_try_timeout: r.per_try_timeout.map_or(r.timeout.get(), |d| d.get()),
-                body_idle_timeout: r.body_idle_timeout.get(),
-                retry,
-                limiter,
-                fallback: parts.fallback,
-                hash_on: parts.hash_on,
-                fault,
-                deadline,
-                adaptive,
-                metrics: RouteMetrics::new(&r.name),
-            });
+            let upstream = clusters.get(&r.cluster).cloned();
+            routes.extend(Route::compile(
+                r,
+                parts,
+                upstream,
+                &route_at(i, &r.name),
+                &mut problems,
+            ));
         }
         if !problems.is_empty() {
             return Err(ConfigErrors(problems));

@@ -213,6 +213,22 @@ fn breaker_config(name: &str, b: &BreakerSection) -> Result<BreakerConfig, Vec<C
     })
 }
 
+/// `cluster` with a breaker of `config` per endpoint, named `<cluster>/<address>`.
+fn with_breakers(cluster: Cluster, name: &str, config: BreakerConfig) -> Cluster {
+    let cluster_name = name.to_string();
+    cluster.with_breakers(move |info| {
+        let breaker = CircuitBreaker::builder(format!("{cluster_name}/{}", info.addr))
+            .config(config.clone())
+            .build();
+        match breaker {
+            Ok(b) => b,
+            // Unreachable: the same config passed the breaker's validation in
+            // `breaker_config`; a breaker that never opens would hide it.
+            Err(e) => unreachable!("validated breaker config refused: {e}"),
+        }
+    })
+}
+
 impl Upstream {
     /// Builds cluster `name` from its section: every problem reported, each named
     /// by its field.
@@ -224,20 +240,7 @@ impl Upstream {
         let mut problems = Vec::new();
         let mut cluster = Cluster::new(cluster_config(name, s));
         match s.breaker.as_ref().map(|b| breaker_config(name, b)) {
-            Some(Ok(bc)) => {
-                let cluster_name = name.to_string();
-                cluster = cluster.with_breakers(move |info| {
-                    let breaker = CircuitBreaker::builder(format!("{cluster_name}/{}", info.addr))
-                        .config(bc.clone())
-                        .build();
-                    match breaker {
-                        Ok(b) => b,
-                        // Unreachable: the same config passed the breaker's validation in
-                        // `breaker_config`; a breaker that never opens would hide it.
-                        Err(e) => unreachable!("validated breaker config refused: {e}"),
-                    }
-                });
-            }
+            Some(Ok(bc)) => cluster = with_breakers(cluster, name, bc),
             Some(Err(e)) => problems.extend(e),
             None => {}
         }
@@ -258,13 +261,14 @@ impl Upstream {
             None => None,
         };
         let connector = Connector::new(s.connect_timeout.get(), tls);
-        let pools = (0..=worker_count(config.gateway.workers))
+        let g = &config.gateway;
+        let pools = (0..=worker_count(g.workers))
             .map(|_| {
                 Arc::new(Pool::new(
                     connector.clone(),
                     h2,
-                    config.gateway.pool_idle_per_endpoint,
-                    config.gateway.pool_idle_timeout.get(),
+                    g.pool_idle_per_endpoint,
+                    g.pool_idle_timeout.get(),
                 ))
             })
             .collect();

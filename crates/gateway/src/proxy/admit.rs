@@ -53,6 +53,31 @@ pub(super) struct PendingBody {
 }
 
 impl PendingBody {
+    /// The body as sent when it is already complete (kept for replay when
+    /// `buffer`), else the body still to be watched.
+    fn unless_empty(body: Incoming, buffer: bool, rt: &Runtime) -> (SendBody, Option<PendingBody>) {
+        if !body.is_end_stream() {
+            let g = &rt.config.gateway;
+            let max = g.max_body_bytes;
+            let idle = g.request_body_idle_timeout.get();
+            return (
+                SendBody::Streaming(None),
+                Some(PendingBody {
+                    body,
+                    buffer,
+                    max,
+                    idle,
+                }),
+            );
+        }
+        let send = if buffer {
+            SendBody::Buffered(Bytes::new())
+        } else {
+            SendBody::Streaming(Some(crate::empty()))
+        };
+        (send, None)
+    }
+
     /// The client's body, watched so its failures are known as the client's (see
     /// `client_body`): read whole when it may be sent again, else its first frame
     /// read ahead, so a body bad from its start never reaches an endpoint.
@@ -80,34 +105,10 @@ pub(super) fn prepare(
     host: Option<HeaderValue>,
     request_id: &HeaderValue,
 ) -> Result<(Prepared, Option<PendingBody>), Failure> {
-    let pace = match route.limiter.as_ref().map(|l| l.check(&req, from.addr.ip())) {
-        Some(Err(limited)) => {
-            let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
-            f.headers = RateLimitHeaders::from(&limited).to_pairs();
-            return Err(f);
-        }
-        Some(Ok(allowed)) => allowed.wait(),
-        None => std::time::Duration::ZERO,
-    };
-    let client_deadline = route.deadline.as_ref().and_then(|d| d.incoming(req.headers()));
-    if client_deadline.is_some_and(|d| d.is_zero()) {
-        return Err(Failure::new(Cause::Timeout, "the client's deadline had passed"));
-    }
-    let pace = match route.fault.as_ref().map(|f| f.decide(&req)) {
-        Some(Fault::Abort(status)) => {
-            metrics::counter!("palisade_faults_injected_total", "route" => route.name.clone(), "kind" => "abort")
-                .increment(1);
-            let mut f = Failure::new(Cause::FaultInjected, "aborted by the route's fault injection");
-            f.status = Some(status);
-            return Err(f);
-        }
-        Some(Fault::Delay(d)) => {
-            metrics::counter!("palisade_faults_injected_total", "route" => route.name.clone(), "kind" => "delay")
-                .increment(1);
-            pace + d
-        }
-        Some(Fault::None) | None => pace,
-    };
+    let Gates {
+        pace,
+        client_deadline,
+    } = gates(route, &req, from.addr)?;
     // A CONNECT tunnel (other than HTTP/2's WebSocket, a GET by now) is a forward
     // proxy's job: its target is a host, not a resource of the cluster.
     if req.method() == Method::CONNECT {
@@ -151,22 +152,7 @@ pub(super) fn prepare(
             && (declared.is_some_and(|n| n <= r.buffer_bytes)
                 || (declared.is_none() && super::body_is_empty(&parts)))
     });
-    let (body, pending) = if body.is_end_stream() {
-        let send = if can_buffer {
-            SendBody::Buffered(Bytes::new())
-        } else {
-            SendBody::Streaming(Some(crate::empty()))
-        };
-        (send, None)
-    } else {
-        let pending = PendingBody {
-            body,
-            buffer: can_buffer,
-            max: max_body,
-            idle: rt.config.gateway.request_body_idle_timeout.get(),
-        };
-        (SendBody::Streaming(None), Some(pending))
-    };
+    let (body, pending) = PendingBody::unless_empty(body, can_buffer, rt);
     // The client's headers as sent upstream; hop-by-hop ones go, forwarding ones come.
     super::prepare_headers(&mut parts, up.version, from, host, request_id);
     if let Some((u, _)) = &upgrade {
@@ -189,6 +175,53 @@ pub(super) fn prepare(
         client_deadline,
     };
     Ok((prepared, pending))
+}
+
+/// What a route's gates decided for a request they let through.
+struct Gates {
+    /// How long it is held before its first attempt (a pacing limit's wait, an
+    /// injected delay).
+    pace: std::time::Duration,
+    /// The time the client gave it, when it said.
+    client_deadline: Option<std::time::Duration>,
+}
+
+/// A route's gates, before anything of the request is taken apart: its rate limit,
+/// the client's deadline (one already passed is answered at once), its fault
+/// injection.
+fn gates<B>(route: &Route, req: &Request<B>, client: SocketAddr) -> Result<Gates, Failure> {
+    let pace = match route.limiter.as_ref().map(|l| l.check(req, client.ip())) {
+        Some(Err(limited)) => {
+            let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
+            f.headers = RateLimitHeaders::from(&limited).to_pairs();
+            return Err(f);
+        }
+        Some(Ok(allowed)) => allowed.wait(),
+        None => std::time::Duration::ZERO,
+    };
+    let client_deadline = route.deadline.as_ref().and_then(|d| d.incoming(req.headers()));
+    if client_deadline.is_some_and(|d| d.is_zero()) {
+        return Err(Failure::new(Cause::Timeout, "the client's deadline had passed"));
+    }
+    let pace = match route.fault.as_ref().map(|f| f.decide(req)) {
+        Some(Fault::Abort(status)) => {
+            metrics::counter!("palisade_faults_injected_total", "route" => route.name.clone(), "kind" => "abort")
+                .increment(1);
+            let mut f = Failure::new(Cause::FaultInjected, "aborted by the route's fault injection");
+            f.status = Some(status);
+            return Err(f);
+        }
+        Some(Fault::Delay(d)) => {
+            metrics::counter!("palisade_faults_injected_total", "route" => route.name.clone(), "kind" => "delay")
+                .increment(1);
+            pace + d
+        }
+        Some(Fault::None) | None => pace,
+    };
+    Ok(Gates {
+        pace,
+        client_deadline,
+    })
 }
 
 /// A client body's error while it was read whole (to be sent more than once).

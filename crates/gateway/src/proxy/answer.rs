@@ -24,7 +24,7 @@ use crate::pool::Lease;
 use crate::upstream::Upstream;
 use crate::{Body, BoxError};
 
-use super::classify::{AttemptResult, error_chain, grpc_status_as_http, judge_status};
+use super::classify::{AttemptResult, Classified, error_chain, grpc_status_as_http, judge_status};
 use super::headers::strip_hop_by_hop;
 use super::upgrade::{Upgrade, tunnel};
 use super::{Attempted, Cause, Exchange, Failure, REQUEST_ID};
@@ -136,6 +136,29 @@ pub(super) struct Verdict {
 }
 
 impl Verdict {
+    /// What an attempt's classification tells the endpoint's breaker and outlier
+    /// detection, with what it holds until then.
+    pub(super) fn new(
+        up: &Arc<Upstream>,
+        permit: Option<Permit<CircuitBreaker>>,
+        outcome: &Classified,
+        latency: Duration,
+        in_flight: OwnedInFlight,
+        lease: Option<Lease>,
+    ) -> Self {
+        Verdict {
+            upstream: up.clone(),
+            slot: None,
+            permit,
+            breaker: outcome.breaker,
+            outlier: outcome.outlier,
+            latency,
+            in_flight,
+            lease,
+            active: None,
+        }
+    }
+
     /// An answer whose body is still to come is judged when it ends (a body cut
     /// mid-stream is the endpoint's failure, not the success its headers promised):
     /// its verdict is kept. Any other result is judged now.

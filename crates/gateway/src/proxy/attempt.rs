@@ -11,7 +11,7 @@ use palisade_resilience::timeout::AdaptiveTimeout;
 use tokio::time::Instant;
 
 use super::decide::{self, Tried};
-use super::{AttemptResult, Cause, Classified, Failure, Picked, retry_after};
+use super::{AttemptResult, Cause, Classified, Failure, Picked, Sent, retry_after};
 use crate::config::RetryOn;
 use crate::route::Route;
 
@@ -135,6 +135,17 @@ impl Attempts {
     /// Notes a retry away from `addr`: it is not picked again.
     pub(super) fn retrying(&mut self, addr: SocketAddr) {
         self.tried.push(addr);
+    }
+}
+
+/// The endpoint's latency for its adaptive timeout: an answer's time, or the whole
+/// timeout for an attempt it cut off (it took at least that long); a failed
+/// connection says nothing of its latency.
+pub(super) fn record_latency(t: &AdaptiveTimeout, sent: &Sent, latency: Duration, per_try: Duration) {
+    match sent {
+        Ok(Ok(_)) => t.record(latency),
+        Err(_) => t.record(per_try),
+        Ok(Err(_)) => {}
     }
 }
 

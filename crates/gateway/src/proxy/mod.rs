@@ -251,13 +251,14 @@ async fn route_request(
     let up = &route.upstream;
     // Held until the answer is complete: a streaming body or an open tunnel still
     // occupies the cluster.
-    let slot = match &up.bulkhead {
-        Some(b) => Some(
+    let slot = up
+        .bulkhead
+        .as_ref()
+        .map(|b| {
             b.try_acquire()
-                .map_err(|e| Failure::new(Cause::BulkheadFull, e.to_string()))?,
-        ),
-        None => None,
-    };
+                .map_err(|e| Failure::new(Cause::BulkheadFull, e.to_string()))
+        })
+        .transpose()?;
     let mut attempts = Attempts::new(route, req.client_deadline);
     // A pacing limit's wait or an injected delay, within the route's timeout (its
     // deadline is set).
@@ -288,28 +289,12 @@ async fn route_request(
             drop((permit, in_flight));
             return Err(fault.failure());
         }
-        // The endpoint's latency for its adaptive timeout: an answer's time, or the
-        // whole timeout for an attempt it cut off (it took at least that long).
         if let Some(t) = &adaptive {
-            match &result {
-                Ok(Ok(_)) => t.record(latency),
-                Err(_) => t.record(per_try),
-                Ok(Err(_)) => {}
-            }
+            attempt::record_latency(t, &result, latency, per_try);
         }
         let (result, lease) = take_lease(result);
         let outcome = classify(up, &result);
-        let verdict = Verdict {
-            upstream: up.clone(),
-            slot: None,
-            permit,
-            breaker: outcome.breaker,
-            outlier: outcome.outlier,
-            latency,
-            in_flight,
-            lease,
-            active: None,
-        };
+        let verdict = Verdict::new(up, permit, &outcome, latency, in_flight, lease);
         let mut attempted = Attempted {
             addr,
             verdict: verdict.judged_now_or_at_body_end(&result),
