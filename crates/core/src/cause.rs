@@ -25,6 +25,10 @@ pub enum Cause {
     NoHealthyEndpoint,
     /// The bulkhead is full (503).
     BulkheadFull,
+    /// Load shedding refused it, to keep the work already accepted in time: an
+    /// adaptive concurrency limit reached, or a load level that serves only more
+    /// important requests (503).
+    Shed,
     /// The total or per-attempt timeout passed (504).
     Timeout,
     /// The endpoint could not be connected to (502).
@@ -44,7 +48,7 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause.
-    pub const ALL: [Cause; 14] = [
+    pub const ALL: [Cause; 15] = [
         Cause::NoRoute,
         Cause::RateLimited,
         Cause::BodyTooLarge,
@@ -53,6 +57,7 @@ impl Cause {
         Cause::CircuitOpen,
         Cause::NoHealthyEndpoint,
         Cause::BulkheadFull,
+        Cause::Shed,
         Cause::Timeout,
         Cause::ConnectError,
         Cause::Reset,
@@ -73,6 +78,7 @@ impl Cause {
             Cause::CircuitOpen => "circuit_open",
             Cause::NoHealthyEndpoint => "no_healthy_endpoint",
             Cause::BulkheadFull => "bulkhead_full",
+            Cause::Shed => "shed",
             Cause::Timeout => "timeout",
             Cause::ConnectError => "connect_error",
             Cause::Reset => "upstream_reset",
@@ -90,7 +96,11 @@ impl Cause {
             Cause::BodyTooLarge => 413,
             Cause::BadRequest => 400,
             Cause::ClientTimeout => 408,
-            Cause::CircuitOpen | Cause::NoHealthyEndpoint | Cause::BulkheadFull | Cause::FaultInjected => 503,
+            Cause::CircuitOpen
+            | Cause::NoHealthyEndpoint
+            | Cause::BulkheadFull
+            | Cause::Shed
+            | Cause::FaultInjected => 503,
             Cause::Timeout => 504,
             Cause::ConnectError | Cause::Reset | Cause::ProtocolError | Cause::Upstream => 502,
         }

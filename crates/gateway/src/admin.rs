@@ -87,6 +87,8 @@ pub fn clusters_json(rt: &Runtime) -> serde_json::Value {
                 "panic": up.cluster.is_panicking(),
                 "in_flight": up.bulkhead.as_ref().map(|b| b.in_flight()),
                 "max_concurrent": up.bulkhead.as_ref().map(|b| b.config().max_concurrent),
+                "adaptive_limit": up.shed.as_ref().map(|s| s.limit.limit()),
+                "adaptive_in_flight": up.shed.as_ref().map(|s| s.limit.in_flight()),
                 "probe_rounds": events.probe_rounds,
                 "endpoint_sets": events.endpoint_sets,
                 "refresh_failures": events.refresh_failures,

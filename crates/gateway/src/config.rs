@@ -187,6 +187,82 @@ pub struct RouteConfig {
     /// Adaptive per-try timeouts: off unless this table is set.
     #[serde(default)]
     pub adaptive_timeout: Option<AdaptiveTimeoutConfig>,
+    /// The route's priority under load shedding (its cluster's
+    /// `adaptive_concurrency`): `normal` unless this table is set.
+    #[serde(default)]
+    pub shed: Option<ShedConfig>,
+    /// Hedged requests: off unless this table is set.
+    #[serde(default)]
+    pub hedge: Option<HedgeConfig>,
+}
+
+/// A route's place in its cluster's load shedding: its priority, and a header that
+/// may choose another for one request.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShedConfig {
+    /// `critical` (served while anything is), `normal` (served degraded, then
+    /// refused, as load grows) or `sheddable` (refused first).
+    #[serde(default)]
+    pub priority: PriorityName,
+    /// A request header naming the request's own priority (`critical`, `normal`,
+    /// `sheddable`); an unknown value is ignored.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Whether the header may raise a request above the route's priority. Off: a
+    /// client can only lower its own (mark a prefetch `sheddable`), never claim
+    /// `critical`.
+    #[serde(default)]
+    pub trust_header: bool,
+}
+
+/// A request priority's name in the file.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PriorityName {
+    /// Dropped first.
+    Sheddable,
+    /// Served degraded, then refused, as load grows.
+    #[default]
+    Normal,
+    /// Served while anything is.
+    Critical,
+}
+
+/// A route's hedged requests: an attempt slower than `delay` (or, with `quantile`,
+/// than that quantile of the route's recent latency) gets a second copy sent to
+/// another endpoint; the first good answer wins and the other is cancelled. Hedges
+/// follow the route's `retry` table: its budget, its body buffer, its idempotency
+/// rule.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HedgeConfig {
+    /// The wait before the hedge; with `quantile`, the wait until enough latencies
+    /// are known.
+    pub delay: Dur,
+    /// Hedge after this quantile of the route's recent answer latency (0.95: the
+    /// slowest 5% are hedged).
+    #[serde(default)]
+    pub quantile: Option<f64>,
+    /// The shortest adaptive wait.
+    #[serde(default = "default_hedge_min")]
+    pub min_delay: Dur,
+    /// The longest adaptive wait (default: the route's per-try timeout).
+    #[serde(default)]
+    pub max_delay: Option<Dur>,
+    /// Answers needed before the wait adapts.
+    #[serde(default = "default_hedge_samples")]
+    pub min_samples: u32,
+    /// How far back latencies count.
+    #[serde(default = "default_adaptive_window")]
+    pub window: Dur,
+}
+
+fn default_hedge_min() -> Dur {
+    Dur(Duration::from_millis(1))
+}
+fn default_hedge_samples() -> u32 {
+    20
 }
 
 /// A route's adaptive per-try timeout: each endpoint's recent latency quantile
@@ -577,6 +653,102 @@ pub struct ClusterSection {
     /// `x-overloaded`).
     #[serde(default)]
     pub failure_headers: Vec<String>,
+    /// Adaptive load shedding: a concurrency limit that follows the cluster's
+    /// latency, and the load levels at which lower priorities are refused.
+    #[serde(default)]
+    pub adaptive_concurrency: Option<AdaptiveConcurrencySection>,
+}
+
+/// `[clusters.<name>.adaptive_concurrency]`: how many requests the cluster is sent
+/// at once, found from its latency (the resilience crate's `AdaptiveConcurrency`),
+/// and the load levels (in flight over that limit) of tiered shedding.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConcurrencySection {
+    /// The limit before anything is measured.
+    #[serde(default = "default_ac_initial")]
+    pub initial: u32,
+    /// The limit never falls below this.
+    #[serde(default = "default_ac_min")]
+    pub min: u32,
+    /// The limit never rises above this.
+    #[serde(default = "default_ac_max")]
+    pub max: u32,
+    /// `gradient` (latency against its long-run level) or `aimd` (grow by
+    /// `increase`, shrink by `backoff` after a window with a timeout or an overload
+    /// answer).
+    #[serde(default)]
+    pub algorithm: ConcurrencyAlgorithm,
+    /// Gradient: the latency growth tolerated before the limit shrinks (2.0).
+    #[serde(default)]
+    pub tolerance: Option<f64>,
+    /// Gradient: the weight of each new estimate (0.2).
+    #[serde(default)]
+    pub smoothing: Option<f64>,
+    /// Gradient: how many windows the latency baseline spans (20).
+    #[serde(default)]
+    pub long_windows: Option<u32>,
+    /// AIMD: added after a good window (1).
+    #[serde(default)]
+    pub increase: Option<u32>,
+    /// AIMD: the multiplier after a bad window (0.9).
+    #[serde(default)]
+    pub backoff: Option<f64>,
+    /// AIMD: an average latency above this makes a window bad.
+    #[serde(default)]
+    pub latency_threshold: Option<Dur>,
+    /// The limit is updated once per window of this length ...
+    #[serde(default = "default_ac_window")]
+    pub window: Dur,
+    /// ... holding at least this many answers.
+    #[serde(default = "default_ac_samples")]
+    pub min_samples: u32,
+    /// Load (in flight / limit) at which `sheddable` requests are refused.
+    #[serde(default = "default_elevated")]
+    pub elevated: f64,
+    /// Load at which `normal` requests get the route's fallback, where it has one.
+    #[serde(default = "default_high")]
+    pub high: f64,
+    /// Load at which only `critical` requests are served.
+    #[serde(default = "default_critical")]
+    pub critical: f64,
+}
+
+/// How an adaptive concurrency limit moves.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConcurrencyAlgorithm {
+    /// Latency against its long-run level (Envoy's adaptive concurrency, Netflix's
+    /// Gradient2).
+    #[default]
+    Gradient,
+    /// Additive increase, multiplicative decrease.
+    Aimd,
+}
+
+fn default_ac_initial() -> u32 {
+    20
+}
+fn default_ac_min() -> u32 {
+    1
+}
+fn default_ac_max() -> u32 {
+    1000
+}
+fn default_ac_window() -> Dur {
+    Dur(Duration::from_millis(100))
+}
+fn default_ac_samples() -> u32 {
+    10
+}
+fn default_elevated() -> f64 {
+    0.6
+}
+fn default_high() -> f64 {
+    0.8
+}
+fn default_critical() -> f64 {
+    0.9
 }
 
 /// `[clusters.<name>.tls]`: TLS to a cluster's endpoints.

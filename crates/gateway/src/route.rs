@@ -19,6 +19,7 @@ use crate::config::{
     AdaptiveTimeoutConfig, ConfigError, DeadlineConfig, FallbackConfig, FaultConfig, HashOn, LimitAlgorithm,
     LimitKey, MatchConfig, RateLimitConfig, RetryConfig, RetryOn, RouteConfig, header_name, host_pattern,
 };
+use crate::load::{RouteHedge, RoutePriority};
 use crate::upstream::Upstream;
 
 /// One route, ready to serve.
@@ -50,6 +51,10 @@ pub struct Route {
     pub deadline: Option<RouteDeadline>,
     /// Adaptive per-try timeouts, when the route has them.
     pub adaptive: Option<AdaptiveTimeouts>,
+    /// Its priority when its cluster sheds load.
+    pub priority: RoutePriority,
+    /// Hedged requests, when the route has them.
+    pub hedge: Option<RouteHedge>,
     /// Its metric handles.
     pub metrics: RouteMetrics,
 }
@@ -75,6 +80,22 @@ impl Route {
         let adaptive = (r.adaptive_timeout.as_ref()).and_then(|c| {
             AdaptiveTimeouts::compile(c, per_try_timeout, &format!("{at}.adaptive_timeout"), p)
         });
+        let priority = (r.shed.as_ref()).map_or_else(RoutePriority::default, |c| {
+            let at = format!("{at}.shed");
+            if upstream.as_ref().is_some_and(|u| u.shed.is_none()) {
+                p.push(ConfigError::new(
+                    at.clone(),
+                    format!(
+                        "cluster {} has no adaptive_concurrency: a priority needs its cluster to shed load",
+                        r.cluster
+                    ),
+                ));
+            }
+            RoutePriority::compile(c, &at, p)
+        });
+        let hedge = (r.hedge.as_ref()).and_then(|c| {
+            RouteHedge::compile(c, per_try_timeout, r.retry.is_some(), &format!("{at}.hedge"), p)
+        });
         Some(Route {
             name: r.name.clone(),
             matcher: parts.matcher,
@@ -89,6 +110,8 @@ impl Route {
             fault,
             deadline,
             adaptive,
+            priority,
+            hedge,
             metrics: RouteMetrics::new(&r.name),
         })
     }

@@ -11,10 +11,16 @@ use palisade_balance::outlier::{FailureRate, OutlierConfig};
 use palisade_balance::{Cluster, ClusterConfig, LbPolicy};
 use palisade_resilience::breaker::{BreakerConfig, CircuitBreaker, OpenDuration};
 use palisade_resilience::bulkhead::{Bulkhead, BulkheadConfig};
+use palisade_resilience::shed::{
+    AdaptiveConcurrency, AdaptiveConfig, LimitAlgorithm, Priority, Shed, ShedPermit, TieredShedder, Tiers,
+};
 use palisade_resilience::window::WindowConfig;
 use tokio::task::JoinHandle;
 
-use crate::config::{BreakerSection, ClusterSection, Config, ConfigError, Lb, header_name};
+use crate::config::{
+    AdaptiveConcurrencySection, BreakerSection, ClusterSection, ConcurrencyAlgorithm, Config, ConfigError,
+    Lb, header_name,
+};
 use crate::connect::{Connector, UpstreamTls};
 use crate::pool::Pool;
 
@@ -30,6 +36,8 @@ pub struct Upstream {
     pools: Box<[Arc<Pool>]>,
     /// Requests in flight to the cluster, bounded.
     pub bulkhead: Option<Bulkhead>,
+    /// Adaptive load shedding, when the cluster has it.
+    pub shed: Option<ClusterShed>,
     /// `HTTP/1.1` or `HTTP/2` (h2c) to the endpoints.
     pub version: http::Version,
     /// Breaker counts 5xx as failures.
@@ -284,6 +292,9 @@ impl Upstream {
                 })
                 .ok()
         });
+        let shed = (s.adaptive_concurrency.as_ref()).and_then(|a| {
+            ClusterShed::compile(a, &format!("clusters.{name}.adaptive_concurrency"), &mut problems)
+        });
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -292,6 +303,7 @@ impl Upstream {
             cluster,
             pools,
             bulkhead,
+            shed,
             version: if h2 {
                 http::Version::HTTP_2
             } else {
@@ -305,5 +317,108 @@ impl Upstream {
             tls: s.tls.is_some(),
             events: tokio::sync::watch::Sender::new(UpstreamEvents::default()),
         })
+    }
+}
+
+/// A cluster's adaptive load shedding: a concurrency limit that follows the
+/// cluster's latency, and admission by priority at that limit's load (in flight
+/// over limit), the resilience crate's `AdaptiveConcurrency` and `TieredShedder`.
+#[derive(Debug)]
+pub struct ClusterShed {
+    /// The limit.
+    pub limit: AdaptiveConcurrency,
+    tiers: TieredShedder,
+}
+
+impl ClusterShed {
+    /// Builds a cluster's shedding from its table (`at`: the table's path), the
+    /// shedding core validating it; its problems go to `p` under the file's names.
+    fn compile(a: &AdaptiveConcurrencySection, at: &str, p: &mut Vec<ConfigError>) -> Option<ClusterShed> {
+        let before = p.len();
+        let misplaced = |key: &str, set: bool, p: &mut Vec<ConfigError>| {
+            if set {
+                let (own, other) = match a.algorithm {
+                    ConcurrencyAlgorithm::Gradient => ("gradient", "aimd"),
+                    ConcurrencyAlgorithm::Aimd => ("aimd", "gradient"),
+                };
+                p.push(ConfigError::new(
+                    format!("{at}.{key}"),
+                    format!("is an {other} setting; this limit's algorithm is {own}"),
+                ));
+            }
+        };
+        let mut algorithm = match a.algorithm {
+            ConcurrencyAlgorithm::Gradient => LimitAlgorithm::gradient(),
+            ConcurrencyAlgorithm::Aimd => LimitAlgorithm::aimd(),
+        };
+        match &mut algorithm {
+            LimitAlgorithm::Gradient {
+                tolerance,
+                smoothing,
+                long_windows,
+            } => {
+                misplaced("increase", a.increase.is_some(), p);
+                misplaced("backoff", a.backoff.is_some(), p);
+                misplaced("latency_threshold", a.latency_threshold.is_some(), p);
+                *tolerance = a.tolerance.unwrap_or(*tolerance);
+                *smoothing = a.smoothing.unwrap_or(*smoothing);
+                *long_windows = a.long_windows.unwrap_or(*long_windows);
+            }
+            LimitAlgorithm::Aimd {
+                increase,
+                backoff,
+                latency_threshold,
+            } => {
+                misplaced("tolerance", a.tolerance.is_some(), p);
+                misplaced("smoothing", a.smoothing.is_some(), p);
+                misplaced("long_windows", a.long_windows.is_some(), p);
+                *increase = a.increase.unwrap_or(*increase);
+                *backoff = a.backoff.unwrap_or(*backoff);
+                *latency_threshold = a.latency_threshold.map(|d| d.get());
+            }
+        }
+        let config = AdaptiveConfig {
+            initial: a.initial,
+            min: a.min,
+            max: a.max,
+            algorithm,
+            window: a.window.get(),
+            min_samples: a.min_samples,
+        };
+        let tiers = Tiers {
+            elevated: a.elevated,
+            high: a.high,
+            critical: a.critical,
+        };
+        let under = |e: palisade_core::ConfigErrors| {
+            e.into_iter().map(|mut e| {
+                e.field = match e.field.strip_prefix("algorithm.") {
+                    Some(key) => format!("{at}.{key}"),
+                    None if e.field == "tiers" => format!("{at}.elevated"),
+                    None => format!("{at}.{}", e.field),
+                };
+                e
+            })
+        };
+        let limit = AdaptiveConcurrency::new(config)
+            .map_err(|e| p.extend(under(e)))
+            .ok();
+        let shedder = limit
+            .clone()
+            .and_then(|l| TieredShedder::new(l, tiers).map_err(|e| p.extend(under(e))).ok());
+        if p.len() > before {
+            return None;
+        }
+        Some(ClusterShed {
+            limit: limit?,
+            tiers: shedder?,
+        })
+    }
+
+    /// Admits a request of `priority`: a slot in the limit, and whether the load
+    /// asks for its degraded form; or the reason it is refused.
+    pub fn admit(&self, priority: Priority) -> Result<(ShedPermit, bool), Shed> {
+        let degraded = self.tiers.check(priority)?;
+        Ok((self.limit.try_acquire()?, degraded))
     }
 }

@@ -227,6 +227,58 @@ fn every_mistake_is_an_error_naming_its_field() {
             format!("{BASE}\n[[routes]]\nname = \"r\"\ncluster = \"c\"\n"),
             "another route is called `r`",
         ),
+        (
+            with("[[routes]]", "shed = { priority = \"critical\" }"),
+            "routes[0] (r).shed: cluster c has no adaptive_concurrency",
+        ),
+        (
+            with("[[routes]]", "shed = { priority = \"urgent\" }"),
+            "shed.priority",
+        ),
+        (
+            with("[clusters.c]", "adaptive_concurrency = { min = 0 }"),
+            "clusters.c.adaptive_concurrency.min",
+        ),
+        (
+            with("[clusters.c]", "adaptive_concurrency = { initial = 5000 }"),
+            "clusters.c.adaptive_concurrency.initial",
+        ),
+        (
+            with("[clusters.c]", "adaptive_concurrency = { backoff = 0.5 }"),
+            "clusters.c.adaptive_concurrency.backoff: is an aimd setting",
+        ),
+        (
+            with(
+                "[clusters.c]",
+                "adaptive_concurrency = { algorithm = \"aimd\", backoff = 1.5 }",
+            ),
+            "clusters.c.adaptive_concurrency.backoff: must be between 0 and 1",
+        ),
+        (
+            with(
+                "[clusters.c]",
+                "adaptive_concurrency = { elevated = 0.9, high = 0.5 }",
+            ),
+            "clusters.c.adaptive_concurrency.elevated",
+        ),
+        (
+            with("[[routes]]", "hedge = { delay = \"10ms\" }"),
+            "routes[0] (r).hedge: needs the route's `retry` table",
+        ),
+        (
+            with(
+                "[[routes]]",
+                "retry = { attempts = 1 }\nhedge = { delay = \"20s\" }",
+            ),
+            "hedge.delay",
+        ),
+        (
+            with(
+                "[[routes]]",
+                "retry = { attempts = 1 }\nhedge = { delay = \"10ms\", quantile = 2.0 }",
+            ),
+            "hedge.quantile",
+        ),
     ];
     for (text, field) in &cases {
         let err = match check(text) {

@@ -20,6 +20,8 @@ use tokio::sync::{Notify, Semaphore};
 
 mod support;
 
+use support::{get, send};
+
 /// What a fake upstream does with the next requests.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -161,40 +163,6 @@ fn config(text: &str) -> Config {
 
 async fn start(text: &str) -> Handle {
     palisade_gateway::start(config(text), None).await.unwrap()
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn cause(&self) -> &str {
-        self.headers
-            .get("x-palisade-cause")
-            .map_or("", |v| v.to_str().unwrap())
-    }
-}
-
-async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let (parts, body) = req.into_parts();
-    let mut req = Request::from_parts(parts, body);
-    let pq = req.uri().path_and_query().unwrap().as_str().to_string();
-    *req.uri_mut() = format!("http://{addr}{pq}").parse().unwrap();
-    let resp = client.request(req).await.unwrap();
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> Answer {
-    send(addr, Request::get(path).body(Full::default()).unwrap()).await
 }
 
 fn route(extra: &str) -> String {

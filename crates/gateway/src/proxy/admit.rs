@@ -13,12 +13,14 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use palisade_resilience::ratelimit::RateLimitHeaders;
+use palisade_resilience::shed::ShedPermit;
 
 use crate::cause::Cause;
 use crate::config::EscapedSlashes;
+use crate::load::RoutePriority;
 use crate::route::{Fault, HashKey, Route};
 use crate::runtime::Runtime;
-use crate::upstream::Upstream;
+use crate::upstream::{ClusterShed, Upstream};
 
 use super::client_body::{ClientBody, ClientBodyError, ClientFault, ClientSide};
 use super::{Downstream, Failure, SendBody, Upgrade};
@@ -222,6 +224,41 @@ fn gates<B>(route: &Route, req: &Request<B>, client: SocketAddr) -> Result<Gates
         pace,
         client_deadline,
     })
+}
+
+/// Load shedding for a request to a cluster that sheds: a slot in its adaptive
+/// limit, or a `503 shed` when the load is too high for the request's priority; a
+/// request the load would serve degraded gets the route's fallback when it has one
+/// for `shed` (and is served in full when it has none). Taken once the request's
+/// body is in hand, so the limit measures the cluster, not the client's upload.
+pub(super) fn shed(route: &Route, cluster: &ClusterShed, req: &Prepared) -> Result<ShedPermit, Failure> {
+    let priority = route.priority.of(&req.parts.headers);
+    let count = |outcome: &'static str| {
+        metrics::counter!("palisade_route_shed_total", "route" => route.name.clone(),
+            "priority" => RoutePriority::name(priority), "outcome" => outcome)
+        .increment(1);
+    };
+    match cluster.admit(priority) {
+        Err(shed) => {
+            count("refused");
+            Err(Failure::new(
+                Cause::Shed,
+                format!(
+                    "{} request refused: {}",
+                    RoutePriority::name(priority),
+                    shed.reason
+                ),
+            ))
+        }
+        Ok((_, true)) if route.fallback.as_ref().is_some_and(|f| f.answers(Cause::Shed)) => {
+            count("degraded");
+            Err(Failure::new(
+                Cause::Shed,
+                "served degraded: the load is too high for the full answer",
+            ))
+        }
+        Ok((permit, _)) => Ok(permit),
+    }
 }
 
 /// A client body's error while it was read whole (to be sent more than once).

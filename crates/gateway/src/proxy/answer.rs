@@ -46,6 +46,7 @@ impl Exchange<'_> {
             outcome,
             mut verdict,
             per_try,
+            ..
         } = attempted;
         let route = self.route;
         match result {

@@ -3,17 +3,27 @@
 //! the decide phase keeps between attempts.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_balance::PickError;
+use http::Request;
+use palisade_balance::{EndpointState, PickError};
+use palisade_core::{Clock, SystemClock};
+use palisade_resilience::breaker::{CircuitBreaker, Permit};
 use palisade_resilience::retry::{RetryState, StopReason};
 use palisade_resilience::timeout::AdaptiveTimeout;
 use tokio::time::Instant;
 
+use super::admit::Prepared;
+use super::answer::Verdict;
+use super::classify::classify;
+use super::client_body::ClientSide;
 use super::decide::{self, Tried};
-use super::{AttemptResult, Cause, Classified, Failure, Picked, Sent, retry_after};
+use super::{AttemptResult, Attempted, Cause, Classified, Failure, Picked, Sent, retry_after, take_lease};
+use crate::Body;
 use crate::config::RetryOn;
 use crate::route::Route;
+use crate::upstream::Upstream;
 
 /// The attempts of one request: its deadline, the endpoints tried, its retry state.
 pub(super) struct Attempts {
@@ -79,6 +89,62 @@ impl Attempts {
         Ok(Some((ep, permit)))
     }
 
+    /// The attempt phase up to the send: an endpoint picked, the request made for
+    /// it, its timeout. `None`: the breaker refused and another endpoint may be
+    /// tried at once. `hedged`: a copy may follow, so the request's head is kept.
+    pub(super) fn launch(
+        &mut self,
+        route: &Route,
+        req: &mut Prepared,
+        hedged: bool,
+    ) -> Result<Option<Launch>, Failure> {
+        let Some((ep, permit)) = self.pick(route, req.hash_key)? else {
+            return Ok(None);
+        };
+        let addr = ep.addr();
+        let request = req.next_request(addr, &route.upstream, self.last_chance(route) && !hedged);
+        Ok(Some(self.timed(route, ep, permit, request)))
+    }
+
+    /// A hedge for the attempt running on `first`: another endpoint, if the
+    /// route's budget allows a hedge and one is available (a hedge that cannot go
+    /// is no failure: the first attempt runs on).
+    pub(super) fn hedge(&mut self, route: &Route, req: &mut Prepared, first: SocketAddr) -> Option<Launch> {
+        let budget = route.retry.as_ref().and_then(|r| r.policy.budget_ref());
+        if budget.is_some_and(|b| !b.try_withdraw()) {
+            metrics::counter!("palisade_retry_budget_exhausted_total", "route" => route.name.clone())
+                .increment(1);
+            return None;
+        }
+        self.tried.push(first);
+        let (ep, permit) = self.pick(route, req.hash_key).ok()??;
+        let request = req.next_request(ep.addr(), &route.upstream, self.last_chance(route));
+        Some(self.timed(route, ep, permit, request))
+    }
+
+    /// An attempt's timeout (the endpoint's adaptive one when the route has them)
+    /// and the deadline it tells the endpoint.
+    fn timed(
+        &self,
+        route: &Route,
+        ep: Arc<EndpointState>,
+        permit: Option<Permit<CircuitBreaker>>,
+        mut request: Request<Body>,
+    ) -> Launch {
+        let adaptive = route.adaptive.as_ref().map(|a| a.for_endpoint(ep.addr()));
+        let per_try = self.per_try(route, adaptive.as_deref());
+        if let Some(d) = &route.deadline {
+            d.outgoing(request.headers_mut(), per_try);
+        }
+        Launch {
+            ep,
+            permit,
+            request,
+            per_try,
+            adaptive,
+        }
+    }
+
     /// Whether this attempt is the last one allowed.
     pub(super) fn last_chance(&self, route: &Route) -> bool {
         match (&self.retry, &route.retry) {
@@ -138,10 +204,72 @@ impl Attempts {
     }
 }
 
+/// One attempt ready to go: its endpoint and the breaker's permit, its request,
+/// its timeout.
+pub(super) struct Launch {
+    ep: Arc<EndpointState>,
+    permit: Option<Permit<CircuitBreaker>>,
+    request: Request<Body>,
+    per_try: Duration,
+    adaptive: Option<Arc<AdaptiveTimeout>>,
+}
+
+impl Launch {
+    /// The endpoint it goes to.
+    pub(super) fn addr(&self) -> SocketAddr {
+        self.ep.addr()
+    }
+
+    /// Sends the attempt within its timeout and judges what it came to. Dropped
+    /// before it ends (a hedge lost), the request is cancelled and the breaker
+    /// counts nothing.
+    pub(super) async fn send(
+        self,
+        up: &Arc<Upstream>,
+        client: Option<&ClientSide>,
+    ) -> Result<Attempted, Failure> {
+        let Launch {
+            ep,
+            permit,
+            request,
+            per_try,
+            adaptive,
+        } = self;
+        let addr = ep.addr();
+        let start = SystemClock.now();
+        let in_flight = ep.start_owned();
+        let result = tokio::time::timeout(per_try, up.pool().send(addr, request)).await;
+        let latency = SystemClock.now() - start;
+        // A failure the client's body caused (or a timeout while the gateway waited
+        // for it) is the client's: the endpoint is not judged, and dropping the
+        // breaker's permit counts the call as cancelled.
+        if !matches!(result, Ok(Ok(_)))
+            && let Some(fault) = client.and_then(|s| s.fault(result.is_err()))
+        {
+            drop((permit, in_flight));
+            return Err(fault.failure());
+        }
+        if let Some(t) = &adaptive {
+            record_latency(t, &result, latency, per_try);
+        }
+        let (result, lease) = take_lease(result);
+        let outcome = classify(up, &result);
+        let verdict = Verdict::new(up, permit, &outcome, latency, in_flight, lease);
+        Ok(Attempted {
+            addr,
+            verdict: verdict.judged_now_or_at_body_end(&result),
+            result,
+            outcome,
+            per_try,
+            latency,
+        })
+    }
+}
+
 /// The endpoint's latency for its adaptive timeout: an answer's time, or the whole
 /// timeout for an attempt it cut off (it took at least that long); a failed
 /// connection says nothing of its latency.
-pub(super) fn record_latency(t: &AdaptiveTimeout, sent: &Sent, latency: Duration, per_try: Duration) {
+fn record_latency(t: &AdaptiveTimeout, sent: &Sent, latency: Duration, per_try: Duration) {
     match sent {
         Ok(Ok(_)) => t.record(latency),
         Err(_) => t.record(per_try),

@@ -11,6 +11,7 @@ mod classify;
 mod client_body;
 mod decide;
 mod headers;
+mod hedge;
 mod idle;
 mod upgrade;
 
@@ -28,7 +29,8 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use palisade_balance::EndpointState;
 use palisade_core::{Clock, SystemClock};
-use palisade_resilience::breaker::{CircuitBreaker, Permit};
+use palisade_resilience::breaker::{CircuitBreaker, Outcome, Permit};
+use palisade_resilience::shed::ShedPermit;
 
 use crate::conn::ActiveGuard;
 use crate::pool::{Lease, SendError};
@@ -38,7 +40,7 @@ use crate::runtime::Runtime;
 use self::admit::matches;
 use self::answer::Verdict;
 use self::attempt::Attempts;
-use self::classify::{AttemptResult, Classified, body_is_empty, classify};
+use self::classify::{AttemptResult, Classified, body_is_empty};
 use self::headers::{prepare_headers, upstream_uri, write_addr};
 use self::upgrade::{Upgrade, mark_extended_connect, upgrade_protocol, websocket_key};
 use crate::{Body, full};
@@ -265,53 +267,30 @@ async fn route_request(
     if !req.pace.is_zero() {
         tokio::time::sleep(req.pace).await;
     }
+    // Asked last, so the adaptive limit measures the cluster alone.
+    let mut shed = (up.shed.as_ref())
+        .map(|cluster| admit::shed(route, cluster, &req))
+        .transpose()?;
+    let replayable = req.replayable_method && matches!(req.body, SendBody::Buffered(_));
+    let hedge = route.hedge.as_ref().filter(|_| replayable);
     loop {
-        let Some((ep, permit)) = attempts.pick(route, req.hash_key)? else {
+        let Some(launch) = attempts.launch(route, &mut req, hedge.is_some())? else {
             continue;
         };
-        let addr = ep.addr();
-        let mut upstream_req = req.next_request(addr, up, attempts.last_chance(route));
-        let adaptive = route.adaptive.as_ref().map(|a| a.for_endpoint(addr));
-        let per_try = attempts.per_try(route, adaptive.as_deref());
-        if let Some(d) = &route.deadline {
-            d.outgoing(upstream_req.headers_mut(), per_try);
-        }
-        let attempt_start = SystemClock.now();
-        let in_flight = ep.start_owned();
-        let result = tokio::time::timeout(per_try, up.pool().send(addr, upstream_req)).await;
-        let latency = SystemClock.now() - attempt_start;
-        // A failure the client's body caused (or a timeout while the gateway waited
-        // for it) is the client's: the endpoint is not judged, and dropping the
-        // breaker's permit counts the call as cancelled.
-        if !matches!(result, Ok(Ok(_)))
-            && let Some(fault) = req.client_side.as_ref().and_then(|s| s.fault(result.is_err()))
-        {
-            drop((permit, in_flight));
-            return Err(fault.failure());
-        }
-        if let Some(t) = &adaptive {
-            attempt::record_latency(t, &result, latency, per_try);
-        }
-        let (result, lease) = take_lease(result);
-        let outcome = classify(up, &result);
-        let verdict = Verdict::new(up, permit, &outcome, latency, in_flight, lease);
-        let mut attempted = Attempted {
-            addr,
-            verdict: verdict.judged_now_or_at_body_end(&result),
-            result,
-            outcome,
-            per_try,
+        let mut attempted = match hedge {
+            Some(h) => hedge::race(route, h, &mut attempts, &mut req, launch).await?,
+            None => launch.send(up, req.client_side.as_deref()).await?,
         };
-        let replayable = req.replayable_method && matches!(req.body, SendBody::Buffered(_));
         if let Some(delay) = attempts.retry_delay(route, replayable, &attempted.result, &attempted.outcome) {
             // The answer is dropped unread: it is judged by its headers.
-            if let Some(v) = attempted.verdict.take() {
-                v.settle();
-            }
+            attempted.settle();
             route.metrics.retried();
-            attempts.retrying(addr);
+            attempts.retrying(attempted.addr);
             tokio::time::sleep(delay).await;
             continue;
+        }
+        if let Some(permit) = shed.take() {
+            attempted.report_to(permit);
         }
         let exchange = Exchange {
             rt,
@@ -337,6 +316,34 @@ struct Attempted {
     /// Kept for an answer whose body is still to come.
     verdict: Option<Verdict>,
     per_try: Duration,
+    /// From the send to the answer's headers (or the error).
+    latency: Duration,
+}
+
+impl Attempted {
+    /// An answer the endpoint's breaker counts as good.
+    fn succeeded(&self) -> bool {
+        matches!(self.result, Ok(Ok(_))) && self.outcome.breaker != Outcome::Failure
+    }
+
+    /// Judges the attempt now, its answer (if any) dropped unread.
+    fn settle(&mut self) {
+        if let Some(v) = self.verdict.take() {
+            v.settle();
+        }
+    }
+
+    /// Tells the cluster's adaptive concurrency limit how the request went: a
+    /// timeout or an overload answer (503, 429) is a drop, which lowers the limit;
+    /// any other answer is a latency sample; an error that is neither says nothing.
+    fn report_to(&self, permit: ShedPermit) {
+        match &self.result {
+            Ok(Ok(resp)) if matches!(resp.status().as_u16(), 429 | 503) => permit.dropped(),
+            Ok(Ok(_)) => permit.success(),
+            Err(_) => permit.dropped(),
+            Ok(Err(_)) => drop(permit),
+        }
+    }
 }
 
 /// An endpoint picked for an attempt, with its breaker's permit (if it has one).

@@ -7,10 +7,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use palisade_gateway::Handle;
 use tokio::net::TcpListener;
@@ -49,4 +52,45 @@ pub fn endpoint_json(gw: &Handle, cluster: &str, addr: SocketAddr) -> serde_json
         .find(|e| e["address"] == addr.to_string())
         .unwrap_or_else(|| panic!("no endpoint {addr} in {clusters}"))
         .clone()
+}
+
+/// A client's view of an answer.
+pub struct Answer {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its headers.
+    pub headers: http::HeaderMap,
+    /// Its body, as text.
+    pub body: String,
+}
+
+impl Answer {
+    /// Its `x-palisade-cause`, or empty.
+    pub fn cause(&self) -> &str {
+        self.headers
+            .get("x-palisade-cause")
+            .map_or("", |v| v.to_str().unwrap())
+    }
+}
+
+/// Sends `req` (its path and query) to the gateway at `addr` and reads the answer.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let (parts, body) = req.into_parts();
+    let mut req = Request::from_parts(parts, body);
+    let pq = req.uri().path_and_query().unwrap().as_str().to_string();
+    *req.uri_mut() = format!("http://{addr}{pq}").parse().unwrap();
+    let resp = client.request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// `GET path` from the gateway at `addr`.
+pub async fn get(addr: SocketAddr, path: &str) -> Answer {
+    send(addr, Request::get(path).body(Full::default()).unwrap()).await
 }
