@@ -247,6 +247,7 @@ name = "bench"
 cluster = "up"
 timeout = "5s"
 per_try_timeout = "1s"
+${ROUTE_EXTRA:-}
 
 [routes.retry]
 attempts = 2
@@ -256,6 +257,7 @@ retry_on = ["connect-failure", "reset", "refused", "gateway-error"]
 endpoints = ["127.0.0.1:$up"]
 lb = "least-request"
 connect_timeout = "1s"
+${CLUSTER_EXTRA:-}
 
 [clusters.up.breaker]
 consecutive_failures = 5

@@ -1,0 +1,568 @@
+//! [`Runner`]: competing consumers. Each queue it serves has a fetch loop that
+//! keeps up to its concurrency of jobs running, woken at once by a new job
+//! (PostgreSQL `LISTEN/NOTIFY`, or this process's own enqueue) and otherwise every
+//! `poll_interval`. Every job it takes is leased; a heartbeat extends the leases of
+//! the jobs still running (and stops a job cancelled meanwhile), and every runner
+//! takes back jobs whose lease ran out, so a worker killed mid-job loses nothing:
+//! its jobs run again (at least once, never lost). Attempts end in batches
+//! (completions in one statement), failures are retried after the resilience
+//! crate's backoff, and a panic is a failed attempt that leaves the runner running.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use palisade_resilience::retry::Backoff;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::batch::batcher;
+use crate::job::{Job, now_ms};
+use crate::store::{Finish, Store};
+use crate::worker::{Erased, JobContext, JobError, Typed};
+use crate::{Queue, QueueError, Worker};
+
+/// One queue a runner serves.
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    /// Its name.
+    pub name: String,
+    /// Jobs of it run at once by this runner.
+    pub concurrency: usize,
+}
+
+impl QueueConfig {
+    /// Queue `name`, `concurrency` jobs at once.
+    pub fn new(name: impl Into<String>, concurrency: usize) -> Self {
+        QueueConfig {
+            name: name.into(),
+            concurrency,
+        }
+    }
+}
+
+/// How a [`Runner`] runs.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// The queues it serves (default: `default`, 10 at once).
+    pub queues: Vec<QueueConfig>,
+    /// How long a taken job is the runner's without a heartbeat; a job whose
+    /// runner died runs again this long after its last heartbeat (default 30 s).
+    /// Heartbeats go every third of it.
+    pub lease: Duration,
+    /// How often each queue is looked at without a wake-up, and so how late a
+    /// delayed job may start (default 1 s).
+    pub poll_interval: Duration,
+    /// Waits between a job's failed attempts (default: full jitter from 1 s,
+    /// doubling, at most 10 min).
+    pub backoff: Backoff,
+    /// How long an attempt may run when its job sets no timeout (default 30 min).
+    pub job_timeout: Duration,
+    /// How often this runner takes back other runners' expired jobs (default: the
+    /// lease).
+    pub rescue_interval: Duration,
+    /// Attempts that ended are recorded in batches of at most this many ...
+    pub finish_batch: usize,
+    /// ... waiting at most this long for a batch to fill.
+    pub finish_linger: Duration,
+    /// This runner's name in the jobs it holds (default: host, process id and a
+    /// random suffix).
+    pub name: String,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            queues: vec![QueueConfig::new(crate::job::DEFAULT_QUEUE, 10)],
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            backoff: Backoff::ExponentialJitter {
+                initial: Duration::from_secs(1),
+                multiplier: 2.0,
+                max: Duration::from_secs(600),
+            },
+            job_timeout: Duration::from_secs(1800),
+            rescue_interval: Duration::from_secs(30),
+            finish_batch: 500,
+            finish_linger: Duration::from_millis(2),
+            name: default_name(),
+        }
+    }
+}
+
+fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}:{:04x}", host.trim(), std::process::id(), fastrand::u16(..))
+}
+
+/// Runs the jobs of its registered kinds. See the [module docs](self).
+pub struct Runner {
+    queue: Queue,
+    config: RunnerConfig,
+    workers: HashMap<String, Arc<dyn Erased>>,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("config", &self.config)
+            .field("kinds", &self.workers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A running job's place in the runner.
+struct Running {
+    attempt: i32,
+    abort: AbortHandle,
+}
+
+/// What the runner's tasks share.
+struct Shared {
+    store: Store,
+    config: RunnerConfig,
+    workers: HashMap<String, Arc<dyn Erased>>,
+    kinds: Vec<String>,
+    running: Mutex<HashMap<i64, Running>>,
+    /// Woken whenever a job ends (shutdown waits on it).
+    ended: Notify,
+    finish: mpsc::Sender<(i64, i32, Finish)>,
+}
+
+/// A started runner: stop it with [`shutdown`](RunnerHandle::shutdown).
+pub struct RunnerHandle {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    fetchers: Vec<JoinHandle<()>>,
+    upkeep: Vec<JoinHandle<()>>,
+    finisher: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RunnerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerHandle")
+            .field("running", &self.running())
+            .finish()
+    }
+}
+
+/// What a shutdown came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Jobs that were running at the shutdown and finished within the grace period.
+    pub finished: usize,
+    /// Jobs still running at its end: stopped and handed back, available at once
+    /// (their attempt not counted).
+    pub handed_back: usize,
+}
+
+impl Runner {
+    /// A runner for `queue`'s jobs.
+    pub fn new(queue: Queue, config: RunnerConfig) -> Runner {
+        Runner {
+            queue,
+            config,
+            workers: HashMap::new(),
+        }
+    }
+
+    /// Runs jobs of `W::KIND` with `worker`.
+    pub fn register<W: Worker>(mut self, worker: W) -> Runner {
+        self.workers.insert(W::KIND.to_string(), Arc::new(Typed(worker)));
+        self
+    }
+
+    /// Starts fetching and running; listens for new jobs on PostgreSQL.
+    pub async fn start(self) -> Result<RunnerHandle, QueueError> {
+        let Runner {
+            queue,
+            config,
+            workers,
+        } = self;
+        let (finish, batches) = batcher(4096, config.finish_batch, config.finish_linger);
+        let mut kinds: Vec<String> = workers.keys().cloned().collect();
+        kinds.sort();
+        let shared = Arc::new(Shared {
+            store: queue.store.clone(),
+            config,
+            workers,
+            kinds,
+            running: Mutex::default(),
+            ended: Notify::new(),
+            finish,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let wakes: HashMap<String, Arc<Notify>> = (shared.config.queues.iter())
+            .map(|q| (q.name.clone(), Arc::new(Notify::new())))
+            .collect();
+        let mut upkeep = vec![
+            tokio::spawn(heartbeat(shared.clone())),
+            tokio::spawn(rescuer(shared.clone())),
+            tokio::spawn(relay_local(queue.local.clone(), wakes.clone(), stopped.clone())),
+        ];
+        if let Store::Postgres(pool) = &queue.store {
+            let listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+            upkeep.push(tokio::spawn(listen(
+                listener,
+                wakes.clone(),
+                shared.config.poll_interval,
+            )));
+        }
+        let fetchers = (shared.config.queues.iter())
+            .map(|q| {
+                let wake = wakes[&q.name].clone();
+                tokio::spawn(fetch_loop(shared.clone(), q.clone(), wake, stopped.clone()))
+            })
+            .collect();
+        let finisher = tokio::spawn(finisher(shared.store.clone(), batches));
+        Ok(RunnerHandle {
+            shared,
+            stop,
+            fetchers,
+            upkeep,
+            finisher,
+        })
+    }
+}
+
+impl RunnerHandle {
+    /// Jobs running now.
+    pub fn running(&self) -> usize {
+        lock(&self.shared.running).len()
+    }
+
+    /// Waits until no job is running (none was taken, or every one taken ended).
+    pub async fn until_idle(&self) {
+        loop {
+            let ended = self.shared.ended.notified();
+            if lock(&self.shared.running).is_empty() {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    /// Stops fetching, lets the running jobs finish for up to `grace`, then stops
+    /// the rest and hands them back (available at once, their attempt not
+    /// counted), and records every attempt that ended.
+    pub async fn shutdown(self, grace: Duration) -> ShutdownReport {
+        let _ = self.stop.send(true);
+        for f in self.fetchers {
+            let _ = f.await;
+        }
+        let at_stop = lock(&self.shared.running).len();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let ended = self.shared.ended.notified();
+            if lock(&self.shared.running).is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                break;
+            }
+        }
+        let left: Vec<(i64, Running)> = lock(&self.shared.running).drain().collect();
+        for (id, r) in &left {
+            r.abort.abort();
+            let _ = self.shared.finish.send((*id, r.attempt, Finish::Released)).await;
+        }
+        for t in self.upkeep {
+            t.abort();
+            let _ = t.await;
+        }
+        // The finisher ends once every sender is gone: this handle's and the job
+        // tasks' (which end with their jobs).
+        let RunnerHandle { shared, finisher, .. } = self;
+        drop(shared);
+        let _ = finisher.await;
+        ShutdownReport {
+            finished: at_stop.saturating_sub(left.len()),
+            handed_back: left.len(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Keeps up to the queue's concurrency of its jobs running until stopped.
+async fn fetch_loop(
+    shared: Arc<Shared>,
+    q: QueueConfig,
+    wake: Arc<Notify>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(q.concurrency.max(1)));
+    let mut failures = 0u32;
+    let mut rng = fastrand::Rng::new();
+    while !*stopped.borrow() {
+        // Armed before the fetch, so a job enqueued during it wakes the next wait.
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let free = slots.available_permits();
+        let mut full = free == 0;
+        if free > 0 {
+            let c = &shared.config;
+            match shared
+                .store
+                .fetch(&q.name, &shared.kinds, free, &c.name, c.lease)
+                .await
+            {
+                Ok(jobs) => {
+                    failures = 0;
+                    full = jobs.len() == free;
+                    for job in jobs {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            break;
+                        };
+                        start_job(&shared, job, slot);
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    metrics::counter!("palisade_queue_fetch_errors_total", "queue" => q.name.clone())
+                        .increment(1);
+                    tracing::warn!(queue = %q.name, error = %e, "fetching jobs failed");
+                    let wait = Backoff::default().delay(failures, Duration::ZERO, &mut rng);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait.max(shared.config.poll_interval / 4)) => {}
+                        _ = stopped.changed() => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        if full && free > 0 {
+            continue; // more may be waiting
+        }
+        tokio::select! {
+            () = &mut woken, if !full => {}
+            permit = slots.clone().acquire_owned(), if full => drop(permit),
+            () = tokio::time::sleep(shared.config.poll_interval) => {}
+            _ = stopped.changed() => {}
+        }
+    }
+}
+
+/// Runs `job` on its own task, holding its queue's `slot` until it ends.
+fn start_job(shared: &Arc<Shared>, job: Job, slot: tokio::sync::OwnedSemaphorePermit) {
+    let waited = job.attempted_at.unwrap_or_else(now_ms) - job.scheduled_at;
+    metrics::histogram!("palisade_queue_wait_seconds", "queue" => job.queue.clone())
+        .record(waited.max(0) as f64 / 1e3);
+    let Some(worker) = shared.workers.get(&job.kind).cloned() else {
+        // Unreachable: only registered kinds are fetched.
+        return;
+    };
+    let timeout = job.timeout.unwrap_or(shared.config.job_timeout);
+    let ctx = JobContext {
+        id: job.id,
+        queue: job.queue.clone(),
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        tags: job.tags.clone(),
+    };
+    let (id, attempt) = (job.id, job.attempt);
+    let attempt_task = tokio::spawn(tokio::time::timeout(timeout, worker.run(ctx, job.args)));
+    // Registered before the job can end: its end removes it.
+    lock(&shared.running).insert(
+        id,
+        Running {
+            attempt,
+            abort: attempt_task.abort_handle(),
+        },
+    );
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let result = attempt_task.await;
+        let ran = started.elapsed();
+        let _slot = slot;
+        // Gone from the map: stopped by the heartbeat (cancelled, rescued) or by a
+        // shutdown, which records its end itself.
+        if lock(&shared.running).remove(&id).is_none() {
+            shared.ended.notify_waiters();
+            return;
+        }
+        let (finish, outcome) = match result {
+            Ok(Ok(Ok(()))) => (Finish::Completed, "completed"),
+            Ok(Ok(Err(e))) => judge(&shared.config, e, attempt),
+            Ok(Err(_elapsed)) => failed(
+                &shared.config,
+                format!("timed out after {timeout:?}"),
+                attempt,
+                "timed_out",
+            ),
+            Err(e) if e.is_panic() => failed(&shared.config, panic_message(e), attempt, "panicked"),
+            Err(_) => {
+                shared.ended.notify_waiters();
+                return;
+            }
+        };
+        metrics::counter!("palisade_queue_jobs_total", "queue" => job.queue.clone(), "kind" => job.kind.clone(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("palisade_queue_run_seconds", "queue" => job.queue, "kind" => job.kind)
+            .record(ran.as_secs_f64());
+        let _ = shared.finish.send((id, attempt, finish)).await;
+        shared.ended.notify_waiters();
+    });
+}
+
+/// What a worker's error makes of the attempt.
+fn judge(c: &RunnerConfig, e: JobError, attempt: i32) -> (Finish, &'static str) {
+    match e {
+        JobError::Failed(error) => failed(c, error, attempt, "failed"),
+        JobError::Discard(error) => (
+            Finish::Failed {
+                error,
+                retry_in: Duration::ZERO,
+                discard: true,
+            },
+            "discarded",
+        ),
+        JobError::Snooze(d) => (Finish::Snoozed(d), "snoozed"),
+        JobError::Cancel(reason) => (Finish::Cancelled(reason), "cancelled"),
+    }
+}
+
+fn failed(c: &RunnerConfig, error: String, attempt: i32, outcome: &'static str) -> (Finish, &'static str) {
+    let n = u32::try_from(attempt).unwrap_or(1).max(1);
+    let retry_in = c.backoff.delay(n, Duration::ZERO, &mut fastrand::Rng::new());
+    (
+        Finish::Failed {
+            error,
+            retry_in,
+            discard: false,
+        },
+        outcome,
+    )
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    format!("panicked: {text}")
+}
+
+/// Records ended attempts in batches until every sender is gone. A batch the
+/// database refuses is tried again (the jobs' leases keep them meanwhile; past
+/// them, the jobs run again).
+async fn finisher(store: Store, mut batches: crate::batch::Batcher<(i64, i32, Finish)>) {
+    let mut rng = fastrand::Rng::new();
+    while let Some(batch) = batches.next().await {
+        for n in 1u32.. {
+            match store.finish(&batch).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, jobs = batch.len(), "recording finished jobs failed; retrying");
+                    if n >= 20 {
+                        tracing::error!(
+                            jobs = batch.len(),
+                            "gave up recording finished jobs: their leases will expire and they will run again"
+                        );
+                        break;
+                    }
+                    tokio::time::sleep(Backoff::default().delay(n, Duration::ZERO, &mut rng)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Extends the leases of the running jobs every third of the lease, and stops
+/// those the database no longer gives this runner (cancelled, or rescued after a
+/// lease lost to a long pause).
+async fn heartbeat(shared: Arc<Shared>) {
+    let every = shared.config.lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        let held: Vec<(i64, i32)> = lock(&shared.running)
+            .iter()
+            .map(|(id, r)| (*id, r.attempt))
+            .collect();
+        match shared.store.heartbeat(&held, shared.config.lease).await {
+            Ok(kept) => {
+                let mut running = lock(&shared.running);
+                for (id, attempt) in held.iter().filter(|(id, _)| !kept.contains(id)) {
+                    if running.get(id).is_some_and(|r| r.attempt == *attempt)
+                        && let Some(r) = running.remove(id)
+                    {
+                        r.abort.abort();
+                        metrics::counter!("palisade_queue_jobs_stopped_total").increment(1);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "job heartbeat failed"),
+        }
+    }
+}
+
+/// Takes back expired jobs every `rescue_interval`.
+async fn rescuer(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(shared.config.rescue_interval).await;
+        match shared.store.rescue().await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("palisade_queue_rescued_total").increment(n);
+                tracing::info!(jobs = n, "rescued jobs whose worker was lost");
+            }
+            Err(e) => tracing::warn!(error = %e, "rescuing expired jobs failed"),
+        }
+    }
+}
+
+/// Passes this process's enqueues on to every queue's fetch loop.
+async fn relay_local(
+    local: Arc<Notify>,
+    wakes: HashMap<String, Arc<Notify>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = local.notified() => {}
+            _ = stopped.changed() => return,
+        }
+        for w in wakes.values() {
+            w.notify_one();
+        }
+    }
+}
+
+/// Wakes a queue's fetch loop when PostgreSQL says a job was enqueued on it.
+async fn listen(
+    mut listener: sqlx::postgres::PgListener,
+    wakes: HashMap<String, Arc<Notify>>,
+    pause: Duration,
+) {
+    loop {
+        if let Err(e) = listener.listen("palisade_jobs").await {
+            tracing::warn!(error = %e, "LISTEN failed; polling meanwhile");
+            tokio::time::sleep(pause).await;
+            continue;
+        }
+        // Jobs enqueued while not listening said nothing: look now.
+        for w in wakes.values() {
+            w.notify_one();
+        }
+        loop {
+            match listener.recv().await {
+                Ok(n) => {
+                    if let Some(w) = wakes.get(n.payload()) {
+                        w.notify_one();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "job notifications lost; polling until they are back");
+                    tokio::time::sleep(pause).await;
+                    break;
+                }
+            }
+        }
+    }
+}
