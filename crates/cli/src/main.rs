@@ -4,6 +4,7 @@
 //! palisade gateway --config FILE   run the proxy (SIGHUP or a file change reloads; SIGTERM drains)
 //! palisade check --config FILE     validate a configuration, print every problem, exit 1 if any
 //! palisade demo [--duration 30s]   the gateway in front of built-in failing upstreams, with traffic
+//! palisade jobs --database URL ... the durable queue's jobs: list, show, retry, cancel, stats
 //! palisade completions SHELL       a completion script for bash, zsh, fish, elvish or PowerShell
 //! ```
 
@@ -16,8 +17,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 use palisade_gateway::Config;
 
 mod demo;
+mod jobs;
 
-/// A resilient reverse proxy: routes, clusters, breakers, retries, health.
+/// A resilient reverse proxy (routes, clusters, breakers, retries, health) and its
+/// durable job queue.
 #[derive(Debug, Parser)]
 #[command(
     name = "palisade",
@@ -50,6 +53,8 @@ enum Command {
     /// Run the gateway in front of built-in failing upstreams, with traffic, printing
     /// what happens each second.
     Demo(DemoArgs),
+    /// The durable queue's jobs: list, show, retry, cancel, stats.
+    Jobs(jobs::JobsArgs),
     /// Print a shell completion script (`palisade completions bash > /etc/bash_completion.d/palisade`).
     Completions {
         /// The shell.
@@ -107,6 +112,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .block_on(demo::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Jobs(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(jobs::run(args)),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "palisade", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

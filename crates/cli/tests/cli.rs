@@ -16,7 +16,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn every_subcommand_has_help() {
-    for cmd in ["gateway", "check", "demo", "completions"] {
+    for cmd in ["gateway", "check", "demo", "jobs", "completions"] {
         let out = palisade(&[cmd, "--help"]);
         assert!(out.status.success(), "{cmd} --help: {out:?}");
         assert!(
@@ -90,4 +90,104 @@ fn check_exits_0_for_a_good_file_and_1_naming_every_problem_of_a_bad_one() {
         assert!(err.contains(field), "missing {field} in {err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A SQLite queue in a fresh directory, with three jobs enqueued (ids returned).
+fn queue_with_jobs() -> (std::path::PathBuf, String, Vec<i64>) {
+    let dir = std::env::temp_dir().join(format!(
+        "palisade-cli-jobs-{}-{:x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite:{}", dir.join("jobs.db").display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ids = rt.block_on(async {
+        let q = palisade_queue::Queue::connect(&url).await.unwrap();
+        let jobs = [
+            palisade_queue::NewJob::new("send_email", &"a@example.com").unwrap(),
+            palisade_queue::NewJob::new("send_email", &"b@example.com")
+                .unwrap()
+                .queue("mail"),
+            palisade_queue::NewJob::new("resize", &[640, 480]).unwrap(),
+        ];
+        q.enqueue_many(&jobs)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect()
+    });
+    (dir, url, ids)
+}
+
+#[test]
+fn jobs_are_listed_shown_cancelled_retried_and_counted() {
+    let (dir, url, ids) = queue_with_jobs();
+    let jobs = |args: &[&str]| {
+        let mut all = vec!["jobs", "--database", url.as_str()];
+        all.extend_from_slice(args);
+        palisade(&all)
+    };
+    let out = jobs(&["list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+    let out = jobs(&["list", "--queue", "mail"]);
+    let text_out = text(&out.stdout);
+    assert!(
+        text_out.contains("send_email") && text_out.lines().count() == 2,
+        "{text_out}"
+    );
+    let (a, b) = (ids[0].to_string(), ids[1].to_string());
+    let out = jobs(&["show", &a]);
+    assert!(
+        text(&out.stdout).contains("send_email on default  available"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(jobs(&["cancel", &a]).status.code(), Some(0));
+    assert_eq!(jobs(&["cancel", &a]).status.code(), Some(1), "already cancelled");
+    assert_eq!(jobs(&["retry", &a]).status.code(), Some(0));
+    assert_eq!(jobs(&["cancel", &b]).status.code(), Some(0));
+    let out = jobs(&["stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_queue = |q: &str| {
+        stats
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["queue"] == q)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_queue("default")["counts"]["available"], 2);
+    assert_eq!(by_queue("mail")["counts"]["cancelled"], 1);
+    assert_eq!(jobs(&["show", "999999"]).status.code(), Some(1));
+    let out = jobs(&["list", "--state", "lost"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("discarded"), "{}", text(&out.stderr));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_database_that_cannot_be_reached_is_an_error_naming_it() {
+    let out = palisade(&[
+        "jobs",
+        "--database",
+        "postgres://nobody@127.0.0.1:1/none",
+        "stats",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unavailable"), "{}", text(&out.stderr));
+    let out = palisade(&["jobs", "--database", "mysql://x", "stats"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("postgres://... or sqlite:..."),
+        "{}",
+        text(&out.stderr)
+    );
 }

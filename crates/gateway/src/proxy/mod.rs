@@ -278,7 +278,8 @@ async fn route_request(
             continue;
         };
         let mut attempted = match hedge {
-            Some(h) => hedge::race(route, h, &mut attempts, &mut req, launch).await?,
+            // Boxed: two attempts' state, kept off the unhedged path's future.
+            Some(h) => Box::pin(hedge::race(route, h, &mut attempts, &mut req, launch)).await?,
             None => launch.send(up, req.client_side.as_deref()).await?,
         };
         if let Some(delay) = attempts.retry_delay(route, replayable, &attempted.result, &attempted.outcome) {
