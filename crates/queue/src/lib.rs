@@ -30,7 +30,7 @@ mod worker;
 pub use error::QueueError;
 pub use job::{AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobState, NewJob, Unique};
 pub use queue::{ConnectOptions, Queue};
-pub use runner::{QueueConfig, Runner, RunnerConfig, RunnerHandle, ShutdownReport};
+pub use runner::{QueueConfig, Runner, RunnerConfig, RunnerHandle, ShutdownReport, StartLimit};
 pub use schema::SCHEMA_VERSION;
 pub use store::{Enqueued, ListFilter, QueueStats};
 pub use worker::{JobContext, JobError, Worker};

@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use palisade_resilience::breaker::{CircuitBreaker, Outcome, Permit};
+use palisade_resilience::ratelimit::{Algorithm, RateLimiter, WarmUpLimiter};
 use palisade_resilience::retry::Backoff;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -23,21 +25,108 @@ use crate::worker::{Erased, JobContext, JobError, Typed};
 use crate::{Queue, QueueError, Worker};
 
 /// One queue a runner serves.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct QueueConfig {
     /// Its name.
     pub name: String,
     /// Jobs of it run at once by this runner.
     pub concurrency: usize,
+    /// The circuit breaker of the dependency its jobs call: while it is open no job
+    /// is taken (they wait, their attempts unspent); half-open, as many as it has
+    /// probes; each attempt's end is recorded in it (a completion a success; a
+    /// failure, timeout or panic a failure; the rest neither).
+    pub breaker: Option<CircuitBreaker>,
+    /// A limit on how fast its jobs start (the resilience crate's rate limiters).
+    pub rate_limit: Option<Arc<dyn StartLimit>>,
+}
+
+impl std::fmt::Debug for QueueConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueConfig")
+            .field("name", &self.name)
+            .field("concurrency", &self.concurrency)
+            .field("breaker", &self.breaker)
+            .field("rate_limit", &self.rate_limit.is_some())
+            .finish()
+    }
 }
 
 impl QueueConfig {
-    /// Queue `name`, `concurrency` jobs at once.
+    /// Queue `name`, `concurrency` jobs at once, no breaker, no rate limit.
     pub fn new(name: impl Into<String>, concurrency: usize) -> Self {
         QueueConfig {
             name: name.into(),
             concurrency,
+            breaker: None,
+            rate_limit: None,
         }
+    }
+
+    /// Takes no job while `breaker` is open (see [`QueueConfig::breaker`]).
+    pub fn breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// Starts jobs no faster than `limit` allows.
+    pub fn rate_limit(mut self, limit: impl StartLimit) -> Self {
+        self.rate_limit = Some(Arc::new(limit));
+        self
+    }
+
+    /// What the queue's breaker and rate limit let a fetch take now, with up to
+    /// `free` slots: a breaker permit (if it has a breaker) per job it may take, and,
+    /// when they held jobs back, which held them and how long until it may let more
+    /// through (when it knows).
+    fn admit(&self, free: usize) -> Admitted {
+        let mut permits = Vec::with_capacity(free);
+        let mut held = None;
+        for _ in 0..free {
+            let permit = match self.breaker.as_ref().map(CircuitBreaker::try_acquire_owned) {
+                Some(Err(rejected)) => {
+                    held = Some(("breaker", rejected.retry_after));
+                    break;
+                }
+                Some(Ok(p)) => Some(p),
+                None => None,
+            };
+            if let Some(Err(wait)) = self.rate_limit.as_ref().map(|l| l.try_start()) {
+                held = Some(("rate_limit", Some(wait)));
+                if let Some(p) = permit {
+                    p.record(Outcome::Ignored);
+                }
+                break;
+            }
+            permits.push(permit);
+        }
+        Admitted { permits, held }
+    }
+}
+
+/// What a queue's gates let through (see [`QueueConfig::admit`]).
+struct Admitted {
+    /// One per job that may be taken.
+    permits: Vec<Option<Permit<CircuitBreaker>>>,
+    /// Which gate held jobs back, and when it may let more through (if it knows).
+    held: Option<(&'static str, Option<Duration>)>,
+}
+
+/// A limit on how fast a queue's jobs start: the resilience crate's rate limiters
+/// implement it.
+pub trait StartLimit: Send + Sync + 'static {
+    /// Takes one start if it is allowed now, or says how long until one is.
+    fn try_start(&self) -> Result<(), Duration>;
+}
+
+impl<A: Algorithm> StartLimit for RateLimiter<A> {
+    fn try_start(&self) -> Result<(), Duration> {
+        self.check().map(|_| ()).map_err(|r| r.retry_after())
+    }
+}
+
+impl StartLimit for WarmUpLimiter {
+    fn try_start(&self) -> Result<(), Duration> {
+        self.check().map(|_| ()).map_err(|r| r.retry_after())
     }
 }
 
@@ -126,6 +215,9 @@ struct Shared {
     running: Mutex<HashMap<i64, Running>>,
     /// Woken whenever a job ends (shutdown waits on it).
     ended: Notify,
+    /// Fetches a queue's breaker or rate limit held back, and its wake-up.
+    held: std::sync::atomic::AtomicU64,
+    held_changed: Notify,
     finish: mpsc::Sender<(i64, i32, Finish)>,
 }
 
@@ -189,6 +281,8 @@ impl Runner {
             kinds,
             running: Mutex::default(),
             ended: Notify::new(),
+            held: std::sync::atomic::AtomicU64::new(0),
+            held_changed: Notify::new(),
             finish,
         });
         let (stop, stopped) = watch::channel(false);
@@ -229,6 +323,23 @@ impl RunnerHandle {
     /// Jobs running now.
     pub fn running(&self) -> usize {
         lock(&self.shared.running).len()
+    }
+
+    /// How many times a queue's breaker or rate limit held a fetch back (its jobs
+    /// waiting, attempts unspent).
+    pub fn held_back(&self) -> u64 {
+        self.shared.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until fetches were held back at least `n` times in all.
+    pub async fn until_held_back(&self, n: u64) {
+        loop {
+            let changed = self.shared.held_changed.notified();
+            if self.held_back() >= n {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Waits until no job is running (none was taken, or every one taken ended).
@@ -304,21 +415,40 @@ async fn fetch_loop(
         let free = slots.available_permits();
         let mut full = free == 0;
         if free > 0 {
+            let Admitted { permits, held } = q.admit(free);
+            if permits.is_empty() {
+                // Held back: the jobs wait, their attempts unspent.
+                let (gate, wait) = held.unwrap_or(("none", None));
+                metrics::counter!("palisade_queue_held_total", "queue" => q.name.clone(), "by" => gate)
+                    .increment(1);
+                shared.held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared.held_changed.notify_waiters();
+                let poll = shared.config.poll_interval;
+                tokio::select! {
+                    () = tokio::time::sleep(wait.unwrap_or(poll).min(poll)) => {}
+                    _ = stopped.changed() => {}
+                }
+                continue;
+            }
+            let admitted = permits.len();
             let c = &shared.config;
             match shared
                 .store
-                .fetch(&q.name, &shared.kinds, free, &c.name, c.lease)
+                .fetch(&q.name, &shared.kinds, admitted, &c.name, c.lease)
                 .await
             {
                 Ok(jobs) => {
                     failures = 0;
-                    full = jobs.len() == free;
+                    full = jobs.len() == admitted && admitted == free;
+                    let mut permits = permits.into_iter();
                     for job in jobs {
                         let Ok(slot) = slots.clone().try_acquire_owned() else {
                             break;
                         };
-                        start_job(&shared, job, slot);
+                        start_job(&shared, job, slot, permits.next().flatten());
                     }
+                    // Permits left over (fewer jobs than admitted) decide nothing.
+                    permits.flatten().for_each(|p| p.record(Outcome::Ignored));
                 }
                 Err(e) => {
                     failures += 1;
@@ -347,7 +477,12 @@ async fn fetch_loop(
 }
 
 /// Runs `job` on its own task, holding its queue's `slot` until it ends.
-fn start_job(shared: &Arc<Shared>, job: Job, slot: tokio::sync::OwnedSemaphorePermit) {
+fn start_job(
+    shared: &Arc<Shared>,
+    job: Job,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<Permit<CircuitBreaker>>,
+) {
     let waited = job.attempted_at.unwrap_or_else(now_ms) - job.scheduled_at;
     metrics::histogram!("palisade_queue_wait_seconds", "queue" => job.queue.clone())
         .record(waited.max(0) as f64 / 1e3);
@@ -400,6 +535,13 @@ fn start_job(shared: &Arc<Shared>, job: Job, slot: tokio::sync::OwnedSemaphorePe
                 return;
             }
         };
+        if let Some(p) = permit {
+            p.record(match outcome {
+                "completed" => Outcome::Success,
+                "failed" | "timed_out" | "panicked" => Outcome::Failure,
+                _ => Outcome::Ignored,
+            });
+        }
         metrics::counter!("palisade_queue_jobs_total", "queue" => job.queue.clone(), "kind" => job.kind.clone(), "outcome" => outcome)
             .increment(1);
         metrics::histogram!("palisade_queue_run_seconds", "queue" => job.queue, "kind" => job.kind)
@@ -564,5 +706,60 @@ async fn listen(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use palisade_core::ManualClock;
+    use palisade_resilience::breaker::{BreakerConfig, OpenDuration, State};
+    use palisade_resilience::ratelimit::{Gcra, Quota};
+
+    use super::*;
+
+    fn breaker(clock: &ManualClock) -> CircuitBreaker {
+        CircuitBreaker::builder("dependency")
+            .config(
+                BreakerConfig::empty()
+                    .consecutive_failures(2)
+                    .open_duration(OpenDuration::Fixed(Duration::from_secs(10)))
+                    .half_open(1, 1),
+            )
+            .clock(clock.clone())
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_open_breaker_takes_nothing_and_a_half_open_one_its_probes() {
+        let clock = ManualClock::new();
+        let b = breaker(&clock);
+        let q = QueueConfig::new("q", 8).breaker(b.clone());
+        let all = q.admit(8);
+        assert_eq!((all.permits.len(), all.held.is_none()), (8, true));
+        for p in all.permits.into_iter().flatten().take(2) {
+            p.failure();
+        }
+        assert_eq!(b.state(), State::Open);
+        let open = q.admit(8);
+        assert!(open.permits.is_empty());
+        assert_eq!(open.held, Some(("breaker", Some(Duration::from_secs(10)))));
+        clock.advance(Duration::from_secs(10));
+        let probing = q.admit(8);
+        assert_eq!(probing.permits.len(), 1, "one probe when half-open");
+        assert_eq!(probing.held.map(|h| h.0), Some("breaker"));
+    }
+
+    #[test]
+    fn a_rate_limit_admits_its_burst_then_says_when() {
+        let clock = ManualClock::new();
+        let limit = RateLimiter::new(Gcra::new(Quota::per_second(4)).unwrap()).with_clock(clock.clone());
+        let q = QueueConfig::new("q", 10).rate_limit(limit);
+        let first = q.admit(10);
+        assert_eq!(first.permits.len(), 4, "the burst");
+        assert_eq!(first.held, Some(("rate_limit", Some(Duration::from_millis(250)))));
+        assert!(q.admit(10).permits.is_empty());
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(q.admit(10).permits.len(), 2);
     }
 }

@@ -6,13 +6,15 @@
 //! every attempt.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use palisade_core::ManualClock;
 use palisade_queue::{
     JobContext, JobError, JobState, ListFilter, NewJob, Queue, QueueConfig, QueueError, Runner, RunnerConfig,
     Unique, Worker,
 };
+use palisade_resilience::breaker::{BreakerConfig, CircuitBreaker, OpenDuration, State};
 use palisade_resilience::retry::Backoff;
 use serde::{Deserialize, Serialize};
 
@@ -569,6 +571,97 @@ async fn queues_are_served_separately(b: Backend) {
     assert_eq!(seen.load(Ordering::SeqCst), 12);
 }
 
+/// Fails while the dependency is down; reports attempts made while its breaker
+/// was open (there must be none).
+struct Dependent {
+    up: Arc<AtomicBool>,
+    breaker: CircuitBreaker,
+    attempts: Arc<Events>,
+    while_open: Arc<AtomicU32>,
+}
+
+impl Worker for Dependent {
+    const KIND: &'static str = "dependent";
+    type Args = u32;
+    async fn work(&self, _job: JobContext, _n: u32) -> Result<(), JobError> {
+        if self.breaker.state() == State::Open {
+            self.while_open.fetch_add(1, Ordering::SeqCst);
+        }
+        self.attempts.hit();
+        if self.up.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(JobError::failed("dependency down"))
+        }
+    }
+}
+
+async fn a_queue_waits_while_its_breaker_is_open_and_resumes_at_half_open(b: Backend) {
+    let (q, _db) = fresh(b).await;
+    let clock = ManualClock::new();
+    let breaker = CircuitBreaker::builder("dependency")
+        .config(
+            BreakerConfig::empty()
+                .consecutive_failures(2)
+                .open_duration(OpenDuration::Fixed(Duration::from_secs(30)))
+                .half_open(1, 1),
+        )
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let (up, attempts, while_open) = (
+        Arc::new(AtomicBool::new(false)),
+        Events::new(),
+        Arc::new(AtomicU32::new(0)),
+    );
+    let config = RunnerConfig {
+        queues: vec![QueueConfig::new("default", 2).breaker(breaker.clone())],
+        poll_interval: FAST,
+        backoff: Backoff::Fixed(Duration::from_millis(1)),
+        ..RunnerConfig::default()
+    };
+    let handle = Runner::new(q.clone(), config)
+        .register(Dependent {
+            up: up.clone(),
+            breaker: breaker.clone(),
+            attempts: attempts.clone(),
+            while_open: while_open.clone(),
+        })
+        .start()
+        .await
+        .unwrap();
+    let jobs: Vec<_> = (0..2)
+        .map(|n| NewJob::new("dependent", &n).unwrap().max_attempts(3))
+        .collect();
+    let ids: Vec<i64> = q
+        .enqueue_many(&jobs)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    attempts.until(2).await;
+    // Both failed: the breaker is open, and their retries are due in 1 ms. The
+    // queue is held back again and again without taking them.
+    let held = handle.held_back();
+    handle.until_held_back(held + 5).await;
+    assert_eq!(attempts.get(), 2, "no attempt while the breaker is open");
+    up.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(30)); // half-open: one probe, which succeeds
+    attempts.until(4).await;
+    handle.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(while_open.load(Ordering::SeqCst), 0);
+    assert_eq!(breaker.state(), State::Closed);
+    for id in ids {
+        let job = q.job(id).await.unwrap().unwrap();
+        assert_eq!(
+            (job.state, job.attempt),
+            (JobState::Completed, 2),
+            "job {id}: attempts unspent"
+        );
+    }
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -609,4 +702,5 @@ on_both_backends!(
     invalid_jobs_are_refused_with_a_clear_error,
     the_schema_is_applied_once_and_a_newer_one_refused,
     queues_are_served_separately,
+    a_queue_waits_while_its_breaker_is_open_and_resumes_at_half_open,
 );

@@ -92,8 +92,6 @@ impl Attempts {
     /// The attempt phase up to the send: an endpoint picked, the request made for
     /// it, its timeout. `None`: the breaker refused and another endpoint may be
     /// tried at once. `hedged`: a copy may follow, so the request's head is kept.
-    /// Inlined: the attempt is built where it is sent, not copied there.
-    #[inline]
     pub(super) fn launch(
         &mut self,
         route: &Route,
@@ -126,7 +124,6 @@ impl Attempts {
 
     /// An attempt's timeout (the endpoint's adaptive one when the route has them)
     /// and the deadline it tells the endpoint.
-    #[inline]
     fn timed(
         &self,
         route: &Route,
