@@ -86,7 +86,10 @@ async fn main() {
     }
     let enqueue = enqueue_start.elapsed();
     let run_start = Instant::now();
-    let backend: PostgresStorage<u64> = PostgresStorage::new(&pool).with_config(config.clone());
+    // Polled every 5 ms: jobs are waiting, so the sooner a batch is fetched the better.
+    let backend = PostgresStorage::<u64>::new(&pool)
+        .with_config(config.clone())
+        .poll_with_interval(Duration::from_millis(5));
     WorkerBuilder::new("bench-throughput")
         .backend(backend)
         .data(counters.clone())
@@ -108,7 +111,10 @@ async fn main() {
     counters.done.store(0, Ordering::SeqCst);
     counters.target.store(total, Ordering::SeqCst);
     let latency_config = Config::default().queue("bench-latency").batch_size(a.concurrency);
-    let backend = PostgresStorage::<u64>::new(&pool).with_config(latency_config.clone()).with_pubsub();
+    let backend = PostgresStorage::<u64>::new(&pool)
+        .with_config(latency_config.clone())
+        .with_pubsub()
+        .poll_with_interval(Duration::from_millis(100));
     let worker = tokio::spawn({
         let counters = counters.clone();
         async move {

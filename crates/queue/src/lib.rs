@@ -11,6 +11,9 @@
 //!   Failed attempts are retried after the resilience crate's backoff; a job out of
 //!   attempts, or one its worker refuses, is discarded (the dead-letter state) with
 //!   its errors kept.
+//! * [`Periodic`] jobs are enqueued on a schedule ([`Schedule::Every`] or a
+//!   [`Cron`] expression), once per slot across every process, without a leader:
+//!   the unique index admits one of the runners' inserts.
 //! * [`batch`] groups items by size or linger time, for the runner's completions
 //!   and for services' own flushes.
 //!
@@ -21,6 +24,7 @@
 pub mod batch;
 mod error;
 mod job;
+mod periodic;
 mod queue;
 mod runner;
 mod schema;
@@ -29,6 +33,7 @@ mod worker;
 
 pub use error::QueueError;
 pub use job::{AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobState, NewJob, Unique};
+pub use periodic::{Cron, CronError, Periodic, Schedule};
 pub use queue::{ConnectOptions, Queue};
 pub use runner::{QueueConfig, Runner, RunnerConfig, RunnerHandle, ShutdownReport, StartLimit};
 pub use schema::SCHEMA_VERSION;

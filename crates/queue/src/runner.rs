@@ -20,6 +20,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::batch::batcher;
 use crate::job::{Job, now_ms};
+use crate::periodic::Periodic;
 use crate::store::{Finish, Store};
 use crate::worker::{Erased, JobContext, JobError, Typed};
 use crate::{Queue, QueueError, Worker};
@@ -157,6 +158,12 @@ pub struct RunnerConfig {
     /// This runner's name in the jobs it holds (default: host, process id and a
     /// random suffix).
     pub name: String,
+    /// Jobs enqueued on a schedule, once per slot across every process (see
+    /// [`Periodic`]).
+    pub periodic: Vec<Periodic>,
+    /// Finished jobs (completed, cancelled, discarded) are deleted this long after
+    /// they finished, checked every 10 minutes (default 7 days; `None` keeps them).
+    pub retention: Option<Duration>,
 }
 
 impl Default for RunnerConfig {
@@ -175,6 +182,8 @@ impl Default for RunnerConfig {
             finish_batch: 500,
             finish_linger: Duration::from_millis(2),
             name: default_name(),
+            periodic: Vec::new(),
+            retention: Some(Duration::from_secs(7 * 86_400)),
         }
     }
 }
@@ -293,6 +302,7 @@ impl Runner {
             tokio::spawn(heartbeat(shared.clone())),
             tokio::spawn(rescuer(shared.clone())),
             tokio::spawn(relay_local(queue.local.clone(), wakes.clone(), stopped.clone())),
+            tokio::spawn(scheduler(queue.clone(), shared.config.clone())),
         ];
         if let Store::Postgres(pool) = &queue.store {
             let listener = sqlx::postgres::PgListener::connect_with(pool).await?;
@@ -641,6 +651,55 @@ async fn heartbeat(shared: Arc<Shared>) {
             }
             Err(e) => tracing::warn!(error = %e, "job heartbeat failed"),
         }
+    }
+}
+
+/// Enqueues each periodic job's next slot ahead of time (a duplicate when another
+/// runner did it first), and deletes finished jobs past the retention.
+async fn scheduler(queue: Queue, config: RunnerConfig) {
+    const PRUNE_EVERY: i64 = 600_000;
+    let mut enqueued: HashMap<String, i64> = HashMap::new();
+    let mut next_prune = now_ms();
+    loop {
+        let now = now_ms();
+        let mut wake = now + PRUNE_EVERY;
+        for p in &config.periodic {
+            let Some(slot) = p.schedule.next_after(now) else {
+                continue;
+            };
+            if enqueued.get(&p.name) != Some(&slot) {
+                match queue.enqueue(p.job_for(slot)).await {
+                    Ok(_) => {
+                        enqueued.insert(p.name.clone(), slot);
+                    }
+                    Err(e) => {
+                        tracing::warn!(periodic = %p.name, error = %e, "enqueueing a periodic job failed");
+                        wake = wake.min(now + crate::job::millis(config.poll_interval));
+                        continue;
+                    }
+                }
+            }
+            // Once this slot is due, the one after it is enqueued.
+            wake = wake.min(slot + 1);
+        }
+        if let Some(age) = config.retention
+            && now >= next_prune
+        {
+            loop {
+                match queue.prune(age).await {
+                    Ok(n) if n >= 10_000 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "deleting finished jobs failed");
+                        break;
+                    }
+                }
+            }
+            next_prune = now + PRUNE_EVERY;
+        }
+        wake = wake.min(next_prune);
+        let pause = u64::try_from(wake - now_ms()).unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(pause.max(1))).await;
     }
 }
 

@@ -190,7 +190,7 @@ impl Store {
                 let sql = concat!(
                     "WITH picked AS (
                          SELECT id FROM palisade_jobs
-                         WHERE state IN (0, 1, 3) AND queue = $1 AND scheduled_at <= palisade_now_ms()
+                         WHERE state IN (0, 1, 3) AND queue = $1 AND scheduled_at <= (SELECT palisade_now_ms())
                              AND kind = ANY($5)
                          ORDER BY priority, scheduled_at, id
                          LIMIT $2 FOR UPDATE SKIP LOCKED)
@@ -343,7 +343,7 @@ impl Store {
                          lease_until = NULL,
                          errors = errors || jsonb_build_array(jsonb_build_object(
                              'attempt', attempt, 'at', palisade_now_ms(), 'error', $1::text))
-                     WHERE state = 2 AND lease_until < palisade_now_ms()",
+                     WHERE state = 2 AND lease_until < (SELECT palisade_now_ms())",
                 )
                 .bind(LOST)
                 .execute(pool)
@@ -498,7 +498,7 @@ impl Store {
                 sqlx::query_as(COUNTS).fetch_all(pool).await?,
                 sqlx::query_as(
                     "SELECT queue, palisade_now_ms() - min(scheduled_at) FROM palisade_jobs
-                     WHERE state IN (0, 1, 3) AND scheduled_at <= palisade_now_ms() GROUP BY queue",
+                     WHERE state IN (0, 1, 3) AND scheduled_at <= (SELECT palisade_now_ms()) GROUP BY queue",
                 )
                 .fetch_all(pool)
                 .await?,
@@ -547,7 +547,7 @@ impl Store {
             Store::Postgres(pool) => sqlx::query(
                 "DELETE FROM palisade_jobs WHERE id IN (
                      SELECT id FROM palisade_jobs
-                     WHERE state IN (4, 5, 6) AND finished_at < palisade_now_ms() - $1 LIMIT 10000)",
+                     WHERE state IN (4, 5, 6) AND finished_at < (SELECT palisade_now_ms()) - $1 LIMIT 10000)",
             )
             .bind(millis(age))
             .execute(pool)
@@ -587,7 +587,7 @@ pub(crate) async fn insert_postgres(
     let inserted: Vec<(i64, Option<String>)> = sqlx::query_as(
         "INSERT INTO palisade_jobs (queue, kind, args, priority, state, max_attempts, timeout_ms, tags,
              unique_key, unique_states, inserted_at, scheduled_at)
-         SELECT x.queue, x.kind, x.args, x.priority,
+         SELECT x.queue, x.kind, coalesce(x.args, 'null'::jsonb), x.priority,
                 CASE WHEN coalesce(x.at_ms, n.t + x.delay_ms) > n.t THEN 1 ELSE 0 END,
                 x.max_attempts, x.timeout_ms, x.tags, x.unique_key, x.unique_states, n.t,
                 coalesce(x.at_ms, n.t + x.delay_ms)

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use palisade_core::ManualClock;
 use palisade_queue::{
-    JobContext, JobError, JobState, ListFilter, NewJob, Queue, QueueConfig, QueueError, Runner, RunnerConfig,
-    Unique, Worker,
+    JobContext, JobError, JobState, ListFilter, NewJob, Periodic, Queue, QueueConfig, QueueError, Runner,
+    RunnerConfig, Unique, Worker,
 };
 use palisade_resilience::breaker::{BreakerConfig, CircuitBreaker, OpenDuration, State};
 use palisade_resilience::retry::Backoff;
@@ -149,6 +149,9 @@ async fn enqueue_and_read_back(b: Backend) {
     assert_eq!(later.state, JobState::Scheduled);
     assert!(later.scheduled_at >= later.inserted_at + 3_599_000);
     assert!(q.job(999_999).await.unwrap().is_none());
+    // Arguments that are JSON null (a unit type, `None`) are arguments too.
+    let unit = q.enqueue(NewJob::new("tick", &()).unwrap()).await.unwrap();
+    assert_eq!(q.job(unit.id).await.unwrap().unwrap().args, serde_json::Value::Null);
 }
 
 async fn many_in_one_call_keep_their_order(b: Backend) {
@@ -662,6 +665,61 @@ async fn a_queue_waits_while_its_breaker_is_open_and_resumes_at_half_open(b: Bac
     }
 }
 
+async fn a_periodic_job_runs_once_per_slot_however_many_runners_schedule_it(b: Backend) {
+    let (q, _db) = fresh(b).await;
+    let runs = Events::new();
+    struct Tick(Arc<Events>);
+    impl Worker for Tick {
+        const KIND: &'static str = "tick";
+        type Args = ();
+        async fn work(&self, _job: JobContext, _: ()) -> Result<(), JobError> {
+            self.0.hit();
+            Ok(())
+        }
+    }
+    let tick = Periodic::every("tick", Duration::from_secs(1), NewJob::new("tick", &()).unwrap());
+    let mut handles = Vec::new();
+    // Two runners, as two processes would be, both scheduling the same job.
+    for _ in 0..2 {
+        let config = RunnerConfig {
+            poll_interval: FAST,
+            periodic: vec![tick.clone()],
+            ..RunnerConfig::default()
+        };
+        let h = Runner::new(q.clone(), config)
+            .register(Tick(runs.clone()))
+            .start()
+            .await
+            .unwrap();
+        handles.push(h);
+    }
+    runs.until(3).await;
+    for h in handles {
+        h.shutdown(Duration::from_secs(5)).await;
+    }
+    let jobs = q
+        .list(&ListFilter {
+            kind: Some("tick".into()),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    let done: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Completed).collect();
+    let mut slots: Vec<i64> = done.iter().map(|j| j.scheduled_at).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    assert_eq!(slots.len(), done.len(), "one run per slot: {jobs:#?}");
+    assert_eq!(done.len() as u64, runs.get());
+    assert!(
+        slots.iter().all(|s| s % 1000 == 0),
+        "on the period's multiples: {slots:?}"
+    );
+    assert!(
+        jobs.iter().filter(|j| j.state == JobState::Scheduled).count() <= 1,
+        "only the next slot waits"
+    );
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -703,4 +761,5 @@ on_both_backends!(
     the_schema_is_applied_once_and_a_newer_one_refused,
     queues_are_served_separately,
     a_queue_waits_while_its_breaker_is_open_and_resumes_at_half_open,
+    a_periodic_job_runs_once_per_slot_however_many_runners_schedule_it,
 );
