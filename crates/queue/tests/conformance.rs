@@ -151,7 +151,10 @@ async fn enqueue_and_read_back(b: Backend) {
     assert!(q.job(999_999).await.unwrap().is_none());
     // Arguments that are JSON null (a unit type, `None`) are arguments too.
     let unit = q.enqueue(NewJob::new("tick", &()).unwrap()).await.unwrap();
-    assert_eq!(q.job(unit.id).await.unwrap().unwrap().args, serde_json::Value::Null);
+    assert_eq!(
+        q.job(unit.id).await.unwrap().unwrap().args,
+        serde_json::Value::Null
+    );
 }
 
 async fn many_in_one_call_keep_their_order(b: Backend) {

@@ -89,23 +89,6 @@ impl Attempts {
         Ok(Some((ep, permit)))
     }
 
-    /// The attempt phase up to the send: an endpoint picked, the request made for
-    /// it, its timeout. `None`: the breaker refused and another endpoint may be
-    /// tried at once. `hedged`: a copy may follow, so the request's head is kept.
-    pub(super) fn launch(
-        &mut self,
-        route: &Route,
-        req: &mut Prepared,
-        hedged: bool,
-    ) -> Result<Option<Launch>, Failure> {
-        let Some((ep, permit)) = self.pick(route, req.hash_key)? else {
-            return Ok(None);
-        };
-        let addr = ep.addr();
-        let request = req.next_request(addr, &route.upstream, self.last_chance(route) && !hedged);
-        Ok(Some(self.timed(route, ep, permit, request)))
-    }
-
     /// A hedge for the attempt running on `first`: another endpoint, if the
     /// route's budget allows a hedge and one is available (a hedge that cannot go
     /// is no failure: the first attempt runs on).
@@ -122,9 +105,9 @@ impl Attempts {
         Some(self.timed(route, ep, permit, request))
     }
 
-    /// An attempt's timeout (the endpoint's adaptive one when the route has them)
-    /// and the deadline it tells the endpoint.
-    fn timed(
+    /// The attempt of `request` to `ep`: its timeout (the endpoint's adaptive one
+    /// when the route has them) and the deadline it tells the endpoint.
+    pub(super) fn timed(
         &self,
         route: &Route,
         ep: Arc<EndpointState>,

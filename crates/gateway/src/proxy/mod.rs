@@ -274,9 +274,13 @@ async fn route_request(
     let replayable = req.replayable_method && matches!(req.body, SendBody::Buffered(_));
     let hedge = route.hedge.as_ref().filter(|_| replayable);
     loop {
-        let Some(launch) = attempts.launch(route, &mut req, hedge.is_some())? else {
+        let Some((ep, permit)) = attempts.pick(route, req.hash_key)? else {
             continue;
         };
+        // A hedge may follow: the request's head is then kept for its copy.
+        let last_chance = attempts.last_chance(route) && hedge.is_none();
+        let request = req.next_request(ep.addr(), up, last_chance);
+        let launch = attempts.timed(route, ep, permit, request);
         let mut attempted = match hedge {
             // Boxed: two attempts' state, kept off the unhedged path's future.
             Some(h) => Box::pin(hedge::race(route, h, &mut attempts, &mut req, launch)).await?,
