@@ -136,6 +136,9 @@ pub struct Job {
     pub attempted_at: Option<i64>,
     /// When it reached a final state.
     pub finished_at: Option<i64>,
+    /// What its worker gave as its result ([`crate::JobContext::set_output`]), once
+    /// completed.
+    pub output: Option<Value>,
 }
 
 /// A job to enqueue. Built with [`NewJob::new`] (or a worker's typed

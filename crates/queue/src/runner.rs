@@ -507,7 +507,9 @@ fn start_job(
         attempt: job.attempt,
         max_attempts: job.max_attempts,
         tags: job.tags.clone(),
+        output: Arc::default(),
     };
+    let output = ctx.output.clone();
     let (id, attempt) = (job.id, job.attempt);
     let attempt_task = tokio::spawn(tokio::time::timeout(timeout, worker.run(ctx, job.args)));
     // Registered before the job can end: its end removes it.
@@ -531,7 +533,13 @@ fn start_job(
             return;
         }
         let (finish, outcome) = match result {
-            Ok(Ok(Ok(()))) => (Finish::Completed, "completed"),
+            Ok(Ok(Ok(()))) => {
+                let value = output
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                (Finish::Completed(value), "completed")
+            }
             Ok(Ok(Err(e))) => judge(&shared.config, e, attempt),
             Ok(Err(_elapsed)) => failed(
                 &shared.config,

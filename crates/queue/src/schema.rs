@@ -35,7 +35,8 @@ CREATE TABLE palisade_jobs (
     attempted_at  BIGINT,
     finished_at   BIGINT,
     lease_until   BIGINT,
-    worker        TEXT
+    worker        TEXT,
+    output        JSONB
 );
 CREATE INDEX palisade_jobs_fetch ON palisade_jobs (queue, priority, scheduled_at, id) WHERE state IN (0, 1, 3);
 CREATE INDEX palisade_jobs_leases ON palisade_jobs (lease_until) WHERE state = 2;
@@ -75,7 +76,8 @@ CREATE TABLE palisade_jobs (
     attempted_at  INTEGER,
     finished_at   INTEGER,
     lease_until   INTEGER,
-    worker        TEXT
+    worker        TEXT,
+    output        TEXT
 );
 CREATE INDEX palisade_jobs_fetch ON palisade_jobs (queue, priority, scheduled_at, id) WHERE state IN (0, 1, 3);
 CREATE INDEX palisade_jobs_leases ON palisade_jobs (lease_until) WHERE state = 2;

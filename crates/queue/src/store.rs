@@ -16,7 +16,7 @@ use crate::job::{AttemptError, Job, JobState, NewJob, millis, now_ms};
 macro_rules! columns {
     () => {
         "id, queue, kind, args, priority, state, attempt, max_attempts, timeout_ms, tags, errors, \
-         unique_key, inserted_at, scheduled_at, attempted_at, finished_at"
+         unique_key, inserted_at, scheduled_at, attempted_at, finished_at, output"
     };
     ($p:literal) => {
         concat!(
@@ -51,7 +51,9 @@ macro_rules! columns {
             $p,
             "attempted_at, ",
             $p,
-            "finished_at"
+            "finished_at, ",
+            $p,
+            "output"
         )
     };
 }
@@ -70,6 +72,7 @@ macro_rules! job_from_row {
         let Json(tags): Json<Vec<String>> = r.try_get("tags")?;
         let Json(args): Json<Value> = r.try_get("args")?;
         let timeout_ms: Option<i64> = r.try_get("timeout_ms")?;
+        let output: Option<Json<Value>> = r.try_get("output")?;
         Job {
             id: r.try_get("id")?,
             queue: r.try_get("queue")?,
@@ -87,6 +90,7 @@ macro_rules! job_from_row {
             scheduled_at: r.try_get("scheduled_at")?,
             attempted_at: r.try_get("attempted_at")?,
             finished_at: r.try_get("finished_at")?,
+            output: output.map(|Json(v)| v),
         }
     }};
 }
@@ -94,8 +98,8 @@ macro_rules! job_from_row {
 /// How an attempt ended, as the store records it.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Finish {
-    /// Done.
-    Completed,
+    /// Done, with its worker's output, if it gave one.
+    Completed(Option<Value>),
     /// Failed: retried after `retry_in` while attempts remain (`discard`: never).
     Failed {
         error: String,
@@ -247,23 +251,30 @@ impl Store {
     pub(crate) async fn finish(&self, done: &[(i64, i32, Finish)]) -> Result<(), QueueError> {
         match self {
             Store::Postgres(pool) => {
-                let (ids, attempts): (Vec<i64>, Vec<i32>) = done
-                    .iter()
-                    .filter(|(_, _, f)| *f == Finish::Completed)
-                    .map(|(id, attempt, _)| (*id, *attempt))
-                    .unzip();
+                let mut ids = Vec::new();
+                let mut attempts = Vec::new();
+                let mut outputs: Vec<Option<Json<&Value>>> = Vec::new();
+                for (id, attempt, f) in done {
+                    if let Finish::Completed(output) = f {
+                        ids.push(*id);
+                        attempts.push(*attempt);
+                        outputs.push(output.as_ref().map(Json));
+                    }
+                }
                 if !ids.is_empty() {
                     sqlx::query(
-                        "UPDATE palisade_jobs j SET state = 4, finished_at = palisade_now_ms(), lease_until = NULL
-                         FROM unnest($1::bigint[], $2::int[]) AS d(id, attempt)
+                        "UPDATE palisade_jobs j SET state = 4, finished_at = palisade_now_ms(), lease_until = NULL,
+                             output = d.output
+                         FROM unnest($1::bigint[], $2::int[], $3::jsonb[]) AS d(id, attempt, output)
                          WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 2",
                     )
                     .bind(&ids)
                     .bind(&attempts)
+                    .bind(&outputs)
                     .execute(pool)
                     .await?;
                 }
-                for (id, attempt, f) in done.iter().filter(|(_, _, f)| *f != Finish::Completed) {
+                for (id, attempt, f) in done.iter().filter(|(_, _, f)| !matches!(f, Finish::Completed(_))) {
                     finish_postgres(pool, *id, *attempt, f).await?;
                 }
                 Ok(())
@@ -722,7 +733,7 @@ pub(crate) async fn insert_sqlite(
 
 async fn finish_postgres(pool: &PgPool, id: i64, attempt: i32, f: &Finish) -> Result<(), QueueError> {
     let q = match f {
-        Finish::Completed => unreachable!("completions go in one batch"),
+        Finish::Completed(_) => unreachable!("completions go in one batch"),
         Finish::Failed {
             error,
             retry_in,
@@ -779,13 +790,14 @@ async fn finish_sqlite(
     now: i64,
 ) -> Result<(), QueueError> {
     let q = match f {
-        Finish::Completed => sqlx::query(
-            "UPDATE palisade_jobs SET state = 4, finished_at = ?3, lease_until = NULL
+        Finish::Completed(output) => sqlx::query(
+            "UPDATE palisade_jobs SET state = 4, finished_at = ?3, lease_until = NULL, output = ?4
              WHERE id = ?1 AND attempt = ?2 AND state = 2",
         )
         .bind(id)
         .bind(attempt)
-        .bind(now),
+        .bind(now)
+        .bind(output.as_ref().map(Value::to_string)),
         Finish::Failed {
             error,
             retry_in,

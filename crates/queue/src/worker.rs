@@ -57,6 +57,22 @@ pub struct JobContext {
     pub max_attempts: i32,
     /// Its labels.
     pub tags: Vec<String>,
+    /// What the worker gives as the job's result.
+    pub(crate) output: Arc<std::sync::Mutex<Option<Value>>>,
+}
+
+impl JobContext {
+    /// Keeps `output` as the job's result, stored with it when it completes (read
+    /// back as [`crate::Job::output`]: an HTTP delivery's answer, a report's
+    /// location).
+    pub fn set_output(&self, output: impl serde::Serialize) -> Result<(), serde_json::Error> {
+        let value = serde_json::to_value(output)?;
+        *self
+            .output
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(value);
+        Ok(())
+    }
 }
 
 /// How a job's attempt did not complete. Any error converts into

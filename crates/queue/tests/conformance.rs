@@ -75,6 +75,7 @@ impl Worker for TaskWorker {
                 t.n, job.attempt
             )));
         }
+        job.set_output(serde_json::json!({"done": t.n}))?;
         self.done.hit();
         Ok(())
     }
@@ -188,6 +189,11 @@ async fn a_runner_completes_jobs_woken_by_their_enqueue(b: Backend) {
         let job = q.job(id).await.unwrap().unwrap();
         assert_eq!((job.state, job.attempt), (JobState::Completed, 1), "job {id}");
         assert!(job.finished_at.is_some());
+        assert_eq!(
+            job.output,
+            Some(serde_json::json!({"done": job.args["n"]})),
+            "its worker's output"
+        );
     }
 }
 
