@@ -5,6 +5,7 @@
 //! palisade check --config FILE     validate a configuration, print every problem, exit 1 if any
 //! palisade demo [--duration 30s]   the gateway in front of built-in failing upstreams, with traffic
 //! palisade jobs --database URL ... the durable queue's jobs: list, show, retry, cancel, stats
+//! palisade worker --config FILE    deliver the requests the async routes stored
 //! palisade completions SHELL       a completion script for bash, zsh, fish, elvish or PowerShell
 //! ```
 
@@ -55,6 +56,14 @@ enum Command {
     Demo(DemoArgs),
     /// The durable queue's jobs: list, show, retry, cancel, stats.
     Jobs(jobs::JobsArgs),
+    /// Deliver the requests a configuration's async routes stored in its
+    /// `[gateway.queue]`, without serving (as many workers as needed, beside the
+    /// gateways; SIGTERM or Ctrl-C stops, handing unfinished ones back).
+    Worker {
+        /// The gateway configuration (TOML) whose routes and clusters deliver.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Print a shell completion script (`palisade completions bash > /etc/bash_completion.d/palisade`).
     Completions {
         /// The shell.
@@ -111,6 +120,34 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .build()?
                 .block_on(demo::run(args))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker { config: path } => {
+            init_logs("info");
+            let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+            let Some(section) = config.gateway.queue.clone() else {
+                anyhow::bail!(
+                    "{}: no [gateway.queue] table: there is nothing to deliver",
+                    path.display()
+                );
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let runtime = palisade_gateway::runtime::Runtime::build(config)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+                    let runtime = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(runtime));
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                    let until = async move {
+                        tokio::select! {
+                            _ = term.recv() => {}
+                            _ = tokio::signal::ctrl_c() => {}
+                        }
+                    };
+                    palisade_gateway::jobs::work(runtime, section, until).await?;
+                    Ok(ExitCode::SUCCESS)
+                })
         }
         Command::Jobs(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

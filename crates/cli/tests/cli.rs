@@ -16,7 +16,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn every_subcommand_has_help() {
-    for cmd in ["gateway", "check", "demo", "jobs", "completions"] {
+    for cmd in ["gateway", "check", "demo", "jobs", "worker", "completions"] {
         let out = palisade(&[cmd, "--help"]);
         assert!(out.status.success(), "{cmd} --help: {out:?}");
         assert!(

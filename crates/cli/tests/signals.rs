@@ -217,3 +217,51 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits() {
     .await
     .expect("test guard");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_delivers_stored_requests_and_stops_on_sigterm() {
+    tokio::time::timeout(GUARD, async {
+        let up = upstream("delivered", false).await;
+        let dir = std::env::temp_dir().join(format!("palisade-worker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = format!("sqlite:{}", dir.join("jobs.db").display());
+        // A request stored as an async route stores it.
+        let q = palisade_queue::Queue::connect(&db).await.unwrap();
+        let stored = palisade_gateway::jobs::StoredRequest {
+            route: "r".into(),
+            method: "POST".into(),
+            path: "/orders".into(),
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: palisade_gateway::jobs::StoredBody::Text("two apples".into()),
+            token: "t".into(),
+        };
+        let job = palisade_queue::NewJob::new(palisade_gateway::jobs::HTTP_DELIVERY, &stored)
+            .unwrap()
+            .queue(palisade_gateway::jobs::HTTP_QUEUE);
+        let id = q.enqueue(job).await.unwrap().id;
+        let text = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nwatch_config = false\nqueue = {{ database = \"{db}\", workers = 2 }}\n\
+             [[routes]]\nname = \"r\"\ncluster = \"c\"\nmode = \"async\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+            up.addr
+        );
+        let path = config_file("worker", &text);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .args(["worker", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        up.seen.notified().await;
+        let pid = child.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(child.wait().await.unwrap().success(), "the worker exits cleanly on SIGTERM");
+        let job = q.job(id).await.unwrap().unwrap();
+        assert_eq!(job.state, palisade_queue::JobState::Completed, "{job:?}");
+        assert_eq!(job.output.unwrap()["body"], "delivered");
+        let _ = std::fs::remove_dir_all(dir);
+    })
+    .await
+    .expect("the worker test hung");
+}

@@ -44,11 +44,13 @@ pub enum Cause {
     /// A fault injected on purpose, by a chaos drill (503 unless the drill names
     /// another status).
     FaultInjected,
+    /// The durable queue a request was to be stored in could not be reached (503).
+    QueueUnavailable,
 }
 
 impl Cause {
     /// Every cause.
-    pub const ALL: [Cause; 15] = [
+    pub const ALL: [Cause; 16] = [
         Cause::NoRoute,
         Cause::RateLimited,
         Cause::BodyTooLarge,
@@ -64,6 +66,7 @@ impl Cause {
         Cause::ProtocolError,
         Cause::Upstream,
         Cause::FaultInjected,
+        Cause::QueueUnavailable,
     ];
 
     /// Its stable name: the value of `x-palisade-cause`, the name `fallback.on`
@@ -85,6 +88,7 @@ impl Cause {
             Cause::ProtocolError => "protocol_error",
             Cause::Upstream => "upstream",
             Cause::FaultInjected => "fault_injected",
+            Cause::QueueUnavailable => "queue_unavailable",
         }
     }
 
@@ -100,7 +104,8 @@ impl Cause {
             | Cause::NoHealthyEndpoint
             | Cause::BulkheadFull
             | Cause::Shed
-            | Cause::FaultInjected => 503,
+            | Cause::FaultInjected
+            | Cause::QueueUnavailable => 503,
             Cause::Timeout => 504,
             Cause::ConnectError | Cause::Reset | Cause::ProtocolError | Cause::Upstream => 502,
         }

@@ -79,6 +79,55 @@ pub struct GatewaySection {
     /// does: `reject` (400), `keep` (passed as it is, not a separator), or
     /// `unescape` (decoded to `/`).
     pub escaped_slashes: EscapedSlashes,
+    /// The durable queue that `mode = "async"` routes store requests in.
+    pub queue: Option<QueueSection>,
+}
+
+/// `[gateway.queue]`: where `mode = "async"` routes store requests, and who
+/// delivers them. Read at start only (a reload keeps the queue it has).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSection {
+    /// The queue's database: `sqlite:path` (created if missing) or
+    /// `postgres://user@host/db`.
+    #[serde(default = "default_queue_database")]
+    pub database: String,
+    /// Requests this gateway delivers at once (0: it only stores them, and
+    /// `palisade worker` delivers).
+    #[serde(default = "default_queue_workers")]
+    pub workers: usize,
+    /// Attempts a stored request gets before it is given up (discarded).
+    #[serde(default = "default_queue_attempts")]
+    pub max_attempts: i32,
+    /// A stored request's status is read at `GET <status_path>/<id>.<token>` on the
+    /// gateway's listener.
+    #[serde(default = "default_status_path")]
+    pub status_path: String,
+}
+
+fn default_queue_database() -> String {
+    "sqlite:palisade-jobs.db".into()
+}
+fn default_queue_workers() -> usize {
+    16
+}
+fn default_queue_attempts() -> i32 {
+    10
+}
+fn default_status_path() -> String {
+    "/jobs".into()
+}
+
+/// How a route answers (see [`RouteConfig::mode`]).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouteMode {
+    /// Sends the request on and passes the answer back.
+    #[default]
+    Proxy,
+    /// Stores the request in the gateway's queue and answers `202 Accepted` with
+    /// where to read its status; the queue delivers it (queue-based load leveling).
+    Async,
 }
 
 /// What an escaped slash in a path does (see [`GatewaySection::escaped_slashes`]).
@@ -140,6 +189,7 @@ impl Default for GatewaySection {
             h2_keepalive_timeout: Dur(Duration::from_secs(10)),
             max_client_connections: 10_000,
             escaped_slashes: EscapedSlashes::Reject,
+            queue: None,
         }
     }
 }
@@ -194,6 +244,11 @@ pub struct RouteConfig {
     /// Hedged requests: off unless this table is set.
     #[serde(default)]
     pub hedge: Option<HedgeConfig>,
+    /// `proxy` (default), or `async`: the request is stored in `[gateway.queue]`
+    /// and answered `202 Accepted` with a status URL; a client `Idempotency-Key`
+    /// stores it once.
+    #[serde(default)]
+    pub mode: RouteMode,
 }
 
 /// A route's place in its cluster's load shedding: its priority, and a header that
@@ -1136,6 +1191,38 @@ impl Config {
                 ));
             }
             r.problems(&at, &mut p);
+            if r.mode == RouteMode::Async && self.gateway.queue.is_none() {
+                p.push(ConfigError::new(
+                    format!("{at}.mode"),
+                    "`async` stores requests in a queue: add a [gateway.queue] table (its database)",
+                ));
+            }
+        }
+        if let Some(q) = &self.gateway.queue {
+            if !(q.database.starts_with("sqlite:")
+                || q.database.starts_with("postgres:")
+                || q.database.starts_with("postgresql:"))
+            {
+                p.push(ConfigError::new(
+                    "gateway.queue.database",
+                    "must be a sqlite:path or postgres://... URL",
+                ));
+            }
+            if q.max_attempts < 1 {
+                p.push(ConfigError::new(
+                    "gateway.queue.max_attempts",
+                    "must be at least 1",
+                ));
+            }
+            if q.workers > 10_000 {
+                p.push(ConfigError::new("gateway.queue.workers", "must be at most 10000"));
+            }
+            if !q.status_path.starts_with('/') || q.status_path.len() < 2 || q.status_path.ends_with('/') {
+                p.push(ConfigError::new(
+                    "gateway.queue.status_path",
+                    "must be a path like /jobs (a leading /, none at the end)",
+                ));
+            }
         }
         for (name, c) in &self.clusters {
             c.problems(&format!("clusters.{name}"), &mut p);

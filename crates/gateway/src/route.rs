@@ -55,6 +55,8 @@ pub struct Route {
     pub priority: RoutePriority,
     /// Hedged requests, when the route has them.
     pub hedge: Option<RouteHedge>,
+    /// Proxied, or stored in the queue and delivered later.
+    pub mode: crate::config::RouteMode,
     /// Its metric handles.
     pub metrics: RouteMetrics,
 }
@@ -112,6 +114,7 @@ impl Route {
             adaptive,
             priority,
             hedge,
+            mode: r.mode,
             metrics: RouteMetrics::new(&r.name),
         })
     }

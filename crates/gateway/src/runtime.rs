@@ -29,6 +29,9 @@ pub struct Runtime {
     /// Open tunnels; one set for the gateway's life, handed from runtime to runtime
     /// by reloads so the drain sees them all.
     pub tunnels: crate::tunnel::Tunnels,
+    /// The queue async routes store requests in, once connected (one for every
+    /// runtime a reload builds).
+    pub queue: Arc<crate::jobs::QueueSlot>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -109,6 +112,7 @@ impl Runtime {
             tls,
             unrouted: RouteMetrics::new("none"),
             tunnels: crate::tunnel::Tunnels::default(),
+            queue: Arc::default(),
             tasks: Vec::new(),
         })
     }

@@ -171,6 +171,17 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    if let Some(section) = gateway.queue.clone() {
+        let slot = runtime.load().queue.clone();
+        let drain = gateway.drain_timeout.get();
+        tasks.push(tokio::spawn(crate::jobs::run(
+            slot,
+            runtime.clone(),
+            section,
+            drain,
+            rx.clone(),
+        )));
+    }
 
     // The proxy listener is served by `workers` threads, each a single-threaded
     // runtime accepting from the same socket (as nginx's workers do): a request, its
@@ -493,6 +504,7 @@ impl Handle {
         }
         let mut next = Runtime::build(config).await?;
         next.tunnels = old.tunnels.clone();
+        next.queue = old.queue.clone();
         self.runtime.store(Arc::new(next));
         metrics::counter!("palisade_config_reloads_total", "result" => "ok").increment(1);
         tracing::info!("configuration reloaded");

@@ -279,6 +279,23 @@ fn every_mistake_is_an_error_naming_its_field() {
             ),
             "hedge.quantile",
         ),
+        (
+            with("[[routes]]", "mode = \"async\""),
+            "routes[0] (r).mode: `async` stores requests in a queue",
+        ),
+        (with("[[routes]]", "mode = \"later\""), "mode"),
+        (
+            with("[gateway]", "queue = { database = \"mysql://x\" }"),
+            "gateway.queue.database",
+        ),
+        (
+            with("[gateway]", "queue = { status_path = \"jobs/\" }"),
+            "gateway.queue.status_path",
+        ),
+        (
+            with("[gateway]", "queue = { max_attempts = 0 }"),
+            "gateway.queue.max_attempts",
+        ),
     ];
     for (text, field) in &cases {
         let err = match check(text) {

@@ -80,6 +80,11 @@ impl PendingBody {
         (send, None)
     }
 
+    /// The body, unread.
+    pub(super) fn into_incoming(self) -> Incoming {
+        self.body
+    }
+
     /// The client's body, watched so its failures are known as the client's (see
     /// `client_body`): read whole when it may be sent again, else its first frame
     /// read ahead, so a body bad from its start never reaches an endpoint.
@@ -269,6 +274,11 @@ fn client_error(e: &crate::BoxError) -> Failure {
 }
 
 impl Prepared {
+    /// Its head, as it would be sent upstream (a stored request's).
+    pub(super) fn into_head(self) -> http::request::Parts {
+        self.parts
+    }
+
     /// The request for one attempt to `addr`: the body taken (streamed) or copied
     /// (buffered); the head copied only when another attempt may need it.
     pub(super) fn next_request(

@@ -13,10 +13,12 @@ mod decide;
 mod headers;
 mod hedge;
 mod idle;
+mod stored;
 mod upgrade;
 
 pub use admit::{PathError, normalize_path};
 pub use client_body::{ClientBodyError, ClientFault};
+pub(crate) use stored::deliver;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -160,6 +162,13 @@ pub async fn handle(
             return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
         }
     };
+    if rt.config.gateway.queue.is_some()
+        // Boxed, as the store below: the queue's futures stay off the proxy path's.
+        && let Some(answer) = Box::pin(stored::status(rt, req.method(), req.uri().path())).await
+    {
+        let resp = answer.unwrap_or_else(|f| failure_response(&f, &request_id));
+        return Ok(finish(rt, None, line, started, resp));
+    }
     let Some(route) = rt.routes.iter().find(|r| matches(r, &req)) else {
         let f = Failure::new(
             Cause::NoRoute,
@@ -167,7 +176,12 @@ pub async fn handle(
         );
         return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
     };
-    let resp = match route_request(rt, route, req, (client, host), &request_id, &mut active).await {
+    let routed = if route.mode == crate::config::RouteMode::Async {
+        Box::pin(stored::store(rt, route, req, (client, host), &request_id)).await
+    } else {
+        route_request(rt, route, req, (client, host), &request_id, &mut active).await
+    };
+    let resp = match routed {
         Ok(resp) => resp,
         Err(f) => match &route.fallback {
             // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
