@@ -164,6 +164,10 @@ pub struct RunnerConfig {
     /// Finished jobs (completed, cancelled, discarded) are deleted this long after
     /// they finished, checked every 10 minutes (default 7 days; `None` keeps them).
     pub retention: Option<Duration>,
+    /// How often the queue's depth is exported as gauges (`palisade_queue_depth{queue,
+    /// state}`, `palisade_queue_oldest_wait_seconds{queue}`), for dashboards and an
+    /// autoscaler adding worker processes (default 10 s; `None`: never).
+    pub stats_interval: Option<Duration>,
 }
 
 impl Default for RunnerConfig {
@@ -184,6 +188,7 @@ impl Default for RunnerConfig {
             name: default_name(),
             periodic: Vec::new(),
             retention: Some(Duration::from_secs(7 * 86_400)),
+            stats_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -668,6 +673,7 @@ async fn scheduler(queue: Queue, config: RunnerConfig) {
     const PRUNE_EVERY: i64 = 600_000;
     let mut enqueued: HashMap<String, i64> = HashMap::new();
     let mut next_prune = now_ms();
+    let mut next_stats = now_ms();
     loop {
         let now = now_ms();
         let mut wake = now + PRUNE_EVERY;
@@ -705,9 +711,35 @@ async fn scheduler(queue: Queue, config: RunnerConfig) {
             }
             next_prune = now + PRUNE_EVERY;
         }
+        if let Some(every) = config.stats_interval
+            && now >= next_stats
+        {
+            export_depth(&queue).await;
+            next_stats = now + crate::job::millis(every).max(1);
+        }
+        if config.stats_interval.is_some() {
+            wake = wake.min(next_stats);
+        }
         wake = wake.min(next_prune);
         let pause = u64::try_from(wake - now_ms()).unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(pause.max(1))).await;
+    }
+}
+
+/// Sets the depth gauges from the queue's statistics.
+async fn export_depth(queue: &Queue) {
+    match queue.stats().await {
+        Ok(stats) => {
+            for s in stats {
+                for state in crate::JobState::ALL {
+                    metrics::gauge!("palisade_queue_depth", "queue" => s.queue.clone(), "state" => state.as_str())
+                        .set(s.counts[state.code() as usize] as f64);
+                }
+                metrics::gauge!("palisade_queue_oldest_wait_seconds", "queue" => s.queue.clone())
+                    .set(s.oldest_wait_ms as f64 / 1e3);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the queue's depth failed"),
     }
 }
 
@@ -828,5 +860,61 @@ mod tests {
         assert!(q.admit(10).permits.is_empty());
         clock.advance(Duration::from_millis(500));
         assert_eq!(q.admit(10).permits.len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod depth {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+    use crate::NewJob;
+
+    #[test]
+    fn the_depth_per_queue_and_state_is_exported_as_gauges() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            rt.block_on(async {
+                let q = Queue::connect("sqlite::memory:").await.unwrap();
+                let jobs: Vec<_> = (0..3)
+                    .map(|n| NewJob::new("k", &n).unwrap().queue("mail"))
+                    .collect();
+                q.enqueue_many(&jobs).await.unwrap();
+                q.enqueue(
+                    NewJob::new("k", &9)
+                        .unwrap()
+                        .queue("mail")
+                        .delay(Duration::from_secs(60)),
+                )
+                .await
+                .unwrap();
+                export_depth(&q).await;
+            });
+        });
+        let gauges: HashMap<(String, String), f64> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(key, _, _, value)| {
+                let key = key.key();
+                let DebugValue::Gauge(v) = value else { return None };
+                let label = |n: &str| key.labels().find(|l| l.key() == n).map(|l| l.value().to_string());
+                Some((
+                    (key.name().to_string(), label("state").unwrap_or_default()),
+                    v.into_inner(),
+                ))
+            })
+            .collect();
+        let depth = |state: &str| gauges[&("palisade_queue_depth".to_string(), state.to_string())];
+        assert_eq!(
+            (depth("available"), depth("scheduled"), depth("running")),
+            (3.0, 1.0, 0.0)
+        );
+        assert!(gauges.contains_key(&("palisade_queue_oldest_wait_seconds".to_string(), String::new())));
     }
 }
