@@ -30,8 +30,11 @@ use crate::{Queue, QueueError, Worker};
 pub struct QueueConfig {
     /// Its name.
     pub name: String,
-    /// Jobs of it run at once by this runner.
+    /// Jobs of it run at once by this runner (at most, when adaptive).
     pub concurrency: usize,
+    /// The fewest jobs run at once when the concurrency adapts (see
+    /// [`QueueConfig::adaptive`]); equal to `concurrency`, it is fixed.
+    pub min_concurrency: usize,
     /// The circuit breaker of the dependency its jobs call: while it is open no job
     /// is taken (they wait, their attempts unspent); half-open, as many as it has
     /// probes; each attempt's end is recorded in it (a completion a success; a
@@ -46,6 +49,7 @@ impl std::fmt::Debug for QueueConfig {
         f.debug_struct("QueueConfig")
             .field("name", &self.name)
             .field("concurrency", &self.concurrency)
+            .field("min_concurrency", &self.min_concurrency)
             .field("breaker", &self.breaker)
             .field("rate_limit", &self.rate_limit.is_some())
             .finish()
@@ -58,9 +62,19 @@ impl QueueConfig {
         QueueConfig {
             name: name.into(),
             concurrency,
+            min_concurrency: concurrency,
             breaker: None,
             rate_limit: None,
         }
+    }
+
+    /// Lets the concurrency follow the backlog between `min` and `concurrency`:
+    /// it grows by half while every fetch comes back full (jobs are waiting), and
+    /// falls to what is running (at least `min`) when a fetch finds fewer than it
+    /// could take. An idle runner holds few slots; a backlog gets them all.
+    pub fn adaptive(mut self, min: usize) -> Self {
+        self.min_concurrency = min.clamp(1, self.concurrency.max(1));
+        self
     }
 
     /// Takes no job while `breaker` is open (see [`QueueConfig::breaker`]).
@@ -229,6 +243,9 @@ struct Shared {
     running: Mutex<HashMap<i64, Running>>,
     /// Woken whenever a job ends (shutdown waits on it).
     ended: Notify,
+    /// Each queue's concurrency now, and its change's wake-up.
+    targets: HashMap<String, Arc<std::sync::atomic::AtomicUsize>>,
+    target_changed: Notify,
     /// Fetches a queue's breaker or rate limit held back, and its wake-up.
     held: std::sync::atomic::AtomicU64,
     held_changed: Notify,
@@ -288,6 +305,15 @@ impl Runner {
         let (finish, batches) = batcher(4096, config.finish_batch, config.finish_linger);
         let mut kinds: Vec<String> = workers.keys().cloned().collect();
         kinds.sort();
+        let targets = (config.queues.iter())
+            .map(|q| {
+                let start = q.min_concurrency.clamp(1, q.concurrency.max(1));
+                (
+                    q.name.clone(),
+                    Arc::new(std::sync::atomic::AtomicUsize::new(start)),
+                )
+            })
+            .collect();
         let shared = Arc::new(Shared {
             store: queue.store.clone(),
             config,
@@ -295,6 +321,8 @@ impl Runner {
             kinds,
             running: Mutex::default(),
             ended: Notify::new(),
+            targets,
+            target_changed: Notify::new(),
             held: std::sync::atomic::AtomicU64::new(0),
             held_changed: Notify::new(),
             finish,
@@ -338,6 +366,23 @@ impl RunnerHandle {
     /// Jobs running now.
     pub fn running(&self) -> usize {
         lock(&self.shared.running).len()
+    }
+
+    /// How many jobs of `queue` this runner runs at once now (its adaptive
+    /// concurrency, or the fixed one).
+    pub fn concurrency(&self, queue: &str) -> Option<usize> {
+        (self.shared.targets.get(queue)).map(|t| t.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Waits until `queue`'s concurrency is `n`.
+    pub async fn until_concurrency(&self, queue: &str, n: usize) {
+        loop {
+            let changed = self.shared.target_changed.notified();
+            if self.concurrency(queue).is_none_or(|c| c == n) {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// How many times a queue's breaker or rate limit held a fetch back (its jobs
@@ -419,7 +464,9 @@ async fn fetch_loop(
     wake: Arc<Notify>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(q.concurrency.max(1)));
+    let max = q.concurrency.max(1);
+    let slots = Arc::new(Semaphore::new(max));
+    let target = shared.targets[&q.name].clone();
     let mut failures = 0u32;
     let mut rng = fastrand::Rng::new();
     while !*stopped.borrow() {
@@ -427,7 +474,13 @@ async fn fetch_loop(
         let woken = wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let free = slots.available_permits();
+        let ended = shared.ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        let running = max - slots.available_permits();
+        let free = target
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(running);
         let mut full = free == 0;
         if free > 0 {
             let Admitted { permits, held } = q.admit(free);
@@ -455,6 +508,7 @@ async fn fetch_loop(
                 Ok(jobs) => {
                     failures = 0;
                     full = jobs.len() == admitted && admitted == free;
+                    let fetched = jobs.len();
                     let mut permits = permits.into_iter();
                     for job in jobs {
                         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -464,6 +518,20 @@ async fn fetch_loop(
                     }
                     // Permits left over (fewer jobs than admitted) decide nothing.
                     permits.flatten().for_each(|p| p.record(Outcome::Ignored));
+                    if q.min_concurrency < max {
+                        let now = target.load(std::sync::atomic::Ordering::Relaxed);
+                        let next = if full {
+                            (now + now.div_ceil(2)).min(max)
+                        } else {
+                            (running + fetched).max(q.min_concurrency)
+                        };
+                        if next != now {
+                            target.store(next, std::sync::atomic::Ordering::Relaxed);
+                            metrics::gauge!("palisade_queue_concurrency", "queue" => q.name.clone())
+                                .set(next as f64);
+                            shared.target_changed.notify_waiters();
+                        }
+                    }
                 }
                 Err(e) => {
                     failures += 1;
@@ -484,7 +552,8 @@ async fn fetch_loop(
         }
         tokio::select! {
             () = &mut woken, if !full => {}
-            permit = slots.clone().acquire_owned(), if full => drop(permit),
+            // At its concurrency: a job's end makes room.
+            () = &mut ended, if full => {}
             () = tokio::time::sleep(shared.config.poll_interval) => {}
             _ = stopped.changed() => {}
         }
@@ -530,7 +599,9 @@ fn start_job(
         let started = std::time::Instant::now();
         let result = attempt_task.await;
         let ran = started.elapsed();
-        let _slot = slot;
+        // Free before anyone hears the job ended: a fetch loop woken by it finds
+        // the room.
+        drop(slot);
         // Gone from the map: stopped by the heartbeat (cancelled, rescued) or by a
         // shutdown, which records its end itself.
         if lock(&shared.running).remove(&id).is_none() {

@@ -729,6 +729,45 @@ async fn a_periodic_job_runs_once_per_slot_however_many_runners_schedule_it(b: B
     );
 }
 
+async fn an_adaptive_concurrency_follows_the_backlog(b: Backend) {
+    let (q, _db) = fresh(b).await;
+    struct Held(Arc<Events>, Arc<tokio::sync::Semaphore>);
+    impl Worker for Held {
+        const KIND: &'static str = "held";
+        type Args = u32;
+        async fn work(&self, _job: JobContext, _n: u32) -> Result<(), JobError> {
+            self.0.hit();
+            self.1.acquire().await.unwrap().forget();
+            Ok(())
+        }
+    }
+    let (started, release) = (Events::new(), Arc::new(tokio::sync::Semaphore::new(0)));
+    let config = RunnerConfig {
+        queues: vec![QueueConfig::new("default", 8).adaptive(1)],
+        poll_interval: FAST,
+        ..RunnerConfig::default()
+    };
+    let handle = Runner::new(q.clone(), config)
+        .register(Held(started.clone(), release.clone()))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(handle.concurrency("default"), Some(1), "idle: the minimum");
+    let jobs: Vec<_> = (0..20).map(|n| NewJob::new("held", &n).unwrap()).collect();
+    q.enqueue_many(&jobs).await.unwrap();
+    // A backlog: the concurrency grows to its maximum, and no further.
+    started.until(8).await;
+    handle.until_concurrency("default", 8).await;
+    assert_eq!(handle.running(), 8);
+    release.add_permits(100);
+    started.until(20).await;
+    handle.until_idle().await;
+    // Nothing waiting: back to the minimum.
+    handle.until_concurrency("default", 1).await;
+    handle.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(started.get(), 20);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -771,4 +810,5 @@ on_both_backends!(
     queues_are_served_separately,
     a_queue_waits_while_its_breaker_is_open_and_resumes_at_half_open,
     a_periodic_job_runs_once_per_slot_however_many_runners_schedule_it,
+    an_adaptive_concurrency_follows_the_backlog,
 );
