@@ -262,7 +262,7 @@ fn spawn_worker(
                 let rt = runtime.clone();
                 serve(listener, stop, runtime, true, move |from, activity| {
                     let rt = rt.clone();
-                    service_fn(move |req| crate::proxy::handle(rt.load_full(), req, from, activity.start()))
+                    service_fn(move |req| crate::proxy::serve_request(rt.load_full(), req, from, activity.start()))
                 })
                 .await;
             });

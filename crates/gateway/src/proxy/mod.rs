@@ -21,6 +21,7 @@ pub use client_body::{ClientBodyError, ClientFault};
 pub(crate) use stored::deliver;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,13 +163,6 @@ pub async fn handle(
             return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
         }
     };
-    if rt.config.gateway.queue.is_some()
-        // Boxed, as the store below: the queue's futures stay off the proxy path's.
-        && let Some(answer) = Box::pin(stored::status(rt, req.method(), req.uri().path())).await
-    {
-        let resp = answer.unwrap_or_else(|f| failure_response(&f, &request_id));
-        return Ok(finish(rt, None, line, started, resp));
-    }
     let Some(route) = rt.routes.iter().find(|r| matches(r, &req)) else {
         let f = Failure::new(
             Cause::NoRoute,
@@ -176,33 +170,94 @@ pub async fn handle(
         );
         return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
     };
-    let routed = if route.mode == crate::config::RouteMode::Async {
-        Box::pin(stored::store(rt, route, req, (client, host), &request_id)).await
-    } else {
-        route_request(rt, route, req, (client, host), &request_id, &mut active).await
-    };
-    let resp = match routed {
+    let resp = match route_request(rt, route, req, (client, host), &request_id, &mut active).await {
         Ok(resp) => resp,
-        Err(f) => match &route.fallback {
-            // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
-            Some(fb) if !extended_connect && fb.answers(f.cause) => {
-                metrics::counter!("palisade_route_fallbacks_total", "route" => route.name.clone(), "cause" => f.cause.as_str())
-                    .increment(1);
-                let mut resp = Response::new(full(fb.body.clone()));
-                *resp.status_mut() = fb.status;
-                let h = resp.headers_mut();
-                h.insert(header::CONTENT_TYPE, fb.content_type.clone());
-                h.insert(
-                    HeaderName::from_static("x-palisade-fallback"),
-                    HeaderValue::from_static(f.cause.as_str()),
-                );
-                h.insert(REQUEST_ID, request_id.clone());
-                resp
-            }
-            _ => failure_response(&f, &request_id),
-        },
+        // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
+        Err(f) => fallback_or_failure(route, &f, &request_id, !extended_connect),
     };
     Ok(finish(rt, Some(route), line, started, resp))
+}
+
+/// The route's fallback for failure `f` when it has one for its cause (and
+/// `may_fall_back`), else the failure's own answer.
+fn fallback_or_failure(
+    route: &Route,
+    f: &Failure,
+    request_id: &HeaderValue,
+    may_fall_back: bool,
+) -> Response<Body> {
+    match &route.fallback {
+        Some(fb) if may_fall_back && fb.answers(f.cause) => {
+            metrics::counter!("palisade_route_fallbacks_total", "route" => route.name.clone(), "cause" => f.cause.as_str())
+                .increment(1);
+            let mut resp = Response::new(full(fb.body.clone()));
+            *resp.status_mut() = fb.status;
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, fb.content_type.clone());
+            h.insert(
+                HeaderName::from_static("x-palisade-fallback"),
+                HeaderValue::from_static(f.cause.as_str()),
+            );
+            h.insert(REQUEST_ID, request_id.clone());
+            resp
+        }
+        _ => failure_response(f, request_id),
+    }
+}
+
+/// What answers one client request: [`handle`] on a gateway without a queue, and
+/// on one with a queue the queue-aware path (status URLs, async routes), boxed,
+/// whose ordinary requests go on to [`handle`]. Chosen per request, so the proxy
+/// path carries none of the queue's state.
+pub fn serve_request(
+    rt: Arc<Runtime>,
+    req: Request<Incoming>,
+    client: Downstream,
+    active: ActiveGuard,
+) -> Handling<impl Future<Output = Result<Response<Body>, Infallible>>> {
+    let path = if rt.config.gateway.queue.is_some() {
+        Path::Queued {
+            fut: Box::pin(stored::handle(rt, req, client, active)),
+        }
+    } else {
+        Path::Proxy {
+            fut: handle(rt, req, client, active),
+        }
+    };
+    Handling { path }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`serve_request`].
+    pub struct Handling<P> {
+        #[pin]
+        path: Path<P>,
+    }
+}
+
+/// The queue-aware path's future.
+type Queued = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+pin_project_lite::pin_project! {
+    #[project = PathProj]
+    enum Path<P> {
+        Proxy { #[pin] fut: P },
+        Queued { fut: Queued },
+    }
+}
+
+impl<P: Future<Output = Result<Response<Body>, Infallible>>> Future for Handling<P> {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project().path.project() {
+            PathProj::Proxy { fut } => fut.poll(cx),
+            PathProj::Queued { fut } => fut.as_mut().poll(cx),
+        }
+    }
 }
 
 fn finish(

@@ -2,6 +2,8 @@
 //! gateway's queue and answered `202 Accepted`; the status URL's answers; and the
 //! delivery of a stored request to its route's cluster (run by the queue).
 
+use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,12 +19,56 @@ use super::answer::Verdict;
 use super::classify::{classify, error_chain};
 use super::headers::strip_hop_by_hop;
 use super::{Cause, Downstream, Failure, REQUEST_ID, take_lease, upstream_uri};
+use crate::conn::ActiveGuard;
 use crate::jobs::{HTTP_DELIVERY, HTTP_QUEUE, StoredAnswer, StoredBody, StoredRequest, token};
 use crate::route::Route;
 use crate::runtime::Runtime;
 use crate::{Body, full};
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The request path of a gateway with a queue: a status URL is answered, an async
+/// route's request stored; anything else goes on to the proxy path ([`super::handle`],
+/// which admits it again: normalising a normalised path changes nothing).
+pub(super) async fn handle(
+    rt: Arc<Runtime>,
+    mut req: Request<Incoming>,
+    client: Downstream,
+    active: ActiveGuard,
+) -> Result<Response<Body>, Infallible> {
+    let r = &*rt;
+    let started = SystemClock.now();
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .cloned()
+        .unwrap_or_else(super::new_request_id);
+    let line = |req: &Request<Incoming>| {
+        (r.config.gateway.access_log).then(|| (req.method().clone(), req.uri().path().to_owned()))
+    };
+    let host = match super::admit::admit(&mut req, r.config.gateway.escaped_slashes) {
+        Ok(host) => host,
+        Err(_) => return super::handle(rt, req, client, active).await,
+    };
+    if let Some(answer) = status(r, req.method(), req.uri().path()).await {
+        let resp = answer.unwrap_or_else(|f| super::failure_response(&f, &request_id));
+        let line = line(&req);
+        return Ok(super::finish(r, None, line, started, resp));
+    }
+    let Some(route) = r.routes.iter().find(|x| super::matches(x, &req)) else {
+        return super::handle(rt, req, client, active).await;
+    };
+    if route.mode != crate::config::RouteMode::Async {
+        return super::handle(rt, req, client, active).await;
+    }
+    let line = line(&req);
+    let resp = match store(r, route, req, (client, host), &request_id).await {
+        Ok(resp) => resp,
+        Err(f) => super::fallback_or_failure(route, &f, &request_id, true),
+    };
+    drop(active);
+    Ok(super::finish(r, Some(route), line, started, resp))
+}
 
 /// The queue, when it is connected.
 fn queue(rt: &Runtime) -> Result<std::sync::Arc<Queue>, Failure> {
