@@ -260,11 +260,21 @@ fn spawn_worker(
                     }
                 };
                 let rt = runtime.clone();
-                serve(listener, stop, runtime, true, move |from, activity| {
-                    let rt = rt.clone();
-                    service_fn(move |req| crate::proxy::serve_request(rt.load_full(), req, from, activity.start()))
-                })
-                .await;
+                // With a queue, requests go through its path first; chosen once, at
+                // start, so a gateway without one serves on the proxy path alone.
+                if runtime.load().config.gateway.queue.is_some() {
+                    serve(listener, stop, runtime, true, move |from, activity| {
+                        let rt = rt.clone();
+                        service_fn(move |req| crate::proxy::handle_queued(rt.load_full(), req, from, activity.start()))
+                    })
+                    .await;
+                } else {
+                    serve(listener, stop, runtime, true, move |from, activity| {
+                        let rt = rt.clone();
+                        service_fn(move |req| crate::proxy::handle(rt.load_full(), req, from, activity.start()))
+                    })
+                    .await;
+                }
             });
             // Connections still open past the drain end here, with the runtime.
             drop(rt);

@@ -21,7 +21,6 @@ pub use client_body::{ClientBodyError, ClientFault};
 pub(crate) use stored::deliver;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -205,59 +204,17 @@ fn fallback_or_failure(
     }
 }
 
-/// What answers one client request: [`handle`] on a gateway without a queue, and
-/// on one with a queue the queue-aware path (status URLs, async routes), boxed,
-/// whose ordinary requests go on to [`handle`]. Chosen per request, so the proxy
-/// path carries none of the queue's state.
-pub fn serve_request(
+/// Handles one client request on a gateway with a queue: a status URL is
+/// answered, an async route's request stored; anything else goes on to
+/// [`handle`]. The server serves with this instead of [`handle`] when the gateway
+/// started with `[gateway.queue]`, so a gateway without one carries none of it.
+pub async fn handle_queued(
     rt: Arc<Runtime>,
     req: Request<Incoming>,
     client: Downstream,
     active: ActiveGuard,
-) -> Handling<impl Future<Output = Result<Response<Body>, Infallible>>> {
-    let path = if rt.config.gateway.queue.is_some() {
-        Path::Queued {
-            fut: Box::pin(stored::handle(rt, req, client, active)),
-        }
-    } else {
-        Path::Proxy {
-            fut: handle(rt, req, client, active),
-        }
-    };
-    Handling { path }
-}
-
-pin_project_lite::pin_project! {
-    /// The future of [`serve_request`].
-    pub struct Handling<P> {
-        #[pin]
-        path: Path<P>,
-    }
-}
-
-/// The queue-aware path's future.
-type Queued = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-pin_project_lite::pin_project! {
-    #[project = PathProj]
-    enum Path<P> {
-        Proxy { #[pin] fut: P },
-        Queued { fut: Queued },
-    }
-}
-
-impl<P: Future<Output = Result<Response<Body>, Infallible>>> Future for Handling<P> {
-    type Output = Result<Response<Body>, Infallible>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        match self.project().path.project() {
-            PathProj::Proxy { fut } => fut.poll(cx),
-            PathProj::Queued { fut } => fut.as_mut().poll(cx),
-        }
-    }
+) -> Result<Response<Body>, Infallible> {
+    stored::handle(rt, req, client, active).await
 }
 
 fn finish(
@@ -315,6 +272,13 @@ async fn route_request(
     request_id: &HeaderValue,
     active: &mut Option<ActiveGuard>,
 ) -> Result<Response<Body>, Failure> {
+    if route.mode == crate::config::RouteMode::Async {
+        // Served by a gateway that started without a queue (one added by a reload).
+        return Err(Failure::new(
+            Cause::QueueUnavailable,
+            "this gateway started without [gateway.queue]: restart it to store requests",
+        ));
+    }
     let (mut req, pending) = admit::prepare(rt, route, req, from, host, request_id)?;
     if let Some(body) = pending {
         (req.body, req.client_side) = body.watch().await?;
