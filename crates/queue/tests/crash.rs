@@ -272,6 +272,11 @@ async fn postgres_restart_mid_load_loses_nothing() {
         let mut lines = None;
         read_until(&mut w, &mut lines, completed_at_least(3_000)).await;
         pg_ctl("-m immediate stop").await;
+        // Down: an enqueue is an error the caller can act on, not a hang or a panic.
+        match q.enqueue(NewJob::new("record", &0u32).unwrap()).await {
+            Err(e) => assert!(e.is_unavailable(), "{e}"),
+            Ok(e) => panic!("enqueued {e:?} into a stopped server"),
+        }
         pg_ctl("start").await;
         // The same worker process: it reconnects and drains the queue.
         read_until(&mut w, &mut lines, |l| l == "drained").await;
@@ -293,4 +298,89 @@ async fn postgres_restart_mid_load_loses_nothing() {
     let twice = runs.values().filter(|&&n| n > 1).count();
     println!("postgres restarted mid-load: {JOBS} jobs completed; {twice} ran more than once");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Enqueues the unique job named by `PALISADE_RACE_KEY` into `PALISADE_RACE_URL`
+/// once it reads a line on stdin (so two processes start together), and prints
+/// its id and whether it was a duplicate. Not a test on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the unique race test as a process"]
+async fn enqueue_process() {
+    let (Ok(url), Ok(key)) = (
+        std::env::var("PALISADE_RACE_URL"),
+        std::env::var("PALISADE_RACE_KEY"),
+    ) else {
+        return;
+    };
+    let q = Queue::connect(&url).await.unwrap();
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).unwrap();
+    let job = NewJob::new("record", &7u32)
+        .unwrap()
+        .unique(palisade_queue::Unique::by_key(key));
+    let e = q.enqueue(job).await.unwrap();
+    println!("raced {} {}", e.id, e.duplicate);
+}
+
+async fn two_processes_racing_to_enqueue_a_unique_job_leave_one_row(b: Backend) {
+    use tokio::io::AsyncWriteExt;
+    let (q, db) = fresh(b).await;
+    let mut racers = Vec::new();
+    for _ in 0..2 {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "enqueue_process",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("PALISADE_RACE_URL", &db.url)
+            .env("PALISADE_RACE_KEY", "order-42")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        racers.push(child);
+    }
+    // Both connected (their schema step done); go at once.
+    for r in &mut racers {
+        r.stdin.take().unwrap().write_all(b"go\n").await.unwrap();
+    }
+    let mut answers = Vec::new();
+    for r in racers {
+        let out = r.wait_with_output().await.unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let line = (text.lines())
+            .find_map(|l| l.split("raced ").nth(1))
+            .unwrap_or_else(|| {
+                panic!(
+                    "a racer said nothing: {text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+            .to_string();
+        answers.push(line);
+    }
+    let ids: Vec<&str> = answers.iter().map(|a| a.split(' ').next().unwrap()).collect();
+    assert_eq!(ids[0], ids[1], "{answers:?}");
+    assert_eq!(
+        answers.iter().filter(|a| a.ends_with("false")).count(),
+        1,
+        "{answers:?}"
+    );
+    let rows = q.list(&palisade_queue::ListFilter::default()).await.unwrap();
+    assert_eq!(rows.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_processes_racing_to_enqueue_a_unique_job_leave_one_row() {
+    two_processes_racing_to_enqueue_a_unique_job_leave_one_row(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_processes_racing_to_enqueue_a_unique_job_leave_one_row() {
+    two_processes_racing_to_enqueue_a_unique_job_leave_one_row(Backend::Sqlite).await;
 }
