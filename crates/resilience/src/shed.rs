@@ -719,7 +719,7 @@ mod tests {
     }
 
     #[test]
-    fn seed_table_of_levels_and_priorities() {
+    fn the_degradation_table_of_levels_and_priorities() {
         let gauge = LoadGauge::new();
         let s = TieredShedder::new(gauge.clone(), Tiers::default()).unwrap();
         let row = |load: f64| {

@@ -35,7 +35,7 @@ const S: Outcome = Outcome::Success;
 const F: Outcome = Outcome::Failure;
 
 #[test]
-fn seed_failure_rate_table_trips_on_the_fifth_request() {
+fn the_failure_rate_table_trips_on_the_fifth_request() {
     // Failure-rate scenario: threshold 50%; S S F F F -> 0%, 0%, 33%, 50%, 60% -> Open at T5.
     // The table stays closed at T4 (50% of 4 calls), so the minimum volume is 5 calls.
     let (b, _clock, events) = breaker(
@@ -63,7 +63,7 @@ fn seed_failure_rate_table_trips_on_the_fifth_request() {
 }
 
 #[test]
-fn seed_consecutive_failure_table_trips_on_the_eighth_request() {
+fn the_consecutive_failure_table_trips_on_the_eighth_request() {
     // Consecutive-failure scenario: threshold 5; F F S F F F F F -> Open at request 8.
     let (b, _clock, _events) = breaker(BreakerConfig::empty().consecutive_failures(5));
     let outcomes = [F, F, S, F, F, F, F, F];

@@ -179,7 +179,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seed_consecutive_failure_table() {
+    fn the_consecutive_failure_table() {
         // Consecutive-failure method: threshold 5; F F S F F F F F trips at request 8.
         let d = ConsecutiveFailures::new(5);
         let outcomes = [true, true, false, true, true, true, true, true];
