@@ -191,20 +191,27 @@ pub(crate) async fn run(
         queues: vec![QueueConfig::new(HTTP_QUEUE, section.workers)],
         ..RunnerConfig::default()
     };
-    let runner = Runner::new(queue, config)
-        .register(HttpDelivery { runtime })
-        .start()
-        .await;
-    match runner {
-        Ok(r) => {
-            let _ = stop.changed().await;
-            let report = r.shutdown(drain).await;
-            tracing::info!(handed_back = report.handed_back, "deliveries stopped");
+    let runner = loop {
+        let started = Runner::new(queue.clone(), config.clone())
+            .register(HttpDelivery {
+                runtime: runtime.clone(),
+            })
+            .start()
+            .await;
+        match started {
+            Ok(r) => break r,
+            Err(e) => {
+                tracing::warn!(error = %e, "the delivery runner did not start; requests are stored, not yet delivered");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "the delivery runner did not start; requests are stored, not delivered")
-        }
-    }
+    };
+    let _ = stop.changed().await;
+    let report = runner.shutdown(drain).await;
+    tracing::info!(handed_back = report.handed_back, "deliveries stopped");
 }
 
 /// Runs the deliveries of a gateway configuration's routes until `until` ends,
