@@ -71,32 +71,48 @@ impl Queue {
                 .await?;
             Self::postgres(pool).await
         } else if url.starts_with("sqlite:") {
-            let memory = url.contains(":memory:") || url.contains("mode=memory");
-            let options = SqliteConnectOptions::from_str(url)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(10));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(if memory { 1 } else { o.max_connections.clamp(1, 4) })
-                .acquire_timeout(o.acquire_timeout)
-                // An in-memory database lives as long as its one connection.
-                .idle_timeout(if memory {
-                    None
-                } else {
-                    Some(Duration::from_secs(600))
-                })
-                .max_lifetime(if memory {
-                    None
-                } else {
-                    Some(Duration::from_secs(1800))
-                })
-                .connect_with(options)
-                .await?;
-            Self::sqlite(pool).await
+            // Processes opening a new file at once can find it locked while one of
+            // them switches it to WAL or applies the schema, without waiting for
+            // the busy timeout: they try again.
+            let mut tries = 0u64;
+            loop {
+                match Self::connect_sqlite(url, o).await {
+                    Err(e) if tries < 20 && sqlite_busy(&e) => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(5 * tries)).await;
+                    }
+                    other => return other,
+                }
+            }
         } else {
             Err(QueueError::UnsupportedUrl(url.to_string()))
         }
+    }
+
+    async fn connect_sqlite(url: &str, o: &ConnectOptions) -> Result<Queue, QueueError> {
+        let memory = url.contains(":memory:") || url.contains("mode=memory");
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(if memory { 1 } else { o.max_connections.clamp(1, 4) })
+            .acquire_timeout(o.acquire_timeout)
+            // An in-memory database lives as long as its one connection.
+            .idle_timeout(if memory {
+                None
+            } else {
+                Some(Duration::from_secs(600))
+            })
+            .max_lifetime(if memory {
+                None
+            } else {
+                Some(Duration::from_secs(1800))
+            })
+            .connect_with(options)
+            .await?;
+        Self::sqlite(pool).await
     }
 
     /// A queue on an existing PostgreSQL pool (its schema brought up to date).
@@ -205,5 +221,19 @@ impl Queue {
     /// every so often); returns how many.
     pub async fn rescue(&self) -> Result<u64, QueueError> {
         self.store.rescue().await
+    }
+}
+
+/// Whether `e` is SQLite's "database is locked" (a busy file, whatever the
+/// extended code).
+fn sqlite_busy(e: &QueueError) -> bool {
+    match e {
+        QueueError::Database(sqlx::Error::Database(d)) => {
+            d.code()
+                .and_then(|c| c.parse::<u32>().ok())
+                .is_some_and(|c| c & 0xff == 5 || c & 0xff == 6)
+                || d.message().contains("locked")
+        }
+        _ => false,
     }
 }
