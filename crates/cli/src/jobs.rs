@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use palisade_queue::{Job, JobState, ListFilter, Queue};
+use palisade_queue::{Job, JobState, ListFilter, Queue, QueueStats, format_utc};
 
 /// Options of `palisade jobs`.
 #[derive(Debug, clap::Args)]
@@ -84,28 +84,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<ExitCode> {
                     limit,
                 })
                 .await?;
-            if args.json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&jobs)?)?;
-            } else {
-                writeln!(
-                    out,
-                    "{:>8}  {:<12} {:<20} {:<10} {:>7}  last error",
-                    "id", "queue", "kind", "state", "attempt"
-                )?;
-                for j in &jobs {
-                    let last = j.errors.last().map_or("", |e| e.error.as_str());
-                    writeln!(
-                        out,
-                        "{:>8}  {:<12} {:<20} {:<10} {:>7}  {}",
-                        j.id,
-                        clip(&j.queue, 12),
-                        clip(&j.kind, 20),
-                        j.state,
-                        format!("{}/{}", j.attempt, j.max_attempts),
-                        clip(last, 60)
-                    )?;
-                }
-            }
+            list(&mut out, args.json, &jobs)?;
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Show { id } => match q.job(id).await? {
@@ -125,36 +104,68 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<ExitCode> {
         JobsCommand::Retry { id } => changed(&mut out, args.json, id, "retried", q.retry(id).await?),
         JobsCommand::Cancel { id } => changed(&mut out, args.json, id, "cancelled", q.cancel(id).await?),
         JobsCommand::Stats => {
-            let stats = q.stats().await?;
-            if args.json {
-                let v: Vec<_> = stats
-                    .iter()
-                    .map(|s| {
-                        let mut counts = serde_json::Map::new();
-                        for st in JobState::ALL {
-                            counts.insert(st.as_str().into(), s.counts[st.code() as usize].into());
-                        }
-                        serde_json::json!({"queue": s.queue, "counts": counts, "oldest_wait_ms": s.oldest_wait_ms})
-                    })
-                    .collect();
-                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
-            } else {
-                write!(out, "{:<16}", "queue")?;
-                for st in JobState::ALL {
-                    write!(out, " {:>10}", st.as_str())?;
-                }
-                writeln!(out, " {:>14}", "oldest wait")?;
-                for s in &stats {
-                    write!(out, "{:<16}", clip(&s.queue, 16))?;
-                    for c in s.counts {
-                        write!(out, " {c:>10}")?;
-                    }
-                    writeln!(out, " {:>12.1}s", s.oldest_wait_ms as f64 / 1e3)?;
-                }
-            }
+            stats(&mut out, args.json, &q.stats().await?)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Prints `jobs` as a table, or as JSON.
+fn list(out: &mut impl Write, json: bool, jobs: &[Job]) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(jobs)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:>8}  {:<12} {:<20} {:<10} {:>7}  last error",
+        "id", "queue", "kind", "state", "attempt"
+    )?;
+    for j in jobs {
+        let last = j.errors.last().map_or("", |e| e.error.as_str());
+        writeln!(
+            out,
+            "{:>8}  {:<12} {:<20} {:<10} {:>7}  {}",
+            j.id,
+            clip(&j.queue, 12),
+            clip(&j.kind, 20),
+            j.state,
+            format!("{}/{}", j.attempt, j.max_attempts),
+            clip(last, 60)
+        )?;
+    }
+    Ok(())
+}
+
+/// Prints each queue's counts by state and oldest wait, as a table or as JSON.
+fn stats(out: &mut impl Write, json: bool, stats: &[QueueStats]) -> anyhow::Result<()> {
+    if json {
+        let v: Vec<_> = stats
+            .iter()
+            .map(|s| {
+                let mut counts = serde_json::Map::new();
+                for st in JobState::ALL {
+                    counts.insert(st.as_str().into(), s.counts[st.code() as usize].into());
+                }
+                serde_json::json!({"queue": s.queue, "counts": counts, "oldest_wait_ms": s.oldest_wait_ms})
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    write!(out, "{:<16}", "queue")?;
+    for st in JobState::ALL {
+        write!(out, " {:>10}", st.as_str())?;
+    }
+    writeln!(out, " {:>14}", "oldest wait")?;
+    for s in stats {
+        write!(out, "{:<16}", clip(&s.queue, 16))?;
+        for c in s.counts {
+            write!(out, " {c:>10}")?;
+        }
+        writeln!(out, " {:>12.1}s", s.oldest_wait_ms as f64 / 1e3)?;
+    }
+    Ok(())
 }
 
 fn changed(out: &mut impl Write, json: bool, id: i64, what: &str, done: bool) -> anyhow::Result<ExitCode> {
@@ -192,41 +203,25 @@ fn show(out: &mut impl Write, j: &Job) -> std::io::Result<()> {
     writeln!(
         out,
         "  enqueued {}  scheduled {}",
-        at(j.inserted_at),
-        at(j.scheduled_at)
+        format_utc(j.inserted_at),
+        format_utc(j.scheduled_at)
     )?;
     if let Some(t) = j.attempted_at {
-        writeln!(out, "  last attempt {}", at(t))?;
+        writeln!(out, "  last attempt {}", format_utc(t))?;
     }
     if let Some(t) = j.finished_at {
-        writeln!(out, "  finished {}", at(t))?;
+        writeln!(out, "  finished {}", format_utc(t))?;
     }
     for e in &j.errors {
-        writeln!(out, "  attempt {} failed at {}: {}", e.attempt, at(e.at), e.error)?;
+        writeln!(
+            out,
+            "  attempt {} failed at {}: {}",
+            e.attempt,
+            format_utc(e.at),
+            e.error
+        )?;
     }
     Ok(())
-}
-
-/// Milliseconds since the epoch as UTC `YYYY-MM-DD hh:mm:ss.mmm`.
-fn at(ms: i64) -> String {
-    let (secs, milli) = (ms.div_euclid(1000), ms.rem_euclid(1000));
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{milli:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 fn clip(s: &str, n: usize) -> String {
@@ -236,17 +231,5 @@ fn clip(s: &str, n: usize) -> String {
         let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
         t.push('~');
         t
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn epoch_milliseconds_read_as_utc() {
-        assert_eq!(at(0), "1970-01-01 00:00:00.000Z");
-        assert_eq!(at(951_782_400_123), "2000-02-29 00:00:00.123Z");
-        assert_eq!(at(1_795_000_000_000), "2026-11-18 11:06:40.000Z");
     }
 }

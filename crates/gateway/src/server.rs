@@ -200,22 +200,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
         workers.push(spawn_worker(index, listener, rx.clone(), runtime.clone())?);
     }
     if let Some(admin) = admin {
-        let rt = runtime.clone();
-        tasks.push(tokio::spawn(serve(
-            admin,
-            rx.clone(),
-            runtime.clone(),
-            false,
-            move |_, activity| {
-                let rt = rt.clone();
-                let metrics = metrics.clone();
-                service_fn(move |req| {
-                    let _active = activity.start();
-                    let resp = crate::admin::handle(&rt.load(), metrics.as_ref(), &req);
-                    async move { Ok::<_, Infallible>(resp) }
-                })
-            },
-        )));
+        tasks.push(spawn_admin(admin, rx.clone(), runtime.clone(), metrics));
     }
     let handle = Handle {
         addr,
@@ -228,6 +213,25 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
         workers,
     };
     Ok(handle)
+}
+
+/// Serves the admin API on `admin` until shutdown.
+fn spawn_admin(
+    admin: TcpListener,
+    rx: watch::Receiver<bool>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    metrics: Option<PrometheusHandle>,
+) -> JoinHandle<()> {
+    let rt = runtime.clone();
+    tokio::spawn(serve(admin, rx, runtime, false, move |_, activity| {
+        let rt = rt.clone();
+        let metrics = metrics.clone();
+        service_fn(move |req| {
+            let _active = activity.start();
+            let resp = crate::admin::handle(&rt.load(), metrics.as_ref(), &req);
+            async move { Ok::<_, Infallible>(resp) }
+        })
+    }))
 }
 
 /// Starts proxy worker `index`: a thread running a single-threaded runtime that

@@ -33,7 +33,7 @@ mod worker;
 
 pub use error::QueueError;
 pub use job::{AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobState, NewJob, Unique};
-pub use periodic::{Cron, CronError, Periodic, Schedule};
+pub use periodic::{Cron, CronError, Periodic, Schedule, format_utc};
 pub use queue::{ConnectOptions, Queue};
 pub use runner::{QueueConfig, Runner, RunnerConfig, RunnerHandle, ShutdownReport, StartLimit};
 pub use schema::SCHEMA_VERSION;

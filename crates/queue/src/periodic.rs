@@ -233,6 +233,20 @@ impl Cron {
     }
 }
 
+/// A job's time (milliseconds since the Unix epoch, as [`crate::Job`] keeps them)
+/// as UTC text: `2026-11-29 22:07:00.000Z`.
+pub fn format_utc(ms: i64) -> String {
+    let (days, in_day) = (ms.div_euclid(DAY), ms.rem_euclid(DAY));
+    let (y, m, d) = civil_from_days(days);
+    let (secs, milli) = (in_day / 1000, in_day % 1000);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{milli:03}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 /// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
@@ -268,6 +282,14 @@ mod tests {
 
     fn next(expr: &str, from: i64) -> i64 {
         expr.parse::<Cron>().unwrap().next_after(from).unwrap()
+    }
+
+    #[test]
+    fn epoch_milliseconds_read_as_utc() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00.000Z");
+        assert_eq!(format_utc(951_782_400_123), "2000-02-29 00:00:00.123Z");
+        assert_eq!(format_utc(1_795_000_000_000), "2026-11-18 11:06:40.000Z");
+        assert_eq!(format_utc(-1), "1969-12-31 23:59:59.999Z");
     }
 
     #[test]

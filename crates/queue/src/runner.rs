@@ -485,17 +485,7 @@ async fn fetch_loop(
         if free > 0 {
             let Admitted { permits, held } = q.admit(free);
             if permits.is_empty() {
-                // Held back: the jobs wait, their attempts unspent.
-                let (gate, wait) = held.unwrap_or(("none", None));
-                metrics::counter!("palisade_queue_held_total", "queue" => q.name.clone(), "by" => gate)
-                    .increment(1);
-                shared.held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                shared.held_changed.notify_waiters();
-                let poll = shared.config.poll_interval;
-                tokio::select! {
-                    () = tokio::time::sleep(wait.unwrap_or(poll).min(poll)) => {}
-                    _ = stopped.changed() => {}
-                }
+                held_back(&shared, &q, held, &mut stopped).await;
                 continue;
             }
             let admitted = permits.len();
@@ -518,20 +508,7 @@ async fn fetch_loop(
                     }
                     // Permits left over (fewer jobs than admitted) decide nothing.
                     permits.flatten().for_each(|p| p.record(Outcome::Ignored));
-                    if q.min_concurrency < max {
-                        let now = target.load(std::sync::atomic::Ordering::Relaxed);
-                        let next = if full {
-                            (now + now.div_ceil(2)).min(max)
-                        } else {
-                            (running + fetched).max(q.min_concurrency)
-                        };
-                        if next != now {
-                            target.store(next, std::sync::atomic::Ordering::Relaxed);
-                            metrics::gauge!("palisade_queue_concurrency", "queue" => q.name.clone())
-                                .set(next as f64);
-                            shared.target_changed.notify_waiters();
-                        }
-                    }
+                    adapt(&shared, &q, &target, full, running + fetched);
                 }
                 Err(e) => {
                     failures += 1;
@@ -557,6 +534,51 @@ async fn fetch_loop(
             () = tokio::time::sleep(shared.config.poll_interval) => {}
             _ = stopped.changed() => {}
         }
+    }
+}
+
+/// Waits while a queue's breaker or rate limit holds its fetches back (until the
+/// gate says it may let more through, at most a poll interval): its jobs wait,
+/// their attempts unspent.
+async fn held_back(
+    shared: &Shared,
+    q: &QueueConfig,
+    held: Option<(&'static str, Option<Duration>)>,
+    stopped: &mut watch::Receiver<bool>,
+) {
+    let (gate, wait) = held.unwrap_or(("none", None));
+    metrics::counter!("palisade_queue_held_total", "queue" => q.name.clone(), "by" => gate).increment(1);
+    shared.held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared.held_changed.notify_waiters();
+    let poll = shared.config.poll_interval;
+    tokio::select! {
+        () = tokio::time::sleep(wait.unwrap_or(poll).min(poll)) => {}
+        _ = stopped.changed() => {}
+    }
+}
+
+/// Moves a queue's adaptive concurrency: up by half after a full fetch (jobs are
+/// waiting), else down to what runs now (`running`), never below its minimum.
+fn adapt(
+    shared: &Shared,
+    q: &QueueConfig,
+    target: &std::sync::atomic::AtomicUsize,
+    full: bool,
+    running: usize,
+) {
+    if q.min_concurrency >= q.concurrency.max(1) {
+        return;
+    }
+    let now = target.load(std::sync::atomic::Ordering::Relaxed);
+    let next = if full {
+        (now + now.div_ceil(2)).min(q.concurrency.max(1))
+    } else {
+        running.max(q.min_concurrency)
+    };
+    if next != now {
+        target.store(next, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("palisade_queue_concurrency", "queue" => q.name.clone()).set(next as f64);
+        shared.target_changed.notify_waiters();
     }
 }
 
@@ -608,33 +630,13 @@ fn start_job(
             shared.ended.notify_waiters();
             return;
         }
-        let (finish, outcome) = match result {
-            Ok(Ok(Ok(()))) => {
-                let value = output
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
-                (Finish::Completed(value), "completed")
-            }
-            Ok(Ok(Err(e))) => judge(&shared.config, e, attempt),
-            Ok(Err(_elapsed)) => failed(
-                &shared.config,
-                format!("timed out after {timeout:?}"),
-                attempt,
-                "timed_out",
-            ),
-            Err(e) if e.is_panic() => failed(&shared.config, panic_message(e), attempt, "panicked"),
-            Err(_) => {
-                shared.ended.notify_waiters();
-                return;
-            }
+        let Some((finish, outcome, verdict)) = ending(&shared.config, result, &output, timeout, attempt)
+        else {
+            shared.ended.notify_waiters();
+            return;
         };
         if let Some(p) = permit {
-            p.record(match outcome {
-                "completed" => Outcome::Success,
-                "failed" | "timed_out" | "panicked" => Outcome::Failure,
-                _ => Outcome::Ignored,
-            });
+            p.record(verdict);
         }
         metrics::counter!("palisade_queue_jobs_total", "queue" => job.queue.clone(), "kind" => job.kind.clone(), "outcome" => outcome)
             .increment(1);
@@ -645,8 +647,37 @@ fn start_job(
     });
 }
 
-/// What a worker's error makes of the attempt.
-fn judge(c: &RunnerConfig, e: JobError, attempt: i32) -> (Finish, &'static str) {
+/// How an attempt ended: what the store records, its metric label, and what its
+/// queue's breaker hears. `None`: it was stopped (its end is not this task's).
+type Ending = (Finish, &'static str, Outcome);
+
+/// The ending of an attempt that came to `result` (its worker's `output` kept on
+/// completion); `None` for one that was stopped.
+fn ending(
+    c: &RunnerConfig,
+    result: Result<Result<Result<(), JobError>, tokio::time::error::Elapsed>, tokio::task::JoinError>,
+    output: &std::sync::Mutex<Option<serde_json::Value>>,
+    timeout: Duration,
+    attempt: i32,
+) -> Option<Ending> {
+    Some(match result {
+        Ok(Ok(Ok(()))) => {
+            let value = output
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            (Finish::Completed(value), "completed", Outcome::Success)
+        }
+        Ok(Ok(Err(e))) => judge(c, e, attempt),
+        Ok(Err(_elapsed)) => failed(c, format!("timed out after {timeout:?}"), attempt, "timed_out"),
+        Err(e) if e.is_panic() => failed(c, panic_message(e), attempt, "panicked"),
+        Err(_) => return None,
+    })
+}
+
+/// What a worker's error makes of the attempt: a failure counts against the
+/// queue's breaker; a refusal, a snooze or a cancellation says nothing of it.
+fn judge(c: &RunnerConfig, e: JobError, attempt: i32) -> Ending {
     match e {
         JobError::Failed(error) => failed(c, error, attempt, "failed"),
         JobError::Discard(error) => (
@@ -656,13 +687,14 @@ fn judge(c: &RunnerConfig, e: JobError, attempt: i32) -> (Finish, &'static str) 
                 discard: true,
             },
             "discarded",
+            Outcome::Ignored,
         ),
-        JobError::Snooze(d) => (Finish::Snoozed(d), "snoozed"),
-        JobError::Cancel(reason) => (Finish::Cancelled(reason), "cancelled"),
+        JobError::Snooze(d) => (Finish::Snoozed(d), "snoozed", Outcome::Ignored),
+        JobError::Cancel(reason) => (Finish::Cancelled(reason), "cancelled", Outcome::Ignored),
     }
 }
 
-fn failed(c: &RunnerConfig, error: String, attempt: i32, outcome: &'static str) -> (Finish, &'static str) {
+fn failed(c: &RunnerConfig, error: String, attempt: i32, outcome: &'static str) -> Ending {
     let n = u32::try_from(attempt).unwrap_or(1).max(1);
     let retry_in = c.backoff.delay(n, Duration::ZERO, &mut fastrand::Rng::new());
     (
@@ -672,6 +704,7 @@ fn failed(c: &RunnerConfig, error: String, attempt: i32, outcome: &'static str) 
             discard: false,
         },
         outcome,
+        Outcome::Failure,
     )
 }
 

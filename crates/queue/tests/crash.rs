@@ -150,6 +150,25 @@ fn runs(path: &std::path::Path) -> HashMap<i64, u32> {
     out
 }
 
+/// Enqueues `JOBS` record jobs in batches; returns a fresh directory and the runs
+/// file in it that workers append to.
+async fn enqueue_jobs(q: &Queue, tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "palisade-{tag}-{}-{:x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jobs: Vec<NewJob> = (0..JOBS as u32)
+        .map(|n| NewJob::new("record", &n).unwrap())
+        .collect();
+    for chunk in jobs.chunks(1000) {
+        q.enqueue_many(chunk).await.unwrap();
+    }
+    let runs = dir.join("runs");
+    (dir, runs)
+}
+
 fn completed_at_least(n: u64) -> impl Fn(&str) -> bool {
     move |line| {
         line.strip_prefix("ran ")
@@ -160,19 +179,7 @@ fn completed_at_least(n: u64) -> impl Fn(&str) -> bool {
 
 async fn every_job_completes_when_workers_are_killed(b: Backend) {
     let (q, db) = fresh(b).await;
-    let dir = std::env::temp_dir().join(format!(
-        "palisade-crash-{}-{:x}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let runs_file = dir.join("runs");
-    let jobs: Vec<NewJob> = (0..JOBS as u32)
-        .map(|n| NewJob::new("record", &n).unwrap())
-        .collect();
-    for chunk in jobs.chunks(1000) {
-        q.enqueue_many(chunk).await.unwrap();
-    }
+    let (dir, runs_file) = enqueue_jobs(&q, "crash").await;
     let work = async {
         // Two workers killed mid-run, one after the other; a third finishes.
         for kill_at in [2_000, 6_000] {
@@ -254,19 +261,7 @@ async fn pg_ctl(action: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_mid_load_loses_nothing() {
     let (q, db) = fresh(Backend::Postgres).await;
-    let dir = std::env::temp_dir().join(format!(
-        "palisade-restart-{}-{:x}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let runs_file = dir.join("runs");
-    let jobs: Vec<NewJob> = (0..JOBS as u32)
-        .map(|n| NewJob::new("record", &n).unwrap())
-        .collect();
-    for chunk in jobs.chunks(1000) {
-        q.enqueue_many(chunk).await.unwrap();
-    }
+    let (dir, runs_file) = enqueue_jobs(&q, "restart").await;
     let work = async {
         let mut w = spawn_worker(&db.url, &runs_file);
         let mut lines = None;

@@ -23,6 +23,7 @@ use crate::conn::ActiveGuard;
 use crate::jobs::{HTTP_DELIVERY, HTTP_QUEUE, StoredAnswer, StoredBody, StoredRequest, token};
 use crate::route::Route;
 use crate::runtime::Runtime;
+use crate::upstream::Upstream;
 use crate::{Body, full};
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -155,20 +156,25 @@ pub(super) async fn store(
         .increment(1);
     let status_path = section.map_or("/jobs", |s| s.status_path.as_str());
     let location = format!("{status_path}/{}.{token}", enqueued.id);
+    Ok(accepted(enqueued.id, &location, enqueued.duplicate, request_id))
+}
+
+/// `202 Accepted`, with the stored request's status URL.
+fn accepted(id: i64, location: &str, duplicate: bool, request_id: &HeaderValue) -> Response<Body> {
     let body = serde_json::json!({
-        "id": enqueued.id,
+        "id": id,
         "status": location,
-        "duplicate": enqueued.duplicate,
+        "duplicate": duplicate,
     });
     let mut resp = Response::new(full(body.to_string()));
     *resp.status_mut() = StatusCode::ACCEPTED;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Ok(v) = HeaderValue::from_str(&location) {
+    if let Ok(v) = HeaderValue::from_str(location) {
         h.insert(header::LOCATION, v);
     }
     h.insert(REQUEST_ID, request_id.clone());
-    Ok(resp)
+    resp
 }
 
 /// `GET <status_path>/<id>.<token>`: the stored request's state, its errors, and
@@ -246,27 +252,7 @@ pub(crate) async fn deliver(
         Some(Ok(p)) => Some(p),
         None => None,
     };
-    let mut request = Request::new(
-        Full::new(stored.body.into_bytes())
-            .map_err(crate::BoxError::from)
-            .boxed(),
-    );
-    *request.method_mut() = Method::from_bytes(stored.method.as_bytes()).map_err(|e| e.to_string())?;
-    *request.version_mut() = up.version;
-    let uri: http::Uri = stored
-        .path
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
-    *request.uri_mut() = upstream_uri(addr, &uri, up.version, up.tls);
-    let h = request.headers_mut();
-    for (n, v) in &stored.headers {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
-            h.append(n, v);
-        }
-    }
-    if up.version != http::Version::HTTP_11 {
-        h.remove(header::HOST);
-    }
+    let request = upstream_request(addr, up, stored)?;
     let start = SystemClock.now();
     let in_flight = ep.start_owned();
     let sent = tokio::time::timeout(route.per_try_timeout, up.pool().send(addr, request)).await;
@@ -314,6 +300,36 @@ pub(crate) async fn deliver(
         truncated,
         endpoint: addr.to_string(),
     })
+}
+
+/// The request a stored one makes to the endpoint at `addr` of `up`.
+fn upstream_request(
+    addr: std::net::SocketAddr,
+    up: &Upstream,
+    stored: StoredRequest,
+) -> Result<Request<Body>, String> {
+    let mut request = Request::new(
+        Full::new(stored.body.into_bytes())
+            .map_err(crate::BoxError::from)
+            .boxed(),
+    );
+    *request.method_mut() = Method::from_bytes(stored.method.as_bytes()).map_err(|e| e.to_string())?;
+    *request.version_mut() = up.version;
+    let uri: http::Uri = stored
+        .path
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    *request.uri_mut() = upstream_uri(addr, &uri, up.version, up.tls);
+    let h = request.headers_mut();
+    for (n, v) in &stored.headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+            h.append(n, v);
+        }
+    }
+    if up.version != http::Version::HTTP_11 {
+        h.remove(header::HOST);
+    }
+    Ok(request)
 }
 
 /// Reads `body` up to `max` bytes: the bytes, and whether there was more.
