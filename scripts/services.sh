@@ -79,6 +79,40 @@ start_postgres() {
   echo "PostgreSQL on 127.0.0.1:$port ($dir)" >&2
 }
 
+# Starts a Redis of its own (no persistence) and exports PALISADE_TEST_REDIS_URL
+# (tests isolate themselves by key prefix) and PALISADE_TEST_REDIS_SERVER, the
+# binary with which fault tests start, kill and restart servers of their own.
+start_redis() {
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+  local dir port
+  services_tmp
+  dir="$services_dir/redis"
+  mkdir -p "$dir"
+  for attempt in 1 2 3; do
+    port=$(free_loopback_port)
+    if redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+      --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null &&
+      redis_ready "$port"; then
+      break
+    fi
+    [ "$attempt" -lt 3 ] || { cat "$dir/redis.log" >&2; return 1; }
+  done
+  services_stop+=("kill \$(cat $dir/redis.pid)")
+  export PALISADE_TEST_REDIS_URL="redis://127.0.0.1:$port"
+  PALISADE_TEST_REDIS_SERVER=$(command -v redis-server)
+  export PALISADE_TEST_REDIS_SERVER
+  echo "Redis on 127.0.0.1:$port ($dir)" >&2
+}
+
+# Waits (up to 10 s) until the Redis on 127.0.0.1:$1 answers PING.
+redis_ready() {
+  for _ in $(seq 1 100); do
+    [ "$(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = PONG ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 stop_services() {
   local cmd
   for cmd in "${services_stop[@]}"; do
