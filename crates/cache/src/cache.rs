@@ -79,6 +79,12 @@ impl<V: Clone> Local<V> {
         self.l1.remove(key);
     }
 
+    /// Drops every entry: invalidations may have been missed.
+    pub fn forget_all(&self) {
+        self.flights.supersede_all();
+        self.l1.clear();
+    }
+
     /// Handles one push from the Redis connection.
     fn on_push(&self, push: &PushInfo) {
         match push.kind {
@@ -97,12 +103,10 @@ impl<V: Clone> Local<V> {
                     self.forget(key);
                 }
             }
-            // Messages sent while the connection was down are lost: every entry could
-            // have been invalidated meanwhile.
-            PushKind::Disconnection => {
-                self.flights.supersede_all();
-                self.l1.clear();
-            }
+            // Invalidations sent while the connection is down are lost; L1 goes on
+            // serving through the outage (bounded by its TTL) and is dropped when
+            // Redis answers again (see `L2::guarded`).
+            PushKind::Disconnection => self.stats.disconnections(),
             _ => {}
         }
     }
@@ -167,8 +171,21 @@ where
                     }
                     Ok(())
                 };
-                let l2 = L2::new(&name, options, clock.clone(), stats.clone(), on_push)
-                    .map_err(|e| ConfigErrors(vec![ConfigError::new("redis.url", e.to_string())]))?;
+                let weak: Weak<Local<V>> = Arc::downgrade(&local);
+                let on_reconnect = move || {
+                    if let Some(local) = weak.upgrade() {
+                        local.forget_all();
+                    }
+                };
+                let l2 = L2::new(
+                    &name,
+                    options,
+                    clock.clone(),
+                    stats.clone(),
+                    on_push,
+                    on_reconnect,
+                )
+                .map_err(|e| ConfigErrors(vec![ConfigError::new("redis.url", e.to_string())]))?;
                 Some(l2)
             }
             None => None,

@@ -12,6 +12,7 @@
 //! Redis Cluster slot, so the scripts may touch them together).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use palisade_core::SharedClock;
@@ -148,6 +149,9 @@ pub(crate) struct L2 {
     generation_ttl_ms: u64,
     scripts: [Script; 4],
     stats: Arc<Stats>,
+    /// How many disconnections the reconnected connection has caught up with.
+    caught_up: AtomicU64,
+    on_reconnect: Box<dyn Fn() + Send + Sync>,
 }
 
 impl L2 {
@@ -159,6 +163,7 @@ impl L2 {
         clock: SharedClock,
         stats: Arc<Stats>,
         on_push: impl AsyncPushSender,
+        on_reconnect: impl Fn() + Send + Sync + 'static,
     ) -> Result<Self, RedisError> {
         let client = redis::Client::open(options.url.as_str())?;
         let info = client.get_connection_info().clone();
@@ -196,6 +201,8 @@ impl L2 {
                 Script::new(RELEASE),
             ],
             stats,
+            caught_up: AtomicU64::new(0),
+            on_reconnect: Box::new(on_reconnect),
         })
     }
 
@@ -220,11 +227,16 @@ impl L2 {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => {
                 permit.success();
+                self.catch_up();
                 Ok(v)
             }
             Ok(Err(e)) => {
                 permit.failure();
-                self.stats.redis_errors();
+                if e.is_timeout() {
+                    self.stats.redis_timeouts();
+                } else {
+                    self.stats.redis_errors();
+                }
                 tracing::debug!(error = %e, "cache: Redis call failed");
                 Err(L2Error::Redis(e))
             }
@@ -233,6 +245,18 @@ impl L2 {
                 self.stats.redis_timeouts();
                 Err(L2Error::Timeout)
             }
+        }
+    }
+
+    /// After a disconnection, the first answer from Redis (on the new connection,
+    /// subscribed again before it is used) drops L1: invalidations sent while it was
+    /// down never arrived.
+    #[inline]
+    fn catch_up(&self) {
+        let lost = self.stats.snapshot_disconnections();
+        if lost != self.caught_up.load(Ordering::Relaxed) {
+            self.caught_up.store(lost, Ordering::Relaxed);
+            (self.on_reconnect)();
         }
     }
 

@@ -43,69 +43,96 @@ pub(crate) async fn fly<V, F, Fut, E>(
         key: &key,
         flight: &flight,
     };
-    let mut stale = stale;
-    let mut generation = None;
-    let mut token = None;
-    if let Some(l2) = &inner.l2 {
-        match look_up(&inner, l2, &key, min_fresh).await {
-            Found::Fresh(entry) => return inner.land_entry(&key, &flight, entry),
-            Found::Stale(entry) => {
-                if stale.as_ref().is_none_or(|s| s.stale_until < entry.stale_until) {
-                    stale = Some(entry);
-                }
-            }
-            Found::Missing => {}
-            Found::Down => {
-                inner.load(&key, &flight, loader, stale).await;
-                return;
-            }
-        }
-        let Some(loader) = loader else {
-            return inner.local.flights.land(&key, &flight, Ok(None));
-        };
-        if l2.lease.is_some() {
-            let t = format!("{:032x}", fastrand::u128(..));
-            match l2.lease(&key, &t, inner.wall_ms(min_fresh)).await {
-                Ok(Lease::Filled(bytes)) => match decode(&inner, &bytes) {
-                    Some(entry) => return inner.land_entry(&key, &flight, entry),
-                    None => generation = l2.generation(&key).await.ok(),
-                },
-                Ok(Lease::Held(g)) => {
-                    generation = Some(g);
-                    token = Some(t);
-                }
-                Ok(Lease::Busy(g)) => {
-                    inner.stats.lease_waits();
-                    let now = inner.now();
-                    if let Some(s) = stale.take_if(|s| s.is_usable_stale(now)) {
-                        if !s.is_fresh(now) {
-                            inner.stats.stale_served();
-                        }
-                        return inner.local.flights.land(&key, &flight, Ok(s.value));
-                    }
-                    if let Some(entry) = wait_for_fill(&inner, l2, &key, min_fresh).await {
-                        return inner.land_entry(&key, &flight, entry);
-                    }
-                    generation = Some(g);
-                }
-                Err(_) => {}
-            }
-        } else {
-            generation = l2.generation(&key).await.ok();
-        }
-        let outcome = inner.load(&key, &flight, Some(loader), stale).await;
-        match (outcome, &generation) {
-            (Some(entry), Some(g)) => write_back(&inner, l2, &key, g, &entry, token.as_deref()).await,
-            _ => {
-                if let Some(t) = &token {
-                    let _ = l2.release(&key, t).await;
-                }
-            }
-        }
-    } else {
-        inner.load(&key, &flight, loader, stale).await;
+    match run(&inner, &key, loader, stale, min_fresh).await {
+        Outcome::Entry(entry) => inner.land_entry(&key, &flight, entry),
+        Outcome::Value(value) => inner.local.flights.land(&key, &flight, Ok(value)),
+        Outcome::Failed(e) => inner.local.flights.land(&key, &flight, Err(e)),
     }
     drop(guard);
+}
+
+/// How a flight ends.
+enum Outcome<V> {
+    /// A new or L2 entry: goes into L1 (unless superseded), its value to the waiters.
+    Entry(Entry<V>),
+    /// An answer not to cache (a stale stand-in, or "absent" without a loader).
+    Value(Option<V>),
+    Failed(LoadError),
+}
+
+/// The flight's work; a loaded value is written to L2 before the flight lands, so
+/// that when `get_or_load` returns, other instances can read it.
+async fn run<V, F, Fut, E>(
+    inner: &Inner<V>,
+    key: &str,
+    loader: Option<F>,
+    mut stale: Option<Entry<V>>,
+    min_fresh: u64,
+) -> Outcome<V>
+where
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+    E: Into<Box<dyn Error + Send + Sync>> + 'static,
+{
+    let Some(l2) = &inner.l2 else {
+        return inner.load(loader, stale).await;
+    };
+    match look_up(inner, l2, key, min_fresh).await {
+        Found::Fresh(entry) => return Outcome::Entry(entry),
+        Found::Stale(entry) => {
+            if stale.as_ref().is_none_or(|s| s.stale_until < entry.stale_until) {
+                stale = Some(entry);
+            }
+        }
+        Found::Missing => {}
+        Found::Down => return inner.load(loader, stale).await,
+    }
+    if loader.is_none() {
+        return Outcome::Value(None);
+    }
+    let mut generation = None;
+    let mut token = None;
+    if l2.lease.is_some() {
+        let t = format!("{:032x}", fastrand::u128(..));
+        match l2.lease(key, &t, inner.wall_ms(min_fresh)).await {
+            Ok(Lease::Filled(bytes)) => match decode(inner, &bytes) {
+                Some(entry) => return Outcome::Entry(entry),
+                None => generation = l2.generation(key).await.ok(),
+            },
+            Ok(Lease::Held(g)) => {
+                generation = Some(g);
+                token = Some(t);
+            }
+            Ok(Lease::Busy(g)) => {
+                inner.stats.lease_waits();
+                let now = inner.now();
+                if let Some(s) = stale.take_if(|s| s.is_usable_stale(now)) {
+                    if !s.is_fresh(now) {
+                        inner.stats.stale_served();
+                    }
+                    return Outcome::Value(s.value);
+                }
+                if let Some(entry) = wait_for_fill(inner, l2, key, min_fresh).await {
+                    return Outcome::Entry(entry);
+                }
+                generation = Some(g);
+            }
+            Err(_) => {}
+        }
+    } else {
+        generation = l2.generation(key).await.ok();
+    }
+    let outcome = inner.load(loader, stale).await;
+    match (&outcome, &generation) {
+        (Outcome::Entry(entry), Some(g)) => write_back(inner, l2, key, g, entry, token.as_deref()).await,
+        _ => {
+            if let Some(t) = &token {
+                let _ = l2.release(key, t).await;
+            }
+        }
+    }
+    outcome
 }
 
 /// `GET` and decode.
@@ -210,23 +237,15 @@ where
         }
     }
 
-    /// Calls the loader and lands the flight with its value, a stale stand-in, or its
-    /// error. Returns the new entry for the write-back.
-    async fn load<F, Fut, E>(
-        &self,
-        key: &str,
-        flight: &Arc<Flight<V>>,
-        loader: Option<F>,
-        stale: Option<Entry<V>>,
-    ) -> Option<Entry<V>>
+    /// Calls the loader: a new entry, a stale stand-in for a failure, or the failure.
+    async fn load<F, Fut, E>(&self, loader: Option<F>, stale: Option<Entry<V>>) -> Outcome<V>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<Box<dyn Error + Send + Sync>> + 'static,
     {
         let Some(loader) = loader else {
-            self.local.flights.land(key, flight, Ok(None));
-            return None;
+            return Outcome::Value(None);
         };
         let started = self.now();
         let result = loader().await;
@@ -238,23 +257,17 @@ where
                 } else {
                     self.stats.loads_absent();
                 }
-                let entry = self.new_entry(value, now - started, now);
-                self.land_entry(key, flight, entry.clone());
-                Some(entry)
+                Outcome::Entry(self.new_entry(value, now - started, now))
             }
             Err(e) => {
                 self.stats.load_errors();
                 match stale.filter(|s| s.is_usable_stale(now)) {
                     Some(s) => {
                         self.stats.stale_served();
-                        self.local.flights.land(key, flight, Ok(s.value));
+                        Outcome::Value(s.value)
                     }
-                    None => {
-                        let e: LoadError = Arc::from(e.into());
-                        self.local.flights.land(key, flight, Err(e));
-                    }
+                    None => Outcome::Failed(Arc::from(e.into())),
                 }
-                None
             }
         }
     }

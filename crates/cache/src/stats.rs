@@ -84,11 +84,19 @@ events! {
     decode_errors => "palisade_cache_decode_errors_total";
     /// Entries L1 evicted to stay within its weight.
     evictions => "palisade_cache_evictions_total";
+    /// Times the Redis connection dropped (L1 is dropped when it answers again).
+    disconnections => "palisade_cache_redis_disconnections_total";
     /// Invalidations received from other instances.
     remote_invalidations => "palisade_cache_remote_invalidations_total";
 }
 
 impl Stats {
+    /// Disconnections so far.
+    #[inline]
+    pub fn snapshot_disconnections(&self) -> u64 {
+        self.disconnections.load(Ordering::Relaxed)
+    }
+
     /// An L1 hit: Prometheus only (a shared atomic here would be contended by every core).
     #[inline]
     pub fn l1_hit(&self) {
