@@ -1,7 +1,9 @@
 //! The cache: L1, L2 and the loader behind one `get_or_load`.
 
 use std::error::Error;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use palisade_core::{ConfigError, ConfigErrors, SharedClock, clock::duration_nanos};
@@ -12,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::builder::{CacheBuilder, KeyFilter, Settings};
 use crate::entry::{self, Decoded, Entry};
-use crate::flight::{Flights, LoadError};
+use crate::flight::{Flights, LoadError, RetryOnDrop};
 use crate::l1::{self, L1};
 use crate::l2::{L2, L2Error, millis};
 use crate::load;
@@ -59,6 +61,56 @@ impl<V: Clone> std::fmt::Debug for Cache<V> {
             .field("redis", &self.inner.l2.is_some())
             .finish()
     }
+}
+
+/// The future [`Cache::get_or_load`] returns: ready at once on an L1 hit.
+#[must_use = "futures do nothing unless polled"]
+pub struct Lookup<'a, V>(LookupState<'a, V>);
+
+enum LookupState<'a, V> {
+    Ready(Option<Option<V>>),
+    Pending(Pin<Box<dyn Future<Output = Result<Option<V>, CacheError>> + Send + 'a>>),
+}
+
+// No state is pinned structurally: the ready value is moved out, never pinned, and
+// the pending future is pinned in its own box.
+impl<V> Unpin for Lookup<'_, V> {}
+
+impl<V> Future for Lookup<'_, V> {
+    type Output = Result<Option<V>, CacheError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        match &mut this.0 {
+            LookupState::Ready(value) => match value.take() {
+                Some(value) => Poll::Ready(Ok(value)),
+                None => panic!("Lookup polled after it completed"),
+            },
+            LookupState::Pending(fut) => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for Lookup<'_, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            LookupState::Ready(_) => "Lookup(ready)",
+            LookupState::Pending(_) => "Lookup(pending)",
+        })
+    }
+}
+
+/// What L1 said.
+enum Probe<V, F> {
+    /// Answered (a fresh entry, or a key the filter refuses).
+    Hit(Option<V>),
+    /// L2 and the loader must answer; `stale` may stand in if they fail.
+    Miss {
+        loader: Option<F>,
+        stale: Option<Entry<V>>,
+        now: u64,
+    },
 }
 
 /// What the Redis connection's push handler needs: the L1 and the flights.
@@ -223,23 +275,35 @@ where
     ///
     /// When the loader fails, a value expired less than `stale_if_error` ago is
     /// served instead; otherwise every waiting caller gets [`CacheError::Load`].
-    pub async fn get_or_load<F, Fut, E>(&self, key: &str, loader: F) -> Result<Option<V>, CacheError>
+    pub fn get_or_load<'a, F, Fut, E>(&'a self, key: &'a str, loader: F) -> Lookup<'a, V>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<Box<dyn Error + Send + Sync>> + 'static,
     {
-        self.lookup(key, Some(loader)).await
+        // L1 is read when the call is made: a hit is a ready future of a few words;
+        // only a miss builds (and boxes) the suspended lookup.
+        match self.probe(key, Some(loader)) {
+            Probe::Hit(value) => Lookup(LookupState::Ready(Some(value))),
+            Probe::Miss { loader, stale, now } => {
+                Lookup(LookupState::Pending(Box::pin(self.miss(key, loader, stale, now))))
+            }
+        }
     }
 
     /// The value for `key` from L1 or L2, without loading it. `None` when neither
     /// has it (or has it as a confirmed absence).
     pub async fn get(&self, key: &str) -> Option<V> {
         type NoLoader<V> = fn() -> std::future::Ready<Result<Option<V>, std::convert::Infallible>>;
-        self.lookup(key, None::<NoLoader<V>>).await.ok().flatten()
+        match self.probe(key, None::<NoLoader<V>>) {
+            Probe::Hit(value) => value,
+            Probe::Miss { loader, stale, now } => self.miss(key, loader, stale, now).await.ok().flatten(),
+        }
     }
 
-    async fn lookup<F, Fut, E>(&self, key: &str, loader: Option<F>) -> Result<Option<V>, CacheError>
+    /// The key filter and L1.
+    #[inline]
+    fn probe<F, Fut, E>(&self, key: &str, loader: Option<F>) -> Probe<V, F>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
@@ -250,7 +314,7 @@ where
             && !filter(key)
         {
             inner.stats.filtered();
-            return Ok(None);
+            return Probe::Hit(None);
         }
         let now = inner.now();
         let mut stale = None;
@@ -262,28 +326,49 @@ where
                 {
                     self.maybe_refresh(key, &entry, now, loader);
                 }
-                return Ok(entry.value);
+                return Probe::Hit(entry.value);
             }
             if entry.is_usable_stale(now) {
                 stale = Some(entry);
             }
         }
+        Probe::Miss { loader, stale, now }
+    }
+
+    /// L2 and the loader, in a flight shared with the other callers missing `key`.
+    async fn miss<F, Fut, E>(
+        &self,
+        key: &str,
+        loader: Option<F>,
+        stale: Option<Entry<V>>,
+        now: u64,
+    ) -> Result<Option<V>, CacheError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn Error + Send + Sync>> + 'static,
+    {
+        let inner = &*self.inner;
         inner.stats.misses();
-        let (flight, lead) = inner.local.flights.join(key);
-        if lead {
-            let min_fresh = now;
-            tokio::spawn(load::fly(
-                self.inner.clone(),
-                key.into(),
-                flight.clone(),
-                loader,
-                stale,
-                min_fresh,
-            ));
-        } else {
-            inner.stats.coalesced();
+        let (mut loader, mut stale) = (loader, stale);
+        loop {
+            let (flight, lead) = inner.local.flights.join(key);
+            if lead {
+                // The L2 half runs here (no task to hand it to, no thread to wake);
+                // the loader gets a task of its own.
+                let guard = RetryOnDrop::new(&inner.local.flights, key, &flight);
+                let step = load::consult_l2(inner, key, loader.take(), stale.take(), now).await;
+                guard.disarm();
+                if let Some(load) = load::after_l2(&self.inner, key, &flight, step) {
+                    tokio::spawn(load);
+                }
+            } else {
+                inner.stats.coalesced();
+            }
+            if let Some(landed) = flight.wait().await {
+                return landed.map_err(CacheError::Load);
+            }
         }
-        flight.wait().await.map_err(CacheError::Load)
     }
 
     /// XFetch: refreshes in the background with probability growing as expiry nears.
@@ -307,8 +392,8 @@ where
                 self.inner.clone(),
                 key.into(),
                 flight,
-                Some(loader),
-                Some(entry.clone()),
+                loader,
+                entry.clone(),
                 entry.fresh_until,
             ));
         }
@@ -325,7 +410,10 @@ where
             Some(_) => Some(inner.encode(&entry)?),
             None => None,
         };
-        inner.local.l1.insert(key.to_owned(), entry.clone());
+        inner
+            .local
+            .l1
+            .insert(key.to_owned(), inner.for_l1(entry.clone(), now));
         if let (Some(l2), Some(blob)) = (&inner.l2, blob) {
             let ttl = inner.l2_ttl_ms(&entry, now);
             l2.change(key, Some(blob), ttl, &inner.message(key))
@@ -441,16 +529,21 @@ where
         }
     }
 
-    /// An entry read from L2, as L1 keeps it (capped by the L1 TTL).
-    pub fn entry_of(&self, d: Decoded<V>, now: u64) -> Entry<V> {
+    /// `entry` as L1 keeps it: fresh no longer than the L1 TTL from `now`.
+    pub fn for_l1(&self, mut entry: Entry<V>, now: u64) -> Entry<V> {
+        if let Some(t) = self.l1_ttl {
+            entry.fresh_until = entry.fresh_until.min(now.saturating_add(t));
+        }
+        entry
+    }
+
+    /// An entry read from L2.
+    pub fn entry_of(&self, d: Decoded<V>) -> Entry<V> {
         let fresh_until = self.clock_of_wall_ms(d.fresh_until_ms);
         let load_nanos = u64::from(d.load_ms) * 1_000_000;
-        let l1_until = self
-            .l1_ttl
-            .map_or(fresh_until, |t| fresh_until.min(now.saturating_add(t)));
         Entry {
             value: d.value,
-            fresh_until: l1_until,
+            fresh_until,
             stale_until: fresh_until.saturating_add(self.grace),
             refresh_window: self.refresh_window(load_nanos),
             load_nanos,

@@ -24,7 +24,8 @@ pub(crate) type Landed<V> = Result<Option<V>, LoadError>;
 
 /// One load in progress.
 pub(crate) struct Flight<V> {
-    landed: OnceLock<Landed<V>>,
+    /// `None`: its leader gave up before handing the load to a task; try again.
+    landed: OnceLock<Option<Landed<V>>>,
     notify: Notify,
     superseded: AtomicBool,
 }
@@ -38,8 +39,8 @@ impl<V: Clone> Flight<V> {
         })
     }
 
-    /// Waits for the flight to land.
-    pub async fn wait(&self) -> Landed<V> {
+    /// Waits for the flight to land; `None` if its leader gave up (join again).
+    pub async fn wait(&self) -> Option<Landed<V>> {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -59,18 +60,20 @@ impl<V: Clone> Flight<V> {
 }
 
 /// The flights in progress, by key.
+type Table<V> = HashMap<Box<str>, Arc<Flight<V>>, quick_cache::DefaultHashBuilder>;
+
 pub(crate) struct Flights<V> {
-    table: Mutex<HashMap<Box<str>, Arc<Flight<V>>>>,
+    table: Mutex<Table<V>>,
 }
 
 impl<V: Clone> Flights<V> {
     pub fn new() -> Self {
         Flights {
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(HashMap::default()),
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, HashMap<Box<str>, Arc<Flight<V>>>> {
+    fn table(&self) -> MutexGuard<'_, Table<V>> {
         // A panic while the lock is held cannot leave the map half-changed: every
         // critical section is a single insert, lookup or removal.
         self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -102,6 +105,10 @@ impl<V: Clone> Flights<V> {
     /// Lands `flight`: takes it out of the table (if it is still the one there) and
     /// wakes its waiters with `landed`.
     pub fn land(&self, key: &str, flight: &Arc<Flight<V>>, landed: Landed<V>) {
+        self.settle(key, flight, Some(landed));
+    }
+
+    fn settle(&self, key: &str, flight: &Arc<Flight<V>>, landed: Option<Landed<V>>) {
         {
             let mut table = self.table();
             if table.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
@@ -144,6 +151,39 @@ impl<V: Clone> Drop for LandOnDrop<'_, V> {
     }
 }
 
+/// Sends a flight's waiters back to join again if its leader gives up (its caller
+/// dropped the lookup) before the load was handed to a task of its own.
+pub(crate) struct RetryOnDrop<'a, V: Clone> {
+    flights: &'a Flights<V>,
+    key: &'a str,
+    flight: &'a Arc<Flight<V>>,
+    armed: bool,
+}
+
+impl<'a, V: Clone> RetryOnDrop<'a, V> {
+    pub fn new(flights: &'a Flights<V>, key: &'a str, flight: &'a Arc<Flight<V>>) -> Self {
+        RetryOnDrop {
+            flights,
+            key,
+            flight,
+            armed: true,
+        }
+    }
+
+    /// The flight is handed on: dropping the guard does nothing.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl<V: Clone> Drop for RetryOnDrop<'_, V> {
+    fn drop(&mut self) {
+        if self.armed && self.flight.landed.get().is_none() {
+            self.flights.settle(self.key, self.flight, None);
+        }
+    }
+}
+
 /// The load ended without a result (the loader panicked or its runtime shut down).
 #[derive(Debug, thiserror::Error)]
 #[error("the load ended without a result (the loader panicked or its runtime shut down)")]
@@ -161,7 +201,7 @@ mod tests {
         assert!(lead && !lead2);
         let waiting = tokio::spawn(async move { follower.wait().await });
         flights.land("k", &leader, Ok(Some(7)));
-        assert_eq!(waiting.await.unwrap().unwrap(), Some(7));
+        assert_eq!(waiting.await.unwrap().unwrap().unwrap(), Some(7));
         // Landed flights leave the table: the next miss leads again.
         assert!(flights.join("k").1);
     }
@@ -188,7 +228,16 @@ mod tests {
             key: "k",
             flight: &flight,
         });
-        let err = flight.wait().await.unwrap_err();
+        let err = flight.wait().await.unwrap().unwrap_err();
         assert!(err.downcast_ref::<Abandoned>().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_gives_up_sends_its_waiters_back() {
+        let flights = Flights::<u32>::new();
+        let (flight, _) = flights.join("k");
+        drop(RetryOnDrop::new(&flights, "k", &flight));
+        assert!(flight.wait().await.is_none());
+        assert!(flights.join("k").1, "the flight was left in the table");
     }
 }

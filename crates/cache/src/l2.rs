@@ -171,7 +171,9 @@ impl L2 {
         let client = redis::Client::open(info.set_redis_settings(redis_settings))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.timeout.max(Duration::from_millis(250))))
-            .set_response_timeout(Some(options.timeout))
+            // Each call is bounded by `guarded`'s timeout, which also covers waiting
+            // for a connection; a second timer per call here would only cost.
+            .set_response_timeout(None)
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1))
             .set_push_sender(on_push)
@@ -211,10 +213,20 @@ impl L2 {
         &self.breaker
     }
 
+    /// `<prefix>{<key>}`, with room for a suffix.
+    fn value_key(&self, key: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + key.len() + 4);
+        k.push_str(&self.prefix);
+        k.push('{');
+        k.push_str(key);
+        k.push('}');
+        k
+    }
+
     fn keys(&self, key: &str) -> [String; 3] {
-        let value = format!("{}{{{key}}}", self.prefix);
-        let generation = format!("{value}:g");
-        let lease = format!("{value}:l");
+        let value = self.value_key(key);
+        let generation = value.clone() + ":g";
+        let lease = value.clone() + ":l";
         [value, generation, lease]
     }
 
@@ -263,7 +275,7 @@ impl L2 {
     /// `GET` of the value.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, L2Error> {
         let mut conn = self.conn.clone();
-        let value_key = format!("{}{{{key}}}", self.prefix);
+        let value_key = self.value_key(key);
         self.guarded(async move { Cmd::get(value_key).query_async(&mut conn).await })
             .await
     }

@@ -57,7 +57,7 @@ mod load;
 mod stats;
 
 pub use builder::{CacheBuilder, KeyFilter, WeighFn};
-pub use cache::{Cache, CacheError};
+pub use cache::{Cache, CacheError, Lookup};
 pub use flight::{Abandoned, LoadError};
 pub use l2::{LeaseOptions, RedisOptions};
 pub use stats::CacheStats;

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::cache::Inner;
 use crate::entry::{self, Entry};
-use crate::flight::{Flight, LandOnDrop, LoadError};
+use crate::flight::{Flight, LandOnDrop, LoadError, RetryOnDrop};
 use crate::l2::{L2, Lease};
 
 /// What L2 said about a key.
@@ -23,15 +23,97 @@ enum Found<V> {
     Down,
 }
 
-/// Runs the flight for `key` and lands it. `min_fresh`: an L2 value must be fresh
-/// past this time to count (now, or for an early refresh the current entry's expiry).
+/// How a flight ends.
+pub(crate) enum Outcome<V> {
+    /// A new or L2 entry: goes into L1 (unless superseded), its value to the waiters.
+    Entry(Entry<V>),
+    /// An answer not to cache (a stale stand-in, or "absent" without a loader).
+    Value(Option<V>),
+    Failed(LoadError),
+}
+
+/// What L2 decided for a flight.
+pub(crate) enum Step<V, F> {
+    /// The flight can land now.
+    Done(Outcome<V>),
+    /// The loader must run; a value it loads is written back against `generation`
+    /// (none: Redis was not reached, the value stays in L1), and `token` is the
+    /// lease held, if any.
+    Load {
+        loader: F,
+        stale: Option<Entry<V>>,
+        generation: Option<String>,
+        token: Option<String>,
+    },
+}
+
+/// A whole flight on a task of its own (an early refresh): L2, then the loader.
 pub(crate) async fn fly<V, F, Fut, E>(
     inner: Arc<Inner<V>>,
     key: Box<str>,
     flight: Arc<Flight<V>>,
-    loader: Option<F>,
-    stale: Option<Entry<V>>,
+    loader: F,
+    stale: Entry<V>,
     min_fresh: u64,
+) where
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+    E: Into<Box<dyn Error + Send + Sync>> + 'static,
+{
+    let guard = RetryOnDrop::new(&inner.local.flights, &key, &flight);
+    let step = consult_l2(&inner, &key, Some(loader), Some(stale), min_fresh).await;
+    guard.disarm();
+    if let Some(load) = after_l2(&inner, &key, &flight, step) {
+        load.await;
+    }
+}
+
+/// Lands a flight that L2 decided, or gives back its loader's half to run.
+pub(crate) fn after_l2<V, F, Fut, E>(
+    inner: &Arc<Inner<V>>,
+    key: &str,
+    flight: &Arc<Flight<V>>,
+    step: Step<V, F>,
+) -> Option<impl Future<Output = ()> + Send + 'static>
+where
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+    E: Into<Box<dyn Error + Send + Sync>> + 'static,
+{
+    match step {
+        Step::Done(outcome) => {
+            inner.land(key, flight, outcome);
+            None
+        }
+        Step::Load {
+            loader,
+            stale,
+            generation,
+            token,
+        } => Some(land_load(
+            inner.clone(),
+            key.into(),
+            flight.clone(),
+            loader,
+            stale,
+            generation,
+            token,
+        )),
+    }
+}
+
+/// The loader's half of a flight, on a task of its own so that a caller giving up
+/// does not cancel the load the others wait for.
+async fn land_load<V, F, Fut, E>(
+    inner: Arc<Inner<V>>,
+    key: Box<str>,
+    flight: Arc<Flight<V>>,
+    loader: F,
+    stale: Option<Entry<V>>,
+    generation: Option<String>,
+    token: Option<String>,
 ) where
     V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
     F: FnOnce() -> Fut + Send + 'static,
@@ -43,31 +125,20 @@ pub(crate) async fn fly<V, F, Fut, E>(
         key: &key,
         flight: &flight,
     };
-    match run(&inner, &key, loader, stale, min_fresh).await {
-        Outcome::Entry(entry) => inner.land_entry(&key, &flight, entry),
-        Outcome::Value(value) => inner.local.flights.land(&key, &flight, Ok(value)),
-        Outcome::Failed(e) => inner.local.flights.land(&key, &flight, Err(e)),
-    }
+    let outcome = load_and_write(&inner, &key, loader, stale, generation, token).await;
+    inner.land(&key, &flight, outcome);
     drop(guard);
 }
 
-/// How a flight ends.
-enum Outcome<V> {
-    /// A new or L2 entry: goes into L1 (unless superseded), its value to the waiters.
-    Entry(Entry<V>),
-    /// An answer not to cache (a stale stand-in, or "absent" without a loader).
-    Value(Option<V>),
-    Failed(LoadError),
-}
-
-/// The flight's work; a loaded value is written to L2 before the flight lands, so
-/// that when `get_or_load` returns, other instances can read it.
-async fn run<V, F, Fut, E>(
+/// Calls the loader, and writes what it loaded to L2 before the flight lands, so
+/// that when `get_or_load` returns other instances can read it.
+async fn load_and_write<V, F, Fut, E>(
     inner: &Inner<V>,
     key: &str,
-    loader: Option<F>,
-    mut stale: Option<Entry<V>>,
-    min_fresh: u64,
+    loader: F,
+    stale: Option<Entry<V>>,
+    generation: Option<String>,
+    token: Option<String>,
 ) -> Outcome<V>
 where
     V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -75,64 +146,114 @@ where
     Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
     E: Into<Box<dyn Error + Send + Sync>> + 'static,
 {
+    let outcome = inner.load(loader, stale).await;
+    if let Some(l2) = &inner.l2 {
+        match (&outcome, &generation) {
+            (Outcome::Entry(entry), Some(g)) => write_back(inner, l2, key, g, entry, token.as_deref()).await,
+            _ => {
+                if let Some(t) = &token {
+                    let _ = l2.release(key, t).await;
+                }
+            }
+        }
+    }
+    outcome
+}
+
+/// The L2 half of a flight (run by the caller that leads it): a fresh L2 value
+/// ends the flight; otherwise the generation to write back against and, with the
+/// lease, the lease or another process's value.
+pub(crate) async fn consult_l2<V, F, Fut, E>(
+    inner: &Inner<V>,
+    key: &str,
+    loader: Option<F>,
+    mut stale: Option<Entry<V>>,
+    min_fresh: u64,
+) -> Step<V, F>
+where
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+    E: Into<Box<dyn Error + Send + Sync>> + 'static,
+{
+    let load = |loader: Option<F>, stale, generation, token| match loader {
+        Some(loader) => Step::Load {
+            loader,
+            stale,
+            generation,
+            token,
+        },
+        None => Step::Done(Outcome::Value(None)),
+    };
     let Some(l2) = &inner.l2 else {
-        return inner.load(loader, stale).await;
+        return load(loader, stale, None, None);
     };
     match look_up(inner, l2, key, min_fresh).await {
-        Found::Fresh(entry) => return Outcome::Entry(entry),
+        Found::Fresh(entry) => return Step::Done(Outcome::Entry(entry)),
         Found::Stale(entry) => {
             if stale.as_ref().is_none_or(|s| s.stale_until < entry.stale_until) {
                 stale = Some(entry);
             }
         }
         Found::Missing => {}
-        Found::Down => return inner.load(loader, stale).await,
+        Found::Down => return load(loader, stale, None, None),
     }
-    if loader.is_none() {
-        return Outcome::Value(None);
+    match loader {
+        // Boxed: an L2 hit's future stays small without the lease's states.
+        Some(loader) => Box::pin(prepare_load(inner, l2, key, loader, stale, min_fresh)).await,
+        None => Step::Done(Outcome::Value(None)),
     }
-    let mut generation = None;
-    let mut token = None;
-    if l2.lease.is_some() {
-        let t = format!("{:032x}", fastrand::u128(..));
-        match l2.lease(key, &t, inner.wall_ms(min_fresh)).await {
-            Ok(Lease::Filled(bytes)) => match decode(inner, &bytes) {
-                Some(entry) => return Outcome::Entry(entry),
-                None => generation = l2.generation(key).await.ok(),
-            },
-            Ok(Lease::Held(g)) => {
-                generation = Some(g);
-                token = Some(t);
-            }
-            Ok(Lease::Busy(g)) => {
-                inner.stats.lease_waits();
-                let now = inner.now();
-                if let Some(s) = stale.take_if(|s| s.is_usable_stale(now)) {
-                    if !s.is_fresh(now) {
-                        inner.stats.stale_served();
-                    }
-                    return Outcome::Value(s.value);
+}
+
+/// A miss in L2: the generation to write back against, and with the lease, the
+/// lease or another process's value.
+async fn prepare_load<V, F, Fut, E>(
+    inner: &Inner<V>,
+    l2: &L2,
+    key: &str,
+    loader: F,
+    mut stale: Option<Entry<V>>,
+    min_fresh: u64,
+) -> Step<V, F>
+where
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+    E: Into<Box<dyn Error + Send + Sync>> + 'static,
+{
+    let load = |loader, stale, generation, token| Step::Load {
+        loader,
+        stale,
+        generation,
+        token,
+    };
+    if l2.lease.is_none() {
+        let generation = l2.generation(key).await.ok();
+        return load(loader, stale, generation, None);
+    }
+    let token = format!("{:032x}", fastrand::u128(..));
+    match l2.lease(key, &token, inner.wall_ms(min_fresh)).await {
+        Ok(Lease::Filled(bytes)) => match decode(inner, &bytes) {
+            Some(entry) => Step::Done(Outcome::Entry(entry)),
+            None => load(loader, stale, l2.generation(key).await.ok(), None),
+        },
+        Ok(Lease::Held(g)) => load(loader, stale, Some(g), Some(token)),
+        Ok(Lease::Busy(g)) => {
+            inner.stats.lease_waits();
+            let now = inner.now();
+            if let Some(s) = stale.take_if(|s| s.is_usable_stale(now)) {
+                if !s.is_fresh(now) {
+                    inner.stats.stale_served();
                 }
-                if let Some(entry) = wait_for_fill(inner, l2, key, min_fresh).await {
-                    return Outcome::Entry(entry);
-                }
-                generation = Some(g);
+                return Step::Done(Outcome::Value(s.value));
             }
-            Err(_) => {}
-        }
-    } else {
-        generation = l2.generation(key).await.ok();
-    }
-    let outcome = inner.load(loader, stale).await;
-    match (&outcome, &generation) {
-        (Outcome::Entry(entry), Some(g)) => write_back(inner, l2, key, g, entry, token.as_deref()).await,
-        _ => {
-            if let Some(t) = &token {
-                let _ = l2.release(key, t).await;
+            match wait_for_fill(inner, l2, key, min_fresh).await {
+                Some(entry) => Step::Done(Outcome::Entry(entry)),
+                None => load(loader, stale, Some(g), None),
             }
         }
+        Err(_) => load(loader, stale, None, None),
     }
-    outcome
 }
 
 /// `GET` and decode.
@@ -159,7 +280,7 @@ where
     V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
 {
     match entry::decode(bytes) {
-        Ok(decoded) => Some(inner.entry_of(decoded, inner.now())),
+        Ok(decoded) => Some(inner.entry_of(decoded)),
         Err(e) => {
             inner.stats.decode_errors();
             tracing::debug!(cache = %inner.name, error = %e, "cache: an L2 value did not decode; treated as a miss");
@@ -218,18 +339,29 @@ impl<V> Inner<V>
 where
     V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
 {
-    /// Puts `entry` in L1 (unless the flight was superseded) and lands the flight.
-    fn land_entry(&self, key: &str, flight: &Arc<Flight<V>>, entry: Entry<V>) {
-        let value = entry.value.clone();
-        self.fill_l1(key, flight, entry);
-        self.local.flights.land(key, flight, Ok(value));
+    /// Lands the flight; an entry goes into L1 first (unless the flight was superseded).
+    pub(crate) fn land(&self, key: &str, flight: &Arc<Flight<V>>, outcome: Outcome<V>) {
+        let landed = match outcome {
+            Outcome::Entry(entry) => {
+                let value = entry.value.clone();
+                self.fill_l1(key, flight, entry);
+                Ok(value)
+            }
+            Outcome::Value(value) => Ok(value),
+            Outcome::Failed(e) => Err(e),
+        };
+        // Out of the table only once L1 has the entry: a caller arriving in between
+        // must find one or the other, never start a second load.
+        self.local.flights.land(key, flight, landed);
     }
 
     fn fill_l1(&self, key: &str, flight: &Flight<V>, entry: Entry<V>) {
         if flight.is_superseded() {
             return;
         }
-        self.local.l1.insert(key.to_owned(), entry);
+        self.local
+            .l1
+            .insert(key.to_owned(), self.for_l1(entry, self.now()));
         // An invalidation between the check and the insert marked the flight before
         // removing the key: seen here, the insert is taken back.
         if flight.is_superseded() {
@@ -238,15 +370,12 @@ where
     }
 
     /// Calls the loader: a new entry, a stale stand-in for a failure, or the failure.
-    async fn load<F, Fut, E>(&self, loader: Option<F>, stale: Option<Entry<V>>) -> Outcome<V>
+    async fn load<F, Fut, E>(&self, loader: F, stale: Option<Entry<V>>) -> Outcome<V>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<Box<dyn Error + Send + Sync>> + 'static,
     {
-        let Some(loader) = loader else {
-            return Outcome::Value(None);
-        };
         let started = self.now();
         let result = loader().await;
         let now = self.now();

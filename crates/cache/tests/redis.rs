@@ -174,22 +174,20 @@ async fn a_load_that_began_before_an_invalidation_cannot_write_its_old_value_bac
     let b: Cache<String> = Cache::builder("b").redis(options(&url, &prefix)).build().unwrap();
     let gate = Arc::new(Semaphore::new(0));
     let g = gate.clone();
+    let (called, loader_called) = tokio::sync::oneshot::channel();
     let slow = {
         let a = a.clone();
         tokio::spawn(async move {
             a.get_or_load("k", move || async move {
+                let _ = called.send(());
                 let _open = g.acquire().await;
                 Ok::<_, std::io::Error>(Some("old".to_string()))
             })
             .await
         })
     };
-    // The load has read the generation (the loader is running) when b changes the key.
-    until("the load to start", async || a.stats().misses == 1).await;
-    until("the loader to be called", async || {
-        gate.available_permits() == 0 && a.stats().l2_hits == 0
-    })
-    .await;
+    // The load has read the generation (its loader is running) when b changes the key.
+    loader_called.await.unwrap();
     b.set("k", "new".to_string()).await.unwrap();
     gate.add_permits(1);
     assert_eq!(slow.await.unwrap().unwrap().as_deref(), Some("old"));
@@ -361,18 +359,20 @@ async fn redis_killed_mid_load_then_restarted_is_used_again_without_a_restart() 
     subscribed(&url, "restart:", 1).await;
     let gate = Arc::new(Semaphore::new(0));
     let g = gate.clone();
+    let (called, loader_called) = tokio::sync::oneshot::channel();
     let mid = {
         let cache = cache.clone();
         tokio::spawn(async move {
             cache
                 .get_or_load("mid", move || async move {
+                    let _ = called.send(());
                     let _open = g.acquire().await;
                     Ok::<_, std::io::Error>(Some(1))
                 })
                 .await
         })
     };
-    until("the load to start", async || cache.stats().misses == 1).await;
+    loader_called.await.unwrap();
     server.kill();
     gate.add_permits(1);
     assert_eq!(mid.await.unwrap().unwrap(), Some(1));
