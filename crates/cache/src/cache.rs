@@ -17,7 +17,7 @@ use crate::entry::{self, Decoded, Entry};
 use crate::flight::{Flights, LoadError, RetryOnDrop};
 use crate::l1::{self, L1};
 use crate::l2::{L2, L2Error, millis};
-use crate::load;
+use crate::load::{self, Cacheable, Loader};
 use crate::stats::{CacheStats, Stats};
 
 /// What a cache call can fail with.
@@ -303,12 +303,7 @@ where
 
     /// The key filter and L1.
     #[inline]
-    fn probe<F, Fut, E>(&self, key: &str, loader: Option<F>) -> Probe<V, F>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn Error + Send + Sync>> + 'static,
-    {
+    fn probe<F: Loader<V>>(&self, key: &str, loader: Option<F>) -> Probe<V, F> {
         let inner = &*self.inner;
         if let Some(filter) = &inner.filter
             && !filter(key)
@@ -336,18 +331,13 @@ where
     }
 
     /// L2 and the loader, in a flight shared with the other callers missing `key`.
-    async fn miss<F, Fut, E>(
+    async fn miss<F: Loader<V>>(
         &self,
         key: &str,
         loader: Option<F>,
         stale: Option<Entry<V>>,
         now: u64,
-    ) -> Result<Option<V>, CacheError>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn Error + Send + Sync>> + 'static,
-    {
+    ) -> Result<Option<V>, CacheError> {
         let inner = &*self.inner;
         inner.stats.misses();
         let (mut loader, mut stale) = (loader, stale);
@@ -373,12 +363,7 @@ where
 
     /// XFetch: refreshes in the background with probability growing as expiry nears.
     #[cold]
-    fn maybe_refresh<F, Fut, E>(&self, key: &str, entry: &Entry<V>, now: u64, loader: F)
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn Error + Send + Sync>> + 'static,
-    {
+    fn maybe_refresh<F: Loader<V>>(&self, key: &str, entry: &Entry<V>, now: u64, loader: F) {
         let beta = self.inner.early_refresh.unwrap_or(0.0);
         // -ln(u) for u uniform in (0, 1]: exponentially distributed, mean 1.
         let draw = -(1.0 - fastrand::f64()).ln();
@@ -477,10 +462,7 @@ async fn subscribe<V: Clone>(inner: Weak<Inner<V>>) {
     }
 }
 
-impl<V> Inner<V>
-where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+impl<V: Cacheable> Inner<V> {
     /// The cache clock's reading, in nanoseconds.
     #[inline]
     pub fn now(&self) -> u64 {

@@ -12,6 +12,33 @@ use crate::entry::{self, Entry};
 use crate::flight::{Flight, LandOnDrop, LoadError, RetryOnDrop};
 use crate::l2::{L2, Lease};
 
+/// What a cache holds: cloned out on hits, encoded for L2.
+pub(crate) trait Cacheable: Clone + Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+impl<V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable for V {}
+
+/// A caller's loader, as the flight carries it: called once, on a task of its own.
+pub(crate) trait Loader<V>: Send + 'static {
+    type Load: Future<Output = Result<Option<V>, Self::Error>> + Send + 'static;
+    type Error: Into<Box<dyn Error + Send + Sync>> + 'static;
+
+    fn call(self) -> Self::Load;
+}
+
+impl<V, F, Fut, E> Loader<V> for F
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+    E: Into<Box<dyn Error + Send + Sync>> + 'static,
+{
+    type Load = Fut;
+    type Error = E;
+
+    fn call(self) -> Fut {
+        self()
+    }
+}
+
 /// What L2 said about a key.
 enum Found<V> {
     /// A value fresher than the flight needs.
@@ -48,19 +75,14 @@ pub(crate) enum Step<V, F> {
 }
 
 /// A whole flight on a task of its own (an early refresh): L2, then the loader.
-pub(crate) async fn fly<V, F, Fut, E>(
+pub(crate) async fn fly<V: Cacheable, F: Loader<V>>(
     inner: Arc<Inner<V>>,
     key: Box<str>,
     flight: Arc<Flight<V>>,
     loader: F,
     stale: Entry<V>,
     min_fresh: u64,
-) where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-    E: Into<Box<dyn Error + Send + Sync>> + 'static,
-{
+) {
     let guard = RetryOnDrop::new(&inner.local.flights, &key, &flight);
     let step = consult_l2(&inner, &key, Some(loader), Some(stale), min_fresh).await;
     guard.disarm();
@@ -70,18 +92,12 @@ pub(crate) async fn fly<V, F, Fut, E>(
 }
 
 /// Lands a flight that L2 decided, or gives back its loader's half to run.
-pub(crate) fn after_l2<V, F, Fut, E>(
+pub(crate) fn after_l2<V: Cacheable, F: Loader<V>>(
     inner: &Arc<Inner<V>>,
     key: &str,
     flight: &Arc<Flight<V>>,
     step: Step<V, F>,
-) -> Option<impl Future<Output = ()> + Send + 'static>
-where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-    E: Into<Box<dyn Error + Send + Sync>> + 'static,
-{
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     match step {
         Step::Done(outcome) => {
             inner.land(key, flight, outcome);
@@ -106,7 +122,7 @@ where
 
 /// The loader's half of a flight, on a task of its own so that a caller giving up
 /// does not cancel the load the others wait for.
-async fn land_load<V, F, Fut, E>(
+async fn land_load<V: Cacheable, F: Loader<V>>(
     inner: Arc<Inner<V>>,
     key: Box<str>,
     flight: Arc<Flight<V>>,
@@ -114,12 +130,7 @@ async fn land_load<V, F, Fut, E>(
     stale: Option<Entry<V>>,
     generation: Option<String>,
     token: Option<String>,
-) where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-    E: Into<Box<dyn Error + Send + Sync>> + 'static,
-{
+) {
     let guard = LandOnDrop {
         flights: &inner.local.flights,
         key: &key,
@@ -132,20 +143,14 @@ async fn land_load<V, F, Fut, E>(
 
 /// Calls the loader, and writes what it loaded to L2 before the flight lands, so
 /// that when `get_or_load` returns other instances can read it.
-async fn load_and_write<V, F, Fut, E>(
+async fn load_and_write<V: Cacheable, F: Loader<V>>(
     inner: &Inner<V>,
     key: &str,
     loader: F,
     stale: Option<Entry<V>>,
     generation: Option<String>,
     token: Option<String>,
-) -> Outcome<V>
-where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-    E: Into<Box<dyn Error + Send + Sync>> + 'static,
-{
+) -> Outcome<V> {
     let outcome = inner.load(loader, stale).await;
     if let Some(l2) = &inner.l2 {
         match (&outcome, &generation) {
@@ -163,19 +168,13 @@ where
 /// The L2 half of a flight (run by the caller that leads it): a fresh L2 value
 /// ends the flight; otherwise the generation to write back against and, with the
 /// lease, the lease or another process's value.
-pub(crate) async fn consult_l2<V, F, Fut, E>(
+pub(crate) async fn consult_l2<V: Cacheable, F: Loader<V>>(
     inner: &Inner<V>,
     key: &str,
     loader: Option<F>,
     mut stale: Option<Entry<V>>,
     min_fresh: u64,
-) -> Step<V, F>
-where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-    E: Into<Box<dyn Error + Send + Sync>> + 'static,
-{
+) -> Step<V, F> {
     let load = |loader: Option<F>, stale, generation, token| match loader {
         Some(loader) => Step::Load {
             loader,
@@ -207,20 +206,14 @@ where
 
 /// A miss in L2: the generation to write back against, and with the lease, the
 /// lease or another process's value.
-async fn prepare_load<V, F, Fut, E>(
+async fn prepare_load<V: Cacheable, F: Loader<V>>(
     inner: &Inner<V>,
     l2: &L2,
     key: &str,
     loader: F,
     mut stale: Option<Entry<V>>,
     min_fresh: u64,
-) -> Step<V, F>
-where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-    E: Into<Box<dyn Error + Send + Sync>> + 'static,
-{
+) -> Step<V, F> {
     let load = |loader, stale, generation, token| Step::Load {
         loader,
         stale,
@@ -257,10 +250,7 @@ where
 }
 
 /// `GET` and decode.
-async fn look_up<V>(inner: &Inner<V>, l2: &L2, key: &str, min_fresh: u64) -> Found<V>
-where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+async fn look_up<V: Cacheable>(inner: &Inner<V>, l2: &L2, key: &str, min_fresh: u64) -> Found<V> {
     match l2.get(key).await {
         Ok(Some(bytes)) => match decode(inner, &bytes) {
             Some(entry) if entry.fresh_until > min_fresh => {
@@ -275,10 +265,7 @@ where
     }
 }
 
-fn decode<V>(inner: &Inner<V>, bytes: &[u8]) -> Option<Entry<V>>
-where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+fn decode<V: Cacheable>(inner: &Inner<V>, bytes: &[u8]) -> Option<Entry<V>> {
     match entry::decode(bytes) {
         Ok(decoded) => Some(inner.entry_of(decoded)),
         Err(e) => {
@@ -291,10 +278,12 @@ where
 
 /// While another process holds the lease: polls L2 for its value, up to the lease's
 /// wait (2 ms, doubling to 50 ms between reads).
-async fn wait_for_fill<V>(inner: &Inner<V>, l2: &L2, key: &str, min_fresh: u64) -> Option<Entry<V>>
-where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+async fn wait_for_fill<V: Cacheable>(
+    inner: &Inner<V>,
+    l2: &L2,
+    key: &str,
+    min_fresh: u64,
+) -> Option<Entry<V>> {
     let wait = l2.lease.map_or(Duration::ZERO, |l| l.wait);
     let deadline = tokio::time::Instant::now() + wait;
     let mut pause = Duration::from_millis(2);
@@ -311,16 +300,14 @@ where
 }
 
 /// Writes a loaded entry to L2 if no invalidation came since the load began.
-async fn write_back<V>(
+async fn write_back<V: Cacheable>(
     inner: &Inner<V>,
     l2: &L2,
     key: &str,
     generation: &str,
     entry: &Entry<V>,
     token: Option<&str>,
-) where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+) {
     let blob = match inner.encode(entry) {
         Ok(blob) => blob,
         Err(e) => {
@@ -335,10 +322,7 @@ async fn write_back<V>(
     let _ = l2.fill(key, generation, blob, ttl, token).await;
 }
 
-impl<V> Inner<V>
-where
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+impl<V: Cacheable> Inner<V> {
     /// Lands the flight; an entry goes into L1 first (unless the flight was superseded).
     pub(crate) fn land(&self, key: &str, flight: &Arc<Flight<V>>, outcome: Outcome<V>) {
         let landed = match outcome {
@@ -370,14 +354,9 @@ where
     }
 
     /// Calls the loader: a new entry, a stale stand-in for a failure, or the failure.
-    async fn load<F, Fut, E>(&self, loader: F, stale: Option<Entry<V>>) -> Outcome<V>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn Error + Send + Sync>> + 'static,
-    {
+    async fn load<F: Loader<V>>(&self, loader: F, stale: Option<Entry<V>>) -> Outcome<V> {
         let started = self.now();
-        let result = loader().await;
+        let result = loader.call().await;
         let now = self.now();
         match result {
             Ok(value) => {
