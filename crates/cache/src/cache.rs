@@ -387,9 +387,28 @@ where
     /// Puts `value` in both levels and tells the other instances to drop their copy;
     /// a load of `key` already out cannot overwrite it.
     pub async fn set(&self, key: &str, value: V) -> Result<(), CacheError> {
+        let now = self.inner.now();
+        let entry = self.inner.new_entry(Some(value), 0, now);
+        self.store(key, entry, now).await
+    }
+
+    /// Like [`set`](Self::set), fresh for exactly `ttl` (no jitter), for values whose
+    /// lifetime their source decides (an HTTP answer's `max-age`).
+    pub async fn set_for(&self, key: &str, value: V, ttl: Duration) -> Result<(), CacheError> {
+        let now = self.inner.now();
+        let fresh_until = now.saturating_add(duration_nanos(ttl).max(1));
+        let entry = Entry {
+            value: Some(value),
+            fresh_until,
+            stale_until: fresh_until.saturating_add(self.inner.grace),
+            refresh_window: 0,
+            load_nanos: 0,
+        };
+        self.store(key, entry, now).await
+    }
+
+    async fn store(&self, key: &str, entry: Entry<V>, now: u64) -> Result<(), CacheError> {
         let inner = &*self.inner;
-        let now = inner.now();
-        let entry = inner.new_entry(Some(value), 0, now);
         inner.local.forget(key);
         let blob = match &inner.l2 {
             Some(_) => Some(inner.encode(&entry)?),

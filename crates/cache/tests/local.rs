@@ -299,3 +299,20 @@ fn bad_settings_name_their_fields() {
     let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
     assert_eq!(fields, ["ttl", "jitter", "max_weight", "redis.url"]);
 }
+
+#[tokio::test]
+async fn set_for_keeps_a_value_exactly_its_own_lifetime() {
+    let clock = ManualClock::new();
+    let cache: Cache<u32> = Cache::builder("set_for")
+        .ttl(Duration::from_secs(60))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    cache.set_for("short", 1, Duration::from_secs(2)).await.unwrap();
+    cache.set("long", 2).await.unwrap();
+    clock.advance(Duration::from_millis(1_999));
+    assert_eq!(cache.get("short").await, Some(1));
+    clock.advance(Duration::from_millis(2));
+    assert_eq!(cache.get("short").await, None);
+    assert_eq!(cache.get("long").await, Some(2));
+}
