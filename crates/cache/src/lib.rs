@@ -51,6 +51,8 @@ mod builder;
 mod cache;
 mod entry;
 mod flight;
+#[cfg(feature = "http")]
+pub mod http;
 mod l1;
 mod l2;
 mod load;
