@@ -393,8 +393,15 @@ where
     }
 
     /// Like [`set`](Self::set), fresh for exactly `ttl` (no jitter), for values whose
-    /// lifetime their source decides (an HTTP answer's `max-age`).
-    pub async fn set_for(&self, key: &str, value: V, ttl: Duration) -> Result<(), CacheError> {
+    /// lifetime their source decides (an HTTP answer's `max-age`). This instance's
+    /// L1 has the value when the call returns; the future writes L2 and tells the
+    /// other instances (it owns what it needs, so it can be spawned).
+    pub fn set_for(
+        &self,
+        key: &str,
+        value: V,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), CacheError>> + Send + 'static {
         let now = self.inner.now();
         let fresh_until = now.saturating_add(duration_nanos(ttl).max(1));
         let entry = Entry {
@@ -404,27 +411,38 @@ where
             refresh_window: 0,
             load_nanos: 0,
         };
-        self.store(key, entry, now).await
+        let change = self.store_local(key, entry, now);
+        let (inner, key) = (self.inner.clone(), key.to_owned());
+        async move {
+            if let Some((blob, ttl)) = change? {
+                inner.tell_l2(&key, blob, ttl).await?;
+            }
+            Ok(())
+        }
     }
 
     async fn store(&self, key: &str, entry: Entry<V>, now: u64) -> Result<(), CacheError> {
+        if let Some((blob, ttl)) = self.store_local(key, entry, now)? {
+            self.inner.tell_l2(key, blob, ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// Puts `entry` in L1 now; the L2 encoding and TTL to write, if there is an L2.
+    fn store_local(
+        &self,
+        key: &str,
+        entry: Entry<V>,
+        now: u64,
+    ) -> Result<Option<(Vec<u8>, u64)>, CacheError> {
         let inner = &*self.inner;
         inner.local.forget(key);
         let blob = match &inner.l2 {
-            Some(_) => Some(inner.encode(&entry)?),
+            Some(_) => Some((inner.encode(&entry)?, inner.l2_ttl_ms(&entry, now))),
             None => None,
         };
-        inner
-            .local
-            .l1
-            .insert(key.to_owned(), inner.for_l1(entry.clone(), now));
-        if let (Some(l2), Some(blob)) = (&inner.l2, blob) {
-            let ttl = inner.l2_ttl_ms(&entry, now);
-            l2.change(key, Some(blob), ttl, &inner.message(key))
-                .await
-                .map_err(unavailable)?;
-        }
-        Ok(())
+        inner.local.l1.insert(key.to_owned(), inner.for_l1(entry, now));
+        Ok(blob)
     }
 
     /// Drops `key` from both levels, and from every other instance's L1; a load of it
@@ -560,6 +578,17 @@ impl<V: Cacheable> Inner<V> {
     /// How long Redis keeps `entry`: its freshness plus the stale-if-error grace.
     pub fn l2_ttl_ms(&self, entry: &Entry<V>, now: u64) -> u64 {
         (entry.stale_until.saturating_sub(now) / 1_000_000).max(1)
+    }
+
+    /// Replaces `key`'s value in L2 and tells the other instances.
+    async fn tell_l2(&self, key: &str, blob: Vec<u8>, ttl_ms: u64) -> Result<(), CacheError> {
+        match &self.l2 {
+            Some(l2) => l2
+                .change(key, Some(blob), ttl_ms, &self.message(key))
+                .await
+                .map_err(unavailable),
+            None => Ok(()),
+        }
     }
 
     /// The invalidation message for `key`.

@@ -247,16 +247,20 @@ pub fn storable(
     if code < 200 || code == 206 || code == 304 {
         return Err(Skip::Status);
     }
-    let explicit = cc.s_maxage.or(cc.max_age).or_else(|| expires_in(response, now));
-    let fresh = match explicit {
-        Some(d) => d,
-        None if !CACHEABLE_BY_DEFAULT.contains(&code) => return Err(Skip::Status),
-        None => policy.default_ttl.ok_or(Skip::NoFreshness)?,
-    };
     let has_validator = response.contains_key(header::ETAG) || response.contains_key(header::LAST_MODIFIED);
-    if cc.no_cache && !has_validator {
-        return Err(Skip::NoValidator);
-    }
+    let fresh = if cc.no_cache {
+        // Stored only to be revalidated before every use: its freshness is moot.
+        if !has_validator {
+            return Err(Skip::NoValidator);
+        }
+        Duration::ZERO
+    } else {
+        match cc.s_maxage.or(cc.max_age).or_else(|| expires_in(response, now)) {
+            Some(d) => d,
+            None if !CACHEABLE_BY_DEFAULT.contains(&code) => return Err(Skip::Status),
+            None => policy.default_ttl.ok_or(Skip::NoFreshness)?,
+        }
+    };
     // `s-maxage` implies `proxy-revalidate` for a shared cache.
     let never_stale = cc.must_revalidate || cc.s_maxage.is_some() || cc.no_cache;
     let stale = |named: Option<Duration>, default: Duration| {
@@ -473,15 +477,18 @@ impl Stored {
         h
     }
 
-    /// The answer refreshed by a `304 Not Modified`: its header fields replace the
-    /// stored ones of the same name (RFC 9111, 4.3.4), and its age starts again.
+    /// The answer refreshed by a `304 Not Modified` to a revalidation sent at
+    /// `requested_at`: its header fields replace the stored ones of the same name
+    /// (RFC 9111, 4.3.4), its age starts again, and its lifetime is judged anew
+    /// from the merged fields (a `304` may say `no-store` now: then `Err`).
     pub fn refreshed(
         &self,
+        policy: &Policy,
+        request: &HeaderMap,
         not_modified: &HeaderMap,
-        lifetime: Lifetime,
-        initial_age: Duration,
+        requested_at: SystemTime,
         now: SystemTime,
-    ) -> Self {
+    ) -> Result<Self, Skip> {
         let mut next = self.clone();
         for name in not_modified.keys() {
             if hop_by_hop(name) || *name == header::CONTENT_LENGTH {
@@ -493,12 +500,52 @@ impl Stored {
                     .push((name.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())));
             }
         }
+        let merged = next.header_map();
+        let status = StatusCode::from_u16(self.status).map_err(|_| Skip::Status)?;
+        let lifetime = storable(policy, &Method::GET, request, status, &merged, now)?;
         next.stored_at_ms = epoch_ms(now);
-        next.initial_age_ms = millis(initial_age);
+        next.initial_age_ms = millis(initial_age(not_modified, requested_at, now));
         next.fresh_ms = millis(lifetime.fresh);
         next.stale_while_revalidate_ms = millis(lifetime.stale_while_revalidate);
         next.stale_if_error_ms = millis(lifetime.stale_if_error);
-        next
+        Ok(next)
+    }
+
+    /// Its header fields as a map (fields that no longer parse are left out).
+    pub fn header_map(&self) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                h.append(n, v);
+            }
+        }
+        h
+    }
+
+    /// How long a cache should keep it: its whole lifetime and, when it has a
+    /// validator, up to the policy's `max_ttl` (a stale answer that can be
+    /// revalidated saves sending its body again).
+    pub fn retain_for(&self, policy: &Policy) -> Duration {
+        let whole = self.lifetime().keep();
+        let validated = self.header(&header::ETAG).is_some() || self.header(&header::LAST_MODIFIED).is_some();
+        if validated {
+            whole.max(policy.max_ttl)
+        } else {
+            whole
+        }
+        .max(Duration::from_millis(1))
+    }
+
+    /// The lifetime it was stored with.
+    pub fn lifetime(&self) -> Lifetime {
+        Lifetime {
+            fresh: Duration::from_millis(self.fresh_ms),
+            stale_while_revalidate: Duration::from_millis(self.stale_while_revalidate_ms),
+            stale_if_error: Duration::from_millis(self.stale_if_error_ms),
+        }
     }
 
     /// Whether the client's own conditional request is satisfied by it, so the
@@ -753,6 +800,8 @@ mod tests {
         );
         let lt = store(&[("cache-control", "no-cache, max-age=60"), ("etag", "\"v1\"")]).unwrap();
         assert_eq!(lt.fresh, Duration::ZERO);
+        // No freshness is needed for an answer stored only to be revalidated.
+        assert!(store(&[("cache-control", "no-cache"), ("etag", "\"v1\"")]).is_ok());
         let lt = store(&[("cache-control", "max-age=60, must-revalidate, stale-if-error=600")]).unwrap();
         assert_eq!(lt.stale_if_error, Duration::ZERO);
         let lt = store(&[(
@@ -845,15 +894,21 @@ mod tests {
         assert_eq!(h[header::IF_NONE_MATCH], "W/\"v1\"");
         assert_eq!(h[header::IF_MODIFIED_SINCE], "Sun, 29 Nov 2026 12:00:00 GMT");
         let later = now() + Duration::from_secs(120);
-        let lt = Lifetime {
-            fresh: Duration::from_secs(60),
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-        };
-        let r = s.refreshed(&headers(&[("x-version", "2")]), lt, Duration::ZERO, later);
-        assert_eq!(r.reuse(&HeaderMap::new(), later), Reuse::Fresh);
+        assert_eq!(s.reuse(&HeaderMap::new(), later), Reuse::Revalidate);
+        let policy = Policy::default();
+        let none = HeaderMap::new();
+        let r = s
+            .refreshed(&policy, &none, &headers(&[("x-version", "2")]), later, later)
+            .unwrap();
+        assert_eq!(r.reuse(&none, later), Reuse::Fresh);
         assert_eq!(r.header(&HeaderName::from_static("x-version")), Some(&b"2"[..]));
         assert_eq!(r.body, s.body);
+        // A 304 that now forbids storing ends the stored answer.
+        let no_store = headers(&[("cache-control", "no-store")]);
+        assert_eq!(
+            s.refreshed(&policy, &none, &no_store, later, later),
+            Err(Skip::NoStore)
+        );
     }
 
     #[test]

@@ -81,6 +81,83 @@ pub struct GatewaySection {
     pub escaped_slashes: EscapedSlashes,
     /// The durable queue that `mode = "async"` routes store requests in.
     pub queue: Option<QueueSection>,
+    /// Where routes with a `cache` table keep answers.
+    pub cache: Option<CacheSection>,
+}
+
+/// `[gateway.cache]`: the store of the routes' response caches (every route with a
+/// `cache` table shares it, under keys of its own). Read at start only (a reload
+/// keeps the store it has). Without it, a route's `cache` uses 64 MiB in memory.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// The most the in-memory level holds, in bytes (bodies and headers).
+    #[serde(default = "default_cache_bytes")]
+    pub max_bytes: u64,
+    /// A Redis shared by every gateway instance (`redis://host:port/db`): answers
+    /// one instance stored are hits for the others.
+    #[serde(default)]
+    pub redis: Option<String>,
+    /// The longest wait for one Redis call; past it (and once Redis's breaker
+    /// opens, at once) the cache goes on in memory.
+    #[serde(default = "default_cache_redis_timeout")]
+    pub redis_timeout: Dur,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            max_bytes: default_cache_bytes(),
+            redis: None,
+            redis_timeout: default_cache_redis_timeout(),
+        }
+    }
+}
+
+fn default_cache_bytes() -> u64 {
+    64 << 20
+}
+fn default_cache_redis_timeout() -> Dur {
+    Dur(Duration::from_millis(50))
+}
+
+/// A route's response cache: answers to `GET` (and `HEAD`, from a stored `GET`)
+/// kept as HTTP caching allows (`Cache-Control`, `Expires`, `Vary`, validators),
+/// never a `private` or `no-store` one.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Freshness for answers that state none (status 200, 203, 204, 300, 301,
+    /// 308, 404, 405, 410, 414 or 501); unset, such answers are not stored.
+    #[serde(default)]
+    pub default_ttl: Option<Dur>,
+    /// The longest an answer is kept fresh, whatever it says.
+    #[serde(default = "default_cache_max_ttl")]
+    pub max_ttl: Dur,
+    /// `stale-while-revalidate` for answers that name none: past its freshness an
+    /// answer is served this long while one request revalidates it.
+    #[serde(default)]
+    pub stale_while_revalidate: Option<Dur>,
+    /// `stale-if-error` for answers that name none: past its freshness an answer
+    /// stands in this long for an upstream that fails.
+    #[serde(default)]
+    pub stale_if_error: Option<Dur>,
+    /// Bodies larger than this are passed on but not stored.
+    #[serde(default = "default_cache_max_body")]
+    pub max_body_bytes: u64,
+    /// Whether the query string is part of the key (default: yes).
+    #[serde(default = "default_true")]
+    pub key_query: bool,
+}
+
+fn default_cache_max_ttl() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
+}
+fn default_cache_max_body() -> u64 {
+    1 << 20
+}
+fn default_true() -> bool {
+    true
 }
 
 /// `[gateway.queue]`: where `mode = "async"` routes store requests, and who
@@ -190,6 +267,7 @@ impl Default for GatewaySection {
             max_client_connections: 10_000,
             escaped_slashes: EscapedSlashes::Reject,
             queue: None,
+            cache: None,
         }
     }
 }
@@ -244,6 +322,9 @@ pub struct RouteConfig {
     /// Hedged requests: off unless this table is set.
     #[serde(default)]
     pub hedge: Option<HedgeConfig>,
+    /// A response cache: off unless this table is set.
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
     /// `proxy` (default), or `async`: the request is stored in `[gateway.queue]`
     /// and answered `202 Accepted` with a status URL; a client `Idempotency-Key`
     /// stores it once.
@@ -1221,6 +1302,21 @@ impl Config {
                 p.push(ConfigError::new(
                     "gateway.queue.status_path",
                     "must be a path like /jobs (a leading /, none at the end)",
+                ));
+            }
+        }
+        if let Some(c) = &self.gateway.cache {
+            if c.max_bytes == 0 {
+                p.push(ConfigError::new("gateway.cache.max_bytes", "must be at least 1"));
+            }
+            positive(&mut p, "gateway.cache.redis_timeout", c.redis_timeout);
+            if c.redis
+                .as_deref()
+                .is_some_and(|url| !url.starts_with("redis://") && !url.starts_with("rediss://"))
+            {
+                p.push(ConfigError::new(
+                    "gateway.cache.redis",
+                    "must be a redis://host:port/db URL",
                 ));
             }
         }

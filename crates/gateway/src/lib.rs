@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod load;
 pub mod pool;
 pub mod proxy;
+pub mod responses;
 pub mod route;
 pub mod runtime;
 pub mod server;

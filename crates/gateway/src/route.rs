@@ -57,6 +57,8 @@ pub struct Route {
     pub hedge: Option<RouteHedge>,
     /// Proxied, or stored in the queue and delivered later.
     pub mode: crate::config::RouteMode,
+    /// Its response cache's rules, when it has one.
+    pub cache: Option<crate::responses::RouteCache>,
     /// Its metric handles.
     pub metrics: RouteMetrics,
 }
@@ -98,6 +100,8 @@ impl Route {
         let hedge = (r.hedge.as_ref()).and_then(|c| {
             RouteHedge::compile(c, per_try_timeout, r.retry.is_some(), &format!("{at}.hedge"), p)
         });
+        let cache = (r.cache.as_ref())
+            .and_then(|c| crate::responses::RouteCache::compile(c, &format!("{at}.cache"), p));
         Some(Route {
             name: r.name.clone(),
             matcher: parts.matcher,
@@ -115,6 +119,7 @@ impl Route {
             priority,
             hedge,
             mode: r.mode,
+            cache,
             metrics: RouteMetrics::new(&r.name),
         })
     }

@@ -32,6 +32,9 @@ pub struct Runtime {
     /// The queue async routes store requests in, once connected (one for every
     /// runtime a reload builds).
     pub queue: Arc<crate::jobs::QueueSlot>,
+    /// The routes' response caches' store, when a route has a `cache` table (one
+    /// for every runtime a reload builds).
+    pub responses: Option<Arc<crate::responses::Responses>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -113,6 +116,7 @@ impl Runtime {
             unrouted: RouteMetrics::new("none"),
             tunnels: crate::tunnel::Tunnels::default(),
             queue: Arc::default(),
+            responses: None,
             tasks: Vec::new(),
         })
     }
@@ -132,6 +136,10 @@ impl Runtime {
         }
         if !problems.is_empty() {
             return Err(ConfigErrors(problems));
+        }
+        if rt.routes.iter().any(|r| r.cache.is_some()) {
+            let section = rt.config.gateway.cache.clone().unwrap_or_default();
+            rt.responses = Some(Arc::new(crate::responses::Responses::build(&section)?));
         }
         let idle = rt.config.gateway.pool_idle_timeout.get();
         for (name, up) in &rt.clusters {

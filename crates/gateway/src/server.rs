@@ -519,6 +519,9 @@ impl Handle {
         let mut next = Runtime::build(config).await?;
         next.tunnels = old.tunnels.clone();
         next.queue = old.queue.clone();
+        if old.responses.is_some() {
+            next.responses = old.responses.clone();
+        }
         self.runtime.store(Arc::new(next));
         metrics::counter!("palisade_config_reloads_total", "result" => "ok").increment(1);
         tracing::info!("configuration reloaded");

@@ -7,6 +7,7 @@
 mod admit;
 mod answer;
 mod attempt;
+mod cached;
 mod classify;
 mod client_body;
 mod decide;
@@ -17,6 +18,7 @@ mod stored;
 mod upgrade;
 
 pub use admit::{PathError, normalize_path};
+pub use cached::CACHE_HEADER;
 pub use client_body::{ClientBodyError, ClientFault};
 pub(crate) use stored::deliver;
 
@@ -133,13 +135,13 @@ pub struct Downstream {
 /// `active` marks the request in progress on its connection (for the connection's
 /// idle timeout) until its answer is complete.
 pub async fn handle(
-    rt: Arc<Runtime>,
+    runtime: Arc<Runtime>,
     mut req: Request<Incoming>,
     client: Downstream,
     active: ActiveGuard,
 ) -> Result<Response<Body>, Infallible> {
     let mut active = Some(active);
-    let rt = &*rt;
+    let rt = &*runtime;
     // Durations measured here are read from the CPU's counter (a few instructions a
     // read); timers and deadlines stay on tokio's clock.
     let started = SystemClock.now();
@@ -169,10 +171,30 @@ pub async fn handle(
         );
         return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
     };
-    let resp = match route_request(rt, route, req, (client, host), &request_id, &mut active).await {
-        Ok(resp) => resp,
-        // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
-        Err(f) => fallback_or_failure(route, &f, &request_id, !extended_connect),
+    // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
+    let may_fall_back = !extended_connect;
+    let resp = match &route.cache {
+        // Boxed: the cache's state stays off the uncached path's future.
+        Some(rules) => {
+            let asker = cached::Asker {
+                from: (client, host),
+                request_id: &request_id,
+                may_fall_back,
+            };
+            Box::pin(cached::serve(
+                runtime.clone(),
+                route,
+                rules,
+                req,
+                asker,
+                &mut active,
+            ))
+            .await
+        }
+        None => match route_request(rt, route, req, (client, host), &request_id, &mut active).await {
+            Ok(resp) => resp,
+            Err(f) => fallback_or_failure(route, &f, &request_id, may_fall_back),
+        },
     };
     Ok(finish(rt, Some(route), line, started, resp))
 }

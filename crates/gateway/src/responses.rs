@@ -1,0 +1,120 @@
+//! The routes' response caches: one store (`palisade-cache`: memory, and Redis when
+//! `[gateway.cache]` names one) built at start and kept by reloads, and each route's
+//! rules (its `cache` table, compiled).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use palisade_cache::http::{Policy, Stored};
+use palisade_cache::{Cache, RedisOptions};
+use palisade_core::{ConfigError, ConfigErrors};
+
+use crate::config::{CacheConfig, CacheSection};
+
+/// Where every route's cached answers are kept.
+pub struct Responses {
+    /// The answers, by key.
+    pub cache: Cache<Arc<Stored>>,
+    /// Keys being revalidated in the background (one revalidation a key at a time).
+    revalidating: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Responses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responses")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Responses {
+    /// The store `section` describes. Must be called inside a tokio runtime when it
+    /// names a Redis.
+    pub fn build(section: &CacheSection) -> Result<Responses, ConfigErrors> {
+        let mut builder = Cache::builder("responses")
+            .max_weight(section.max_bytes)
+            .estimated_items(
+                usize::try_from(section.max_bytes / 4096)
+                    .unwrap_or(1 << 16)
+                    .clamp(64, 1 << 20),
+            )
+            .weigher(|key, s: &Arc<Stored>| {
+                let headers: usize = s.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+                (key.len() + headers + s.body.len() + 64) as u64
+            })
+            .jitter(0.0)
+            .early_refresh(None);
+        if let Some(url) = &section.redis {
+            let mut redis = RedisOptions::new(url.clone());
+            redis.prefix = Some("palisade:responses:".to_owned());
+            redis.timeout = section.redis_timeout.get();
+            builder = builder.redis(redis);
+        }
+        let cache = builder.build().map_err(|e| e.under("gateway.cache"))?;
+        Ok(Responses {
+            cache,
+            revalidating: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Marks `key` as being revalidated; `false` if it already is.
+    pub fn begin_revalidation(&self, key: &str) -> bool {
+        self.revalidating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned())
+    }
+
+    /// The revalidation of `key` is over.
+    pub fn end_revalidation(&self, key: &str) {
+        self.revalidating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+/// A route's caching rules.
+#[derive(Debug)]
+pub struct RouteCache {
+    /// What the cache adds to the answers' own rules.
+    pub policy: Policy,
+    /// Bodies larger than this are not stored.
+    pub max_body: usize,
+    /// Whether the query string is part of the key.
+    pub key_query: bool,
+}
+
+impl RouteCache {
+    /// Compiles a route's `cache` table (`at`: its path in the file).
+    pub(crate) fn compile(c: &CacheConfig, at: &str, p: &mut Vec<ConfigError>) -> Option<RouteCache> {
+        let before = p.len();
+        if c.max_ttl.get().is_zero() {
+            p.push(ConfigError::new(format!("{at}.max_ttl"), "must be more than 0"));
+        }
+        if c.default_ttl.is_some_and(|d| d.get().is_zero()) {
+            p.push(ConfigError::new(
+                format!("{at}.default_ttl"),
+                "must be more than 0 (leave it out to store only answers that state their freshness)",
+            ));
+        }
+        let max_body = usize::try_from(c.max_body_bytes).ok().filter(|&b| b > 0);
+        if max_body.is_none() {
+            p.push(ConfigError::new(
+                format!("{at}.max_body_bytes"),
+                "must be at least 1 (and fit this machine)",
+            ));
+        }
+        (p.len() == before).then(|| RouteCache {
+            policy: Policy {
+                default_ttl: c.default_ttl.map(|d| d.get()),
+                max_ttl: c.max_ttl.get(),
+                stale_while_revalidate: c.stale_while_revalidate.map_or(Duration::ZERO, |d| d.get()),
+                stale_if_error: c.stale_if_error.map_or(Duration::ZERO, |d| d.get()),
+            },
+            max_body: max_body.unwrap_or(1),
+            key_query: c.key_query,
+        })
+    }
+}
