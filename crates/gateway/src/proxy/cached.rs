@@ -90,10 +90,8 @@ pub(super) async fn serve(
     }
     if method == Method::HEAD {
         // Stored answers come from GETs; a HEAD goes through.
-        return mark(
-            proxied(&rt, route, req, from, request_id, active, may_fall_back).await,
-            "miss",
-        );
+        let resp = proxied(&rt, route, req, from, request_id, active, may_fall_back).await;
+        return mark(route, resp, "miss");
     }
     let requested_at = SystemTime::now();
     match route_request(&rt, route, req, from, request_id, active).await {
@@ -120,10 +118,8 @@ pub(super) async fn serve(
             {
                 return replay(route, s, &method, &asked, now, "stale");
             }
-            mark(
-                store_as_it_streams(route, rules, &store, key, &asked, resp, requested_at),
-                "miss",
-            )
+            let resp = store_as_it_streams(route, rules, &store, key, &asked, resp, requested_at);
+            mark(route, resp, "miss")
         }
         Err(f) => match stored.as_deref().filter(|s| s.usable_on_error(SystemTime::now())) {
             Some(s) => replay(route, s, &method, &asked, SystemTime::now(), "stale"),
@@ -205,7 +201,9 @@ fn replay(
     resp
 }
 
-fn mark(mut resp: Response<Body>, how: &'static str) -> Response<Body> {
+/// Says on a passed-on answer how the cache took part, and counts it.
+fn mark(route: &Route, mut resp: Response<Body>, how: &'static str) -> Response<Body> {
+    count(route, how);
     resp.headers_mut()
         .insert(CACHE_HEADER, HeaderValue::from_static(how));
     resp
@@ -252,7 +250,7 @@ async fn refreshed(
                 let mut resp = Response::new(empty());
                 *resp.status_mut() = StatusCode::NOT_MODIFIED;
                 *resp.headers_mut() = not_modified.clone();
-                mark(resp, "miss")
+                mark(route, resp, "miss")
             }
         }
     }
@@ -386,9 +384,13 @@ impl Tee {
     /// sender that knows the length stops when it has it all).
     fn complete_at_end(&mut self) {
         if self.inner.is_end_stream() || self.inner.size_hint().exact() == Some(0) {
-            if let Some(done) = self.on_complete.take() {
-                done(std::mem::take(&mut self.kept).freeze());
-            }
+            self.complete();
+        }
+    }
+
+    fn complete(&mut self) {
+        if let Some(done) = self.on_complete.take() {
+            done(std::mem::take(&mut self.kept).freeze());
         }
     }
 }
@@ -417,11 +419,7 @@ impl HttpBody for Tee {
                 // Trailers: not replayable from a stored body.
                 None => this.on_complete = None,
             },
-            Poll::Ready(None) => {
-                if let Some(done) = this.on_complete.take() {
-                    done(std::mem::take(&mut this.kept).freeze());
-                }
-            }
+            Poll::Ready(None) => this.complete(),
             Poll::Ready(Some(Err(_))) => this.on_complete = None,
             Poll::Pending => {}
         }
