@@ -148,6 +148,10 @@ pub struct CacheConfig {
     /// Whether the query string is part of the key (default: yes).
     #[serde(default = "default_true")]
     pub key_query: bool,
+    /// Request headers whose values are part of the key: each value keeps an
+    /// answer of its own (where `Vary` alone keeps the latest variant).
+    #[serde(default)]
+    pub key_headers: Vec<String>,
 }
 
 fn default_cache_max_ttl() -> Dur {

@@ -84,6 +84,8 @@ pub struct RouteCache {
     pub max_body: usize,
     /// Whether the query string is part of the key.
     pub key_query: bool,
+    /// Request headers whose values are part of the key.
+    pub key_headers: Vec<http::HeaderName>,
 }
 
 impl RouteCache {
@@ -106,6 +108,16 @@ impl RouteCache {
                 "must be at least 1 (and fit this machine)",
             ));
         }
+        let mut key_headers = Vec::new();
+        for (i, name) in c.key_headers.iter().enumerate() {
+            match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(n) => key_headers.push(n),
+                Err(_) => p.push(ConfigError::new(
+                    format!("{at}.key_headers[{i}]"),
+                    format!("{name:?} is not a header name"),
+                )),
+            }
+        }
         (p.len() == before).then(|| RouteCache {
             policy: Policy {
                 default_ttl: c.default_ttl.map(|d| d.get()),
@@ -115,6 +127,7 @@ impl RouteCache {
             },
             max_body: max_body.unwrap_or(1),
             key_query: c.key_query,
+            key_headers,
         })
     }
 }

@@ -207,6 +207,26 @@ async fn an_answer_that_varies_is_served_only_for_the_same_header_values() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_in_the_key_keeps_an_answer_per_value() {
+    let (origin, up) = origin().await;
+    let gw = gateway(up, "key_headers = [\"accept-language\"]").await;
+    let lang = |l: &'static str| {
+        Request::get("/vary")
+            .header("accept-language", l)
+            .body(Full::default())
+            .unwrap()
+    };
+    for l in ["fr", "de"] {
+        assert_eq!(send(gw.addr, lang(l)).await.body, l);
+    }
+    for l in ["fr", "de"] {
+        let a = send(gw.addr, lang(l)).await;
+        assert_eq!((a.body.as_str(), cache_header(&a)), (l, "hit"));
+    }
+    assert_eq!(origin.seen("/vary"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_answer_stands_in_for_a_failing_upstream_within_stale_if_error() {
     let (origin, up) = origin().await;
     let gw = gateway(up, "").await;
@@ -266,7 +286,7 @@ cache = { max_bytes = 0, redis = "http://nope" }
 [[routes]]
 name = "r"
 cluster = "c"
-cache = { max_ttl = "0s", default_ttl = "0s", max_body_bytes = 0 }
+cache = { max_ttl = "0s", default_ttl = "0s", max_body_bytes = 0, key_headers = ["bad header"] }
 
 [clusters.c]
 endpoints = ["127.0.0.1:1"]
@@ -290,7 +310,8 @@ endpoints = ["127.0.0.1:1"]
         [
             "routes[0] (r).cache.max_ttl",
             "routes[0] (r).cache.default_ttl",
-            "routes[0] (r).cache.max_body_bytes"
+            "routes[0] (r).cache.max_body_bytes",
+            "routes[0] (r).cache.key_headers[0]"
         ]
     );
 }

@@ -144,9 +144,10 @@ async fn proxied(
     }
 }
 
-/// The key: the route, the host, the path and (unless the route leaves it out) the
-/// query. Request headers an answer varies on are checked against the stored
-/// answer's, not keyed: one variant per key, the latest stored.
+/// The key: the route, the host, the path, (unless the route leaves it out) the
+/// query, and the values of the route's `key_headers`. Other request headers an
+/// answer varies on are checked against the stored answer's, not keyed: one
+/// variant per key, the latest stored.
 fn key<B>(route: &Route, rules: &RouteCache, req: &Request<B>, host: Option<&HeaderValue>) -> String {
     let host = host.map_or(&b""[..], |h| h.as_bytes());
     let uri = req.uri();
@@ -161,6 +162,14 @@ fn key<B>(route: &Route, rules: &RouteCache, req: &Request<B>, host: Option<&Hea
     {
         key.push('?');
         key.push_str(q);
+    }
+    for name in &rules.key_headers {
+        key.push('\n');
+        key.push_str(name.as_str());
+        for v in req.headers().get_all(name) {
+            key.push(':');
+            key.push_str(&String::from_utf8_lossy(v.as_bytes()));
+        }
     }
     key
 }
