@@ -99,11 +99,16 @@ async fn origin() -> (Arc<Origin>, SocketAddr) {
 }
 
 async fn gateway(up: SocketAddr, cache: &str) -> Handle {
+    gateway_with(up, cache, "").await
+}
+
+async fn gateway_with(up: SocketAddr, cache: &str, gateway_lines: &str) -> Handle {
     let text = format!(
         r#"[gateway]
 listen = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 watch_config = false
+{gateway_lines}
 
 [[routes]]
 name = "cached"
@@ -275,6 +280,50 @@ async fn a_successful_change_to_a_path_drops_its_stored_answer() {
     let a = get(gw.addr, "/fresh").await;
     assert_eq!(cache_header(&a), "miss");
     assert_eq!(origin.seen("/fresh"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_sharing_a_redis_share_what_one_stored() {
+    let redis = std::env::var("PALISADE_TEST_REDIS_URL")
+        .expect("PALISADE_TEST_REDIS_URL is not set: run the tests through scripts/test, which starts Redis");
+    let (origin, up) = origin().await;
+    let shared = format!("cache = {{ redis = \"{redis}\", redis_timeout = \"2s\" }}");
+    let a = gateway_with(up, "", &shared).await;
+    let b = gateway_with(up, "", &shared).await;
+    // Both reach the upstream as the same host, so their keys are the same.
+    let host = |gw: &Handle| {
+        let path = "/fresh?shared";
+        let req = Request::get(path)
+            .header("host", "shop.example")
+            .body(Full::default())
+            .unwrap();
+        send(gw.addr, req)
+    };
+    let first = host(&a).await;
+    assert_eq!((first.body.as_str(), cache_header(&first)), ("v1", "miss"));
+    // a writes Redis in a task of its own once the answer is complete: wait for it.
+    let mut conn = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = "palisade:responses:{cached\nshop.example\n/fresh?shared}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<bool>(&mut conn)
+        .await
+        .unwrap()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a never wrote its answer to Redis"
+        );
+        tokio::task::yield_now().await;
+    }
+    let other = host(&b).await;
+    assert_eq!((other.body.as_str(), cache_header(&other)), ("v1", "hit"));
+    assert_eq!(origin.seen("/fresh"), 1);
 }
 
 #[test]
