@@ -2,13 +2,15 @@
 //! `[gateway.cache]` names one) built at start and kept by reloads, and each route's
 //! rules (its `cache` table, compiled).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use palisade_cache::http::{Policy, Stored};
 use palisade_cache::{Cache, RedisOptions};
 use palisade_core::{ConfigError, ConfigErrors};
+use tokio::sync::Notify;
 
 use crate::config::{CacheConfig, CacheSection};
 
@@ -18,6 +20,31 @@ pub struct Responses {
     pub cache: Cache<Arc<Stored>>,
     /// Keys being revalidated in the background (one revalidation a key at a time).
     revalidating: Mutex<HashSet<String>>,
+    /// Keys a request is fetching from upstream on a miss; other misses of the key
+    /// wait for its answer to be stored.
+    fetching: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Requests waiting for another's fetch now.
+    waiting: AtomicUsize,
+}
+
+/// Leads the fetch of a key on a miss; dropped (once the answer is stored, or
+/// found not storable), it wakes the requests waiting for it.
+pub struct Fetching {
+    store: Arc<Responses>,
+    key: String,
+}
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        let notify = lock(&self.store.fetching).remove(&self.key);
+        if let Some(n) = notify {
+            n.notify_waiters();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::fmt::Debug for Responses {
@@ -55,23 +82,56 @@ impl Responses {
         Ok(Responses {
             cache,
             revalidating: Mutex::new(HashSet::new()),
+            fetching: Mutex::new(HashMap::new()),
+            waiting: AtomicUsize::new(0),
         })
+    }
+
+    /// On a miss of `key`: `Ok` to fetch it (the others wait), or, when another
+    /// request is already fetching it, waits up to `patience` for that request's
+    /// answer to be stored and returns `Err` (look again).
+    pub async fn fetch_or_wait(self: &Arc<Self>, key: &str, patience: Duration) -> Result<Fetching, ()> {
+        let notify = {
+            let mut fetching = lock(&self.fetching);
+            match fetching.get(key) {
+                Some(n) => n.clone(),
+                None => {
+                    fetching.insert(key.to_owned(), Arc::new(Notify::new()));
+                    return Ok(Fetching {
+                        store: self.clone(),
+                        key: key.to_owned(),
+                    });
+                }
+            }
+        };
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // The leader may have finished between the lock and `enable`.
+        if lock(&self.fetching)
+            .get(key)
+            .is_some_and(|n| Arc::ptr_eq(n, &notify))
+        {
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            let _ = tokio::time::timeout(patience, notified).await;
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        Err(())
+    }
+
+    /// How many requests are waiting for another request's fetch of their key.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Marks `key` as being revalidated; `false` if it already is.
     pub fn begin_revalidation(&self, key: &str) -> bool {
-        self.revalidating
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.to_owned())
+        lock(&self.revalidating).insert(key.to_owned())
     }
 
     /// The revalidation of `key` is over.
     pub fn end_revalidation(&self, key: &str) {
-        self.revalidating
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        lock(&self.revalidating).remove(key);
     }
 }
 

@@ -18,10 +18,21 @@ mod support;
 use support::{Answer, get, send};
 
 /// An upstream answering by path, counting requests per path.
-#[derive(Default)]
 struct Origin {
     seen: Mutex<HashMap<String, u32>>,
     failing: AtomicBool,
+    /// `/slow` answers once a permit is added.
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin {
+            seen: Mutex::default(),
+            failing: AtomicBool::new(false),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
 }
 
 impl Origin {
@@ -82,6 +93,7 @@ impl Origin {
                 format!("v{n}"),
             ),
             "/plain" => reply(200, &[], format!("v{n}")),
+            "/slow" => reply(200, &[("cache-control", "max-age=60")], format!("v{n}")),
             _ => reply(404, &[], String::new()),
         }
     }
@@ -92,7 +104,13 @@ async fn origin() -> (Arc<Origin>, SocketAddr) {
     let o = origin.clone();
     let addr = support::serve_http1(move |req: Request<hyper::body::Incoming>| {
         let resp = o.answer(&req);
-        async move { Ok::<_, std::convert::Infallible>(resp) }
+        let (o, slow) = (o.clone(), req.uri().path() == "/slow");
+        async move {
+            if slow {
+                o.release.acquire().await.unwrap().forget();
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     })
     .await;
     (origin, addr)
@@ -212,6 +230,31 @@ async fn an_answer_that_varies_is_served_only_for_the_same_header_values() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_of_one_key_reach_the_upstream_once() {
+    let (origin, up) = origin().await;
+    let gw = gateway(up, "").await;
+    let requests: Vec<_> = (0..10).map(|_| tokio::spawn(get(gw.addr, "/slow"))).collect();
+    // One request is at the upstream; the nine others wait for its answer.
+    let store = gw.runtime().responses.clone().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(origin.seen("/slow") == 1 && store.waiting() == 9) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the misses were not collapsed"
+        );
+        tokio::task::yield_now().await;
+    }
+    origin.release.add_permits(1);
+    let mut hits = 0;
+    for r in requests {
+        let a = r.await.unwrap();
+        assert_eq!(a.body, "v1");
+        hits += u32::from(cache_header(&a) == "hit");
+    }
+    assert_eq!((origin.seen("/slow"), hits), (1, 9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_in_the_key_keeps_an_answer_per_value() {
     let (origin, up) = origin().await;
     let gw = gateway(up, "key_headers = [\"accept-language\"]").await;
@@ -290,9 +333,12 @@ async fn gateways_sharing_a_redis_share_what_one_stored() {
     let shared = format!("cache = {{ redis = \"{redis}\", redis_timeout = \"2s\" }}");
     let a = gateway_with(up, "", &shared).await;
     let b = gateway_with(up, "", &shared).await;
-    // Both reach the upstream as the same host, so their keys are the same.
+    // Both reach the upstream as the same host, so their keys are the same; the
+    // query makes them this run's own in a Redis that may outlive it.
+    let query = format!("shared={:x}", fastrand::u64(..));
+    let path = format!("/fresh?{query}");
     let host = |gw: &Handle| {
-        let path = "/fresh?shared";
+        let path = path.as_str();
         let req = Request::get(path)
             .header("host", "shop.example")
             .body(Full::default())
@@ -307,10 +353,10 @@ async fn gateways_sharing_a_redis_share_what_one_stored() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let key = "palisade:responses:{cached\nshop.example\n/fresh?shared}";
+    let key = format!("palisade:responses:{{cached\nshop.example\n/fresh?{query}}}");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !redis::cmd("EXISTS")
-        .arg(key)
+        .arg(&key)
         .query_async::<bool>(&mut conn)
         .await
         .unwrap()

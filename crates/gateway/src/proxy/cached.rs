@@ -20,7 +20,7 @@ use palisade_cache::http::{Reuse, Stored, initial_age, storable};
 
 use super::{Downstream, fallback_or_failure, route_request};
 use crate::conn::ActiveGuard;
-use crate::responses::{Responses, RouteCache};
+use crate::responses::{Fetching, Responses, RouteCache};
 use crate::route::Route;
 use crate::runtime::Runtime;
 use crate::{Body, BoxError, empty, full};
@@ -93,6 +93,22 @@ pub(super) async fn serve(
         let resp = proxied(&rt, route, req, from, request_id, active, may_fall_back).await;
         return mark(route, resp, "miss");
     }
+    // Concurrent misses of a key: one request fetches it, the others wait (up to the
+    // route's timeout) for its answer to be stored, then look again.
+    let mut lead = None;
+    if stored.is_none() {
+        match store.fetch_or_wait(&key, route.timeout).await {
+            Ok(fetching) => lead = Some(fetching),
+            Err(()) => {
+                let now = SystemTime::now();
+                if let Some(s) = store.cache.get(&key).await.filter(|s| s.vary_matches(&asked))
+                    && s.reuse(&asked, now) == Reuse::Fresh
+                {
+                    return replay(route, &s, &method, &asked, now, "hit");
+                }
+            }
+        }
+    }
     let requested_at = SystemTime::now();
     match route_request(&rt, route, req, from, request_id, active).await {
         Ok(resp) => {
@@ -118,7 +134,7 @@ pub(super) async fn serve(
             {
                 return replay(route, s, &method, &asked, now, "stale");
             }
-            let resp = store_as_it_streams(route, rules, &store, key, &asked, resp, requested_at);
+            let resp = store_as_it_streams(route, rules, &store, key, &asked, resp, requested_at, lead);
             mark(route, resp, "miss")
         }
         Err(f) => match stored.as_deref().filter(|s| s.usable_on_error(SystemTime::now())) {
@@ -314,7 +330,16 @@ fn revalidate_later(
                 .await;
             } else if !resp.status().is_server_error() {
                 // Read to its end: the tee stores it.
-                let resp = store_as_it_streams(route, rules, &store, key.clone(), &asked, resp, requested_at);
+                let resp = store_as_it_streams(
+                    route,
+                    rules,
+                    &store,
+                    key.clone(),
+                    &asked,
+                    resp,
+                    requested_at,
+                    None,
+                );
                 let _ = resp.into_body().collect().await;
             }
         }
@@ -323,7 +348,9 @@ fn revalidate_later(
 }
 
 /// The answer passed on; if it may be stored, its body is kept as it streams and
-/// stored when complete (if no larger than the route's `max_body_bytes`).
+/// stored when complete (if no larger than the route's `max_body_bytes`). `lead`,
+/// the fetch other requests wait for, ends once it is stored (or cannot be).
+#[allow(clippy::too_many_arguments)]
 fn store_as_it_streams(
     route: &Route,
     rules: &RouteCache,
@@ -332,6 +359,7 @@ fn store_as_it_streams(
     asked: &HeaderMap,
     resp: Response<Body>,
     requested_at: SystemTime,
+    lead: Option<Fetching>,
 ) -> Response<Body> {
     let now = SystemTime::now();
     let lifetime = match storable(
@@ -366,6 +394,7 @@ fn store_as_it_streams(
         let keep = stored.retain_for(&policy);
         // In memory before the body's end reaches the client; Redis after.
         let shared = store.cache.set_for(&key, stored, keep);
+        drop(lead);
         tokio::spawn(shared);
     });
     let mut tee = Tee {
