@@ -162,6 +162,8 @@ async fn a_fresh_answer_is_served_from_the_cache_with_its_age() {
         let again = get(gw.addr, "/fresh").await;
         assert_eq!((again.body.as_str(), cache_header(&again)), ("v1", "hit"));
         assert!(again.headers.contains_key("age"));
+        // Its own request id, not the one of the request that fetched it.
+        assert_ne!(again.headers["x-request-id"], first.headers["x-request-id"]);
     }
     assert_eq!(origin.seen("/fresh"), 1);
     // A query is another key.

@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use palisade_cache::http::{Reuse, Stored, initial_age, storable};
 
-use super::{Downstream, fallback_or_failure, route_request};
+use super::{Downstream, REQUEST_ID, fallback_or_failure, route_request};
 use crate::conn::ActiveGuard;
 use crate::responses::{Fetching, Responses, RouteCache};
 use crate::route::Route;
@@ -39,6 +39,21 @@ pub(super) struct Asker<'a> {
 
 /// Answers a request on a route with a cache.
 pub(super) async fn serve(
+    rt: Arc<Runtime>,
+    route: &Route,
+    rules: &RouteCache,
+    req: Request<Incoming>,
+    asker: Asker<'_>,
+    active: &mut Option<ActiveGuard>,
+) -> Response<Body> {
+    let request_id = asker.request_id.clone();
+    let mut resp = answer(rt, route, rules, req, asker, active).await;
+    // A stored answer carries the request id of the request that fetched it.
+    resp.headers_mut().insert(REQUEST_ID, request_id);
+    resp
+}
+
+async fn answer(
     rt: Arc<Runtime>,
     route: &Route,
     rules: &RouteCache,
