@@ -42,6 +42,9 @@
 //!   back, and publish the key so every other instance drops it from L1. A lost
 //!   connection drops this instance's whole L1 (messages may have been missed).
 //!
+//! [`http`] (feature `http`, on by default) holds the rules of HTTP caching a shared
+//! cache applies, without I/O, for a proxy's response cache built on [`Cache`].
+//!
 //! Values are stored in L2 as a 14-byte header and the value in `postcard`; a value
 //! that does not decode (another version's type) counts as a miss, never a panic.
 //! Metrics are Prometheus counters named `palisade_cache_*`, labelled by cache name
