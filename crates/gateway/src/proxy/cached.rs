@@ -95,8 +95,9 @@ async fn answer(
                 return replay(route, s, &method, &asked, now, "stale");
             }
             Reuse::Revalidate => {
-                // The client's own conditional goes as it is; else the cache's.
-                if !has_conditional(&asked) {
+                // The client's own conditional goes as it is; else the cache's (a
+                // HEAD goes through as it is: a 304 would not be its answer).
+                if method == Method::GET && !has_conditional(&asked) {
                     req.headers_mut().extend(s.revalidation());
                     revalidating = true;
                 }
