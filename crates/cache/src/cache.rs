@@ -151,8 +151,9 @@ impl<V: Clone> Local<V> {
                     return;
                 }
                 if let Some((_, key)) = message.split_once(':') {
-                    self.stats.remote_invalidations();
                     self.forget(key);
+                    // Counted once done: whoever sees the count sees the key gone.
+                    self.stats.remote_invalidations();
                 }
             }
             // Invalidations sent while the connection is down are lost; L1 goes on
