@@ -126,37 +126,88 @@ async fn answer(
         }
     }
     let requested_at = SystemTime::now();
-    match route_request(&rt, route, req, from, request_id, active).await {
-        Ok(resp) => {
-            let now = SystemTime::now();
-            if let Some(s) = stored.as_deref()
-                && resp.status() == StatusCode::NOT_MODIFIED
-            {
-                return refreshed(
-                    route,
-                    rules,
-                    &store,
-                    &key,
-                    s,
-                    &asked,
-                    resp.headers(),
-                    requested_at,
-                    revalidating,
-                )
-                .await;
-            }
-            if resp.status().is_server_error()
-                && let Some(s) = stored.as_deref().filter(|s| s.usable_on_error(now))
-            {
-                return replay(route, s, &method, &asked, now, "stale");
-            }
-            let resp = store_as_it_streams(route, rules, &store, key, &asked, resp, requested_at, lead);
-            mark(route, resp, "miss")
+    let result = route_request(&rt, route, req, from, request_id, active).await;
+    let fetch = Fetch {
+        route,
+        rules,
+        store: &store,
+        key,
+        asked,
+        stored,
+        revalidating,
+        requested_at,
+    };
+    match result {
+        Ok(resp) => fetch.answered(resp, lead).await,
+        Err(f) => fetch.failed(&f, request_id, may_fall_back),
+    }
+}
+
+/// A request sent upstream on a miss or to revalidate, and what it is judged by.
+struct Fetch<'a> {
+    route: &'a Route,
+    rules: &'a RouteCache,
+    store: &'a Arc<Responses>,
+    key: String,
+    /// The client's request headers.
+    asked: HeaderMap,
+    /// What the store had (stale, or needing revalidation).
+    stored: Option<Arc<Stored>>,
+    /// Whether the conditional sent was the cache's own.
+    revalidating: bool,
+    requested_at: SystemTime,
+}
+
+impl Fetch<'_> {
+    /// Upstream answered: a `304` refreshes the stored answer, a `5xx` may be
+    /// answered by it (stale-if-error), anything else is passed on and stored if
+    /// it may be.
+    async fn answered(self, resp: Response<Body>, lead: Option<Fetching>) -> Response<Body> {
+        let now = SystemTime::now();
+        if let Some(s) = self.stored.as_deref()
+            && resp.status() == StatusCode::NOT_MODIFIED
+        {
+            let (place, asked) = (
+                (self.route, self.rules, &**self.store, self.key.as_str()),
+                &self.asked,
+            );
+            return refreshed(
+                place,
+                s,
+                asked,
+                resp.headers(),
+                self.requested_at,
+                self.revalidating,
+            )
+            .await;
         }
-        Err(f) => match stored.as_deref().filter(|s| s.usable_on_error(SystemTime::now())) {
-            Some(s) => replay(route, s, &method, &asked, SystemTime::now(), "stale"),
-            None => fallback_or_failure(route, &f, request_id, may_fall_back),
-        },
+        if resp.status().is_server_error()
+            && let Some(s) = self.stored.as_deref().filter(|s| s.usable_on_error(now))
+        {
+            return replay(self.route, s, &Method::GET, &self.asked, now, "stale");
+        }
+        let (route, rules, store) = (self.route, self.rules, self.store);
+        let resp = store_as_it_streams(
+            route,
+            rules,
+            store,
+            self.key,
+            &self.asked,
+            resp,
+            self.requested_at,
+            lead,
+        );
+        mark(route, resp, "miss")
+    }
+
+    /// The gateway could not get an answer: the stored one if stale-if-error
+    /// allows, else the failure (or the route's fallback).
+    fn failed(self, f: &super::Failure, request_id: &HeaderValue, may_fall_back: bool) -> Response<Body> {
+        let now = SystemTime::now();
+        match self.stored.as_deref().filter(|s| s.usable_on_error(now)) {
+            Some(s) => replay(self.route, s, &Method::GET, &self.asked, now, "stale"),
+            None => fallback_or_failure(self.route, f, request_id, may_fall_back),
+        }
     }
 }
 
@@ -259,12 +310,8 @@ fn count(route: &Route, how: &'static str) {
 /// replayed (a `304` if the client's own conditional matches it; the upstream's
 /// `304` as it is if the conditional was the client's and the answer may no
 /// longer be stored).
-#[allow(clippy::too_many_arguments)]
 async fn refreshed(
-    route: &Route,
-    rules: &RouteCache,
-    store: &Responses,
-    key: &str,
+    (route, rules, store, key): (&Route, &RouteCache, &Responses, &str),
     s: &Stored,
     asked: &HeaderMap,
     not_modified: &HeaderMap,
@@ -332,18 +379,8 @@ fn revalidate_later(
         let mut active = None;
         if let Ok(resp) = route_request(&rt, route, req, from, &request_id, &mut active).await {
             if resp.status() == StatusCode::NOT_MODIFIED {
-                refreshed(
-                    route,
-                    rules,
-                    &store,
-                    &key,
-                    &s,
-                    &asked,
-                    resp.headers(),
-                    requested_at,
-                    true,
-                )
-                .await;
+                let place = (route, rules, &*store, key.as_str());
+                refreshed(place, &s, &asked, resp.headers(), requested_at, true).await;
             } else if !resp.status().is_server_error() {
                 // Read to its end: the tee stores it.
                 let resp = store_as_it_streams(
