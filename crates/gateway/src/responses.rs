@@ -56,9 +56,15 @@ impl std::fmt::Debug for Responses {
 }
 
 impl Responses {
-    /// The store `section` describes. Must be called inside a tokio runtime when it
-    /// names a Redis.
-    pub fn build(section: &CacheSection) -> Result<Responses, ConfigErrors> {
+    /// Every problem with `section`, as building the store would find them (for
+    /// `palisade check`, which builds nothing).
+    pub fn validate(section: &CacheSection) -> Result<(), ConfigErrors> {
+        Self::builder(section)
+            .validate()
+            .map_err(|e| e.under("gateway.cache"))
+    }
+
+    fn builder(section: &CacheSection) -> palisade_cache::CacheBuilder<Arc<Stored>> {
         let mut builder = Cache::builder("responses")
             .max_weight(section.max_bytes)
             .estimated_items(
@@ -78,6 +84,13 @@ impl Responses {
             redis.timeout = section.redis_timeout.get();
             builder = builder.redis(redis);
         }
+        builder
+    }
+
+    /// The store `section` describes. Must be called inside a tokio runtime when it
+    /// names a Redis.
+    pub fn build(section: &CacheSection) -> Result<Responses, ConfigErrors> {
+        let builder = Self::builder(section);
         let cache = builder.build().map_err(|e| e.under("gateway.cache"))?;
         Ok(Responses {
             cache,

@@ -94,6 +94,12 @@ impl Runtime {
                 Err(e) => problems.extend(e),
             }
         }
+        if config.routes.iter().any(|r| r.cache.is_some())
+            && let Err(e) =
+                crate::responses::Responses::validate(&config.gateway.cache.clone().unwrap_or_default())
+        {
+            problems.extend(e.0);
+        }
         let mut routes = Vec::new();
         for ((i, r), parts) in config.routes.iter().enumerate().zip(parts.drain(..)) {
             let upstream = clusters.get(&r.cluster).cloned();

@@ -400,6 +400,18 @@ endpoints = ["127.0.0.1:1"]
             .collect(),
     };
     assert_eq!(fields, ["gateway.cache.max_bytes", "gateway.cache.redis"]);
+    // A URL only Redis's client can tell is wrong: `check` (the compilation) says so.
+    let unparsable = text.replace(
+        "max_bytes = 0, redis = \"http://nope\"",
+        "redis = \"redis://127.0.0.1:port\"",
+    );
+    let errors =
+        palisade_gateway::runtime::Runtime::compile(Config::from_toml(&unparsable).unwrap()).unwrap_err();
+    let fields: Vec<String> = errors.0.into_iter().map(|e| e.field).collect();
+    assert!(
+        fields.contains(&"gateway.cache.redis.url".to_owned()),
+        "{fields:?}"
+    );
     let text = text.replace("cache = { max_bytes = 0, redis = \"http://nope\" }", "");
     let errors = palisade_gateway::runtime::Runtime::compile(Config::from_toml(&text).unwrap()).unwrap_err();
     let fields: Vec<String> = errors.0.into_iter().map(|e| e.field).collect();
