@@ -2,7 +2,7 @@
 //! `[gateway.cache]` names one) built at start and kept by reloads, and each route's
 //! rules (its `cache` table, compiled).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,10 +18,8 @@ use crate::config::{CacheConfig, CacheSection};
 pub struct Responses {
     /// The answers, by key.
     pub cache: Cache<Arc<Stored>>,
-    /// Keys being revalidated in the background (one revalidation a key at a time).
-    revalidating: Mutex<HashSet<String>>,
-    /// Keys a request is fetching from upstream on a miss; other misses of the key
-    /// wait for its answer to be stored.
+    /// Keys a request is fetching from upstream (on a miss, or revalidating in the
+    /// background); other misses of the key wait for its answer to be stored.
     fetching: Mutex<HashMap<String, Arc<Notify>>>,
     /// Requests waiting for another's fetch now.
     waiting: AtomicUsize,
@@ -94,7 +92,6 @@ impl Responses {
         let cache = builder.build().map_err(|e| e.under("gateway.cache"))?;
         Ok(Responses {
             cache,
-            revalidating: Mutex::new(HashSet::new()),
             fetching: Mutex::new(HashMap::new()),
             waiting: AtomicUsize::new(0),
         })
@@ -104,18 +101,9 @@ impl Responses {
     /// request is already fetching it, waits up to `patience` for that request's
     /// answer to be stored and returns `Err` (look again).
     pub async fn fetch_or_wait(self: &Arc<Self>, key: &str, patience: Duration) -> Result<Fetching, ()> {
-        let notify = {
-            let mut fetching = lock(&self.fetching);
-            match fetching.get(key) {
-                Some(n) => n.clone(),
-                None => {
-                    fetching.insert(key.to_owned(), Arc::new(Notify::new()));
-                    return Ok(Fetching {
-                        store: self.clone(),
-                        key: key.to_owned(),
-                    });
-                }
-            }
+        let notify = match self.lead_or_follow(key) {
+            Ok(lead) => return Ok(lead),
+            Err(notify) => notify,
         };
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -137,14 +125,49 @@ impl Responses {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Marks `key` as being revalidated; `false` if it already is.
-    pub fn begin_revalidation(&self, key: &str) -> bool {
-        lock(&self.revalidating).insert(key.to_owned())
+    /// Leads the fetch of `key` if no request is fetching it (a background
+    /// revalidation: one a key at a time).
+    pub fn lead(self: &Arc<Self>, key: &str) -> Option<Fetching> {
+        self.lead_or_follow(key).ok()
     }
 
-    /// The revalidation of `key` is over.
-    pub fn end_revalidation(&self, key: &str) {
-        lock(&self.revalidating).remove(key);
+    fn lead_or_follow(self: &Arc<Self>, key: &str) -> Result<Fetching, Arc<Notify>> {
+        let mut fetching = lock(&self.fetching);
+        match fetching.get(key) {
+            Some(n) => Err(n.clone()),
+            None => {
+                fetching.insert(key.to_owned(), Arc::new(Notify::new()));
+                Ok(Fetching {
+                    store: self.clone(),
+                    key: key.to_owned(),
+                })
+            }
+        }
+    }
+}
+
+/// How a cached route's answer came about (`x-palisade-cache`, and the
+/// `palisade_route_cache_total` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// From the store.
+    Hit = 0,
+    /// From upstream.
+    Miss = 1,
+    /// From the store, past its freshness (while revalidating, or for a failure).
+    Stale = 2,
+}
+
+impl Served {
+    const ALL: [Served; 3] = [Served::Hit, Served::Miss, Served::Stale];
+
+    /// Its name in the header and the metric.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Served::Hit => "hit",
+            Served::Miss => "miss",
+            Served::Stale => "stale",
+        }
     }
 }
 
@@ -159,11 +182,18 @@ pub struct RouteCache {
     pub key_query: bool,
     /// Request headers whose values are part of the key.
     pub key_headers: Vec<http::HeaderName>,
+    /// `palisade_route_cache_total{route, result}`, by [`Served`].
+    pub served: [metrics::Counter; 3],
 }
 
 impl RouteCache {
     /// Compiles a route's `cache` table (`at`: its path in the file).
-    pub(crate) fn compile(c: &CacheConfig, at: &str, p: &mut Vec<ConfigError>) -> Option<RouteCache> {
+    pub(crate) fn compile(
+        c: &CacheConfig,
+        route: &str,
+        at: &str,
+        p: &mut Vec<ConfigError>,
+    ) -> Option<RouteCache> {
         let before = p.len();
         if c.max_ttl.get().is_zero() {
             p.push(ConfigError::new(format!("{at}.max_ttl"), "must be more than 0"));
@@ -201,6 +231,9 @@ impl RouteCache {
             max_body: max_body.unwrap_or(1),
             key_query: c.key_query,
             key_headers,
+            served: Served::ALL.map(|how| {
+                metrics::counter!("palisade_route_cache_total", "route" => route.to_owned(), "result" => how.as_str())
+            }),
         })
     }
 }

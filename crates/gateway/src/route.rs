@@ -101,7 +101,7 @@ impl Route {
             RouteHedge::compile(c, per_try_timeout, r.retry.is_some(), &format!("{at}.hedge"), p)
         });
         let cache = (r.cache.as_ref())
-            .and_then(|c| crate::responses::RouteCache::compile(c, &format!("{at}.cache"), p));
+            .and_then(|c| crate::responses::RouteCache::compile(c, &r.name, &format!("{at}.cache"), p));
         Some(Route {
             name: r.name.clone(),
             matcher: parts.matcher,

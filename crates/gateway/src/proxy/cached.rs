@@ -20,7 +20,7 @@ use palisade_cache::http::{Reuse, Stored, initial_age, storable};
 
 use super::{Downstream, REQUEST_ID, fallback_or_failure, route_request};
 use crate::conn::ActiveGuard;
-use crate::responses::{Fetching, Responses, RouteCache};
+use crate::responses::{Fetching, Responses, RouteCache, Served};
 use crate::route::Route;
 use crate::runtime::Runtime;
 use crate::{Body, BoxError, empty, full};
@@ -87,12 +87,12 @@ async fn answer(
     let mut revalidating = false;
     if let Some(s) = &stored {
         match s.reuse(&asked, now) {
-            Reuse::Fresh => return replay(route, s, &method, &asked, now, "hit"),
+            Reuse::Fresh => return replay(route, s, &method, &asked, now, Served::Hit),
             Reuse::StaleWhileRevalidate => {
-                if store.begin_revalidation(&key) {
-                    revalidate_later(&rt, route, &store, key, req, from, request_id, s);
+                if let Some(lead) = store.lead(&key) {
+                    revalidate_later(&rt, route, &store, (key, lead), req, from, request_id, s);
                 }
-                return replay(route, s, &method, &asked, now, "stale");
+                return replay(route, s, &method, &asked, now, Served::Stale);
             }
             Reuse::Revalidate => {
                 // The client's own conditional goes as it is; else the cache's (a
@@ -107,7 +107,7 @@ async fn answer(
     if method == Method::HEAD {
         // Stored answers come from GETs; a HEAD goes through.
         let resp = proxied(&rt, route, req, from, request_id, active, may_fall_back).await;
-        return mark(route, resp, "miss");
+        return mark(route, resp, Served::Miss);
     }
     // Concurrent misses of a key: one request fetches it, the others wait (up to the
     // route's timeout) for its answer to be stored, then look again.
@@ -120,7 +120,7 @@ async fn answer(
                 if let Some(s) = store.cache.get(&key).await.filter(|s| s.vary_matches(&asked))
                     && s.reuse(&asked, now) == Reuse::Fresh
                 {
-                    return replay(route, &s, &method, &asked, now, "hit");
+                    return replay(route, &s, &method, &asked, now, Served::Hit);
                 }
             }
         }
@@ -184,7 +184,7 @@ impl Fetch<'_> {
         if resp.status().is_server_error()
             && let Some(s) = self.stored.as_deref().filter(|s| s.usable_on_error(now))
         {
-            return replay(self.route, s, &Method::GET, &self.asked, now, "stale");
+            return replay(self.route, s, &Method::GET, &self.asked, now, Served::Stale);
         }
         let (route, rules, store) = (self.route, self.rules, self.store);
         let resp = store_as_it_streams(
@@ -197,7 +197,7 @@ impl Fetch<'_> {
             self.requested_at,
             lead,
         );
-        mark(route, resp, "miss")
+        mark(route, resp, Served::Miss)
     }
 
     /// The gateway could not get an answer: the stored one if stale-if-error
@@ -205,7 +205,7 @@ impl Fetch<'_> {
     fn failed(self, f: &super::Failure, request_id: &HeaderValue, may_fall_back: bool) -> Response<Body> {
         let now = SystemTime::now();
         match self.stored.as_deref().filter(|s| s.usable_on_error(now)) {
-            Some(s) => replay(self.route, s, &Method::GET, &self.asked, now, "stale"),
+            Some(s) => replay(self.route, s, &Method::GET, &self.asked, now, Served::Stale),
             None => fallback_or_failure(self.route, f, request_id, may_fall_back),
         }
     }
@@ -268,7 +268,7 @@ fn replay(
     method: &Method,
     asked: &HeaderMap,
     now: SystemTime,
-    how: &'static str,
+    how: Served,
 ) -> Response<Body> {
     count(route, how);
     let not_modified = s.not_modified_for(asked);
@@ -289,21 +289,22 @@ fn replay(
         h.remove(header::CONTENT_LENGTH);
     }
     h.insert(header::AGE, HeaderValue::from(s.age(now).as_secs()));
-    h.insert(CACHE_HEADER, HeaderValue::from_static(how));
+    h.insert(CACHE_HEADER, HeaderValue::from_static(how.as_str()));
     resp
 }
 
 /// Says on a passed-on answer how the cache took part, and counts it.
-fn mark(route: &Route, mut resp: Response<Body>, how: &'static str) -> Response<Body> {
+fn mark(route: &Route, mut resp: Response<Body>, how: Served) -> Response<Body> {
     count(route, how);
     resp.headers_mut()
-        .insert(CACHE_HEADER, HeaderValue::from_static(how));
+        .insert(CACHE_HEADER, HeaderValue::from_static(how.as_str()));
     resp
 }
 
-fn count(route: &Route, how: &'static str) {
-    metrics::counter!("palisade_route_cache_total", "route" => route.name.clone(), "result" => how)
-        .increment(1);
+fn count(route: &Route, how: Served) {
+    if let Some(rules) = &route.cache {
+        rules.served[how as usize].increment(1);
+    }
 }
 
 /// A `304` to a revalidation: the stored answer, refreshed, is stored again and
@@ -327,18 +328,18 @@ async fn refreshed(
                 .cache
                 .set_for(key, next.clone(), keep.max(std::time::Duration::from_millis(1)))
                 .await;
-            replay(route, &next, &Method::GET, asked, now, "hit")
+            replay(route, &next, &Method::GET, asked, now, Served::Hit)
         }
         Err(_) => {
             let _ = store.cache.invalidate(key).await;
             if ours {
                 // The client asked unconditionally: give it the body we have.
-                replay(route, s, &Method::GET, &HeaderMap::new(), now, "stale")
+                replay(route, s, &Method::GET, &HeaderMap::new(), now, Served::Stale)
             } else {
                 let mut resp = Response::new(empty());
                 *resp.status_mut() = StatusCode::NOT_MODIFIED;
                 *resp.headers_mut() = not_modified.clone();
-                mark(route, resp, "miss")
+                mark(route, resp, Served::Miss)
             }
         }
     }
@@ -352,14 +353,14 @@ fn revalidate_later(
     rt: &Arc<Runtime>,
     route: &Route,
     store: &Arc<Responses>,
-    key: String,
+    (key, lead): (String, Fetching),
     mut req: Request<Incoming>,
     from: (Downstream, Option<HeaderValue>),
     request_id: &HeaderValue,
     s: &Stored,
 ) {
+    // `lead` marks the key revalidating until the task ends, however it ends.
     let Some(index) = rt.routes.iter().position(|r| std::ptr::eq(r, route)) else {
-        store.end_revalidation(&key);
         return;
     };
     for name in [
@@ -391,12 +392,11 @@ fn revalidate_later(
                     &asked,
                     resp,
                     requested_at,
-                    None,
+                    Some(lead),
                 );
                 let _ = resp.into_body().collect().await;
             }
         }
-        store.end_revalidation(&key);
     });
 }
 
