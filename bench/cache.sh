@@ -30,7 +30,7 @@ instructions() {
         sed -n 's/.*refs: *//p' | tr -d ,
 }
 echo "instructions per L1 hit (callgrind):"
-for cache in quick_cache moka palisade; do
+for cache in quick_cache quick_cache+ttl moka palisade; do
     hi=$(instructions "$cache" 200000)
     lo=$(instructions "$cache" 100000)
     echo "  $cache $(( (hi - lo) / 100000 ))"

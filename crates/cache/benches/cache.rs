@@ -3,7 +3,9 @@
 //! `bench/cache.sh` starts a throwaway Redis and runs them all).
 //!
 //! - `l1_hit`: a hit through `Cache::get_or_load` against a raw `quick_cache` and a
-//!   raw `moka` `get` of the same value (the L1 choice).
+//!   raw `moka` `get` of the same value (the L1 choice), and the floor of any cache
+//!   with expiry on `quick_cache` (`quick_cache+ttl`: the raw `get` and one clock
+//!   read).
 //! - `l2_hit`: a hit in Redis (L1 expired) against a hand-written redis-rs `GET` and
 //!   decode, one at a time and 100 at once on one connection (pipelined).
 //! - `encoding`: encode and decode of one record in postcard, MessagePack and JSON
@@ -69,6 +71,15 @@ fn l1_hit(c: &mut Criterion) {
         rt.block_on(cache.set(k, v.clone())).unwrap();
     }
 
+    // The floor of a cache with expiry on quick_cache: the entry carries its
+    // time and one clock read judges it.
+    let clock = palisade_core::SystemClock;
+    let timed = quick_cache::sync::Cache::<String, (Arc<Product>, u64)>::new(10_000);
+    let until = palisade_core::Clock::now(&clock).as_nanos() + 3_600_000_000_000;
+    for (k, v) in keys.iter().zip(&values) {
+        timed.insert(k.clone(), (v.clone(), until));
+    }
+
     let mut g = c.benchmark_group("l1_hit");
     let mut i = 0usize;
     let mut next = || {
@@ -76,8 +87,18 @@ fn l1_hit(c: &mut Criterion) {
         keys[i].as_str()
     };
     g.bench_function("quick_cache", |b| b.iter(|| black_box(quick.get(next()))));
+    g.bench_function("quick_cache+ttl", |b| {
+        b.iter(|| {
+            let now = palisade_core::Clock::now(&clock).as_nanos();
+            black_box(
+                timed
+                    .get(next())
+                    .filter(|(_, until)| now < *until)
+                    .map(|(v, _)| v),
+            )
+        })
+    });
     g.bench_function("moka", |b| b.iter(|| black_box(moka.get(next()))));
-    let clock = palisade_core::SystemClock;
     g.bench_function("clock", |b| {
         b.iter(|| black_box(palisade_core::Clock::now(&clock)))
     });

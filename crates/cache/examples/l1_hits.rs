@@ -1,5 +1,5 @@
 //! L1 hits for instruction counting under `valgrind --tool=callgrind` (bench/cache.sh):
-//! `l1_hits <quick_cache|moka|palisade> <hits>` fills a cache with 1,000 products
+//! `l1_hits <quick_cache|quick_cache+ttl|moka|palisade> <hits>` fills a cache with 1,000 products
 //! and reads them `hits` times in turn (palisade's in one async loop, awaiting each). Two runs with different `hits` give the
 //! instructions of one hit, set-up cancelled out.
 
@@ -30,6 +30,25 @@ fn main() {
             }
             for n in 0..hits {
                 black_box(cache.get(keys[n % keys.len()].as_str()));
+            }
+        }
+        "quick_cache+ttl" => {
+            // The floor of any cache with expiry on quick_cache: the entry carries
+            // its times and one clock read judges it.
+            let clock = palisade_core::SystemClock;
+            let cache = quick_cache::sync::Cache::<String, Timed<Arc<(u64, String)>>>::new(10_000);
+            let until = palisade_core::Clock::now(&clock).as_nanos() + 3_600_000_000_000;
+            for (i, k) in keys.iter().enumerate() {
+                cache.insert(k.clone(), Timed::new(value(i), until));
+            }
+            for n in 0..hits {
+                let now = palisade_core::Clock::now(&clock).as_nanos();
+                black_box(
+                    cache
+                        .get(keys[n % keys.len()].as_str())
+                        .filter(|e| now < e.until)
+                        .map(|e| e.value),
+                );
             }
         }
         "moka" => {
@@ -64,6 +83,28 @@ fn main() {
         other => {
             eprintln!("unknown cache {other}");
             std::process::exit(2);
+        }
+    }
+}
+
+/// A value with the times a TTL cache keeps beside it (as the crate's entries do).
+#[derive(Clone)]
+struct Timed<V> {
+    value: V,
+    until: u64,
+    _stale_until: u64,
+    _refresh_window: u64,
+    _load_nanos: u64,
+}
+
+impl<V> Timed<V> {
+    fn new(value: V, until: u64) -> Self {
+        Timed {
+            value,
+            until,
+            _stale_until: until,
+            _refresh_window: 0,
+            _load_nanos: 0,
         }
     }
 }
