@@ -45,38 +45,102 @@ postgres_bin() {
   ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1
 }
 
-# Starts a PostgreSQL of its own (initdb, trust auth, fsync off: throwaway) and
-# exports PALISADE_TEST_POSTGRES_URL (its `postgres` database; tests create their
-# own databases on it) and PALISADE_TEST_PG_CTL / PALISADE_TEST_PG_DATA, with which
-# fault tests stop and restart it.
-start_postgres() {
-  [ -n "$(postgres_bin)" ] || apt_install postgresql
-  local bin dir port runas=()
-  bin=$(postgres_bin)
-  services_tmp
-  dir="$services_dir/postgres"
-  mkdir -p "$dir"
-  # PostgreSQL refuses to run as root: its files belong to `postgres`.
+# The command prefix that runs PostgreSQL's programs: as `postgres` when we are
+# root (PostgreSQL refuses to run as root), as ourselves otherwise.
+pg_runas() {
   if [ "$(id -u)" -eq 0 ]; then
-    id postgres >/dev/null 2>&1 || useradd --system --home-dir "$dir" postgres
-    chown postgres "$dir"
-    runas=(runuser -u postgres --)
+    id postgres >/dev/null 2>&1 || useradd --system --home-dir "$services_dir" postgres
+    echo "runuser -u postgres --"
   fi
-  "${runas[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 ||
-    "${runas[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1
+}
+
+# Starts the PostgreSQL in $services_dir/$1 whose data directory exists (from
+# initdb or pg_basebackup) on a free port, with the server options $2; sets
+# `pg_port` and `pg_ctl` (the pg_ctl command line, to which tests append `stop`,
+# `start` or `restart`), and registers its stop.
+pg_start() {
+  local name=$1 opts=$2 dir="$services_dir/$1" bin runas port
+  bin=$(postgres_bin)
+  runas=$(pg_runas)
   for attempt in 1 2 3; do
     port=$(free_loopback_port)
-    if "${runas[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \
-      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
-      >/dev/null; then
+    pg_ctl="$runas $bin/pg_ctl -D $dir/data -l $dir/server.log -w -t 60 -o \"-p $port -k $dir -c listen_addresses=127.0.0.1 $opts\""
+    if eval "$pg_ctl start" >/dev/null; then
       break
     fi
     [ "$attempt" -lt 3 ] || { cat "$dir/server.log" >&2; return 1; }
   done
-  services_stop+=("${runas[*]} $bin/pg_ctl -D $dir/data -m immediate -w stop")
-  export PALISADE_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
-  export PALISADE_TEST_PG_CTL="${runas[*]} $bin/pg_ctl -D $dir/data -l $dir/server.log -w -t 60 -o \"-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300\""
-  echo "PostgreSQL on 127.0.0.1:$port ($dir)" >&2
+  pg_port=$port
+  services_stop+=("$runas $bin/pg_ctl -D $dir/data -m immediate -w stop")
+  echo "PostgreSQL $name on 127.0.0.1:$port ($dir)" >&2
+}
+
+# A new data directory in $services_dir/$1 (trust auth: throwaway).
+pg_init() {
+  local dir="$services_dir/$1" bin runas
+  bin=$(postgres_bin)
+  runas=$(pg_runas)
+  mkdir -p "$dir"
+  [ -z "$runas" ] || chown postgres "$dir"
+  $runas "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 ||
+    $runas "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1
+}
+
+# Server options of every throwaway instance: no durability (fsync off).
+pg_throwaway_opts="-c fsync=off -c full_page_writes=off -c max_connections=300"
+
+# Starts a PostgreSQL of its own (initdb, trust auth, fsync off: throwaway) and
+# exports PALISADE_TEST_POSTGRES_URL (its `postgres` database; tests create their
+# own databases on it) and PALISADE_TEST_PG_CTL, with which fault tests stop and
+# restart it.
+start_postgres() {
+  [ -n "$(postgres_bin)" ] || apt_install postgresql
+  services_tmp
+  pg_init postgres
+  pg_start postgres "$pg_throwaway_opts -c synchronous_commit=off"
+  export PALISADE_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+  export PALISADE_TEST_PG_CTL="$pg_ctl"
+}
+
+# Starts the data layer's servers: a primary with two streaming replicas
+# (pg_basebackup -R, each with its own replication slot) and two independent
+# instances as shards. Exports PALISADE_TEST_PG_PRIMARY_URL,
+# PALISADE_TEST_PG_REPLICA_URLS and PALISADE_TEST_PG_SHARD_URLS (comma-separated),
+# and PALISADE_TEST_PG_REPLICA_CTLS and PALISADE_TEST_PG_SHARD_CTLS (pg_ctl command
+# lines separated by `;`), with which fault tests stop and restart them.
+start_postgres_data() {
+  [ -n "$(postgres_bin)" ] || apt_install postgresql
+  services_tmp
+  local bin runas primary i replicas=() replica_ctls=() shards=() shard_ctls=()
+  bin=$(postgres_bin)
+  runas=$(pg_runas)
+  pg_init primary
+  # Commits wait for their WAL to be written (not fsynced: fsync is off), so a
+  # replica can follow within a round trip.
+  pg_start primary "$pg_throwaway_opts -c wal_level=replica -c max_wal_senders=10 -c max_replication_slots=10"
+  primary=$pg_port
+  for i in 1 2; do
+    mkdir -p "$services_dir/replica$i"
+    [ -z "$runas" ] || chown postgres "$services_dir/replica$i"
+    $runas "$bin/pg_basebackup" -h 127.0.0.1 -p "$primary" -U postgres -D "$services_dir/replica$i/data" \
+      -R -X stream -C -S "replica$i" >"$services_dir/replica$i/basebackup.log" 2>&1 ||
+      { cat "$services_dir/replica$i/basebackup.log" >&2; return 1; }
+    pg_start "replica$i" "$pg_throwaway_opts -c hot_standby=on -c hot_standby_feedback=on"
+    replicas+=("postgres://postgres@127.0.0.1:$pg_port/postgres")
+    replica_ctls+=("$pg_ctl")
+  done
+  for i in 1 2; do
+    pg_init "shard$i"
+    pg_start "shard$i" "$pg_throwaway_opts -c synchronous_commit=off"
+    shards+=("postgres://postgres@127.0.0.1:$pg_port/postgres")
+    shard_ctls+=("$pg_ctl")
+  done
+  export PALISADE_TEST_PG_PRIMARY_URL="postgres://postgres@127.0.0.1:$primary/postgres"
+  PALISADE_TEST_PG_REPLICA_URLS=$(IFS=,; echo "${replicas[*]}")
+  PALISADE_TEST_PG_SHARD_URLS=$(IFS=,; echo "${shards[*]}")
+  PALISADE_TEST_PG_REPLICA_CTLS=$(IFS=';'; echo "${replica_ctls[*]}")
+  PALISADE_TEST_PG_SHARD_CTLS=$(IFS=';'; echo "${shard_ctls[*]}")
+  export PALISADE_TEST_PG_REPLICA_URLS PALISADE_TEST_PG_SHARD_URLS PALISADE_TEST_PG_REPLICA_CTLS PALISADE_TEST_PG_SHARD_CTLS
 }
 
 # Starts a Redis of its own (no persistence) and exports PALISADE_TEST_REDIS_URL
