@@ -71,7 +71,7 @@ impl PoolConfig {
             .half_open(1, 1)
     }
 
-    fn validate(&self, errors: &mut Vec<ConfigError>) {
+    pub(crate) fn validate(&self, errors: &mut Vec<ConfigError>) {
         if self.max_connections == 0 {
             errors.push(ConfigError::new("pool.max_connections", "must be at least 1"));
         }
@@ -144,6 +144,9 @@ pub(crate) struct Server {
 pub(crate) fn server(url: &str) -> Result<Server, String> {
     if url.trim().is_empty() {
         return Err("is required (a postgres:// URL)".into());
+    }
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must be a postgres:// or postgresql:// URL".into());
     }
     let options = PgConnectOptions::from_str(url).map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
     let host = options.get_host();

@@ -9,17 +9,34 @@
 //!   replica behind by more than `max_lag` gets no reads until it catches up. A
 //!   write returns a causality token ([`Lsn`]); a read given it is served only by a
 //!   server that has replayed it (read-your-writes).
+//! - [`Shards`]: a key's calls go to the shard that owns it ([`ShardMap`]: a
+//!   consistent-hash ring with 150 virtual nodes by default, jump hash,
+//!   rendezvous hashing, or explicit key ranges), each shard behind its own
+//!   breaker and timeout; [`Shards::scatter`] asks every shard at once under an
+//!   explicit policy for partial results ([`Gather`]).
+//! - [`IdGenerator`]: globally unique, time-ordered 64-bit ids (the Snowflake
+//!   layout), a worker id per process, safe against a clock going backwards.
+//! - [`Leases`]: leader leases in PostgreSQL with fencing tokens; a transaction
+//!   fenced by a lease is refused once another holder has taken it over.
 //!
 //! Every setting is validated up front and every problem names its field
-//! ([`ReplicaSetConfig::validate`]).
+//! ([`ReplicaSetConfig::validate`], [`ShardsConfig::validate`]).
 
 mod config;
 mod error;
+pub mod id;
 mod lag;
+mod lease;
 mod lsn;
 mod replicas;
+pub mod shard_map;
+mod shards;
 
 pub use config::{PoolConfig, ReadBalance, ReplicaSetConfig, WhenNoReplica};
 pub use error::DataError;
+pub use id::IdGenerator;
+pub use lease::{Lease, Leases};
 pub use lsn::{Lsn, LsnParseError};
 pub use replicas::ReplicaSet;
+pub use shard_map::{KeyRange, Placement, ShardMap};
+pub use shards::{Gather, Gathered, ShardConfig, Shards, ShardsConfig};
