@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use palisade_balance::health::HealthConfig;
-use palisade_balance::outlier::CallResult;
 use palisade_balance::{Cluster, ClusterConfig, EndpointInfo, EndpointState, LbPolicy};
 use palisade_core::{ConfigErrors, SharedClock};
 use palisade_resilience::breaker::CircuitBreaker;
@@ -276,8 +275,9 @@ impl Inner {
         avoid.extend(self.replicas.iter().filter(|r| lacking(r)).map(|r| r.addr));
         let pick = self.cluster.pick(None, &avoid).ok()?;
         let ep = pick.endpoint;
-        // The cluster falls back to an avoided endpoint when no other is available.
-        if avoid.contains(&ep.addr()) || !ep.is_available(self.cluster.clock().now()) {
+        // The cluster picks only available endpoints (it has no panic mode here),
+        // but falls back to an avoided one when no other is available.
+        if avoid.contains(&ep.addr()) {
             return None;
         }
         let replica = self.replicas.iter().find(|r| r.addr == ep.addr())?;
@@ -348,20 +348,17 @@ impl Inner {
         let Ok(permit) = breaker.try_acquire() else {
             return Attempt::Elsewhere;
         };
+        // In flight, for the least-request balancer. (No latency is recorded: no
+        // balancer offered here weighs it.)
         let _in_flight = ep.start();
-        let start = self.clock.now();
-        let result = query(replica.pool.clone()).await;
-        let latency = self.clock.now().saturating_duration_since(start);
-        match result {
+        match query(replica.pool.clone()).await {
             Ok(v) => {
                 permit.success();
-                self.cluster.record(ep, CallResult::Success, latency);
                 replica.reads.increment(1);
                 Attempt::Done(Ok(v))
             }
             Err(e) if is_unavailable(&e) => {
                 permit.failure();
-                self.cluster.record(ep, CallResult::GatewayFailure, latency);
                 tracing::warn!(set = %self.name, replica = %replica.name, error = %e, "replica unavailable; the read goes elsewhere");
                 Attempt::Elsewhere
             }
