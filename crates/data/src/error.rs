@@ -65,6 +65,16 @@ pub enum DataError {
         /// How long its hold lasts unless renewed.
         remaining_ms: i64,
     },
+    /// The key is moving between shards and its writes are held for the moment
+    /// the copies are made exact (the freeze before a resharding's cut): retry.
+    #[error("set {set}: key is moving to another shard; writes resume within moments")]
+    Resharding {
+        /// The shard set's name.
+        set: String,
+    },
+    /// The control database's record of the shard set is unusable.
+    #[error("control database: {0}")]
+    Control(String),
     /// The query itself failed (a database error, a row missing, a decode error):
     /// the server was there and answered.
     #[error(transparent)]

@@ -13,7 +13,9 @@
 //!   consistent-hash ring with 150 virtual nodes by default, jump hash,
 //!   rendezvous hashing, or explicit key ranges), each shard behind its own
 //!   breaker and timeout; [`Shards::scatter`] asks every shard at once under an
-//!   explicit policy for partial results ([`Gather`]).
+//!   explicit policy for partial results ([`Gather`]). With a control database
+//!   the layout can change while writes go on ([`Resharder`]: double-write,
+//!   backfill, verify, freeze and cut over, clean up; resumable after a crash).
 //! - [`IdGenerator`]: globally unique, time-ordered 64-bit ids (the Snowflake
 //!   layout), a worker id per process, safe against a clock going backwards.
 //! - [`Leases`]: leader leases in PostgreSQL with fencing tokens; a transaction
@@ -23,20 +25,24 @@
 //! ([`ReplicaSetConfig::validate`], [`ShardsConfig::validate`]).
 
 mod config;
+mod control;
 mod error;
 pub mod id;
 mod lag;
 mod lease;
 mod lsn;
 mod replicas;
+mod reshard;
 pub mod shard_map;
 mod shards;
 
 pub use config::{PoolConfig, ReadBalance, ReplicaSetConfig, WhenNoReplica};
+pub use control::{Phase, Progress, TableKey};
 pub use error::DataError;
 pub use id::IdGenerator;
 pub use lease::{Lease, Leases};
 pub use lsn::{Lsn, LsnParseError};
 pub use replicas::ReplicaSet;
-pub use shard_map::{KeyRange, Placement, ShardMap};
-pub use shards::{Gather, Gathered, ShardConfig, Shards, ShardsConfig};
+pub use reshard::{ReshardPlan, Resharder};
+pub use shard_map::{KeyRange, Layout, Placement, ShardMap};
+pub use shards::{Gather, Gathered, ShardConfig, Shards, ShardsConfig, Tx};

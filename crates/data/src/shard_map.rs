@@ -17,10 +17,10 @@
 
 use palisade_balance::hash::{Ring, hash_bytes, mix};
 use palisade_core::{ConfigError, ConfigErrors};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How keys are placed on shards.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Placement {
     /// Consistent hashing on a ring with `vnodes` points per shard.
@@ -37,7 +37,7 @@ pub enum Placement {
 /// A range of the 64-bit hash space owned by one shard, written as hexadecimal
 /// prefixes of the hash (`from = "80"` is 0x8000_0000_0000_0000), `""` meaning the
 /// start (for `from`) or the end (for `to`) of the space.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRange {
     /// First hash of the range (inclusive).
@@ -48,6 +48,30 @@ pub struct KeyRange {
     pub to: String,
     /// The shard that owns it.
     pub shard: String,
+}
+
+/// Which shards own keys, and how: what resharding changes, and what the control
+/// database records (shards by name; their URLs are each process's own).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layout {
+    /// How keys are placed.
+    pub placement: Placement,
+    /// Points per shard on the ring (`placement = "ring"`).
+    #[serde(default)]
+    pub vnodes: u32,
+    /// The shards that own keys, by name, in order.
+    pub shards: Vec<String>,
+    /// The hash ranges each shard owns (`placement = "ranges"`).
+    #[serde(default)]
+    pub ranges: Vec<KeyRange>,
+}
+
+impl Layout {
+    /// The shard map of this layout, or every problem with it.
+    pub fn map(&self) -> Result<ShardMap, ConfigErrors> {
+        ShardMap::new(&self.shards, self.placement, self.vnodes, &self.ranges)
+    }
 }
 
 /// A placement of keys on named shards.

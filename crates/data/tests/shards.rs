@@ -37,15 +37,17 @@ async fn sharded(placement: Placement) -> (ShardsConfig, Vec<String>) {
 }
 
 async fn put(shards: &Shards, key: &str, v: i32) -> Result<(), DataError> {
-    let k = key.to_string();
     shards
-        .run(key.as_bytes(), |pool| async move {
-            sqlx::query("INSERT INTO kv VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v")
-                .bind(k)
-                .bind(v)
-                .execute(&pool)
-                .await
-                .map(drop)
+        .write(key.as_bytes(), |conn| {
+            let k = key.to_string();
+            Box::pin(async move {
+                sqlx::query("INSERT INTO kv VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v")
+                    .bind(k)
+                    .bind(v)
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+            })
         })
         .await
 }
@@ -54,7 +56,7 @@ async fn put(shards: &Shards, key: &str, v: i32) -> Result<(), DataError> {
 async fn every_key_lives_on_its_shard_and_scatter_gathers_them_all() {
     for placement in [Placement::Ring, Placement::Jump, Placement::Rendezvous] {
         let (config, urls) = sharded(placement).await;
-        let shards = Shards::connect(&config).unwrap();
+        let shards = Shards::connect(&config).await.unwrap();
         for i in 0..500 {
             put(&shards, &format!("user:{i}"), i).await.unwrap();
         }
@@ -94,7 +96,7 @@ async fn every_key_lives_on_its_shard_and_scatter_gathers_them_all() {
 #[tokio::test]
 async fn a_query_error_is_the_query_s_and_leaves_the_shard_up() {
     let (config, _) = sharded(Placement::Ring).await;
-    let shards = Shards::connect(&config).unwrap();
+    let shards = Shards::connect(&config).await.unwrap();
     for _ in 0..10 {
         match shards
             .run(b"k", |pool| async move {
@@ -113,9 +115,9 @@ async fn a_query_error_is_the_query_s_and_leaves_the_shard_up() {
 async fn a_shard_down_fails_its_keys_fast_by_name_while_the_other_serves() {
     let (mut config, _) = sharded(Placement::Ring).await;
     config.timeout = Dur(std::time::Duration::from_secs(5));
-    let shards = Shards::connect(&config).unwrap();
+    let shards = Shards::connect(&config).await.unwrap();
     let keys: Vec<String> = (0..200).map(|i| format!("order:{i}")).collect();
-    let mut by_shard: HashMap<&str, Vec<&String>> = HashMap::new();
+    let mut by_shard: HashMap<String, Vec<&String>> = HashMap::new();
     for k in &keys {
         by_shard
             .entry(shards.shard_for(k.as_bytes()))
@@ -182,7 +184,7 @@ async fn a_bad_shard_set_is_refused_naming_every_field() {
         ..ShardsConfig::default()
     };
     config.timeout = Dur(std::time::Duration::ZERO);
-    match Shards::connect(&config) {
+    match Shards::connect(&config).await {
         Err(DataError::Config(e)) => assert_eq!(
             e.fields(),
             ["shards[1].url", "timeout", "shards[1].name", "ranges"]
