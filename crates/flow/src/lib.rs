@@ -1,0 +1,21 @@
+//! # palisade-flow
+//!
+//! Consistency tools for a service's writes, on PostgreSQL (and Redis):
+//!
+//! - [`idempotency`]: idempotency keys with Stripe's semantics (a repeat gets the
+//!   stored answer, the key with another request is a 422, a repeat while the first
+//!   runs a 409), in PostgreSQL or Redis, and a tower layer for HTTP services.
+//! - [`optimistic`]: versioned updates retried on conflict with backoff and jitter.
+//!
+//! A crate of its own rather than part of `palisade-data`: these tools hold the
+//! write side's workflows, and they need Redis, the job queue and an event bus,
+//! none of which a service that only routes queries should build.
+
+pub mod idempotency;
+pub mod optimistic;
+
+pub use idempotency::{
+    Claim, Concurrent, Idempotency, IdempotencyConfig, IdempotencyLayer, IdempotencyStore, Outcome, PgStore,
+    RedisStore, Stored,
+};
+pub use optimistic::{Attempt, OptimisticError, OptimisticRetry};
