@@ -6,11 +6,15 @@
 //!   stored answer, the key with another request is a 422, a repeat while the first
 //!   runs a 409), in PostgreSQL or Redis, and a tower layer for HTTP services.
 //! - [`optimistic`]: versioned updates retried on conflict with backoff and jitter.
+//! - [`events`]: an event store (streams with expected versions, a global order
+//!   safe to checkpoint, snapshots) and projections fed exactly once, rebuildable
+//!   from zero.
 //!
 //! A crate of its own rather than part of `palisade-data`: these tools hold the
 //! write side's workflows, and they need Redis, the job queue and an event bus,
 //! none of which a service that only routes queries should build.
 
+pub mod events;
 pub mod idempotency;
 pub mod optimistic;
 
