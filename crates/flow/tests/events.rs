@@ -1,5 +1,7 @@
 //! The event store and projections against a real PostgreSQL.
 
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,23 +11,11 @@ use palisade_flow::events::{
     Checkpoint, EventError, EventStore, Expected, NewEvent, Projection, Projector, RecordedEvent,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
+use support::fresh_pool;
 
 async fn store() -> EventStore {
-    let admin = std::env::var("PALISADE_TEST_POSTGRES_URL")
-        .expect("PALISADE_TEST_POSTGRES_URL is set by scripts/test");
-    let name = format!("events_{}_{:x}", std::process::id(), fastrand::u64(..));
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').unwrap().0;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(20)
-        .connect(&format!("{base}/{name}"))
-        .await
-        .unwrap();
-    EventStore::new(pool).await.unwrap()
+    EventStore::new(fresh_pool("events", 20).await).await.unwrap()
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]

@@ -1,6 +1,8 @@
 //! Idempotency keys through the tower layer, against real PostgreSQL and Redis
 //! (the servers `scripts/test` starts), each test on both stores.
 
+mod support;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,31 +15,16 @@ use palisade_flow::idempotency::IdempotentBody;
 use palisade_flow::{
     Concurrent, Idempotency, IdempotencyConfig, IdempotencyLayer, IdempotencyStore, PgStore, RedisStore,
 };
-use sqlx::{Connection, Executor};
+use support::{env, fresh_pool, unique};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run scripts/test"))
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}_{:x}", std::process::id(), fastrand::u64(..))
-}
 
 async fn pg_store() -> PgStore {
     PgStore::new(pg_pool().await).await.unwrap()
 }
 
 async fn pg_pool() -> sqlx::PgPool {
-    let admin = env("PALISADE_TEST_POSTGRES_URL");
-    let name = unique("idem");
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').unwrap().0;
-    sqlx::PgPool::connect(&format!("{base}/{name}")).await.unwrap()
+    fresh_pool("idem", 10).await
 }
 
 async fn redis_store() -> RedisStore {

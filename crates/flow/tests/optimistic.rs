@@ -1,22 +1,13 @@
 //! Optimistic locking under contention, on a real PostgreSQL.
 
+mod support;
+
 use palisade_flow::{Attempt, OptimisticError, OptimisticRetry};
-use sqlx::{Connection, Executor, PgPool};
+use sqlx::PgPool;
+use support::fresh_pool;
 
 async fn pool() -> PgPool {
-    let admin = std::env::var("PALISADE_TEST_POSTGRES_URL")
-        .expect("PALISADE_TEST_POSTGRES_URL is set by scripts/test");
-    let name = format!("optimistic_{}_{:x}", std::process::id(), fastrand::u64(..));
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').unwrap().0;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(60)
-        .connect(&format!("{base}/{name}"))
-        .await
-        .unwrap();
+    let pool = fresh_pool("optimistic", 60).await;
     sqlx::query(
         "CREATE TABLE account (id int PRIMARY KEY, balance bigint NOT NULL, version bigint NOT NULL)",
     )
