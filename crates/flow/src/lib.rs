@@ -6,6 +6,8 @@
 //!   stored answer, the key with another request is a 422, a repeat while the first
 //!   runs a 409), in PostgreSQL or Redis, and a tower layer for HTTP services.
 //! - [`optimistic`]: versioned updates retried on conflict with backoff and jitter.
+//! - [`saga`]: durable sagas whose steps run as jobs of `palisade-queue`, the
+//!   completed steps compensated in reverse order when one fails for good.
 //! - [`events`]: an event store (streams with expected versions, a global order
 //!   safe to checkpoint, snapshots) and projections fed exactly once, rebuildable
 //!   from zero.
@@ -17,6 +19,7 @@
 pub mod events;
 pub mod idempotency;
 pub mod optimistic;
+pub mod saga;
 
 pub use idempotency::{
     Claim, Concurrent, Idempotency, IdempotencyConfig, IdempotencyLayer, IdempotencyStore, Outcome, PgStore,

@@ -15,8 +15,8 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}_{:x}", std::process::id(), fastrand::u64(..))
 }
 
-/// A pool of up to `connections` on a new database.
-pub async fn fresh_pool(prefix: &str, connections: u32) -> PgPool {
+/// A new database; its URL.
+pub async fn fresh_db(prefix: &str) -> String {
     let admin = env("PALISADE_TEST_POSTGRES_URL");
     let name = unique(prefix);
     let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
@@ -24,9 +24,14 @@ pub async fn fresh_pool(prefix: &str, connections: u32) -> PgPool {
         .await
         .unwrap();
     let base = admin.rsplit_once('/').unwrap().0;
+    format!("{base}/{name}")
+}
+
+/// A pool of up to `connections` on a new database.
+pub async fn fresh_pool(prefix: &str, connections: u32) -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(connections)
-        .connect(&format!("{base}/{name}"))
+        .connect(&fresh_db(prefix).await)
         .await
         .unwrap()
 }

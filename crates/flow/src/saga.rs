@@ -1,0 +1,601 @@
+//! Durable sagas on the job queue.
+//!
+//! A saga is a list of steps, each with a compensation that undoes it. Its state
+//! is a row in PostgreSQL; each step runs as a job of `palisade-queue`, so retries
+//! with backoff, timeouts and the rescue of a dead worker's job come from the
+//! queue. A step's result is recorded, the saga moved on and the next step's job
+//! enqueued in one transaction; a step that fails for good (it says so with
+//! [`StepError::Abort`], or runs out of attempts) has the completed steps
+//! compensated, last first, each compensation a job retried until it succeeds.
+//!
+//! A worker can die anywhere (before a step, after its effect but before its
+//! record, after its record but before its job is marked done): the job runs
+//! again, so every step and compensation must be idempotent, and each is given a
+//! stable idempotency key for its effects. A saga ends fully done or fully
+//! compensated.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use palisade_queue::{JobContext, JobError, NewJob, Queue, Worker};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS palisade_sagas (
+    id bigserial PRIMARY KEY,
+    name text NOT NULL,
+    input jsonb NOT NULL,
+    state text NOT NULL,
+    step int NOT NULL,
+    outputs jsonb NOT NULL DEFAULT '[]',
+    error text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+)";
+
+/// The job kind of saga steps and compensations.
+pub const SAGA_JOB: &str = "palisade_saga";
+
+/// Why a step or a compensation did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// Try again later (the queue's backoff); a step that runs out of attempts is
+    /// aborted.
+    #[error("{0}")]
+    Retry(String),
+    /// It can never succeed (a card declined, stock gone): compensate now. (A
+    /// compensation that aborts is retried all the same: undoing must succeed.)
+    #[error("{0}")]
+    Abort(String),
+}
+
+/// What a step is given.
+#[derive(Clone, Debug)]
+pub struct StepContext {
+    /// The saga's id.
+    pub saga: i64,
+    /// The step's index (from 0).
+    pub step: usize,
+    /// The saga's input.
+    pub input: Value,
+    /// The results of the steps before it.
+    pub outputs: Vec<Value>,
+    /// A key stable across every run of this step (or of its compensation): give
+    /// it to the services the step calls, so that running it again changes nothing.
+    pub key: String,
+    /// The job's attempt (from 1).
+    pub attempt: i32,
+}
+
+/// One step of a saga and its compensation.
+pub trait Step: Send + Sync + 'static {
+    /// Its name (in logs and the saga's record).
+    fn name(&self) -> &str;
+
+    /// Does the step; its result is kept for the steps after it.
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<Value, StepError>>;
+
+    /// Undoes the step (called only for a step that completed).
+    fn compensate<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>>;
+}
+
+/// A saga's definition: its name and its steps, in order.
+#[derive(Clone)]
+pub struct Saga {
+    name: String,
+    steps: Vec<Arc<dyn Step>>,
+    attempts: i32,
+}
+
+impl std::fmt::Debug for Saga {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let steps: Vec<&str> = self.steps.iter().map(|s| s.name()).collect();
+        f.debug_struct("Saga")
+            .field("name", &self.name)
+            .field("steps", &steps)
+            .finish()
+    }
+}
+
+impl Saga {
+    /// A saga named `name` with no steps yet; 5 attempts per step.
+    pub fn new(name: impl Into<String>) -> Self {
+        Saga {
+            name: name.into(),
+            steps: Vec::new(),
+            attempts: 5,
+        }
+    }
+
+    /// Adds a step after the others.
+    pub fn step(mut self, step: impl Step) -> Self {
+        self.steps.push(Arc::new(step));
+        self
+    }
+
+    /// Attempts per step before it is aborted (at least 1).
+    pub fn attempts(mut self, n: i32) -> Self {
+        self.attempts = n.max(1);
+        self
+    }
+}
+
+/// Where a saga is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SagaState {
+    /// Steps running forward.
+    Running,
+    /// A step failed: completed steps being undone.
+    Compensating,
+    /// Every step done.
+    Done,
+    /// Every completed step undone.
+    Compensated,
+}
+
+impl SagaState {
+    fn as_str(self) -> &'static str {
+        match self {
+            SagaState::Running => "running",
+            SagaState::Compensating => "compensating",
+            SagaState::Done => "done",
+            SagaState::Compensated => "compensated",
+        }
+    }
+
+    fn parse(s: &str) -> Option<SagaState> {
+        [
+            SagaState::Running,
+            SagaState::Compensating,
+            SagaState::Done,
+            SagaState::Compensated,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+}
+
+/// A saga's record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SagaStatus {
+    /// Its id.
+    pub id: i64,
+    /// Its definition's name.
+    pub name: String,
+    /// Where it is.
+    pub state: SagaState,
+    /// Running: the next step to run; compensating: the steps still to undo.
+    pub step: i32,
+    /// The completed steps' results.
+    pub outputs: Vec<Value>,
+    /// Why it is being (or was) compensated.
+    pub error: Option<String>,
+}
+
+/// A change of a saga, reported to the observer (after its transaction commits).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// A step's result was recorded.
+    StepDone {
+        /// The saga.
+        saga: i64,
+        /// The step.
+        step: usize,
+    },
+    /// A step's compensation was recorded.
+    StepUndone {
+        /// The saga.
+        saga: i64,
+        /// The step.
+        step: usize,
+    },
+    /// The saga started compensating.
+    Aborted {
+        /// The saga.
+        saga: i64,
+        /// The failed step.
+        step: usize,
+    },
+}
+
+/// Failures of the saga machinery itself.
+#[derive(Debug, thiserror::Error)]
+pub enum SagaError {
+    /// No saga of this name is registered.
+    #[error("no saga named {0:?} is registered")]
+    Unknown(String),
+    /// The database.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// The queue.
+    #[error(transparent)]
+    Queue(#[from] palisade_queue::QueueError),
+    /// An input or output that does not (de)serialize.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+type Observer = dyn Fn(&Transition) + Send + Sync;
+
+/// The registered sagas, their store, and the queue their steps run on.
+#[derive(Clone)]
+pub struct Sagas {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    queue_name: String,
+    sagas: HashMap<String, Saga>,
+    observer: Option<Box<Observer>>,
+}
+
+impl std::fmt::Debug for Sagas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sagas")
+            .field("sagas", &self.inner.sagas.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds [`Sagas`].
+pub struct SagasBuilder {
+    pool: PgPool,
+    queue_name: String,
+    sagas: HashMap<String, Saga>,
+    observer: Option<Box<Observer>>,
+}
+
+impl SagasBuilder {
+    /// Registers `saga`.
+    pub fn register(mut self, saga: Saga) -> Self {
+        self.sagas.insert(saga.name.clone(), saga);
+        self
+    }
+
+    /// The queue steps run on (default `sagas`).
+    pub fn queue(mut self, name: impl Into<String>) -> Self {
+        self.queue_name = name.into();
+        self
+    }
+
+    /// Calls `observer` after every recorded change (metrics, logs).
+    pub fn observe(mut self, observer: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
+    }
+
+    /// Creates the saga table if missing.
+    pub async fn build(self) -> Result<Sagas, SagaError> {
+        sqlx::query(SCHEMA).execute(&self.pool).await?;
+        Ok(Sagas {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                queue_name: self.queue_name,
+                sagas: self.sagas,
+                observer: self.observer,
+            }),
+        })
+    }
+}
+
+/// A step job's arguments.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct StepJob {
+    saga: i64,
+    step: usize,
+    undo: bool,
+}
+
+impl Sagas {
+    /// Sagas kept in the database of `pool` (the queue's database: a step's record
+    /// and the next step's job are one transaction).
+    pub fn builder(pool: PgPool) -> SagasBuilder {
+        SagasBuilder {
+            pool,
+            queue_name: "sagas".into(),
+            sagas: HashMap::new(),
+            observer: None,
+        }
+    }
+
+    /// The worker that runs saga steps: register it with the queue's runner.
+    pub fn worker(&self) -> SagaWorker {
+        SagaWorker(self.clone())
+    }
+
+    /// Starts saga `name` with `input`; its id.
+    pub async fn start(&self, name: &str, input: &impl Serialize) -> Result<i64, SagaError> {
+        let mut tx = self.inner.pool.begin().await?;
+        let id = self.start_in(&mut tx, name, input).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Starts saga `name` in the caller's transaction: it exists if that commits.
+    pub async fn start_in(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+        input: &impl Serialize,
+    ) -> Result<i64, SagaError> {
+        let saga = self.saga(name)?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO palisade_sagas (name, input, state, step) VALUES ($1, $2::jsonb, 'running', 0) RETURNING id",
+        )
+        .bind(name)
+        .bind(serde_json::to_string(input)?)
+        .fetch_one(&mut *conn)
+        .await?;
+        if saga.steps.is_empty() {
+            sqlx::query("UPDATE palisade_sagas SET state = 'done' WHERE id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+        } else {
+            self.enqueue(
+                conn,
+                StepJob {
+                    saga: id,
+                    step: 0,
+                    undo: false,
+                },
+            )
+            .await?;
+        }
+        Ok(id)
+    }
+
+    /// Saga `id`'s record.
+    pub async fn status(&self, id: i64) -> Result<Option<SagaStatus>, SagaError> {
+        let row: Option<(String, String, i32, String, Option<String>)> = sqlx::query_as(
+            "SELECT name, state, step, outputs::text, error FROM palisade_sagas WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.inner.pool)
+        .await?;
+        let Some((name, state, step, outputs, error)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(SagaStatus {
+            id,
+            name,
+            state: SagaState::parse(&state).unwrap_or(SagaState::Running),
+            step,
+            outputs: serde_json::from_str(&outputs)?,
+            error,
+        }))
+    }
+
+    fn saga(&self, name: &str) -> Result<&Saga, SagaError> {
+        self.inner
+            .sagas
+            .get(name)
+            .ok_or_else(|| SagaError::Unknown(name.to_string()))
+    }
+
+    async fn enqueue(&self, conn: &mut PgConnection, job: StepJob) -> Result<(), SagaError> {
+        // The queue never gives a step's job up: a step counts its own attempts (a
+        // job rescued from a dead worker spends one too) and is aborted after the
+        // last, and a compensation is retried until it succeeds (the queue's
+        // backoff is capped). A job the queue discarded would strand its saga.
+        let new = NewJob::new(SAGA_JOB, &job)?
+            .queue(self.inner.queue_name.clone())
+            .max_attempts(i32::MAX);
+        Queue::enqueue_in_postgres(conn, &[new]).await?;
+        Ok(())
+    }
+
+    fn observe(&self, t: Transition) {
+        if let Some(o) = &self.inner.observer {
+            o(&t);
+        }
+    }
+
+    /// Runs one step or compensation job.
+    async fn work(&self, job: &JobContext, args: StepJob) -> Result<(), JobError> {
+        let Some(status) = self.status(args.saga).await.map_err(JobError::failed)? else {
+            return Err(JobError::discard(format!("saga {} does not exist", args.saga)));
+        };
+        let saga = self.saga(&status.name).map_err(JobError::discard)?;
+        let Some(step) = saga.steps.get(args.step) else {
+            return Err(JobError::discard(format!(
+                "saga {} has no step {}",
+                status.name, args.step
+            )));
+        };
+        // A job delivered again after its record (the worker died before the queue
+        // heard it was done) finds the saga moved on and does nothing.
+        let expected = if args.undo {
+            (SagaState::Compensating, args.step as i32 + 1)
+        } else {
+            (SagaState::Running, args.step as i32)
+        };
+        if (status.state, status.step) != expected {
+            return Ok(());
+        }
+        let input: Value =
+            sqlx::query_scalar::<_, String>("SELECT input::text FROM palisade_sagas WHERE id = $1")
+                .bind(args.saga)
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(JobError::failed)
+                .and_then(|t| serde_json::from_str(&t).map_err(JobError::discard))?;
+        let ctx = StepContext {
+            saga: args.saga,
+            step: args.step,
+            input,
+            outputs: status.outputs.clone(),
+            key: format!(
+                "saga:{}:{}:{}",
+                args.saga,
+                args.step,
+                if args.undo { "undo" } else { "do" }
+            ),
+            attempt: job.attempt,
+        };
+        if args.undo {
+            match step.compensate(&ctx).await {
+                Ok(()) => self.undone(args).await,
+                Err(e) => Err(JobError::failed(e)),
+            }
+        } else {
+            if job.attempt > saga.attempts {
+                let error = format!("no attempt left after {}", saga.attempts);
+                return self.abort(saga, args, &error).await;
+            }
+            match step.run(&ctx).await {
+                Ok(output) => self.done(saga, args, output).await,
+                Err(StepError::Retry(e)) if job.attempt < saga.attempts => Err(JobError::failed(e)),
+                Err(e) => self.abort(saga, args, &e.to_string()).await,
+            }
+        }
+    }
+
+    /// Records step `args.step`'s result and enqueues the next step (or ends).
+    async fn done(&self, saga: &Saga, args: StepJob, output: Value) -> Result<(), JobError> {
+        let mut tx = self.inner.pool.begin().await.map_err(JobError::failed)?;
+        if !self
+            .still(&mut tx, args.saga, SagaState::Running, args.step as i32)
+            .await?
+        {
+            return Ok(());
+        }
+        let last = args.step + 1 == saga.steps.len();
+        sqlx::query(
+            "UPDATE palisade_sagas SET outputs = outputs || jsonb_build_array($2::jsonb), step = step + 1,
+                 state = $3, updated_at = now() WHERE id = $1",
+        )
+        .bind(args.saga)
+        .bind(output.to_string())
+        .bind(if last { "done" } else { "running" })
+        .execute(&mut *tx)
+        .await
+        .map_err(JobError::failed)?;
+        if !last {
+            let next = StepJob {
+                saga: args.saga,
+                step: args.step + 1,
+                undo: false,
+            };
+            self.enqueue(&mut tx, next).await.map_err(JobError::failed)?;
+        }
+        tx.commit().await.map_err(JobError::failed)?;
+        self.observe(Transition::StepDone {
+            saga: args.saga,
+            step: args.step,
+        });
+        Ok(())
+    }
+
+    /// Step `args.step` failed for good: compensate the ones before it.
+    async fn abort(&self, saga: &Saga, args: StepJob, error: &str) -> Result<(), JobError> {
+        let mut tx = self.inner.pool.begin().await.map_err(JobError::failed)?;
+        if !self
+            .still(&mut tx, args.saga, SagaState::Running, args.step as i32)
+            .await?
+        {
+            return Ok(());
+        }
+        let state = if args.step == 0 {
+            "compensated"
+        } else {
+            "compensating"
+        };
+        sqlx::query("UPDATE palisade_sagas SET state = $2, error = $3, updated_at = now() WHERE id = $1")
+            .bind(args.saga)
+            .bind(state)
+            .bind(format!(
+                "step {} ({}): {error}",
+                args.step,
+                saga.steps[args.step].name()
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(JobError::failed)?;
+        if args.step > 0 {
+            let undo = StepJob {
+                saga: args.saga,
+                step: args.step - 1,
+                undo: true,
+            };
+            self.enqueue(&mut tx, undo).await.map_err(JobError::failed)?;
+        }
+        tx.commit().await.map_err(JobError::failed)?;
+        tracing::warn!(saga = args.saga, name = %saga.name, step = args.step, error, "saga aborted; compensating");
+        self.observe(Transition::Aborted {
+            saga: args.saga,
+            step: args.step,
+        });
+        Ok(())
+    }
+
+    /// Records step `args.step`'s compensation and enqueues the one before it.
+    async fn undone(&self, args: StepJob) -> Result<(), JobError> {
+        let mut tx = self.inner.pool.begin().await.map_err(JobError::failed)?;
+        if !self
+            .still(&mut tx, args.saga, SagaState::Compensating, args.step as i32 + 1)
+            .await?
+        {
+            return Ok(());
+        }
+        let state = if args.step == 0 {
+            "compensated"
+        } else {
+            "compensating"
+        };
+        sqlx::query("UPDATE palisade_sagas SET step = $2, state = $3, updated_at = now() WHERE id = $1")
+            .bind(args.saga)
+            .bind(args.step as i32)
+            .bind(state)
+            .execute(&mut *tx)
+            .await
+            .map_err(JobError::failed)?;
+        if args.step > 0 {
+            let undo = StepJob {
+                saga: args.saga,
+                step: args.step - 1,
+                undo: true,
+            };
+            self.enqueue(&mut tx, undo).await.map_err(JobError::failed)?;
+        }
+        tx.commit().await.map_err(JobError::failed)?;
+        self.observe(Transition::StepUndone {
+            saga: args.saga,
+            step: args.step,
+        });
+        Ok(())
+    }
+
+    /// Locks the saga's row; whether it is still at `state` and `step`.
+    async fn still(
+        &self,
+        conn: &mut PgConnection,
+        saga: i64,
+        state: SagaState,
+        step: i32,
+    ) -> Result<bool, JobError> {
+        let row: Option<(String, i32)> =
+            sqlx::query_as("SELECT state, step FROM palisade_sagas WHERE id = $1 FOR UPDATE")
+                .bind(saga)
+                .fetch_optional(conn)
+                .await
+                .map_err(JobError::failed)?;
+        Ok(row.is_some_and(|(s, n)| s == state.as_str() && n == step))
+    }
+}
+
+/// The queue worker of saga steps ([`Sagas::worker`]).
+#[derive(Clone, Debug)]
+pub struct SagaWorker(Sagas);
+
+impl Worker for SagaWorker {
+    const KIND: &'static str = SAGA_JOB;
+    type Args = StepJob;
+
+    async fn work(&self, job: JobContext, args: StepJob) -> Result<(), JobError> {
+        self.0.work(&job, args).await
+    }
+}

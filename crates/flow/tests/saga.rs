@@ -1,0 +1,343 @@
+//! Durable sagas with their worker processes killed at every point of a three-step
+//! saga, on a real PostgreSQL: each saga ends fully done or fully compensated.
+
+#![allow(clippy::print_stdout)] // the worker process reports over stdout
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use palisade_flow::saga::{Saga, SagaState, Sagas, Step, StepContext, StepError, Transition};
+use palisade_queue::{Queue, QueueConfig, Runner, RunnerConfig};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+/// Every point a worker can die at, in the saga that succeeds and in the one whose
+/// last step is declined.
+const POINTS: [&str; 18] = [
+    "do-before-0",
+    "do-after-0",
+    "done-0",
+    "do-before-1",
+    "do-after-1",
+    "done-1",
+    "do-before-2",
+    "do-after-2",
+    "done-2",
+    "aborted-2",
+    "undo-before-1",
+    "undo-after-1",
+    "undone-1",
+    "undo-before-0",
+    "undo-after-0",
+    "undone-0",
+    "do-before-2x",
+    "none",
+];
+
+/// The points of the saga that fails at step 2 (the others are of the one that succeeds).
+fn fails(point: &str) -> bool {
+    point.starts_with("undo") || point.starts_with("aborted") || point == "do-before-2x"
+}
+
+/// Dies here if this saga's point is `here` and no process died there before
+/// (a file per point, written first, remembers it).
+fn crash_at(crashed: &Path, input: &Value, here: &str) {
+    let point = input["crash"].as_str().unwrap_or("");
+    let here_matches = point == here || (point == "do-before-2x" && here == "do-before-2");
+    let marker = crashed.join(point);
+    if here_matches && !marker.exists() {
+        std::fs::write(&marker, b"").unwrap();
+        std::process::abort();
+    }
+}
+
+/// Step `n`: writes its effect row (idempotently), or declines at `fail_at`.
+struct Effect {
+    n: usize,
+    pool: PgPool,
+    crashed: PathBuf,
+}
+
+impl Step for Effect {
+    fn name(&self) -> &str {
+        ["reserve", "charge", "ship"][self.n]
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            crash_at(&self.crashed, &ctx.input, &format!("do-before-{}", self.n));
+            if ctx.input["fail_at"].as_u64() == Some(self.n as u64) {
+                return Err(StepError::Abort("declined".into()));
+            }
+            sqlx::query(
+                "INSERT INTO effects (key, saga, step) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(&ctx.key)
+            .bind(ctx.saga)
+            .bind(self.n as i32)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StepError::Retry(e.to_string()))?;
+            crash_at(&self.crashed, &ctx.input, &format!("do-after-{}", self.n));
+            Ok(json!(self.n))
+        })
+    }
+
+    fn compensate<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            crash_at(&self.crashed, &ctx.input, &format!("undo-before-{}", self.n));
+            sqlx::query("DELETE FROM effects WHERE saga = $1 AND step = $2")
+                .bind(ctx.saga)
+                .bind(self.n as i32)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StepError::Retry(e.to_string()))?;
+            crash_at(&self.crashed, &ctx.input, &format!("undo-after-{}", self.n));
+            Ok(())
+        })
+    }
+}
+
+/// The three-step saga of an order. Each death of a worker spends an attempt of
+/// the steps it was running, and 17 workers die: attempts to spare.
+fn order(pool: &PgPool, crashed: &Path) -> Saga {
+    (0..3).fold(Saga::new("order").attempts(50), |saga, n| {
+        saga.step(Effect {
+            n,
+            pool: pool.clone(),
+            crashed: crashed.to_path_buf(),
+        })
+    })
+}
+
+/// The worker process: runs saga steps from `SAGA_DB_URL` until every saga has
+/// ended (prints `all ended`), dying at the sagas' crash points. Not a test on its
+/// own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the saga crash test as a worker process"]
+async fn saga_worker_process() {
+    let (Ok(url), Ok(crashed)) = (std::env::var("SAGA_DB_URL"), std::env::var("SAGA_CRASHED")) else {
+        return;
+    };
+    let crashed = PathBuf::from(crashed);
+    let pool = PgPool::connect(&url).await.unwrap();
+    let inputs: BTreeMap<i64, Value> =
+        sqlx::query_as::<_, (i64, String)>("SELECT id, input::text FROM palisade_sagas")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, input)| (id, serde_json::from_str(&input).unwrap()))
+            .collect();
+    let observed = crashed.clone();
+    let sagas = Sagas::builder(pool.clone())
+        .register(order(&pool, &crashed))
+        .observe(move |t| {
+            let (saga, here) = match t {
+                Transition::StepDone { saga, step } => (saga, format!("done-{step}")),
+                Transition::StepUndone { saga, step } => (saga, format!("undone-{step}")),
+                Transition::Aborted { saga, step } => (saga, format!("aborted-{step}")),
+            };
+            crash_at(&observed, &inputs[saga], &here);
+        })
+        .build()
+        .await
+        .unwrap();
+    let queue = Queue::postgres(pool.clone()).await.unwrap();
+    let config = RunnerConfig {
+        queues: vec![QueueConfig::new("sagas", 4)],
+        lease: Duration::from_millis(500),
+        rescue_interval: Duration::from_millis(200),
+        poll_interval: Duration::from_millis(50),
+        ..RunnerConfig::default()
+    };
+    let _runner = Runner::new(queue, config)
+        .register(sagas.worker())
+        .start()
+        .await
+        .unwrap();
+    loop {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM palisade_sagas WHERE state IN ('running', 'compensating')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if running == 0 {
+            println!("all ended");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_whose_worker_dies_at_any_point_ends_fully_done_or_fully_compensated() {
+    let url = support::fresh_db("saga").await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE effects (key text PRIMARY KEY, saga bigint NOT NULL, step int NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    Queue::postgres(pool.clone()).await.unwrap();
+    let crashed = std::env::temp_dir().join(support::unique("saga_crashes"));
+    std::fs::create_dir_all(&crashed).unwrap();
+    let sagas = Sagas::builder(pool.clone())
+        .register(order(&pool, &crashed))
+        .build()
+        .await
+        .unwrap();
+    let mut ids = BTreeMap::new();
+    for point in POINTS {
+        let fail_at = fails(point).then_some(2);
+        let id = sagas
+            .start("order", &json!({ "crash": point, "fail_at": fail_at }))
+            .await
+            .unwrap();
+        ids.insert(id, point);
+    }
+    let mut deaths = 0;
+    loop {
+        let worker = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "saga_worker_process",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SAGA_DB_URL", &url)
+            .env("SAGA_CRASHED", &crashed)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(120), worker)
+            .await
+            .expect("a worker neither died nor saw every saga end")
+            .unwrap();
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("all ended") {
+            break;
+        }
+        deaths += 1;
+        assert!(deaths <= POINTS.len(), "workers kept dying: {deaths}");
+    }
+    let died_at: HashSet<String> = std::fs::read_dir(&crashed)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let _ = std::fs::remove_dir_all(&crashed);
+    let expected: HashSet<String> = POINTS
+        .iter()
+        .filter(|p| **p != "none")
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(died_at, expected, "a worker did not die at every point");
+    assert_eq!(deaths, POINTS.len() - 1);
+
+    for (id, point) in ids {
+        let status = sagas.status(id).await.unwrap().unwrap();
+        let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE saga = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if fails(point) {
+            assert_eq!(
+                (status.state, effects),
+                (SagaState::Compensated, 0),
+                "saga dying at {point}: {status:?}"
+            );
+            assert!(
+                status.error.as_deref().is_some_and(|e| e.contains("declined")),
+                "{status:?}"
+            );
+        } else {
+            assert_eq!(
+                (status.state, effects),
+                (SagaState::Done, 3),
+                "saga dying at {point}: {status:?}"
+            );
+            assert_eq!(status.outputs, [json!(0), json!(1), json!(2)]);
+        }
+    }
+}
+
+/// A step that never succeeds, and one whose undo is counted.
+struct Flaky;
+
+impl Step for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+
+    fn run<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async { Err(StepError::Retry("the service is down".into())) })
+    }
+
+    fn compensate<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async { panic!("a step that never completed was compensated") })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_out_of_attempts_has_the_steps_before_it_compensated() {
+    let pool = support::fresh_pool("saga_retry", 10).await;
+    sqlx::query("CREATE TABLE effects (key text PRIMARY KEY, saga bigint NOT NULL, step int NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let first = Effect {
+        n: 0,
+        pool: pool.clone(),
+        crashed: std::env::temp_dir(),
+    };
+    let sagas = Sagas::builder(pool.clone())
+        .register(Saga::new("retrying").attempts(2).step(first).step(Flaky))
+        .build()
+        .await
+        .unwrap();
+    let queue = Queue::postgres(pool.clone()).await.unwrap();
+    let config = RunnerConfig {
+        queues: vec![QueueConfig::new("sagas", 2)],
+        backoff: palisade_resilience::retry::Backoff::Fixed(Duration::from_millis(10)),
+        poll_interval: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
+    let runner = Runner::new(queue, config)
+        .register(sagas.worker())
+        .start()
+        .await
+        .unwrap();
+    let id = sagas.start("retrying", &json!({})).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = sagas.status(id).await.unwrap().unwrap();
+        if s.state == SagaState::Compensated {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the saga never ended: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    runner.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("service is down")),
+        "{status:?}"
+    );
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(effects, 0, "the first step's effect was not undone");
+}
