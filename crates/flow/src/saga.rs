@@ -499,11 +499,7 @@ impl Sagas {
         {
             return Ok(());
         }
-        let state = if args.step == 0 {
-            "compensated"
-        } else {
-            "compensating"
-        };
+        let state = self.compensate_before(&mut tx, args).await?;
         sqlx::query("UPDATE palisade_sagas SET state = $2, error = $3, updated_at = now() WHERE id = $1")
             .bind(args.saga)
             .bind(state)
@@ -515,14 +511,6 @@ impl Sagas {
             .execute(&mut *tx)
             .await
             .map_err(JobError::failed)?;
-        if args.step > 0 {
-            let undo = StepJob {
-                saga: args.saga,
-                step: args.step - 1,
-                undo: true,
-            };
-            self.enqueue(&mut tx, undo).await.map_err(JobError::failed)?;
-        }
         tx.commit().await.map_err(JobError::failed)?;
         tracing::warn!(saga = args.saga, name = %saga.name, step = args.step, error, "saga aborted; compensating");
         self.observe(Transition::Aborted {
@@ -541,11 +529,7 @@ impl Sagas {
         {
             return Ok(());
         }
-        let state = if args.step == 0 {
-            "compensated"
-        } else {
-            "compensating"
-        };
+        let state = self.compensate_before(&mut tx, args).await?;
         sqlx::query("UPDATE palisade_sagas SET step = $2, state = $3, updated_at = now() WHERE id = $1")
             .bind(args.saga)
             .bind(args.step as i32)
@@ -553,20 +537,31 @@ impl Sagas {
             .execute(&mut *tx)
             .await
             .map_err(JobError::failed)?;
-        if args.step > 0 {
-            let undo = StepJob {
-                saga: args.saga,
-                step: args.step - 1,
-                undo: true,
-            };
-            self.enqueue(&mut tx, undo).await.map_err(JobError::failed)?;
-        }
         tx.commit().await.map_err(JobError::failed)?;
         self.observe(Transition::StepUndone {
             saga: args.saga,
             step: args.step,
         });
         Ok(())
+    }
+
+    /// Enqueues the compensation of the step before `args.step`, if there is one;
+    /// the saga's state from then on.
+    async fn compensate_before(
+        &self,
+        conn: &mut PgConnection,
+        args: StepJob,
+    ) -> Result<&'static str, JobError> {
+        if args.step == 0 {
+            return Ok("compensated");
+        }
+        let undo = StepJob {
+            saga: args.saga,
+            step: args.step - 1,
+            undo: true,
+        };
+        self.enqueue(conn, undo).await.map_err(JobError::failed)?;
+        Ok("compensating")
     }
 
     /// Locks the saga's row; whether it is still at `state` and `step`.

@@ -150,7 +150,9 @@ async fn saga_worker_process() {
         .unwrap();
     let queue = Queue::postgres(pool.clone()).await.unwrap();
     let config = RunnerConfig {
-        queues: vec![QueueConfig::new("sagas", 4)],
+        // One job at a time: a death interrupts only the job that died, so every
+        // point is reached (a point after a commit is reached once).
+        queues: vec![QueueConfig::new("sagas", 1)],
         lease: Duration::from_millis(500),
         rescue_interval: Duration::from_millis(200),
         poll_interval: Duration::from_millis(50),
