@@ -146,14 +146,22 @@ impl EventStore {
         expected: Expected,
         events: &[NewEvent],
     ) -> Result<i64, EventError> {
-        let mut tx = self.pool.begin().await?;
-        let version = self.append_in(&mut tx, stream, expected, events).await?;
-        tx.commit().await?;
-        Ok(version)
+        // One statement, its own transaction: numbered after the stream's current
+        // version if that is the expected one. Two appends to one stream at once
+        // meet on the (stream, version) key: with `Any` the loser tries again.
+        for attempt in 1.. {
+            match insert(&self.pool, stream, expected, events).await {
+                Err(e) if is_version_taken(&e) && expected == Expected::Any && attempt < 20 => continue,
+                other => return self.appended(stream, expected, events, other).await,
+            }
+        }
+        unreachable!("the loop returns by its 20th attempt")
     }
 
     /// [`append`](Self::append) within the caller's transaction (with the state
-    /// change the events record, or an outbox row).
+    /// change the events record, or an outbox row). Appends to one stream take
+    /// turns there (a lock on the stream's hash, held to the end of the
+    /// transaction), so a transaction is never aborted by another's append.
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
@@ -161,60 +169,39 @@ impl EventStore {
         expected: Expected,
         events: &[NewEvent],
     ) -> Result<i64, EventError> {
-        // Appends to one stream take turns (a lock on the stream's hash, held to
-        // the end of the transaction), so the version read here is the one the
-        // rows are numbered from.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
             .bind(stream)
             .execute(&mut *conn)
             .await?;
-        let current: i64 =
-            sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM palisade_events WHERE stream = $1")
-                .bind(stream)
-                .fetch_one(&mut *conn)
-                .await?;
-        let conflict = |actual: i64| EventError::Conflict {
-            stream: stream.to_string(),
-            expected: match expected {
-                Expected::Any => "any".into(),
-                Expected::NoStream => "no stream".into(),
-                Expected::Exact(v) => v.to_string(),
-            },
-            actual,
-        };
-        match expected {
-            Expected::NoStream if current != 0 => return Err(conflict(current)),
-            Expected::Exact(v) if current != v => return Err(conflict(current)),
-            _ => {}
-        }
-        if events.is_empty() {
-            return Ok(current);
-        }
-        let versions: Vec<i64> = (1..=events.len() as i64).map(|i| current + i).collect();
-        let text = |f: fn(&NewEvent) -> String| events.iter().map(f).collect::<Vec<String>>();
-        let inserted = sqlx::query(
-            "INSERT INTO palisade_events (stream, version, id, kind, data, metadata)
-             SELECT $1, v, i, k, d::jsonb, m::jsonb
-             FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[]) AS t(v, i, k, d, m)",
-        )
-        .bind(stream)
-        .bind(&versions)
-        .bind(text(|e| e.id.clone()))
-        .bind(text(|e| e.kind.clone()))
-        .bind(text(|e| e.data.to_string()))
-        .bind(text(|e| e.metadata.to_string()))
-        .execute(&mut *conn)
-        .await;
+        let inserted = insert(&mut *conn, stream, expected, events).await;
+        self.appended(stream, expected, events, inserted).await
+    }
+
+    /// The stream's new version, or why there is none.
+    async fn appended(
+        &self,
+        stream: &str,
+        expected: Expected,
+        events: &[NewEvent],
+        inserted: Result<Option<i64>, sqlx::Error>,
+    ) -> Result<i64, EventError> {
         match inserted {
-            Ok(_) => Ok(current + events.len() as i64),
-            // Another writer appended the same versions first.
-            Err(sqlx::Error::Database(db))
-                if db.constraint() == Some("palisade_events_stream_version_key") =>
-            {
-                Err(conflict(current + 1))
-            }
+            Ok(Some(version)) => Ok(version),
+            Ok(None) if events.is_empty() => self.version(stream).await,
+            Ok(None) => Err(conflict(stream, expected, self.version(stream).await?)),
+            Err(e) if is_version_taken(&e) => Err(conflict(stream, expected, self.version(stream).await?)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The stream's version now (0: no events).
+    async fn version(&self, stream: &str) -> Result<i64, EventError> {
+        Ok(
+            sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM palisade_events WHERE stream = $1")
+                .bind(stream)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// The events of `stream` after version `after` (0: all of them), in order.
@@ -285,6 +272,60 @@ pub(crate) async fn frontier(conn: &mut PgConnection) -> Result<u64, EventError>
         .fetch_one(conn)
         .await?;
     Ok(xmin.parse().unwrap_or(0))
+}
+
+/// Inserts `events` numbered after `stream`'s current version, if that is the
+/// expected one; the new version, or `None` when the expectation failed (or there
+/// was nothing to insert).
+async fn insert<'e>(
+    conn: impl sqlx::PgExecutor<'e>,
+    stream: &str,
+    expected: Expected,
+    events: &[NewEvent],
+) -> Result<Option<i64>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(None);
+    }
+    let text = |f: fn(&NewEvent) -> String| events.iter().map(f).collect::<Vec<String>>();
+    let expected = match expected {
+        Expected::Any => None,
+        Expected::NoStream => Some(0),
+        Expected::Exact(v) => Some(v),
+    };
+    sqlx::query_scalar(
+        "WITH current AS (SELECT coalesce(max(version), 0) AS v FROM palisade_events WHERE stream = $1)
+         INSERT INTO palisade_events (stream, version, id, kind, data, metadata)
+         SELECT $1, current.v + t.n, t.i, t.k, t.d::jsonb, t.m::jsonb
+         FROM current, UNNEST($2::text[], $3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS t(i, k, d, m, n)
+         WHERE $6::bigint IS NULL OR current.v = $6
+         RETURNING version",
+    )
+    .bind(stream)
+    .bind(text(|e| e.id.clone()))
+    .bind(text(|e| e.kind.clone()))
+    .bind(text(|e| e.data.to_string()))
+    .bind(text(|e| e.metadata.to_string()))
+    .bind(expected)
+    .fetch_all(conn)
+    .await
+    .map(|versions: Vec<i64>| versions.into_iter().max())
+}
+
+/// Whether `e` is another append having taken the versions first.
+fn is_version_taken(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.constraint() == Some("palisade_events_stream_version_key"))
+}
+
+fn conflict(stream: &str, expected: Expected, actual: i64) -> EventError {
+    EventError::Conflict {
+        stream: stream.to_string(),
+        expected: match expected {
+            Expected::Any => "any".into(),
+            Expected::NoStream => "no stream".into(),
+            Expected::Exact(v) => v.to_string(),
+        },
+        actual,
+    }
 }
 
 /// [`EventStore::read_all`] on a connection, below `frontier` (by default the

@@ -41,6 +41,10 @@ impl PgStore {
     }
 }
 
+/// What a claim's statement returns: its token if it claimed the key, else the
+/// row as it was (fingerprint, done, answer).
+type ClaimRow = (Option<i64>, Option<Vec<u8>>, Option<bool>, Option<Vec<u8>>);
+
 impl IdempotencyStore for PgStore {
     async fn begin(
         &self,
@@ -50,38 +54,39 @@ impl IdempotencyStore for PgStore {
         lock: Duration,
     ) -> Result<Claim, StoreError> {
         let token = fastrand::i64(1..i64::MAX);
-        let claimed: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO palisade_idempotency AS t (scope, key, fingerprint, token, done, expires_at)
-             VALUES ($1, $2, $3, $4, false, now() + $5 * interval '1 millisecond')
-             ON CONFLICT (scope, key) DO UPDATE SET
-                 fingerprint = excluded.fingerprint, token = excluded.token, done = false,
-                 expires_at = excluded.expires_at, answer = NULL
-             WHERE t.expires_at < now()
-             RETURNING token",
+        // One round trip: the claim, and the row as it was if the claim failed (the
+        // statement's snapshot does not see its own insert).
+        let (claimed, row_fingerprint, done, answer): ClaimRow = sqlx::query_as(
+            "WITH claimed AS (
+                     INSERT INTO palisade_idempotency AS t (scope, key, fingerprint, token, done, expires_at)
+                     VALUES ($1, $2, $3, $4, false, now() + $5 * interval '1 millisecond')
+                     ON CONFLICT (scope, key) DO UPDATE SET
+                         fingerprint = excluded.fingerprint, token = excluded.token, done = false,
+                         expires_at = excluded.expires_at, answer = NULL
+                     WHERE t.expires_at < now()
+                     RETURNING token
+                 )
+                 SELECT (SELECT token FROM claimed), t.fingerprint, t.done, t.answer
+                 FROM (SELECT 1) AS one
+                 LEFT JOIN palisade_idempotency t ON t.scope = $1 AND t.key = $2",
         )
         .bind(scope)
         .bind(key)
         .bind(&fingerprint[..])
         .bind(token)
         .bind(millis(lock))
-        .fetch_optional(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
         if claimed.is_some() {
             return Ok(Claim::Acquired { token: token as u64 });
         }
-        let row: Option<(Vec<u8>, bool, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT fingerprint, done, answer FROM palisade_idempotency WHERE scope = $1 AND key = $2",
-        )
-        .bind(scope)
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match row {
-            // Released between the two statements: the next attempt claims it.
-            None => Claim::Running,
-            Some((fp, _, _)) if fp != fingerprint[..] => Claim::Mismatch,
-            Some((_, false, _)) => Claim::Running,
-            Some((_, true, answer)) => Claim::Done(
+        Ok(match (row_fingerprint, done) {
+            // Claimed by a request that committed after this statement began, or
+            // released meanwhile: running, as far as this request can tell.
+            (None, _) | (_, None) => Claim::Running,
+            (Some(fp), _) if fp != fingerprint[..] => Claim::Mismatch,
+            (_, Some(false)) => Claim::Running,
+            (_, Some(true)) => Claim::Done(
                 answer
                     .as_deref()
                     .and_then(Stored::decode)
