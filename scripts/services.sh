@@ -168,6 +168,45 @@ start_redis() {
   echo "Redis on 127.0.0.1:$port ($dir)" >&2
 }
 
+# The nats-server binary (Debian installs it in /usr/sbin).
+nats_bin() {
+  command -v nats-server 2>/dev/null || { [ -x /usr/sbin/nats-server ] && echo /usr/sbin/nats-server; }
+}
+
+# Starts a NATS server of its own with JetStream (its store in the temporary
+# directory) and exports PALISADE_TEST_NATS_URL (tests isolate themselves by
+# stream and subject) and PALISADE_TEST_NATS_SERVER, the binary with which fault
+# tests start, kill and restart servers of their own.
+start_nats() {
+  [ -n "$(nats_bin)" ] || apt_install nats-server
+  local bin dir port
+  bin=$(nats_bin)
+  services_tmp
+  dir="$services_dir/nats"
+  mkdir -p "$dir"
+  for attempt in 1 2 3; do
+    port=$(free_loopback_port)
+    "$bin" -a 127.0.0.1 -p "$port" -js -sd "$dir/store" -P "$dir/nats.pid" -l "$dir/nats.log" >/dev/null 2>&1 &
+    if port_ready "$port"; then
+      break
+    fi
+    [ "$attempt" -lt 3 ] || { cat "$dir/nats.log" >&2; return 1; }
+  done
+  services_stop+=("kill \$(cat $dir/nats.pid)")
+  export PALISADE_TEST_NATS_URL="nats://127.0.0.1:$port"
+  export PALISADE_TEST_NATS_SERVER="$bin"
+  echo "NATS on 127.0.0.1:$port ($dir)" >&2
+}
+
+# Waits (up to 10 s) until something accepts connections on 127.0.0.1:$1.
+port_ready() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 # Waits (up to 10 s) until the Redis on 127.0.0.1:$1 answers PING.
 redis_ready() {
   for _ in $(seq 1 100); do

@@ -11,6 +11,8 @@
 //! - [`events`]: an event store (streams with expected versions, a global order
 //!   safe to checkpoint, snapshots) and projections fed exactly once, rebuildable
 //!   from zero.
+//! - [`outbox`]: the transactional outbox, relayed at least once to NATS JetStream
+//!   (or a bus inside the process), duplicates dropped by message id.
 //!
 //! A crate of its own rather than part of `palisade-data`: these tools hold the
 //! write side's workflows, and they need Redis, the job queue and an event bus,
@@ -19,6 +21,7 @@
 pub mod events;
 pub mod idempotency;
 pub mod optimistic;
+pub mod outbox;
 pub mod saga;
 
 pub use idempotency::{
