@@ -7,6 +7,8 @@
 //! - `event_append`: 1,000 appends of one event, to one stream one after another,
 //!   and to 1,000 streams by 16 tasks at once.
 //! - `projection`: a rebuild of a projection over 10,000 events.
+//! - `outbox_relay`: 1,000 messages relayed from the outbox, to the in-process bus
+//!   and to NATS JetStream (`PALISADE_TEST_NATS_URL`), in batches of 100.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -16,6 +18,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use futures_util::future::BoxFuture;
 use palisade_flow::events::{EventStore, Expected, NewEvent, Projection, Projector, RecordedEvent};
 use palisade_flow::idempotency::fingerprint;
+use palisade_flow::outbox::{InProcessBus, JetStreamBus, Message, Outbox};
 use palisade_flow::{Idempotency, IdempotencyConfig, IdempotencyStore, PgStore, RedisStore, Stored};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 
@@ -233,5 +236,71 @@ fn projection(c: &mut Criterion, rt: &tokio::runtime::Runtime, pg: &str) {
     g.finish();
 }
 
-criterion_group!(benches, idempotency, events);
+fn outbox(c: &mut Criterion) {
+    let Ok(pg) = std::env::var("PALISADE_TEST_POSTGRES_URL") else {
+        eprintln!("outbox: PALISADE_TEST_POSTGRES_URL not set; skipped");
+        return;
+    };
+    let rt = runtime();
+    let pool = rt.block_on(fresh_pool(&pg));
+    let outbox = rt.block_on(Outbox::new(pool.clone())).unwrap();
+    let fill = |pool: PgPool| async move {
+        let messages: Vec<Message> = (0..1000)
+            .map(|i| Message::new("orders.created", format!("order {i}")))
+            .collect();
+        let mut tx = pool.begin().await.unwrap();
+        Outbox::add_in(&mut tx, &messages).await.unwrap();
+        tx.commit().await.unwrap();
+    };
+    let mut g = c.benchmark_group("outbox_relay");
+    g.sample_size(10);
+    let relay = outbox.relay(InProcessBus::new(2048)).batch(100);
+    g.bench_function("1,000 messages, in-process bus", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (pool, relay) = (pool.clone(), &relay);
+            async move {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    fill(pool.clone()).await;
+                    let start = Instant::now();
+                    while relay.relay_once().await.unwrap() > 0 {}
+                    spent += start.elapsed();
+                }
+                spent
+            }
+        })
+    });
+    if let Ok(url) = std::env::var("PALISADE_TEST_NATS_URL") {
+        let stream = format!("BENCH{:X}", fastrand::u32(..));
+        let subject = format!("bench{:x}.>", fastrand::u32(..));
+        let bus = rt
+            .block_on(JetStreamBus::connect(&url, &stream, vec![subject.clone()]))
+            .unwrap();
+        let subject = subject.trim_end_matches(".>").to_string() + ".created";
+        let relay = outbox.relay(bus).batch(100);
+        g.bench_function("1,000 messages, NATS JetStream", |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (pool, relay, subject) = (pool.clone(), &relay, subject.clone());
+                async move {
+                    let mut spent = Duration::ZERO;
+                    for _ in 0..iters {
+                        let messages: Vec<Message> = (0..1000)
+                            .map(|i| Message::new(subject.clone(), format!("order {i}")))
+                            .collect();
+                        let mut tx = pool.begin().await.unwrap();
+                        Outbox::add_in(&mut tx, &messages).await.unwrap();
+                        tx.commit().await.unwrap();
+                        let start = Instant::now();
+                        while relay.relay_once().await.unwrap() > 0 {}
+                        spent += start.elapsed();
+                    }
+                    spent
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, idempotency, events, outbox);
 criterion_main!(benches);

@@ -64,6 +64,21 @@ pub trait EventBus: Send + Sync + 'static {
     /// Publishes `message`, returning once the bus has it (stored, for a durable
     /// bus).
     fn publish(&self, message: &Message) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Publishes `messages` in order; how many of them, from the first, the bus
+    /// has, and the error that stopped it short. (Later ones may have reached the
+    /// bus too: they are sent again, and dropped as duplicates by id.) One at a
+    /// time unless the bus does better.
+    fn publish_all(&self, messages: &[Message]) -> impl Future<Output = (usize, Option<BusError>)> + Send {
+        async move {
+            for (i, m) in messages.iter().enumerate() {
+                if let Err(e) = self.publish(m).await {
+                    return (i, Some(e));
+                }
+            }
+            (messages.len(), None)
+        }
+    }
 }
 
 /// Why a relay pass failed (nothing it had not published is lost: the pass's
@@ -164,24 +179,21 @@ impl<B: EventBus> Relay<B> {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut done = Vec::with_capacity(rows.len());
-        for (seq, id, subject, payload) in rows {
-            let message = Message {
-                id,
-                subject,
-                payload: Bytes::from(payload),
-            };
-            if let Err(e) = self.bus.publish(&message).await {
-                // Keep what the bus took: it need not go again.
-                self.forget(&mut tx, &done).await?;
-                tx.commit().await?;
-                return Err(e.into());
-            }
-            done.push(seq);
-        }
-        self.forget(&mut tx, &done).await?;
+        let (seqs, messages): (Vec<i64>, Vec<Message>) = rows
+            .into_iter()
+            .map(|(seq, id, subject, payload)| {
+                let payload = Bytes::from(payload);
+                (seq, Message { id, subject, payload })
+            })
+            .unzip();
+        let (taken, error) = self.bus.publish_all(&messages).await;
+        // What the bus took need not go again, whatever stopped the rest.
+        self.forget(&mut tx, &seqs[..taken]).await?;
         tx.commit().await?;
-        Ok(done.len())
+        match error {
+            Some(e) => Err(e.into()),
+            None => Ok(taken),
+        }
     }
 
     async fn forget(&self, conn: &mut PgConnection, seqs: &[i64]) -> Result<(), sqlx::Error> {
@@ -241,17 +253,51 @@ impl JetStreamBus {
     }
 }
 
-impl EventBus for JetStreamBus {
-    async fn publish(&self, message: &Message) -> Result<(), BusError> {
+impl JetStreamBus {
+    /// Sends `message`; the future of the server's acknowledgement.
+    async fn send(
+        &self,
+        message: &Message,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, BusError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", message.id.as_str());
-        let ack = self
-            .js
+        self.js
             .publish_with_headers(message.subject.clone(), headers, message.payload.clone())
             .await
+            .map_err(|e| BusError(e.to_string()))
+    }
+}
+
+impl EventBus for JetStreamBus {
+    async fn publish(&self, message: &Message) -> Result<(), BusError> {
+        self.send(message)
+            .await?
+            .await
             .map_err(|e| BusError(e.to_string()))?;
-        ack.await.map_err(|e| BusError(e.to_string()))?;
         Ok(())
+    }
+
+    /// Every message sent before any acknowledgement is awaited (pipelined), then
+    /// the acknowledgements read in order.
+    async fn publish_all(&self, messages: &[Message]) -> (usize, Option<BusError>) {
+        let mut acks = Vec::with_capacity(messages.len());
+        let mut stopped = None;
+        for m in messages {
+            match self.send(m).await {
+                Ok(ack) => acks.push(ack),
+                Err(e) => {
+                    stopped = Some(e);
+                    break;
+                }
+            }
+        }
+        let sent = acks.len();
+        for (i, ack) in acks.into_iter().enumerate() {
+            if let Err(e) = ack.await {
+                return (i, Some(BusError(e.to_string())));
+            }
+        }
+        (sent, stopped)
     }
 }
 

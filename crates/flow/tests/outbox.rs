@@ -125,7 +125,7 @@ async fn nats_restarted_mid_relay_loses_nothing_and_duplicates_are_dropped_by_id
     let pool = fresh_pool("outbox_nats", 10).await;
     let outbox = Outbox::new(pool.clone()).await.unwrap();
     let ids = write(&pool, "orders.created", 2000).await;
-    let relay = outbox.relay(bus.clone()).batch(50);
+    let relay = outbox.relay(bus.clone()).batch(20);
     let relaying = tokio::spawn(async move { relay.run(Duration::from_millis(20)).await });
 
     // The consumer: a durable pull consumer, every message acknowledged and
