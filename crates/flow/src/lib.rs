@@ -13,6 +13,8 @@
 //!   from zero.
 //! - [`outbox`]: the transactional outbox, relayed at least once to NATS JetStream
 //!   (or a bus inside the process), duplicates dropped by message id.
+//! - [`reconcile`]: two sources of truth compared now and then (as a periodic
+//!   queue job), differences counted and repaired by the caller's policy.
 //!
 //! A crate of its own rather than part of `palisade-data`: these tools hold the
 //! write side's workflows, and they need Redis, the job queue and an event bus,
@@ -22,6 +24,7 @@ pub mod events;
 pub mod idempotency;
 pub mod optimistic;
 pub mod outbox;
+pub mod reconcile;
 pub mod saga;
 
 pub use idempotency::{
