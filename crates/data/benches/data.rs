@@ -97,33 +97,42 @@ fn replicated(c: &mut Criterion) {
             .await
             .unwrap()
     });
+    own_work(c, &rt, &set);
+    select_1(c, &rt, &set, &raw);
+    throughput(c, &rt, &servers, &set);
+}
 
+/// The router's own work per read, beside the harness's.
+fn own_work(c: &mut Criterion, rt: &tokio::runtime::Runtime, set: &ReplicaSet) {
     let mut g = c.benchmark_group("router_own_work");
     // The harness's own cost: a future that answers at once, awaited the same way.
     g.bench_function("ready future", |b| {
-        b.to_async(&rt)
+        b.to_async(rt)
             .iter(|| async { black_box(async { Ok::<_, sqlx::Error>(1) }.await.unwrap()) })
     });
     g.bench_function("palisade read, no I/O", |b| {
-        b.to_async(&rt)
+        b.to_async(rt)
             .iter(|| async { black_box(set.read(|_pool| async { Ok::<_, sqlx::Error>(1) }).await.unwrap()) })
     });
     g.finish();
+}
 
+/// `SELECT 1` by raw sqlx on a replica's pool and through the router.
+fn select_1(c: &mut Criterion, rt: &tokio::runtime::Runtime, set: &ReplicaSet, raw: &PgPool) {
     let mut g = c.benchmark_group("read_select_1");
     g.measurement_time(Duration::from_secs(5));
     g.bench_function("sqlx", |b| {
-        b.to_async(&rt).iter(|| async {
+        b.to_async(rt).iter(|| async {
             black_box(
                 sqlx::query_scalar::<_, i32>("SELECT 1")
-                    .fetch_one(&raw)
+                    .fetch_one(raw)
                     .await
                     .unwrap(),
             )
         })
     });
     g.bench_function("palisade", |b| {
-        b.to_async(&rt).iter(|| async {
+        b.to_async(rt).iter(|| async {
             black_box(
                 set.read(
                     |pool| async move { sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&pool).await },
@@ -134,7 +143,10 @@ fn replicated(c: &mut Criterion) {
         })
     });
     g.finish();
+}
 
+/// Point reads by 32 tasks on the primary alone and on two replicas.
+fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime, servers: &Servers, set: &ReplicaSet) {
     let primary_only = rt
         .block_on(ReplicaSet::connect(ReplicaSetConfig {
             name: "primary-only".into(),
@@ -144,9 +156,9 @@ fn replicated(c: &mut Criterion) {
         .unwrap();
     let mut g = c.benchmark_group("read_throughput");
     g.sample_size(10);
-    for (name, target) in [("primary alone", &primary_only), ("2 replicas", &set)] {
+    for (name, target) in [("primary alone", &primary_only), ("2 replicas", set)] {
         g.bench_function(name, |b| {
-            b.to_async(&rt).iter_custom(|iters| async move {
+            b.to_async(rt).iter_custom(|iters| async move {
                 let start = Instant::now();
                 for _ in 0..iters {
                     burst(target, 32, 2_000).await;

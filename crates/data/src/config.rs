@@ -10,7 +10,7 @@ use palisade_core::config::Dur;
 use palisade_core::{ConfigError, ConfigErrors};
 use palisade_resilience::breaker::{BreakerConfig, OpenDuration};
 use serde::Deserialize;
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// Where reads go when no replica can serve them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -63,6 +63,13 @@ impl Default for PoolConfig {
 }
 
 impl PoolConfig {
+    /// The pool options every server's pool is made with.
+    pub(crate) fn options(&self) -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout.get())
+    }
+
     /// The breaker each server gets.
     pub(crate) fn breaker(&self) -> BreakerConfig {
         BreakerConfig::empty()

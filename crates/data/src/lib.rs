@@ -35,6 +35,7 @@ mod replicas;
 mod reshard;
 pub mod shard_map;
 mod shards;
+mod task;
 
 pub use config::{PoolConfig, ReadBalance, ReplicaSetConfig, WhenNoReplica};
 pub use control::{Phase, Progress, TableKey};

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use palisade_balance::health::HealthConfig;
@@ -13,7 +13,6 @@ use palisade_balance::{Cluster, ClusterConfig, EndpointInfo, EndpointState, LbPo
 use palisade_core::{ConfigErrors, SharedClock};
 use palisade_resilience::breaker::CircuitBreaker;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 
 use crate::config::{PoolConfig, ReadBalance, ReplicaSetConfig, Server, WhenNoReplica};
 use crate::error::{is_recovery_conflict, is_unavailable};
@@ -123,7 +122,7 @@ impl ReplicaSet {
     /// manual clock instead of waiting).
     pub async fn connect_with_clock(config: ReplicaSetConfig, clock: SharedClock) -> Result<Self, DataError> {
         let (primary, replicas) = config.check()?;
-        let primary_pool = pool(&config.pool).connect_lazy_with(primary.options.clone());
+        let primary_pool = config.pool.options().connect_lazy_with(primary.options.clone());
         let mut built = Vec::with_capacity(replicas.len());
         for (i, server) in replicas.into_iter().enumerate() {
             let addr = resolve(&server)
@@ -158,7 +157,12 @@ impl ReplicaSet {
             name: config.name,
         });
         inner.check_lag().await;
-        tokio::spawn(monitor(Arc::downgrade(&inner), config.lag_interval.get()));
+        let measure = |inner: Arc<Inner>| async move { inner.check_lag().await };
+        tokio::spawn(crate::task::every(
+            Arc::downgrade(&inner),
+            config.lag_interval.get(),
+            measure,
+        ));
         Ok(ReplicaSet { inner })
     }
 
@@ -454,7 +458,7 @@ impl Replica {
     fn new(set: &str, server: Server, addr: SocketAddr, pool_config: &PoolConfig) -> Self {
         let labels = [("set", set.to_string()), ("target", server.authority.clone())];
         Replica {
-            pool: pool(pool_config).connect_lazy_with(server.options.clone()),
+            pool: pool_config.options().connect_lazy_with(server.options.clone()),
             addr,
             replayed: AtomicU64::new(0),
             reads: metrics::counter!("palisade_data_reads_total", &labels),
@@ -473,25 +477,6 @@ impl Replica {
     fn note_replayed(&self, lsn: Lsn) {
         self.replayed.fetch_max(lsn.0, Ordering::AcqRel);
     }
-}
-
-/// Measures lag every `interval` while the set is alive.
-async fn monitor(inner: Weak<Inner>, interval: Duration) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
-    loop {
-        ticks.tick().await;
-        let Some(inner) = inner.upgrade() else { return };
-        inner.check_lag().await;
-    }
-}
-
-/// The pool options of every server of the set.
-fn pool(config: &PoolConfig) -> PgPoolOptions {
-    PgPoolOptions::new()
-        .max_connections(config.max_connections)
-        .acquire_timeout(config.acquire_timeout.get())
 }
 
 /// The replica's replayed position; `None` when it is not a standby.

@@ -9,8 +9,8 @@
 //! resharding is refused and retried under the new one.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -277,7 +277,7 @@ impl Shards {
                 .build()?;
             servers.push(Arc::new(Server {
                 name: s.name.clone(),
-                pool: pool_options(&config.pool).connect_lazy_with(url.options),
+                pool: config.pool.options().connect_lazy_with(url.options),
                 breaker,
                 calls: metrics::counter!(
                     "palisade_data_shard_calls_total",
@@ -322,7 +322,12 @@ impl Shards {
             second_write_failures: metrics::counter!("palisade_data_double_write_failures_total", "set" => config.name.clone()),
         });
         if let Some(c) = &inner.control {
-            tokio::spawn(follow(Arc::downgrade(&inner), c.refresh));
+            let follow = |inner: Arc<Inner>| async move {
+                if let Err(e) = inner.refresh().await {
+                    tracing::warn!(set = %inner.name, error = %e, "control database unavailable; the last view is used");
+                }
+            };
+            tokio::spawn(crate::task::every(Arc::downgrade(&inner), c.refresh, follow));
         }
         Ok(Shards { inner })
     }
@@ -625,24 +630,4 @@ impl Placed {
     fn owner(&self, key: &[u8]) -> &Arc<Server> {
         &self.servers[self.map.shard_of(key)]
     }
-}
-
-/// Reads the control row every `refresh` while the set is alive.
-async fn follow(inner: Weak<Inner>, refresh: Duration) {
-    let mut ticks = tokio::time::interval(refresh);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
-    loop {
-        ticks.tick().await;
-        let Some(inner) = inner.upgrade() else { return };
-        if let Err(e) = inner.refresh().await {
-            tracing::warn!(set = %inner.name, error = %e, "control database unavailable; the last view is used");
-        }
-    }
-}
-
-fn pool_options(config: &PoolConfig) -> PgPoolOptions {
-    PgPoolOptions::new()
-        .max_connections(config.max_connections)
-        .acquire_timeout(config.acquire_timeout.get())
 }

@@ -220,8 +220,9 @@ async fn wait_for(ready: impl Fn() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_move_to_a_new_shard_under_writes_with_the_resharder_killed_mid_copy() {
+/// A control database and three shard databases with a `kv` table, and the set
+/// on its first two shards with every seeded key at zero.
+async fn seeded() -> (String, [String; 3], Shards) {
     let control = fresh_db(&std::env::var("PALISADE_TEST_POSTGRES_URL").unwrap(), "control").await;
     let servers = shard_urls();
     let mut urls = Vec::new();
@@ -238,6 +239,47 @@ async fn keys_move_to_a_new_shard_under_writes_with_the_resharder_killed_mid_cop
             .await
             .unwrap();
     }
+    (control, urls, shards)
+}
+
+/// Every key (seeded, or inserted and acknowledged) is on exactly one of the
+/// three shards, the one the set now places it on, with every acknowledged write.
+async fn each_key_once_on_its_shard(shards: &Shards, urls: &[String; 3], acked: &HashMap<i64, i64>) {
+    let mut found: HashMap<i64, Vec<(&str, i64)>> = HashMap::new();
+    for (name, url) in ["a", "b", "c"].iter().zip(urls) {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT k, v FROM kv")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert!(rows.len() > 400, "shard {name} holds {} rows", rows.len());
+        for (k, v) in rows {
+            found.entry(k).or_default().push((name, v));
+        }
+    }
+    let mut moved_to_c = 0;
+    for k in (0..KEYS).chain(acked.keys().copied().filter(|k| *k >= KEYS)) {
+        let places = found.get(&k).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(places.len(), 1, "key {k} is readable from {places:?}");
+        let (shard, v) = places[0];
+        assert_eq!(
+            shard,
+            shards.shard_for(k.to_string().as_bytes()),
+            "key {k} is not on its shard"
+        );
+        assert_eq!(v, acked.get(&k).copied().unwrap_or(0), "key {k} lost a write");
+        moved_to_c += i32::from(shard == "c");
+    }
+    assert_eq!(
+        found.len(),
+        KEYS as usize + acked.keys().filter(|k| **k >= KEYS).count()
+    );
+    assert!(moved_to_c > 400, "only {moved_to_c} keys moved to the new shard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_move_to_a_new_shard_under_writes_with_the_resharder_killed_mid_copy() {
+    let (control, urls, shards) = seeded().await;
 
     let acked = Arc::new(Mutex::new(HashMap::new()));
     let writes = Arc::new(AtomicU64::new(0));
@@ -283,35 +325,6 @@ async fn keys_move_to_a_new_shard_under_writes_with_the_resharder_killed_mid_cop
     }
 
     shards.refresh().await.unwrap();
-    let mut found: HashMap<i64, Vec<(&str, i64)>> = HashMap::new();
-    for (name, url) in ["a", "b", "c"].iter().zip(&urls) {
-        let pool = sqlx::PgPool::connect(url).await.unwrap();
-        let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT k, v FROM kv")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        assert!(rows.len() > 400, "shard {name} holds {} rows", rows.len());
-        for (k, v) in rows {
-            found.entry(k).or_default().push((name, v));
-        }
-    }
-    let acked = acked.lock().unwrap();
-    let mut moved_to_c = 0;
-    for k in (0..KEYS).chain(acked.keys().copied().filter(|k| *k >= KEYS)) {
-        let places = found.get(&k).map(Vec::as_slice).unwrap_or_default();
-        assert_eq!(places.len(), 1, "key {k} is readable from {places:?}");
-        let (shard, v) = places[0];
-        assert_eq!(
-            shard,
-            shards.shard_for(k.to_string().as_bytes()),
-            "key {k} is not on its shard"
-        );
-        assert_eq!(v, acked.get(&k).copied().unwrap_or(0), "key {k} lost a write");
-        moved_to_c += i32::from(shard == "c");
-    }
-    assert_eq!(
-        found.len(),
-        KEYS as usize + acked.keys().filter(|k| **k >= KEYS).count()
-    );
-    assert!(moved_to_c > 400, "only {moved_to_c} keys moved to the new shard");
+    let acked = acked.lock().unwrap().clone();
+    each_key_once_on_its_shard(&shards, &urls, &acked).await;
 }

@@ -322,51 +322,56 @@ impl Sagas {
         input: &impl Serialize,
     ) -> Result<i64, SagaError> {
         let saga = self.saga(name)?;
+        let state = if saga.steps.is_empty() {
+            SagaState::Done
+        } else {
+            SagaState::Running
+        };
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO palisade_sagas (name, input, state, step) VALUES ($1, $2::jsonb, 'running', 0) RETURNING id",
+            "INSERT INTO palisade_sagas (name, input, state, step) VALUES ($1, $2::jsonb, $3, 0) RETURNING id",
         )
         .bind(name)
         .bind(serde_json::to_string(input)?)
+        .bind(state.as_str())
         .fetch_one(&mut *conn)
         .await?;
-        if saga.steps.is_empty() {
-            sqlx::query("UPDATE palisade_sagas SET state = 'done' WHERE id = $1")
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-        } else {
-            self.enqueue(
-                conn,
-                StepJob {
-                    saga: id,
-                    step: 0,
-                    undo: false,
-                },
-            )
-            .await?;
+        if state == SagaState::Running {
+            let first = StepJob {
+                saga: id,
+                step: 0,
+                undo: false,
+            };
+            self.enqueue(conn, first).await?;
         }
         Ok(id)
     }
 
     /// Saga `id`'s record.
     pub async fn status(&self, id: i64) -> Result<Option<SagaStatus>, SagaError> {
-        let row: Option<(String, String, i32, String, Option<String>)> = sqlx::query_as(
-            "SELECT name, state, step, outputs::text, error FROM palisade_sagas WHERE id = $1",
+        Ok(self.record(id).await?.map(|(status, _)| status))
+    }
+
+    /// Saga `id`'s record and its input.
+    async fn record(&self, id: i64) -> Result<Option<(SagaStatus, Value)>, SagaError> {
+        type Row = (String, String, i32, String, Option<String>, String);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT name, state, step, outputs::text, error, input::text FROM palisade_sagas WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.inner.pool)
         .await?;
-        let Some((name, state, step, outputs, error)) = row else {
+        let Some((name, state, step, outputs, error, input)) = row else {
             return Ok(None);
         };
-        Ok(Some(SagaStatus {
+        let status = SagaStatus {
             id,
             name,
             state: SagaState::parse(&state).unwrap_or(SagaState::Running),
             step,
             outputs: serde_json::from_str(&outputs)?,
             error,
-        }))
+        };
+        Ok(Some((status, serde_json::from_str(&input)?)))
     }
 
     fn saga(&self, name: &str) -> Result<&Saga, SagaError> {
@@ -396,7 +401,7 @@ impl Sagas {
 
     /// Runs one step or compensation job.
     async fn work(&self, job: &JobContext, args: StepJob) -> Result<(), JobError> {
-        let Some(status) = self.status(args.saga).await.map_err(JobError::failed)? else {
+        let Some((status, input)) = self.record(args.saga).await.map_err(JobError::failed)? else {
             return Err(JobError::discard(format!("saga {} does not exist", args.saga)));
         };
         let saga = self.saga(&status.name).map_err(JobError::discard)?;
@@ -416,13 +421,6 @@ impl Sagas {
         if (status.state, status.step) != expected {
             return Ok(());
         }
-        let input: Value =
-            sqlx::query_scalar::<_, String>("SELECT input::text FROM palisade_sagas WHERE id = $1")
-                .bind(args.saga)
-                .fetch_one(&self.inner.pool)
-                .await
-                .map_err(JobError::failed)
-                .and_then(|t| serde_json::from_str(&t).map_err(JobError::discard))?;
         let ctx = StepContext {
             saga: args.saga,
             step: args.step,
@@ -470,7 +468,7 @@ impl Sagas {
         )
         .bind(args.saga)
         .bind(output.to_string())
-        .bind(if last { "done" } else { "running" })
+        .bind(if last { SagaState::Done } else { SagaState::Running }.as_str())
         .execute(&mut *tx)
         .await
         .map_err(JobError::failed)?;
@@ -502,7 +500,7 @@ impl Sagas {
         let state = self.compensate_before(&mut tx, args).await?;
         sqlx::query("UPDATE palisade_sagas SET state = $2, error = $3, updated_at = now() WHERE id = $1")
             .bind(args.saga)
-            .bind(state)
+            .bind(state.as_str())
             .bind(format!(
                 "step {} ({}): {error}",
                 args.step,
@@ -533,7 +531,7 @@ impl Sagas {
         sqlx::query("UPDATE palisade_sagas SET step = $2, state = $3, updated_at = now() WHERE id = $1")
             .bind(args.saga)
             .bind(args.step as i32)
-            .bind(state)
+            .bind(state.as_str())
             .execute(&mut *tx)
             .await
             .map_err(JobError::failed)?;
@@ -547,13 +545,9 @@ impl Sagas {
 
     /// Enqueues the compensation of the step before `args.step`, if there is one;
     /// the saga's state from then on.
-    async fn compensate_before(
-        &self,
-        conn: &mut PgConnection,
-        args: StepJob,
-    ) -> Result<&'static str, JobError> {
+    async fn compensate_before(&self, conn: &mut PgConnection, args: StepJob) -> Result<SagaState, JobError> {
         if args.step == 0 {
-            return Ok("compensated");
+            return Ok(SagaState::Compensated);
         }
         let undo = StepJob {
             saga: args.saga,
@@ -561,7 +555,7 @@ impl Sagas {
             undo: true,
         };
         self.enqueue(conn, undo).await.map_err(JobError::failed)?;
-        Ok("compensating")
+        Ok(SagaState::Compensating)
     }
 
     /// Locks the saga's row; whether it is still at `state` and `step`.

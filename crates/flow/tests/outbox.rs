@@ -107,6 +107,38 @@ async fn wait_for(what: &str, ready: impl Fn() -> bool) {
     }
 }
 
+/// The consumer: a durable pull consumer of stream `ORDERS`, every message
+/// acknowledged and counted by id, made again whenever the server goes away.
+async fn consume(js: async_nats::jetstream::Context, received: Arc<Mutex<HashMap<String, u32>>>) {
+    loop {
+        let Ok(stream) = js.get_stream("ORDERS").await else {
+            continue;
+        };
+        let config = async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("billing".into()),
+            ..Default::default()
+        };
+        let Ok(consumer) = stream.get_or_create_consumer("billing", config).await else {
+            continue;
+        };
+        let Ok(mut messages) = consumer.messages().await else {
+            continue;
+        };
+        while let Some(Ok(m)) = messages.next().await {
+            let id = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.to_string());
+            if m.ack().await.is_ok()
+                && let Some(id) = id
+            {
+                *received.lock().unwrap().entry(id).or_insert(0) += 1;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarted_mid_relay_loses_nothing_and_duplicates_are_dropped_by_id() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -128,41 +160,8 @@ async fn nats_restarted_mid_relay_loses_nothing_and_duplicates_are_dropped_by_id
     let relay = outbox.relay(bus.clone()).batch(20);
     let relaying = tokio::spawn(async move { relay.run(Duration::from_millis(20)).await });
 
-    // The consumer: a durable pull consumer, every message acknowledged and
-    // counted by id.
     let received: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let consuming = {
-        let (js, received) = (bus.context().clone(), received.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok(stream) = js.get_stream("ORDERS").await else {
-                    continue;
-                };
-                let config = async_nats::jetstream::consumer::pull::Config {
-                    durable_name: Some("billing".into()),
-                    ..Default::default()
-                };
-                let Ok(consumer) = stream.get_or_create_consumer("billing", config).await else {
-                    continue;
-                };
-                let Ok(mut messages) = consumer.messages().await else {
-                    continue;
-                };
-                while let Some(Ok(m)) = messages.next().await {
-                    let id = m
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get("Nats-Msg-Id"))
-                        .map(|v| v.to_string());
-                    if m.ack().await.is_ok()
-                        && let Some(id) = id
-                    {
-                        *received.lock().unwrap().entry(id).or_insert(0) += 1;
-                    }
-                }
-            }
-        })
-    };
+    let consuming = tokio::spawn(consume(bus.context().clone(), received.clone()));
     let count = || received.lock().unwrap().len();
     // Killed once a quarter is relayed: the rest is still in the outbox.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);

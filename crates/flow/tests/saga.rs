@@ -178,6 +178,38 @@ async fn saga_worker_process() {
     }
 }
 
+/// Starts worker processes one after another until one sees every saga end; how
+/// many died on the way.
+async fn run_workers(url: &str, crashed: &Path) -> usize {
+    let mut deaths = 0;
+    loop {
+        let worker = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "saga_worker_process",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SAGA_DB_URL", url)
+            .env("SAGA_CRASHED", crashed)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(120), worker)
+            .await
+            .expect("a worker neither died nor saw every saga end")
+            .unwrap();
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("all ended") {
+            break;
+        }
+        deaths += 1;
+        assert!(deaths <= POINTS.len(), "workers kept dying: {deaths}");
+    }
+    deaths
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saga_whose_worker_dies_at_any_point_ends_fully_done_or_fully_compensated() {
     let url = support::fresh_db("saga").await;
@@ -203,32 +235,7 @@ async fn a_saga_whose_worker_dies_at_any_point_ends_fully_done_or_fully_compensa
             .unwrap();
         ids.insert(id, point);
     }
-    let mut deaths = 0;
-    loop {
-        let worker = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "saga_worker_process",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SAGA_DB_URL", &url)
-            .env("SAGA_CRASHED", &crashed)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(120), worker)
-            .await
-            .expect("a worker neither died nor saw every saga end")
-            .unwrap();
-        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("all ended") {
-            break;
-        }
-        deaths += 1;
-        assert!(deaths <= POINTS.len(), "workers kept dying: {deaths}");
-    }
+    let deaths = run_workers(&url, &crashed).await;
     let died_at: HashSet<String> = std::fs::read_dir(&crashed)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
