@@ -46,11 +46,18 @@ pub enum Cause {
     FaultInjected,
     /// The durable queue a request was to be stored in could not be reached (503).
     QueueUnavailable,
+    /// A request with the same idempotency key is still running (409).
+    IdempotencyConflict,
+    /// The idempotency key was used with a different request (422).
+    IdempotencyMismatch,
+    /// The store of idempotency keys could not be reached; the request was not
+    /// run (503).
+    IdempotencyUnavailable,
 }
 
 impl Cause {
     /// Every cause.
-    pub const ALL: [Cause; 16] = [
+    pub const ALL: [Cause; 19] = [
         Cause::NoRoute,
         Cause::RateLimited,
         Cause::BodyTooLarge,
@@ -67,6 +74,9 @@ impl Cause {
         Cause::Upstream,
         Cause::FaultInjected,
         Cause::QueueUnavailable,
+        Cause::IdempotencyConflict,
+        Cause::IdempotencyMismatch,
+        Cause::IdempotencyUnavailable,
     ];
 
     /// Its stable name: the value of `x-palisade-cause`, the name `fallback.on`
@@ -89,6 +99,9 @@ impl Cause {
             Cause::Upstream => "upstream",
             Cause::FaultInjected => "fault_injected",
             Cause::QueueUnavailable => "queue_unavailable",
+            Cause::IdempotencyConflict => "idempotency_conflict",
+            Cause::IdempotencyMismatch => "idempotency_mismatch",
+            Cause::IdempotencyUnavailable => "idempotency_unavailable",
         }
     }
 
@@ -105,7 +118,10 @@ impl Cause {
             | Cause::BulkheadFull
             | Cause::Shed
             | Cause::FaultInjected
-            | Cause::QueueUnavailable => 503,
+            | Cause::QueueUnavailable
+            | Cause::IdempotencyUnavailable => 503,
+            Cause::IdempotencyConflict => 409,
+            Cause::IdempotencyMismatch => 422,
             Cause::Timeout => 504,
             Cause::ConnectError | Cause::Reset | Cause::ProtocolError | Cause::Upstream => 502,
         }
@@ -118,7 +134,12 @@ impl Cause {
     pub const fn is_client(self) -> bool {
         matches!(
             self,
-            Cause::NoRoute | Cause::BodyTooLarge | Cause::BadRequest | Cause::ClientTimeout
+            Cause::NoRoute
+                | Cause::BodyTooLarge
+                | Cause::BadRequest
+                | Cause::ClientTimeout
+                | Cause::IdempotencyConflict
+                | Cause::IdempotencyMismatch
         )
     }
 }

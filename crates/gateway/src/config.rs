@@ -83,6 +83,102 @@ pub struct GatewaySection {
     pub queue: Option<QueueSection>,
     /// Where routes with a `cache` table keep answers.
     pub cache: Option<CacheSection>,
+    /// Where routes with an `idempotency` table keep keys and answers.
+    pub idempotency: Option<IdempotencySection>,
+}
+
+/// `[gateway.idempotency]`: the store of the routes' idempotency keys (every route
+/// with an `idempotency` table shares it, each under keys of its own). Read at
+/// start only (a reload keeps the store it has); connected in the background, so a
+/// store that is down at start delays nothing but those routes.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencySection {
+    /// `postgres://user@host/db` (a table, `palisade_idempotency`, created if
+    /// missing) or `redis://host:port/db`.
+    pub store: String,
+    /// The longest wait for one store call; past it the call has failed.
+    #[serde(default = "default_idempotency_timeout")]
+    pub timeout: Dur,
+    /// The prefix of the store's Redis keys.
+    #[serde(default = "default_idempotency_prefix")]
+    pub prefix: String,
+}
+
+fn default_idempotency_timeout() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_idempotency_prefix() -> String {
+    "palisade:idempotency:".into()
+}
+
+/// A route's idempotency keys, with Stripe's semantics: the first request with a
+/// key runs and its answer is kept; a repeat with the same request gets that
+/// answer (`idempotent-replayed: true`) without running again; the key with
+/// another request is a `422`; a repeat while the first runs a `409`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// The request header carrying the key (1 to 255 visible ASCII characters).
+    #[serde(default = "default_idempotency_header")]
+    pub header: String,
+    /// The methods keys apply to; other methods pass through untouched.
+    #[serde(default = "default_idempotency_methods")]
+    pub methods: Vec<String>,
+    /// Whether a request of those methods without a key is refused (`400`).
+    #[serde(default)]
+    pub required: bool,
+    /// How long an answer is kept.
+    #[serde(default = "default_idempotency_ttl")]
+    pub ttl: Dur,
+    /// How long a running request holds its key if its gateway dies before
+    /// answering (then the key may run again): at least the route's `timeout`.
+    /// Default: the route's `timeout` and 10 s.
+    #[serde(default)]
+    pub lock: Option<Dur>,
+    /// A repeat while the first runs waits this long for its answer (unset: a
+    /// `409` at once).
+    #[serde(default)]
+    pub wait: Option<Dur>,
+    /// The largest request body (`413` beyond) and the largest answer body kept
+    /// (a larger answer is passed on whole and kept without its body, marked
+    /// `idempotent-body-omitted: true`).
+    #[serde(default = "default_idempotency_max_body")]
+    pub max_body_bytes: u64,
+    /// Whether a `5xx` answer from upstream is kept (by default it is not: the
+    /// key is released and a retry runs again).
+    #[serde(default)]
+    pub store_server_errors: bool,
+    /// What a request with a key does while the store cannot be reached:
+    /// `refuse` (`503 idempotency_unavailable`, not run) or `proceed` (run
+    /// without the key's protection, counted).
+    #[serde(default)]
+    pub when_store_down: StoreDown,
+}
+
+/// What an idempotent route does while its store is down (see
+/// [`IdempotencyConfig::when_store_down`]).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreDown {
+    /// `503 idempotency_unavailable`: the request is not run.
+    #[default]
+    Refuse,
+    /// The request runs without the key's protection.
+    Proceed,
+}
+
+fn default_idempotency_header() -> String {
+    "Idempotency-Key".into()
+}
+fn default_idempotency_methods() -> Vec<String> {
+    vec!["POST".into(), "PATCH".into()]
+}
+fn default_idempotency_ttl() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
+}
+fn default_idempotency_max_body() -> u64 {
+    1 << 20
 }
 
 /// `[gateway.cache]`: the store of the routes' response caches (every route with a
@@ -272,6 +368,7 @@ impl Default for GatewaySection {
             escaped_slashes: EscapedSlashes::Reject,
             queue: None,
             cache: None,
+            idempotency: None,
         }
     }
 }
@@ -329,6 +426,10 @@ pub struct RouteConfig {
     /// A response cache: off unless this table is set.
     #[serde(default)]
     pub cache: Option<CacheConfig>,
+    /// Idempotency keys: off unless this table is set (needs
+    /// `[gateway.idempotency]`).
+    #[serde(default)]
+    pub idempotency: Option<IdempotencyConfig>,
     /// `proxy` (default), or `async`: the request is stored in `[gateway.queue]`
     /// and answered `202 Accepted` with a status URL; a client `Idempotency-Key`
     /// stores it once.
@@ -1276,6 +1377,20 @@ impl Config {
                 ));
             }
             r.problems(&at, &mut p);
+            if r.idempotency.is_some() {
+                if self.gateway.idempotency.is_none() {
+                    p.push(ConfigError::new(
+                        format!("{at}.idempotency"),
+                        "keys are kept in a store: add a [gateway.idempotency] table (its store URL)",
+                    ));
+                }
+                if r.mode == RouteMode::Async {
+                    p.push(ConfigError::new(
+                        format!("{at}.idempotency"),
+                        "an async route stores a request once per Idempotency-Key by itself",
+                    ));
+                }
+            }
             if r.mode == RouteMode::Async && self.gateway.queue.is_none() {
                 p.push(ConfigError::new(
                     format!("{at}.mode"),
@@ -1323,6 +1438,12 @@ impl Config {
                     "must be a redis://host:port/db URL",
                 ));
             }
+        }
+        if let Some(i) = &self.gateway.idempotency {
+            if let Err(e) = palisade_flow::idempotency::store_kind(&i.store) {
+                p.push(ConfigError::new("gateway.idempotency.store", e));
+            }
+            positive(&mut p, "gateway.idempotency.timeout", i.timeout);
         }
         for (name, c) in &self.clusters {
             c.problems(&format!("clusters.{name}"), &mut p);

@@ -13,6 +13,7 @@ pub mod conn;
 pub mod connect;
 pub mod discovery;
 pub mod health;
+pub mod idempotent;
 pub mod jobs;
 pub mod load;
 pub mod pool;

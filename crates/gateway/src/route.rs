@@ -59,6 +59,8 @@ pub struct Route {
     pub mode: crate::config::RouteMode,
     /// Its response cache's rules, when it has one.
     pub cache: Option<crate::responses::RouteCache>,
+    /// Its idempotency keys, when it has them.
+    pub idempotency: Option<crate::idempotent::RouteIdempotency>,
     /// Its metric handles.
     pub metrics: RouteMetrics,
 }
@@ -102,6 +104,9 @@ impl Route {
         });
         let cache = (r.cache.as_ref())
             .and_then(|c| crate::responses::RouteCache::compile(c, &r.name, &format!("{at}.cache"), p));
+        let idempotency = (r.idempotency.as_ref()).and_then(|c| {
+            crate::idempotent::RouteIdempotency::compile(c, r, &format!("{at}.idempotency"), p)
+        });
         Some(Route {
             name: r.name.clone(),
             matcher: parts.matcher,
@@ -120,6 +125,7 @@ impl Route {
             hedge,
             mode: r.mode,
             cache,
+            idempotency,
             metrics: RouteMetrics::new(&r.name),
         })
     }

@@ -35,6 +35,9 @@ pub struct Runtime {
     /// The routes' response caches' store, when a route has a `cache` table (one
     /// for every runtime a reload builds).
     pub responses: Option<Arc<crate::responses::Responses>>,
+    /// The routes' idempotency keys' store, once connected (one for every runtime
+    /// a reload builds).
+    pub idempotency: Arc<crate::idempotent::IdempotencySlot>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -123,6 +126,7 @@ impl Runtime {
             tunnels: crate::tunnel::Tunnels::default(),
             queue: Arc::default(),
             responses: None,
+            idempotency: Arc::default(),
             tasks: Vec::new(),
         })
     }

@@ -171,6 +171,14 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    if let Some(section) = gateway.idempotency.clone() {
+        let slot = runtime.load().idempotency.clone();
+        tasks.push(tokio::spawn(crate::idempotent::connect(
+            slot,
+            section,
+            rx.clone(),
+        )));
+    }
     if let Some(section) = gateway.queue.clone() {
         let slot = runtime.load().queue.clone();
         let drain = gateway.drain_timeout.get();
@@ -519,6 +527,7 @@ impl Handle {
         let mut next = Runtime::build(config).await?;
         next.tunnels = old.tunnels.clone();
         next.queue = old.queue.clone();
+        next.idempotency = old.idempotency.clone();
         if old.responses.is_some() {
             next.responses = old.responses.clone();
         }

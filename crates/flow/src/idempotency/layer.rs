@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Idempotency, IdempotencyStore, Outcome, RunError, Stored, fingerprint};
+use super::{Idempotency, IdempotencyStore, Outcome, RunError, Stored, fingerprint, valid_key};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -150,7 +150,7 @@ where
                     .await
                     .map_err(|_| Failed::Body)?
                     .to_bytes();
-                Ok(stored(&head, body))
+                Ok(Stored::of(&head, body))
             };
             match layer.idem.run(&key, &fp, handler).await {
                 Ok(Outcome::Fresh(answer)) => Ok(response(answer, false)),
@@ -180,50 +180,8 @@ where
     }
 }
 
-/// The key, if it is 1 to 255 visible ASCII characters.
-fn valid_key(v: &HeaderValue) -> Option<String> {
-    let bytes = v.as_bytes();
-    let ok = (1..=255).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic());
-    ok.then(|| String::from_utf8_lossy(bytes).into_owned())
-}
-
-/// An answer as stored: its status, its headers but those of the connection and
-/// the body's framing, its body.
-fn stored(head: &http::response::Parts, body: Bytes) -> Stored {
-    let headers = head
-        .headers
-        .iter()
-        .filter(|(name, _)| {
-            !matches!(
-                name.as_str(),
-                "connection" | "transfer-encoding" | "content-length" | "keep-alive"
-            )
-        })
-        .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
-        .collect();
-    Stored {
-        status: head.status.as_u16(),
-        headers,
-        body,
-    }
-}
-
 fn response<B>(answer: Stored, replayed: bool) -> Response<IdempotentBody<B>> {
-    let mut resp = Response::new(Either::Right(Full::new(answer.body)));
-    *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    for (name, value) in answer.headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(&value),
-        ) {
-            resp.headers_mut().append(n, v);
-        }
-    }
-    if replayed {
-        resp.headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    resp
+    answer.into_response(replayed).map(Either::Right)
 }
 
 fn refusal<B>(status: StatusCode, message: &str) -> Response<IdempotentBody<B>> {

@@ -17,6 +17,7 @@
 //! key per idempotency key, an atomic script per step). [`IdempotencyLayer`] puts it
 //! in front of an HTTP service.
 
+mod any;
 mod layer;
 mod postgres;
 mod redis;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+pub use any::{AnyStore, store_kind};
 pub use layer::{IdempotencyLayer, IdempotencyService, IdempotentBody};
 pub use postgres::PgStore;
 pub use redis::RedisStore;
@@ -83,6 +85,58 @@ impl Stored {
     }
 }
 
+impl Stored {
+    /// An HTTP answer as stored: its status, its headers but those of the
+    /// connection and the body's framing, its body.
+    pub fn of(head: &http::response::Parts, body: Bytes) -> Stored {
+        let headers = head
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                !matches!(
+                    name.as_str(),
+                    "connection" | "transfer-encoding" | "content-length" | "keep-alive"
+                )
+            })
+            .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
+            .collect();
+        Stored {
+            status: head.status.as_u16(),
+            headers,
+            body,
+        }
+    }
+
+    /// The stored answer as an HTTP answer, marked `idempotent-replayed: true`
+    /// when it is a `replayed` one (headers that no longer parse are left out).
+    pub fn into_response(self, replayed: bool) -> http::Response<http_body_util::Full<Bytes>> {
+        use http::{HeaderName, HeaderValue};
+        let mut resp = http::Response::new(http_body_util::Full::new(self.body));
+        *resp.status_mut() =
+            http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        for (name, value) in self.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(&value),
+            ) {
+                resp.headers_mut().append(n, v);
+            }
+        }
+        if replayed {
+            resp.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        }
+        resp
+    }
+}
+
+/// The key a header carries, if it is 1 to 255 visible ASCII characters.
+pub fn valid_key(v: &http::HeaderValue) -> Option<String> {
+    let bytes = v.as_bytes();
+    let ok = (1..=255).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic());
+    ok.then(|| String::from_utf8_lossy(bytes).into_owned())
+}
+
 /// A duration in whole milliseconds, at least one (what both stores' expiries take).
 pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
@@ -116,6 +170,12 @@ pub enum StoreError {
     /// A stored answer that does not decode.
     #[error("idempotency store: a stored answer does not decode")]
     Corrupt,
+    /// The store did not answer in time.
+    #[error("idempotency store: no answer in time")]
+    Timeout,
+    /// The store's URL names no store.
+    #[error("idempotency store URL {0}")]
+    Url(String),
 }
 
 /// Where keys and answers are kept: a handle, cheap to clone.
@@ -218,6 +278,8 @@ pub struct Idempotency<S> {
     replays: metrics::Counter,
     conflicts: metrics::Counter,
     mismatches: metrics::Counter,
+    store_failures: metrics::Counter,
+    waits: metrics::Counter,
 }
 
 impl<S: IdempotencyStore> Clone for Idempotency<S> {
@@ -228,6 +290,8 @@ impl<S: IdempotencyStore> Clone for Idempotency<S> {
             replays: self.replays.clone(),
             conflicts: self.conflicts.clone(),
             mismatches: self.mismatches.clone(),
+            store_failures: self.store_failures.clone(),
+            waits: self.waits.clone(),
         }
     }
 }
@@ -240,6 +304,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
             replays: outcome("replayed"),
             conflicts: outcome("running"),
             mismatches: outcome("mismatch"),
+            store_failures: outcome("not_kept"),
+            waits: outcome("waited"),
             store,
             config,
         }
@@ -252,7 +318,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
 
     /// Runs `handler` for the request `fingerprint` unless `key` has an answer or
     /// a running request already. A handler's error releases the key and is
-    /// returned; so does the future being dropped before the handler ends.
+    /// returned; so does the future being dropped before the handler ends. Once
+    /// the handler has run, its answer is returned even when the store then fails
+    /// to keep it (logged, and counted as `outcome="not_kept"`).
     pub async fn run<F, Fut, E>(
         &self,
         key: &str,
@@ -288,19 +356,30 @@ impl<S: IdempotencyStore> Idempotency<S> {
         };
         let result = handler().await;
         guard.armed = false;
+        // The handler has run: a store failing now costs the key, never the answer
+        // (a claim left behind frees itself when its lock runs out).
         let answer = match result {
             Ok(answer) => answer,
             Err(e) => {
-                self.store.release(&c.scope, key, token).await?;
+                self.settle(key, self.store.release(&c.scope, key, token).await);
                 return Err(RunError::Handler(e));
             }
         };
-        if answer.status >= 500 && !c.store_server_errors {
-            self.store.release(&c.scope, key, token).await?;
+        let kept = if answer.status >= 500 && !c.store_server_errors {
+            self.store.release(&c.scope, key, token).await
         } else {
-            self.store.complete(&c.scope, key, token, &answer, c.ttl).await?;
-        }
+            self.store.complete(&c.scope, key, token, &answer, c.ttl).await
+        };
+        self.settle(key, kept);
         Ok(Outcome::Fresh(answer))
+    }
+
+    /// Logs and counts a store failure after the handler ran.
+    fn settle(&self, key: &str, result: Result<(), StoreError>) {
+        if let Err(e) = result {
+            self.store_failures.increment(1);
+            tracing::warn!(scope = %self.config.scope, key, error = %e, "idempotency: the answer could not be kept; the key frees itself when its lock runs out");
+        }
     }
 
     /// The store's claim, waiting for a running request if so configured.
@@ -313,6 +392,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         if claim != Claim::Running {
             return Ok(claim);
         }
+        self.waits.increment(1);
         let deadline = tokio::time::Instant::now() + patience;
         let mut pause = Duration::from_millis(1);
         loop {
@@ -336,7 +416,7 @@ pub enum RunError<E> {
     /// The handler failed (the key was released).
     #[error("handler failed: {0}")]
     Handler(E),
-    /// The store failed.
+    /// The store failed before the handler ran: it did not run.
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -46,6 +46,15 @@ pub(super) struct Prepared {
     pub(super) client_deadline: Option<std::time::Duration>,
 }
 
+/// A client's request body: as it comes, or already read whole (an idempotent
+/// request's, read to be fingerprinted).
+pub(super) enum Inbound {
+    /// Still to come from the client.
+    Streaming(Incoming),
+    /// Read.
+    Read(Bytes),
+}
+
 /// A request body still to be watched ([`PendingBody::watch`]).
 pub(super) struct PendingBody {
     body: Incoming,
@@ -89,15 +98,25 @@ impl PendingBody {
     /// `client_body`): read whole when it may be sent again, else its first frame
     /// read ahead, so a body bad from its start never reaches an endpoint.
     pub(super) async fn watch(self) -> Result<(SendBody, Option<Arc<ClientSide>>), Failure> {
-        let (mut watched, side) = ClientBody::new(self.body, self.max, self.idle);
         if self.buffer {
-            let bytes = watched.collect().await.map_err(|e| client_error(&e))?.to_bytes();
-            Ok((SendBody::Buffered(bytes), None))
-        } else {
-            watched.prime().await.map_err(ClientFault::failure)?;
-            Ok((SendBody::Streaming(Some(watched.boxed())), Some(side)))
+            let bytes = read_whole(self.body, self.max, self.idle).await?;
+            return Ok((SendBody::Buffered(bytes), None));
         }
+        let (mut watched, side) = ClientBody::new(self.body, self.max, self.idle);
+        watched.prime().await.map_err(ClientFault::failure)?;
+        Ok((SendBody::Streaming(Some(watched.boxed())), Some(side)))
     }
+}
+
+/// A client's body read whole: up to `max` bytes (a `413` beyond), nothing
+/// coming for `idle` a `408`, a malformed one a `400`.
+pub(super) async fn read_whole(
+    body: Incoming,
+    max: u64,
+    idle: std::time::Duration,
+) -> Result<Bytes, Failure> {
+    let (watched, _) = ClientBody::new(body, max, idle);
+    Ok(watched.collect().await.map_err(|e| client_error(&e))?.to_bytes())
 }
 
 /// The admit phase for a routed request: its rate limit, its size, its upgrade,
@@ -107,7 +126,7 @@ impl PendingBody {
 pub(super) fn prepare(
     rt: &Runtime,
     route: &Route,
-    mut req: Request<Incoming>,
+    mut req: Request<Inbound>,
     from: Downstream,
     host: Option<HeaderValue>,
     request_id: &HeaderValue,
@@ -159,7 +178,11 @@ pub(super) fn prepare(
             && (declared.is_some_and(|n| n <= r.buffer_bytes)
                 || (declared.is_none() && super::body_is_empty(&parts)))
     });
-    let (body, pending) = PendingBody::unless_empty(body, can_buffer, rt);
+    let (body, pending) = match body {
+        Inbound::Streaming(body) => PendingBody::unless_empty(body, can_buffer, rt),
+        // Kept: a request read whole may be sent again.
+        Inbound::Read(bytes) => (SendBody::Buffered(bytes), None),
+    };
     // The client's headers as sent upstream; hop-by-hop ones go, forwarding ones come.
     super::prepare_headers(&mut parts, up.version, from, host, request_id);
     if let Some((u, _)) = &upgrade {

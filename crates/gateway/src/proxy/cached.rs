@@ -15,9 +15,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use palisade_cache::http::{Reuse, Stored, initial_age, storable};
 
+use super::admit::Inbound;
 use super::{Downstream, REQUEST_ID, fallback_or_failure, route_request};
 use crate::conn::ActiveGuard;
 use crate::responses::{Fetching, Responses, RouteCache, Served};
@@ -29,6 +29,7 @@ use crate::{Body, BoxError, empty, full};
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static("x-palisade-cache");
 
 /// Who asked, as the uncached path is told.
+#[derive(Clone)]
 pub(super) struct Asker<'a> {
     /// The client and the request's host.
     pub from: (Downstream, Option<HeaderValue>),
@@ -42,7 +43,7 @@ pub(super) async fn serve(
     rt: Arc<Runtime>,
     route: &Route,
     rules: &RouteCache,
-    req: Request<Incoming>,
+    req: Request<Inbound>,
     asker: Asker<'_>,
     active: &mut Option<ActiveGuard>,
 ) -> Response<Body> {
@@ -57,7 +58,7 @@ async fn answer(
     rt: Arc<Runtime>,
     route: &Route,
     rules: &RouteCache,
-    mut req: Request<Incoming>,
+    mut req: Request<Inbound>,
     asker: Asker<'_>,
     active: &mut Option<ActiveGuard>,
 ) -> Response<Body> {
@@ -215,7 +216,7 @@ impl Fetch<'_> {
 async fn proxied(
     rt: &Runtime,
     route: &Route,
-    req: Request<Incoming>,
+    req: Request<Inbound>,
     from: (Downstream, Option<HeaderValue>),
     request_id: &HeaderValue,
     active: &mut Option<ActiveGuard>,
@@ -354,7 +355,7 @@ fn revalidate_later(
     route: &Route,
     store: &Arc<Responses>,
     (key, lead): (String, Fetching),
-    mut req: Request<Incoming>,
+    mut req: Request<Inbound>,
     from: (Downstream, Option<HeaderValue>),
     request_id: &HeaderValue,
     s: &Stored,

@@ -13,6 +13,7 @@ mod client_body;
 mod decide;
 mod headers;
 mod hedge;
+mod idempotent;
 mod idle;
 mod stored;
 mod upgrade;
@@ -41,7 +42,7 @@ use crate::pool::{Lease, SendError};
 use crate::route::Route;
 use crate::runtime::Runtime;
 
-use self::admit::matches;
+use self::admit::{Inbound, matches};
 use self::answer::Verdict;
 use self::attempt::Attempts;
 use self::classify::{AttemptResult, Classified, body_is_empty};
@@ -172,31 +173,36 @@ pub async fn handle(
         return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
     };
     // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
-    let may_fall_back = !extended_connect;
-    let resp = match &route.cache {
-        // Boxed: the cache's state stays off the uncached path's future.
-        Some(rules) => {
-            let asker = cached::Asker {
-                from: (client, host),
-                request_id: &request_id,
-                may_fall_back,
-            };
-            Box::pin(cached::serve(
-                runtime.clone(),
-                route,
-                rules,
-                req,
-                asker,
-                &mut active,
-            ))
-            .await
-        }
-        None => match route_request(rt, route, req, (client, host), &request_id, &mut active).await {
-            Ok(resp) => resp,
-            Err(f) => fallback_or_failure(route, &f, &request_id, may_fall_back),
-        },
+    let asker = cached::Asker {
+        from: (client, host),
+        request_id: &request_id,
+        may_fall_back: !extended_connect,
+    };
+    let resp = match route.idempotency.as_ref().filter(|keys| keys.applies(&req)) {
+        // Boxed: the keys' state stays off the other routes' future.
+        Some(keys) => Box::pin(idempotent::serve(&runtime, route, keys, req, asker, &mut active)).await,
+        None => respond(&runtime, route, req.map(Inbound::Streaming), asker, &mut active).await,
     };
     Ok(finish(rt, Some(route), line, started, resp))
+}
+
+/// A route's answer to a request (past its idempotency keys): from its cache, or
+/// upstream (or its fallback, or the failure).
+async fn respond(
+    runtime: &Arc<Runtime>,
+    route: &Route,
+    req: Request<Inbound>,
+    asker: cached::Asker<'_>,
+    active: &mut Option<ActiveGuard>,
+) -> Response<Body> {
+    match &route.cache {
+        // Boxed: the cache's state stays off the uncached path's future.
+        Some(rules) => Box::pin(cached::serve(runtime.clone(), route, rules, req, asker, active)).await,
+        None => match route_request(runtime, route, req, asker.from, asker.request_id, active).await {
+            Ok(resp) => resp,
+            Err(f) => fallback_or_failure(route, &f, asker.request_id, asker.may_fall_back),
+        },
+    }
 }
 
 /// The route's fallback for failure `f` when it has one for its cause (and
@@ -289,7 +295,7 @@ enum SendBody {
 async fn route_request(
     rt: &Runtime,
     route: &Route,
-    req: Request<Incoming>,
+    req: Request<Inbound>,
     (from, host): (Downstream, Option<HeaderValue>),
     request_id: &HeaderValue,
     active: &mut Option<ActiveGuard>,

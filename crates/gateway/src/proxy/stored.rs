@@ -104,6 +104,7 @@ pub(super) async fn store(
         .get(&IDEMPOTENCY_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let req = req.map(super::admit::Inbound::Streaming);
     let (prepared, pending) = super::admit::prepare(rt, route, req, from, host, request_id)?;
     let parts = prepared.into_head();
     let body = pending.map(super::admit::PendingBody::into_incoming);
