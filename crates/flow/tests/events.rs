@@ -271,3 +271,29 @@ async fn a_snapshot_spares_loading_the_events_before_it() {
         .unwrap();
     assert_eq!(store.load::<Account>("acct").await.unwrap().0.unwrap().version, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_order_follows_transaction_ids_as_numbers_not_as_text() {
+    let store = store().await;
+    // Transaction 10 before transaction 9 as text ("10" < "9"), after it as numbers.
+    for (tx, id) in [(10, "second"), (9, "first")] {
+        sqlx::query(
+            "INSERT INTO palisade_events (tx, stream, version, id, kind, data, metadata)
+             VALUES ($1::text::xid8, $2, 1, $2, 'K', '{}', '{}')",
+        )
+        .bind(tx.to_string())
+        .bind(id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    let mut at = Checkpoint::default();
+    let mut order = Vec::new();
+    for _ in 0..2 {
+        let batch = store.read_all(at, 1).await.unwrap();
+        at = batch[0].checkpoint;
+        order.push(batch[0].id.clone());
+    }
+    assert_eq!(order, ["first", "second"]);
+    assert!(store.read_all(at, 10).await.unwrap().is_empty());
+}

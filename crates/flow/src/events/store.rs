@@ -337,11 +337,13 @@ pub(crate) async fn read_all(
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, EventError> {
     // Only transactions below the oldest one still running are read: every one of
-    // them has ended, so nothing can be committed behind the checkpoint later.
+    // them has ended, so nothing can be committed behind the checkpoint later. The
+    // order is the column's (xid8), not the selected text's: "1000" sorts before
+    // "999" as text, which skipped events once ids grew a digit.
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "{SELECT} WHERE (tx, position) > ($1::text::xid8, $2)
            AND tx < coalesce($4::text::xid8, pg_snapshot_xmin(pg_current_snapshot()))
-         ORDER BY tx, position LIMIT $3"
+         ORDER BY palisade_events.tx, position LIMIT $3"
     )))
     .bind(after.tx.to_string())
     .bind(after.position)
