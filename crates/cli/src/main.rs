@@ -6,6 +6,7 @@
 //! palisade demo [--duration 30s]   the gateway in front of built-in failing upstreams, with traffic
 //! palisade jobs --database URL ... the durable queue's jobs: list, show, retry, cancel, stats
 //! palisade worker --config FILE    deliver the requests the async routes stored
+//! palisade sign-url --config FILE --route NAME --path P   a signed link for a route's signed_urls
 //! palisade completions SHELL       a completion script for bash, zsh, fish, elvish or PowerShell
 //! ```
 
@@ -64,6 +65,9 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Print a signed link (valet key) for a route with `signed_urls`, signed with
+    /// its current key: `palisade sign-url -c gateway.toml --route files --path /files/a.pdf --expires-in 1h`.
+    SignUrl(SignUrlArgs),
     /// Print a shell completion script (`palisade completions bash > /etc/bash_completion.d/palisade`).
     Completions {
         /// The shell.
@@ -83,6 +87,32 @@ pub struct DemoArgs {
     /// Where its admin endpoints listen.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<std::net::SocketAddr>,
+}
+
+/// Options of `palisade sign-url`.
+#[derive(Debug, clap::Args)]
+pub struct SignUrlArgs {
+    /// The gateway configuration (TOML) holding the route and its keys.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The route (its `name`) whose `signed_urls` keys sign the link.
+    #[arg(long)]
+    pub route: String,
+    /// The path and query the link is for (`/files/report.pdf?v=2`).
+    #[arg(long)]
+    pub path: String,
+    /// The method it allows.
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// How long it works (`15m`, `1h`, `7d`... as durations are written).
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1h")]
+    pub expires_in: Duration,
+    /// The only client address it works for.
+    #[arg(long, value_name = "ADDR")]
+    pub ip: Option<std::net::IpAddr>,
+    /// Printed before the path (`https://files.example.com`).
+    #[arg(long, default_value = "")]
+    pub base: String,
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -153,6 +183,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             .enable_all()
             .build()?
             .block_on(jobs::run(args)),
+        Command::SignUrl(args) => sign_url(&args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "palisade", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -189,6 +220,35 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `palisade sign-url`: the link, on a line.
+fn sign_url(a: &SignUrlArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&a.config).map_err(|e| anyhow::anyhow!("{}:\n{e}", a.config.display()))?;
+    let Some((i, route)) = config.routes.iter().enumerate().find(|(_, r)| r.name == a.route) else {
+        anyhow::bail!("{}: no route named {:?}", a.config.display(), a.route);
+    };
+    let Some(table) = &route.signed_urls else {
+        anyhow::bail!(
+            "{}: route {:?} has no signed_urls table",
+            a.config.display(),
+            a.route
+        );
+    };
+    if !a.path.starts_with('/') {
+        anyhow::bail!("--path must start with /: {:?}", a.path);
+    }
+    let at = format!("routes[{i}] ({}).signed_urls", route.name);
+    let signer = palisade_gateway::guard::url_signer(table, &at)
+        .map_err(|e| anyhow::anyhow!("{}:\n{e}", a.config.display()))?;
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .saturating_add(a.expires_in)
+        .as_secs();
+    let method = a.method.to_ascii_uppercase();
+    let link = signer.sign(&method, &a.path, expires, a.ip);
+    writeln!(std::io::stdout(), "{}{link}", a.base.trim_end_matches('/'))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logs(default: &str) {

@@ -191,3 +191,60 @@ fn a_database_that_cannot_be_reached_is_an_error_naming_it() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn sign_url_prints_a_link_the_routes_keys_verify() {
+    let dir = std::env::temp_dir().join(format!(
+        "palisade-cli-sign-{}-{:x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("key"), [5u8; 32]).unwrap();
+    let file = dir.join("gateway.toml");
+    let config = format!(
+        "[[routes]]\nname = \"files\"\ncluster = \"c\"\nsigned_urls = {{ current = \"k1\", keys = {{ k1 = {{ file = \"{}\" }} }} }}\n\n[clusters.c]\nendpoints = [\"127.0.0.1:1\"]\n",
+        dir.join("key").display()
+    );
+    std::fs::write(&file, &config).unwrap();
+    let f = file.to_str().unwrap();
+    let out = palisade(&[
+        "sign-url",
+        "-c",
+        f,
+        "--route",
+        "files",
+        "--path",
+        "/files/a.pdf",
+        "--expires-in",
+        "10m",
+        "--base",
+        "https://cdn.example/",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let link = text(&out.stdout).trim().to_owned();
+    let target = link
+        .strip_prefix("https://cdn.example")
+        .expect("the base comes first");
+    let parsed = palisade_gateway::Config::from_toml(&config).unwrap();
+    let signer =
+        palisade_gateway::guard::url_signer(parsed.routes[0].signed_urls.as_ref().unwrap(), "x").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let me = "127.0.0.1".parse().unwrap();
+    assert_eq!(signer.verify("GET", target, now, me), Ok(()));
+    // It is for a GET, for ten minutes.
+    assert!(signer.verify("POST", target, now, me).is_err());
+    assert!(signer.verify("GET", target, now + 601, me).is_err());
+
+    let out = palisade(&["sign-url", "-c", f, "--route", "nope", "--path", "/x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no route named \"nope\""),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -53,11 +53,21 @@ pub enum Cause {
     /// The store of idempotency keys could not be reached; the request was not
     /// run (503).
     IdempotencyUnavailable,
+    /// The request carries no valid credentials: no token, or a token that is
+    /// malformed, expired, for another audience or badly signed (401).
+    Unauthenticated,
+    /// The request's credentials are valid but do not allow it: a token without
+    /// the role or scope a rule needs, or a signed link that is altered, expired
+    /// or for another client (403).
+    Forbidden,
+    /// The keys to check credentials with are not at hand yet (the issuer has not
+    /// answered since start) (503).
+    AuthUnavailable,
 }
 
 impl Cause {
     /// Every cause.
-    pub const ALL: [Cause; 19] = [
+    pub const ALL: [Cause; 22] = [
         Cause::NoRoute,
         Cause::RateLimited,
         Cause::BodyTooLarge,
@@ -77,6 +87,9 @@ impl Cause {
         Cause::IdempotencyConflict,
         Cause::IdempotencyMismatch,
         Cause::IdempotencyUnavailable,
+        Cause::Unauthenticated,
+        Cause::Forbidden,
+        Cause::AuthUnavailable,
     ];
 
     /// Its stable name: the value of `x-palisade-cause`, the name `fallback.on`
@@ -102,6 +115,9 @@ impl Cause {
             Cause::IdempotencyConflict => "idempotency_conflict",
             Cause::IdempotencyMismatch => "idempotency_mismatch",
             Cause::IdempotencyUnavailable => "idempotency_unavailable",
+            Cause::Unauthenticated => "unauthenticated",
+            Cause::Forbidden => "forbidden",
+            Cause::AuthUnavailable => "auth_unavailable",
         }
     }
 
@@ -119,7 +135,10 @@ impl Cause {
             | Cause::Shed
             | Cause::FaultInjected
             | Cause::QueueUnavailable
-            | Cause::IdempotencyUnavailable => 503,
+            | Cause::IdempotencyUnavailable
+            | Cause::AuthUnavailable => 503,
+            Cause::Unauthenticated => 401,
+            Cause::Forbidden => 403,
             Cause::IdempotencyConflict => 409,
             Cause::IdempotencyMismatch => 422,
             Cause::Timeout => 504,
@@ -140,6 +159,8 @@ impl Cause {
                 | Cause::ClientTimeout
                 | Cause::IdempotencyConflict
                 | Cause::IdempotencyMismatch
+                | Cause::Unauthenticated
+                | Cause::Forbidden
         )
     }
 }

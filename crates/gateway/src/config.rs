@@ -85,6 +85,186 @@ pub struct GatewaySection {
     pub cache: Option<CacheSection>,
     /// Where routes with an `idempotency` table keep keys and answers.
     pub idempotency: Option<IdempotencySection>,
+    /// Token issuers routes' `auth` tables name, by name.
+    pub jwt: BTreeMap<String, JwtProviderSection>,
+}
+
+/// `[gateway.jwt.<name>]`: a token issuer and how its tokens are checked. Its keys
+/// come from a JWKS file, a JWKS URL, or OIDC discovery; a URL's set is fetched
+/// before its routes serve, refreshed every `refresh`, fetched again (at most once
+/// per `min_refetch_interval`) when a token names a key it does not hold, and kept
+/// when a fetch fails.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtProviderSection {
+    /// The `iss` its tokens must carry (unchecked when unset).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// A token's `aud` must name one of these (unchecked when empty).
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// The algorithms accepted (`none` is never one).
+    #[serde(default = "default_jwt_algorithms")]
+    pub algorithms: Vec<String>,
+    /// A JWKS document's URL (`https://`, or `http://` on a trusted network).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// An OpenID Connect issuer's URL: its `/.well-known/openid-configuration`
+    /// names the JWKS URL.
+    #[serde(default)]
+    pub discovery: Option<String>,
+    /// A JWKS document on disk (read at start and on reload).
+    #[serde(default)]
+    pub keys_file: Option<std::path::PathBuf>,
+    /// PEM file of the CAs trusted for `https` fetches (default: the Mozilla roots).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway: Dur,
+    /// Whether a token without `exp` is refused.
+    #[serde(default = "default_true")]
+    pub require_exp: bool,
+    /// How often a fetched key set is fetched again.
+    #[serde(default = "default_jwt_refresh")]
+    pub refresh: Dur,
+    /// The least time between two fetches for tokens naming unknown keys.
+    #[serde(default = "default_jwt_min_refetch")]
+    pub min_refetch_interval: Dur,
+    /// The longest a fetch may take.
+    #[serde(default = "default_jwt_fetch_timeout")]
+    pub fetch_timeout: Dur,
+    /// The longest token accepted, in bytes (longer ones are a `401` unread).
+    #[serde(default = "default_jwt_max_token")]
+    pub max_token_bytes: usize,
+    /// Verified tokens kept per route, so a token's signature is checked once.
+    #[serde(default = "default_jwt_cached")]
+    pub cached_tokens: usize,
+}
+
+fn default_jwt_algorithms() -> Vec<String> {
+    vec!["ES256".into(), "RS256".into()]
+}
+fn default_jwt_leeway() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_jwt_refresh() -> Dur {
+    Dur(Duration::from_secs(600))
+}
+fn default_jwt_min_refetch() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_jwt_fetch_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_jwt_max_token() -> usize {
+    8192
+}
+fn default_jwt_cached() -> usize {
+    10_000
+}
+
+/// A route's token authentication and access rules (`auth = { jwt = "<name>" }`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The `[gateway.jwt.<name>]` whose tokens the route takes.
+    pub jwt: String,
+    /// The rules, tried in order: the first covering a request decides.
+    #[serde(default)]
+    pub rules: Vec<AccessRule>,
+    /// What a request no rule covers gets: `allow` (any valid token) or `deny`.
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    /// The claim holding roles (dots go into objects: `realm_access.roles`).
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// The claim holding scopes (a space-separated string or an array).
+    #[serde(default = "default_scopes_claim")]
+    pub scopes_claim: String,
+    /// Claims forwarded upstream, claim to header (`{ sub = "x-user-id" }`); a
+    /// client's own copies of those headers are removed.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+    /// Whether the client's `Authorization` header goes upstream too.
+    #[serde(default = "default_true")]
+    pub forward_token: bool,
+}
+
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+fn default_scopes_claim() -> String {
+    "scope".into()
+}
+
+/// What a request no access rule covers gets.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unmatched {
+    /// Served with any valid token.
+    #[default]
+    Allow,
+    /// A `403`.
+    Deny,
+}
+
+/// One access rule: the requests it covers (`methods`, `path_prefix`) and what
+/// their token must carry.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// Methods covered (every one when empty).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// The path prefix covered (every path when unset).
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Roles the token must hold.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Scopes the token must hold.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// `any` (default) or `all` of the roles, and of the scopes.
+    #[serde(default)]
+    pub need: NeedConfig,
+}
+
+/// Any or all (see [`AccessRule::need`]).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum NeedConfig {
+    /// One of them.
+    #[default]
+    Any,
+    /// Every one.
+    All,
+}
+
+/// A route's signed URLs (valet keys): a request must carry a link signed with
+/// one of `keys` (`palisade sign-url` prints one).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SignedUrlConfig {
+    /// Keys by id; each secret (at least 32 bytes) read from a file or an
+    /// environment variable, never written in this file.
+    pub keys: BTreeMap<String, SecretSource>,
+    /// The key new links are signed with; the others still verify (rotation).
+    pub current: String,
+}
+
+/// Where a secret is read from: `{ file = "/path" }` (its bytes, a final newline
+/// dropped) or `{ env = "NAME" }`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// A file holding the secret.
+    #[serde(default)]
+    pub file: Option<std::path::PathBuf>,
+    /// An environment variable holding it.
+    #[serde(default)]
+    pub env: Option<String>,
 }
 
 /// `[gateway.idempotency]`: the store of the routes' idempotency keys (every route
@@ -369,6 +549,7 @@ impl Default for GatewaySection {
             queue: None,
             cache: None,
             idempotency: None,
+            jwt: BTreeMap::new(),
         }
     }
 }
@@ -430,6 +611,12 @@ pub struct RouteConfig {
     /// `[gateway.idempotency]`).
     #[serde(default)]
     pub idempotency: Option<IdempotencyConfig>,
+    /// Token authentication and access rules: off unless this table is set.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// Signed URLs: off unless this table is set.
+    #[serde(default)]
+    pub signed_urls: Option<SignedUrlConfig>,
     /// `proxy` (default), or `async`: the request is stored in `[gateway.queue]`
     /// and answered `202 Accepted` with a status URL; a client `Idempotency-Key`
     /// stores it once.
@@ -1377,6 +1564,14 @@ impl Config {
                 ));
             }
             r.problems(&at, &mut p);
+            if let Some(a) = &r.auth
+                && !self.gateway.jwt.contains_key(&a.jwt)
+            {
+                p.push(ConfigError::new(
+                    format!("{at}.auth.jwt"),
+                    format!("no [gateway.jwt.{}] table", a.jwt),
+                ));
+            }
             if r.idempotency.is_some() {
                 if self.gateway.idempotency.is_none() {
                     p.push(ConfigError::new(

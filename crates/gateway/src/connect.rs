@@ -30,10 +30,9 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    /// Builds the TLS client for cluster `cluster` from `c`; `h2` offers HTTP/2 by
-    /// ALPN (else HTTP/1.1). Errors name the field.
-    pub fn new(cluster: &str, c: &UpstreamTlsConfig, h2: bool) -> Result<Self, ConfigError> {
-        let at = format!("clusters.{cluster}.tls");
+    /// Builds the TLS client configured by `c` (`at`: its path in the file); `h2`
+    /// offers HTTP/2 by ALPN (else HTTP/1.1). Errors name the field.
+    pub fn new(at: &str, c: &UpstreamTlsConfig, h2: bool) -> Result<Self, ConfigError> {
         let mut roots = RootCertStore::empty();
         match &c.ca_file {
             Some(path) => {
@@ -58,7 +57,7 @@ impl UpstreamTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::new(&at, e.to_string()))?
+            .map_err(|e| ConfigError::new(at, e.to_string()))?
             .with_root_certificates(roots);
         let mut config = match (&c.cert_file, &c.key_file) {
             (Some(cert), Some(key)) => {
@@ -76,12 +75,12 @@ impl UpstreamTls {
                         format!("cannot read a private key from {}: {e}", key.display()),
                     )
                 })?;
-                builder.with_client_auth_cert(chain, key).map_err(|e| {
-                    ConfigError::new(&at, format!("the key does not fit the certificate: {e}"))
-                })?
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| ConfigError::new(at, format!("the key does not fit the certificate: {e}")))?
             }
             (None, None) => builder.with_no_client_auth(),
-            _ => return Err(ConfigError::new(&at, "cert_file and key_file go together")),
+            _ => return Err(ConfigError::new(at, "cert_file and key_file go together")),
         };
         config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
         let server_name = match &c.server_name {

@@ -61,6 +61,8 @@ pub struct Route {
     pub cache: Option<crate::responses::RouteCache>,
     /// Its idempotency keys, when it has them.
     pub idempotency: Option<crate::idempotent::RouteIdempotency>,
+    /// Its signed URLs and token checks, when it has them.
+    pub guard: Option<crate::guard::RouteGuard>,
     /// Its metric handles.
     pub metrics: RouteMetrics,
 }
@@ -126,6 +128,7 @@ impl Route {
             mode: r.mode,
             cache,
             idempotency,
+            guard: parts.guard,
             metrics: RouteMetrics::new(&r.name),
         })
     }
@@ -316,11 +319,25 @@ pub(crate) struct RouteParts {
     pub(crate) matcher: Matcher,
     pub(crate) fallback: Option<Fallback>,
     pub(crate) hash_on: Option<HashKey>,
+    pub(crate) guard: Option<crate::guard::RouteGuard>,
 }
 
 impl RouteParts {
-    pub(crate) fn compile(r: &RouteConfig, at: &str, p: &mut Vec<ConfigError>) -> RouteParts {
+    pub(crate) fn compile(
+        r: &RouteConfig,
+        at: &str,
+        providers: &std::collections::HashMap<String, Arc<crate::keys::Provider>>,
+        p: &mut Vec<ConfigError>,
+    ) -> RouteParts {
         RouteParts {
+            guard: crate::guard::RouteGuard::compile(
+                &r.name,
+                r.auth.as_ref(),
+                r.signed_urls.as_ref(),
+                providers,
+                at,
+                p,
+            ),
             matcher: Matcher::compile(&r.matcher, &format!("{at}.match"), p),
             fallback: r
                 .fallback

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors};
 use crate::discovery::resolve_endpoints;
+use crate::keys::Provider;
 use crate::route::{Route, RouteMetrics, RouteParts};
 use crate::upstream::{Upstream, spawn_pool_sweeper};
 
@@ -38,6 +39,8 @@ pub struct Runtime {
     /// The routes' idempotency keys' store, once connected (one for every runtime
     /// a reload builds).
     pub idempotency: Arc<crate::idempotent::IdempotencySlot>,
+    /// Token issuers by name.
+    pub providers: HashMap<String, Arc<Provider>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -70,12 +73,17 @@ impl Runtime {
         // The file's own checks and the routes' values parsed, all reported at once;
         // clusters are built only from a configuration that passed both.
         let mut problems = config.validate().err().map_or_else(Vec::new, |e| e.0);
+        let providers: HashMap<String, Arc<Provider>> = (config.gateway.jwt.iter())
+            .filter_map(|(name, s)| {
+                Provider::compile(name, s, &mut problems).map(|p| (name.clone(), Arc::new(p)))
+            })
+            .collect();
         let route_at = |i: usize, name: &str| format!("routes[{i}] ({name})");
         let mut parts: Vec<RouteParts> = config
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| RouteParts::compile(r, &route_at(i, &r.name), &mut problems))
+            .map(|(i, r)| RouteParts::compile(r, &route_at(i, &r.name), &providers, &mut problems))
             .collect();
         if !problems.is_empty() {
             return Err(ConfigErrors(problems));
@@ -127,6 +135,7 @@ impl Runtime {
             queue: Arc::default(),
             responses: None,
             idempotency: Arc::default(),
+            providers,
             tasks: Vec::new(),
         })
     }
@@ -135,6 +144,12 @@ impl Runtime {
     /// resolved, and health, discovery and pool tasks started. Fails (starting
     /// nothing) if an endpoint cannot be resolved.
     pub async fn build(config: Config) -> Result<Runtime, ConfigErrors> {
+        Runtime::build_after(config, None).await
+    }
+
+    /// [`Runtime::build`] for a reload of `old`: issuers configured as before keep
+    /// the keys they had, so their routes serve at once.
+    pub async fn build_after(config: Config, old: Option<&Runtime>) -> Result<Runtime, ConfigErrors> {
         let mut rt = Runtime::compile(config)?;
         let mut problems = Vec::new();
         for (name, up) in &rt.clusters {
@@ -151,6 +166,7 @@ impl Runtime {
             let section = rt.config.gateway.cache.clone().unwrap_or_default();
             rt.responses = Some(Arc::new(crate::responses::Responses::build(&section)?));
         }
+        rt.start_key_fetches(old).await;
         let idle = rt.config.gateway.pool_idle_timeout.get();
         for (name, up) in &rt.clusters {
             let section = &rt.config.clusters[name];
@@ -159,6 +175,28 @@ impl Runtime {
             rt.tasks.push(spawn_pool_sweeper(up, idle));
         }
         Ok(rt)
+    }
+
+    /// Gives each issuer whose keys are fetched the keys `old` had for it, or (when
+    /// it has none) one fetch now, so its routes serve when the issuer answers;
+    /// then its refresh task. A fetch that fails is logged: its routes answer
+    /// `503 auth_unavailable` until one succeeds.
+    async fn start_key_fetches(&mut self, old: Option<&Runtime>) {
+        let fetched: Vec<Arc<Provider>> = self.providers.values().filter(|p| p.fetches()).cloned().collect();
+        for p in &fetched {
+            if let Some(o) = old.and_then(|o| o.providers.get(&p.name)) {
+                p.adopt(o);
+            }
+        }
+        let mut first = tokio::task::JoinSet::new();
+        for p in fetched.iter().filter(|p| p.ring.generation() == 0) {
+            let p = p.clone();
+            first.spawn(async move { p.fetch().await.is_ok() });
+        }
+        first.join_all().await;
+        for p in fetched {
+            self.tasks.push(tokio::spawn(p.refresh()));
+        }
     }
 
     /// Ready: every cluster has a healthy endpoint or may be empty.

@@ -524,7 +524,7 @@ impl Handle {
         {
             tracing::warn!("listener addresses changed; they take effect on restart");
         }
-        let mut next = Runtime::build(config).await?;
+        let mut next = Runtime::build_after(config, Some(&old)).await?;
         next.tunnels = old.tunnels.clone();
         next.queue = old.queue.clone();
         next.idempotency = old.idempotency.clone();

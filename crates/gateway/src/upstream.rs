@@ -259,7 +259,7 @@ impl Upstream {
             .collect();
         let h2 = s.speaks_h2();
         let tls = match &s.tls {
-            Some(t) => match UpstreamTls::new(name, t, h2) {
+            Some(t) => match UpstreamTls::new(&format!("clusters.{name}.tls"), t, h2) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     problems.push(e);

@@ -11,6 +11,7 @@ mod cached;
 mod classify;
 mod client_body;
 mod decide;
+mod guard;
 mod headers;
 mod hedge;
 mod idempotent;
@@ -172,6 +173,17 @@ pub async fn handle(
         );
         return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
     };
+    if let Some(guard) = &route.guard
+        && let Err(f) = Box::pin(guard::check(guard, &mut req, client.addr.ip())).await
+    {
+        return Ok(finish(
+            rt,
+            Some(route),
+            line,
+            started,
+            failure_response(&f, &request_id),
+        ));
+    }
     // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
     let asker = cached::Asker {
         from: (client, host),

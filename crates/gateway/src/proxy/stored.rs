@@ -63,6 +63,17 @@ pub(super) async fn handle(
         return super::handle(rt, req, client, active).await;
     }
     let line = line(&req);
+    if let Some(guard) = &route.guard
+        && let Err(f) = Box::pin(super::guard::check(guard, &mut req, client.addr.ip())).await
+    {
+        return Ok(super::finish(
+            r,
+            Some(route),
+            line,
+            started,
+            super::failure_response(&f, &request_id),
+        ));
+    }
     let resp = match store(r, route, req, (client, host), &request_id).await {
         Ok(resp) => resp,
         Err(f) => super::fallback_or_failure(route, &f, &request_id, true),
