@@ -916,6 +916,50 @@ pub struct RateLimitConfig {
     /// `warm-up`: how long a cold limit takes to reach the full rate.
     #[serde(default)]
     pub warm_up: Option<Dur>,
+    /// One limit shared by every gateway instance, kept in Redis (GCRA only).
+    #[serde(default)]
+    pub global: Option<GlobalLimitConfig>,
+}
+
+/// A rate limit kept in Redis, shared by every instance (`rate_limit.global`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalLimitConfig {
+    /// The Redis (`redis://host:port/db`).
+    pub redis: String,
+    /// What the route does while Redis cannot answer (no default: say which).
+    pub when_redis_down: WhenRedisDown,
+    /// How many instances share the quota: with `local`, each applies
+    /// `requests / instances` (rounded up) on its own while Redis is down.
+    #[serde(default = "default_instances")]
+    pub instances: u32,
+    /// The longest wait for Redis; past it (and once its breaker is open, at once)
+    /// `when_redis_down` applies.
+    #[serde(default = "default_global_timeout")]
+    pub timeout: Dur,
+    /// The prefix of the limit's Redis keys (the route's name follows).
+    #[serde(default = "default_global_prefix")]
+    pub prefix: String,
+}
+
+fn default_instances() -> u32 {
+    1
+}
+fn default_global_timeout() -> Dur {
+    Dur(Duration::from_millis(25))
+}
+fn default_global_prefix() -> String {
+    "palisade:ratelimit:".into()
+}
+
+/// What a global limit does while Redis cannot answer.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenRedisDown {
+    /// Every request passes (counted).
+    FailOpen,
+    /// Each instance applies its share of the quota on its own.
+    Local,
 }
 
 /// How a route's rate limit is kept.

@@ -41,6 +41,8 @@ pub struct Route {
     pub retry: Option<RouteRetry>,
     /// Rate limit.
     pub limiter: Option<RouteLimiter>,
+    /// Rate limit shared through Redis, when it has one (then `limiter` is none).
+    pub global_limit: Option<crate::global_limit::GlobalLimit>,
     /// Fallback answer.
     pub fallback: Option<Fallback>,
     /// Hash key source.
@@ -79,8 +81,14 @@ impl Route {
         p: &mut Vec<ConfigError>,
     ) -> Option<Route> {
         let per_try_timeout = r.per_try_timeout.map_or(r.timeout.get(), |d| d.get());
-        let limiter =
-            (r.rate_limit.as_ref()).and_then(|l| RouteLimiter::compile(l, &format!("{at}.rate_limit"), p));
+        // A global limit keeps the quota in Redis; its local share is its own.
+        let global_limit = (r.rate_limit.as_ref()).and_then(|l| {
+            let g = l.global.as_ref()?;
+            crate::global_limit::GlobalLimit::compile(&r.name, l, g, &format!("{at}.rate_limit"), p)
+        });
+        let limiter = (r.rate_limit.as_ref())
+            .filter(|l| l.global.is_none())
+            .and_then(|l| RouteLimiter::compile(l, &format!("{at}.rate_limit"), p));
         let retry = (r.retry.as_ref()).and_then(|c| RouteRetry::compile(c, &format!("{at}.retry"), p));
         let fault = (r.fault.as_ref()).and_then(|f| RouteFault::compile(f, &format!("{at}.fault"), p));
         let deadline =
@@ -118,6 +126,7 @@ impl Route {
             body_idle_timeout: r.body_idle_timeout.get(),
             retry,
             limiter,
+            global_limit,
             fallback: parts.fallback,
             hash_on: parts.hash_on,
             fault,

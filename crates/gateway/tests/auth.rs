@@ -504,27 +504,12 @@ async fn signed_urls_pass_and_every_altered_expired_or_misplaced_link_is_a_403_s
     let (old_key, new_key) = ([7u8; 32], [9u8; 40]);
     std::fs::write(dir.join("old"), old_key).unwrap();
     std::fs::write(dir.join("new"), new_key).unwrap();
-    let text = format!(
-        r#"[gateway]
-listen = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-watch_config = false
-
-[[routes]]
-name = "files"
-match = {{ path_prefix = "/files" }}
-cluster = "c"
-signed_urls = {{ current = "new", keys = {{ old = {{ file = "{old}" }}, new = {{ file = "{new}" }} }} }}
-
-[clusters.c]
-endpoints = ["{up}"]
-"#,
-        old = dir.join("old").display(),
-        new = dir.join("new").display(),
+    let keys = format!(
+        "signed_urls = {{ current = \"new\", keys = {{ old = {{ file = \"{}\" }}, new = {{ file = \"{}\" }} }} }}",
+        dir.join("old").display(),
+        dir.join("new").display(),
     );
-    let gw = palisade_gateway::start(Config::from_toml(&text).unwrap(), None)
-        .await
-        .unwrap();
+    let gw = support::one_route_gateway(up, "files", &keys).await;
     let signer = palisade_edge::UrlSigner::new(
         [("old".into(), old_key.to_vec()), ("new".into(), new_key.to_vec())],
         "new",

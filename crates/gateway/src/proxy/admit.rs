@@ -221,11 +221,7 @@ struct Gates {
 /// injection.
 fn gates<B>(route: &Route, req: &Request<B>, client: SocketAddr) -> Result<Gates, Failure> {
     let pace = match route.limiter.as_ref().map(|l| l.check(req, client.ip())) {
-        Some(Err(limited)) => {
-            let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
-            f.headers = RateLimitHeaders::from(&limited).to_pairs();
-            return Err(f);
-        }
+        Some(Err(limited)) => return Err(rate_limited(&RateLimitHeaders::from(&limited))),
         Some(Ok(allowed)) => allowed.wait(),
         None => std::time::Duration::ZERO,
     };
@@ -252,6 +248,27 @@ fn gates<B>(route: &Route, req: &Request<B>, client: SocketAddr) -> Result<Gates
         pace,
         client_deadline,
     })
+}
+
+/// A `429` with the limit's headers.
+pub(super) fn rate_limited(headers: &RateLimitHeaders) -> Failure {
+    let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");
+    f.headers = headers.to_pairs();
+    f
+}
+
+/// The route's global limit (kept in Redis), when it has one.
+pub(super) async fn global_limit<B>(
+    route: &Route,
+    req: &Request<B>,
+    client: SocketAddr,
+) -> Result<(), Failure> {
+    match &route.global_limit {
+        Some(g) => Box::pin(g.check(req, client.ip()))
+            .await
+            .map_err(|h| rate_limited(&h)),
+        None => Ok(()),
+    }
 }
 
 /// Load shedding for a request to a cluster that sheds: a slot in its adaptive

@@ -319,6 +319,9 @@ async fn route_request(
             "this gateway started without [gateway.queue]: restart it to store requests",
         ));
     }
+    if route.global_limit.is_some() {
+        admit::global_limit(route, &req, from.addr).await?;
+    }
     let (mut req, pending) = admit::prepare(rt, route, req, from, host, request_id)?;
     if let Some(body) = pending {
         (req.body, req.client_side) = body.watch().await?;

@@ -115,6 +115,7 @@ pub(super) async fn store(
         .get(&IDEMPOTENCY_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    super::admit::global_limit(route, &req, from.addr).await?;
     let req = req.map(super::admit::Inbound::Streaming);
     let (prepared, pending) = super::admit::prepare(rt, route, req, from, host, request_id)?;
     let parts = prepared.into_head();

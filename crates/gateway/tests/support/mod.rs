@@ -94,3 +94,82 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
 pub async fn get(addr: SocketAddr, path: &str) -> Answer {
     send(addr, Request::get(path).body(Full::default()).unwrap()).await
 }
+
+/// A Redis server of the test's own on a free loopback port (the binary
+/// `scripts/test` exports), for tests that stop or kill it.
+pub struct RedisServer {
+    /// Its port.
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers.
+    pub async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bin = std::env::var("PALISADE_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        let child = std::process::Command::new(bin)
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server could not be started");
+        let server = RedisServer { port, child };
+        let client = redis::Client::open(server.url()).unwrap();
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+            {
+                return server;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends it `signal` (`-STOP`, `-CONT`).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a gateway on fresh loopback ports with one route, `route` (its name),
+/// matching every path, to one cluster of endpoint `up`; `route_lines` add to the
+/// route's table.
+pub async fn one_route_gateway(up: SocketAddr, route: &str, route_lines: &str) -> Handle {
+    let text = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\n\
+         [[routes]]\nname = \"{route}\"\nmatch = {{ path_prefix = \"/\" }}\ncluster = \"c\"\n{route_lines}\n\n\
+         [clusters.c]\nendpoints = [\"{up}\"]\n"
+    );
+    palisade_gateway::start(palisade_gateway::Config::from_toml(&text).unwrap(), None)
+        .await
+        .unwrap()
+}

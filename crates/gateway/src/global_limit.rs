@@ -1,0 +1,290 @@
+//! A route's rate limit shared by every gateway instance through Redis
+//! (`rate_limit = { ..., global = { redis, when_redis_down } }`): GCRA in one Lua
+//! script, timed by Redis's own clock so the instances' clocks do not matter.
+//!
+//! A key refused is remembered until its retry time, so further requests for it
+//! are refused without a round trip. Every call is bounded by a timeout and a
+//! circuit breaker (open after 3 failures in a row, for 5 s, then one probe);
+//! while Redis cannot answer, the route does as its `when_redis_down` says:
+//! `fail-open` (every request passes, counted) or `local` (each instance applies
+//! its share of the quota on its own), never every request refused.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use palisade_resilience::breaker::{BreakerConfig, CircuitBreaker, OpenDuration};
+use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
+
+use crate::config::{ConfigError, GlobalLimitConfig, LimitKey, RateLimitConfig, WhenRedisDown};
+use crate::route::RouteLimiter;
+
+/// GCRA on Redis's clock: `{1, remaining, reset_us}` (the gateway sends limit
+/// headers with refusals only, as its local limiter does) or `{0, retry_after_us,
+/// reset_us}`. ARGV: the emission interval and the burst, in microseconds and
+/// requests.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - burst * interval
+if now < allow_at then
+  return {0, allow_at - now, tat - now}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, math.floor((now - allow_at) / interval), new_tat - now}
+";
+
+/// A route's global limit.
+pub struct GlobalLimit {
+    route: String,
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    breaker: CircuitBreaker,
+    timeout: Duration,
+    prefix: String,
+    script: Script,
+    limit: u32,
+    interval_us: u64,
+    burst: u32,
+    key: LimitKey,
+    /// The instance's share of the quota (`local`).
+    local: Option<RouteLimiter>,
+    /// Keys refused, until when.
+    over: Mutex<HashMap<String, Instant>>,
+    max_keys: usize,
+}
+
+impl std::fmt::Debug for GlobalLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalLimit")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What Redis said, or that it could not be asked.
+enum Verdict {
+    Allowed,
+    Refused(RateLimited),
+    Unavailable,
+}
+
+impl GlobalLimit {
+    /// Builds route `route`'s global limit from its `rate_limit` table `l` (`at`:
+    /// its path), problems to `p`.
+    pub(crate) fn compile(
+        route: &str,
+        l: &RateLimitConfig,
+        g: &GlobalLimitConfig,
+        at: &str,
+        p: &mut Vec<ConfigError>,
+    ) -> Option<GlobalLimit> {
+        let before = p.len();
+        if l.algorithm != crate::config::LimitAlgorithm::Gcra {
+            p.push(ConfigError::new(
+                format!("{at}.algorithm"),
+                "a global limit is GCRA (the default)",
+            ));
+        }
+        if g.timeout.get().is_zero() {
+            p.push(ConfigError::new(
+                format!("{at}.global.timeout"),
+                "must be more than 0",
+            ));
+        }
+        if g.instances == 0 {
+            p.push(ConfigError::new(
+                format!("{at}.global.instances"),
+                "must be at least 1",
+            ));
+        }
+        let client = redis::Client::open(g.redis.as_str())
+            .map_err(|e| p.push(ConfigError::new(format!("{at}.global.redis"), e.to_string())))
+            .ok();
+        let burst = l.burst.unwrap_or(l.requests);
+        let interval_us =
+            u64::try_from(l.per.get().as_micros() / u128::from(l.requests.max(1))).unwrap_or(u64::MAX);
+        if l.requests == 0 || burst == 0 || interval_us == 0 {
+            p.push(ConfigError::new(
+                format!("{at}.requests"),
+                "requests and burst must be at least 1, and requests per `per` at most a million a second",
+            ));
+        }
+        let local = match g.when_redis_down {
+            WhenRedisDown::Local => {
+                let share = |n: u32| n.div_ceil(g.instances.max(1)).max(1);
+                let mut local = l.clone();
+                local.global = None;
+                local.requests = share(l.requests);
+                local.burst = Some(share(burst));
+                RouteLimiter::compile(&local, at, p)
+            }
+            WhenRedisDown::FailOpen => None,
+        };
+        if p.len() > before {
+            return None;
+        }
+        let breaker = CircuitBreaker::builder(format!("ratelimit:{route}:redis"))
+            .config(
+                BreakerConfig::empty()
+                    .consecutive_failures(3)
+                    .open_duration(OpenDuration::Fixed(Duration::from_secs(5)))
+                    .half_open(1, 1),
+            )
+            .build()
+            .map_err(|e| p.push(ConfigError::new(format!("{at}.global"), e.to_string())))
+            .ok()?;
+        Some(GlobalLimit {
+            route: route.to_owned(),
+            client: client?,
+            conn: OnceCell::new(),
+            breaker,
+            timeout: g.timeout.get(),
+            prefix: format!("{}{route}:", g.prefix),
+            script: Script::new(GCRA),
+            limit: burst,
+            interval_us,
+            burst,
+            key: l.key.clone(),
+            local,
+            over: Mutex::new(HashMap::new()),
+            max_keys: l.max_keys,
+        })
+    }
+
+    /// Asks the limit for `req` from `client`: `Err` with the refusal's headers
+    /// when it is over.
+    pub async fn check<B>(&self, req: &http::Request<B>, client: IpAddr) -> Result<(), RateLimitHeaders> {
+        let key = match &self.key {
+            LimitKey::Global => String::new(),
+            LimitKey::ClientIp => client.to_string(),
+            LimitKey::Header(name) => (req.headers().get(name))
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+        };
+        let now = Instant::now();
+        if let Some(until) = self.refused_until(&key, now) {
+            self.count("refused_locally");
+            let wait = u64::try_from((until - now).as_nanos()).unwrap_or(u64::MAX);
+            return Err(RateLimitHeaders::from(&RateLimited::new(self.limit, wait, wait)));
+        }
+        match self.ask(&key).await {
+            Verdict::Allowed => {
+                self.count("allowed");
+                Ok(())
+            }
+            Verdict::Refused(r) => {
+                self.count("refused");
+                self.remember(key, now + r.retry_after());
+                Err(RateLimitHeaders::from(&r))
+            }
+            Verdict::Unavailable => self.when_unavailable(req, client),
+        }
+    }
+
+    fn when_unavailable<B>(&self, req: &http::Request<B>, client: IpAddr) -> Result<(), RateLimitHeaders> {
+        match &self.local {
+            Some(local) => {
+                self.count("local");
+                local
+                    .check(req, client)
+                    .map(drop)
+                    .map_err(|r| RateLimitHeaders::from(&r))
+            }
+            None => {
+                self.count("fail_open");
+                Ok(())
+            }
+        }
+    }
+
+    /// One call of the script, through the breaker and the timeout.
+    async fn ask(&self, key: &str) -> Verdict {
+        let Ok(permit) = self.breaker.try_acquire() else {
+            return Verdict::Unavailable;
+        };
+        let call = async {
+            let conn = self
+                .conn
+                .get_or_try_init(|| {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(250))))
+                        .set_response_timeout(None)
+                        .set_number_of_retries(1);
+                    ConnectionManager::new_with_config(self.client.clone(), config)
+                })
+                .await?;
+            let mut invocation = self.script.prepare_invoke();
+            invocation
+                .key(format!("{}{key}", self.prefix))
+                .arg(self.interval_us)
+                .arg(self.burst);
+            invocation
+                .invoke_async::<(i64, i64, i64)>(&mut conn.clone())
+                .await
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok((allowed, n, reset_us))) => {
+                permit.success();
+                let us = |v: i64| u64::try_from(v).unwrap_or(0).saturating_mul(1000);
+                if allowed == 1 {
+                    Verdict::Allowed
+                } else {
+                    Verdict::Refused(RateLimited::new(self.limit, us(n), us(reset_us)))
+                }
+            }
+            Ok(Err(e)) => {
+                permit.failure();
+                tracing::debug!(route = %self.route, error = %e, "global rate limit: Redis call failed");
+                Verdict::Unavailable
+            }
+            Err(_) => {
+                permit.failure();
+                Verdict::Unavailable
+            }
+        }
+    }
+
+    fn refused_until(&self, key: &str, now: Instant) -> Option<Instant> {
+        let over = self
+            .over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        over.get(key).copied().filter(|until| *until > now)
+    }
+
+    fn remember(&self, key: String, until: Instant) {
+        let mut over = self
+            .over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if over.len() >= self.max_keys {
+            let now = Instant::now();
+            over.retain(|_, t| *t > now);
+            if over.len() >= self.max_keys {
+                return;
+            }
+        }
+        over.insert(key, until);
+    }
+
+    fn count(&self, outcome: &'static str) {
+        metrics::counter!("palisade_global_limit_total", "route" => self.route.clone(), "outcome" => outcome)
+            .increment(1);
+    }
+
+    /// The breaker in front of Redis.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+}
