@@ -242,6 +242,48 @@ pub enum NeedConfig {
     All,
 }
 
+/// One way of a route's split: requests carrying `header` (or `cookie`) with
+/// `value` go to `cluster`; without them, a `weight` percent of the others do.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    /// Where they go.
+    pub cluster: String,
+    /// The percent of requests (0 to 100) not matched by a header or cookie rule.
+    #[serde(default)]
+    pub weight: Option<f64>,
+    /// A request header that sends a request here when it has `value`.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// A cookie that sends a request here when it has `value`.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// The header's or cookie's value.
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// A route's mirror (shadow traffic).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// The shadow cluster.
+    pub cluster: String,
+    /// The share of requests copied (0 to 1).
+    #[serde(default = "default_mirror_share")]
+    pub share: f64,
+    /// Copies in flight at once, at most; more are not sent (counted).
+    #[serde(default = "default_mirror_in_flight")]
+    pub max_in_flight: usize,
+}
+
+fn default_mirror_share() -> f64 {
+    1.0
+}
+fn default_mirror_in_flight() -> usize {
+    64
+}
+
 /// A route's signed URLs (valet keys): a request must carry a link signed with
 /// one of `keys` (`palisade sign-url` prints one).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -611,6 +653,14 @@ pub struct RouteConfig {
     /// `[gateway.idempotency]`).
     #[serde(default)]
     pub idempotency: Option<IdempotencyConfig>,
+    /// A traffic split (canary): requests sent to other clusters by weight, or by
+    /// a header's or cookie's value; the rest go to `cluster`.
+    #[serde(default)]
+    pub split: Vec<SplitConfig>,
+    /// A copy of a share of requests sent to a shadow cluster, its answers
+    /// discarded: off unless this table is set.
+    #[serde(default)]
+    pub mirror: Option<MirrorConfig>,
     /// Token authentication and access rules: off unless this table is set.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
@@ -1608,6 +1658,18 @@ impl Config {
                 ));
             }
             r.problems(&at, &mut p);
+            let named = (r.split.iter().enumerate())
+                .map(|(j, w)| (format!("{at}.split[{j}].cluster"), &w.cluster))
+                .chain(
+                    r.mirror
+                        .iter()
+                        .map(|m| (format!("{at}.mirror.cluster"), &m.cluster)),
+                );
+            for (field, cluster) in named {
+                if !self.clusters.contains_key(cluster) {
+                    p.push(ConfigError::new(field, format!("no cluster named `{cluster}`")));
+                }
+            }
             if let Some(a) = &r.auth
                 && !self.gateway.jwt.contains_key(&a.jwt)
             {

@@ -25,6 +25,7 @@ pub mod responses;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod split;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

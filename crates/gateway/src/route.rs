@@ -63,6 +63,10 @@ pub struct Route {
     pub cache: Option<crate::responses::RouteCache>,
     /// Its idempotency keys, when it has them.
     pub idempotency: Option<crate::idempotent::RouteIdempotency>,
+    /// Its traffic split, when it has one.
+    pub split: Option<crate::split::RouteSplit>,
+    /// Its mirror, when it has one.
+    pub mirror: Option<crate::split::RouteMirror>,
     /// Its signed URLs and token checks, when it has them.
     pub guard: Option<crate::guard::RouteGuard>,
     /// Its metric handles.
@@ -76,10 +80,15 @@ impl Route {
     pub(crate) fn compile(
         r: &RouteConfig,
         parts: RouteParts,
-        upstream: Option<Arc<Upstream>>,
+        clusters: &std::collections::HashMap<String, Arc<Upstream>>,
         at: &str,
         p: &mut Vec<ConfigError>,
     ) -> Option<Route> {
+        let upstream = clusters.get(&r.cluster).cloned();
+        let split = crate::split::RouteSplit::compile(&r.split, clusters, &format!("{at}.split"), p);
+        let mirror = (r.mirror.as_ref()).and_then(|m| {
+            crate::split::RouteMirror::compile(&r.name, m, clusters, &format!("{at}.mirror"), p)
+        });
         let per_try_timeout = r.per_try_timeout.map_or(r.timeout.get(), |d| d.get());
         // A global limit keeps the quota in Redis; its local share is its own.
         let global_limit = (r.rate_limit.as_ref()).and_then(|l| {
@@ -137,9 +146,21 @@ impl Route {
             mode: r.mode,
             cache,
             idempotency,
+            split,
+            mirror,
             guard: parts.guard,
             metrics: RouteMetrics::new(&r.name),
         })
+    }
+}
+
+impl Route {
+    /// The cluster `req` goes to: its split's choice, else the route's own.
+    pub fn upstream_for<B>(&self, req: &http::Request<B>) -> &Arc<Upstream> {
+        match &self.split {
+            Some(split) => split.pick(req).unwrap_or(&self.upstream),
+            None => &self.upstream,
+        }
     }
 }
 

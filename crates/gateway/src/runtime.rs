@@ -113,11 +113,10 @@ impl Runtime {
         }
         let mut routes = Vec::new();
         for ((i, r), parts) in config.routes.iter().enumerate().zip(parts.drain(..)) {
-            let upstream = clusters.get(&r.cluster).cloned();
             routes.extend(Route::compile(
                 r,
                 parts,
-                upstream,
+                &clusters,
                 &route_at(i, &r.name),
                 &mut problems,
             ));

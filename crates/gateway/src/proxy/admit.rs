@@ -108,6 +108,10 @@ impl PendingBody {
     }
 }
 
+/// The largest body read whole so a mirrored request's copy can carry it (with a
+/// `Content-Length`); larger ones go to the cluster alone.
+pub const MIRROR_BUFFER_BYTES: u64 = 64 << 10;
+
 /// A client's body read whole: up to `max` bytes (a `413` beyond), nothing
 /// coming for `idle` a `408`, a malformed one a `400`.
 pub(super) async fn read_whole(
@@ -126,6 +130,7 @@ pub(super) async fn read_whole(
 pub(super) fn prepare(
     rt: &Runtime,
     route: &Route,
+    (up, mirrored): (&Upstream, bool),
     mut req: Request<Inbound>,
     from: Downstream,
     host: Option<HeaderValue>,
@@ -152,7 +157,6 @@ pub(super) fn prepare(
             format!("body of {n} bytes is over the limit of {max_body}"),
         ));
     }
-    let up = &route.upstream;
     // An HTTP/1.1 upgrade (WebSocket and the like): the client's half of the
     // connection is taken now; it is joined to the endpoint's half if that answers 101.
     let upgrade = match super::upgrade_protocol(&req) {
@@ -177,7 +181,7 @@ pub(super) fn prepare(
         replayable_method
             && (declared.is_some_and(|n| n <= r.buffer_bytes)
                 || (declared.is_none() && super::body_is_empty(&parts)))
-    });
+    }) || (mirrored && declared.is_some_and(|n| n <= MIRROR_BUFFER_BYTES));
     let (body, pending) = match body {
         Inbound::Streaming(body) => PendingBody::unless_empty(body, can_buffer, rt),
         // Kept: a request read whole may be sent again.

@@ -51,8 +51,12 @@ impl Attempts {
     /// Picks an endpoint and asks its breaker. `None`: the breaker refused and
     /// another endpoint may be tried at once (a refusal sends nothing and is not an
     /// attempt; bounded by the number of endpoints).
-    pub(super) fn pick(&mut self, route: &Route, hash_key: Option<u64>) -> Result<Option<Picked>, Failure> {
-        let up = &route.upstream;
+    pub(super) fn pick(
+        &mut self,
+        route: &Route,
+        up: &Upstream,
+        hash_key: Option<u64>,
+    ) -> Result<Option<Picked>, Failure> {
         let pick = up.cluster.pick(hash_key, &self.tried).map_err(|e| match e {
             PickError::NoEndpoints => Failure::new(
                 Cause::NoHealthyEndpoint,
@@ -92,7 +96,13 @@ impl Attempts {
     /// A hedge for the attempt running on `first`: another endpoint, if the
     /// route's budget allows a hedge and one is available (a hedge that cannot go
     /// is no failure: the first attempt runs on).
-    pub(super) fn hedge(&mut self, route: &Route, req: &mut Prepared, first: SocketAddr) -> Option<Launch> {
+    pub(super) fn hedge(
+        &mut self,
+        route: &Route,
+        up: &Upstream,
+        req: &mut Prepared,
+        first: SocketAddr,
+    ) -> Option<Launch> {
         let budget = route.retry.as_ref().and_then(|r| r.policy.budget_ref());
         if budget.is_some_and(|b| !b.try_withdraw()) {
             metrics::counter!("palisade_retry_budget_exhausted_total", "route" => route.name.clone())
@@ -100,8 +110,8 @@ impl Attempts {
             return None;
         }
         self.tried.push(first);
-        let (ep, permit) = self.pick(route, req.hash_key).ok()??;
-        let request = req.next_request(ep.addr(), &route.upstream, self.last_chance(route));
+        let (ep, permit) = self.pick(route, up, req.hash_key).ok()??;
+        let request = req.next_request(ep.addr(), up, self.last_chance(route));
         Some(self.timed(route, ep, permit, request))
     }
 
@@ -303,7 +313,7 @@ mod tests {
         let route = &rt.routes[0];
         for _ in 0..4 {
             let mut attempts = Attempts::new(route, None);
-            let (ep, _permit) = attempts.pick(route, None).ok().flatten().unwrap();
+            let (ep, _permit) = attempts.pick(route, &route.upstream, None).ok().flatten().unwrap();
             assert_eq!(ep.addr().to_string(), B);
             assert!(!attempts.last_chance(route), "the first of two attempts");
         }
@@ -316,7 +326,7 @@ mod tests {
         trip(&rt, B);
         let route = &rt.routes[0];
         let mut attempts = Attempts::new(route, None);
-        let failure = match attempts.pick(route, None) {
+        let failure = match attempts.pick(route, &route.upstream, None) {
             Err(f) => f,
             Ok(_) => panic!("an endpoint was picked through an open breaker"),
         };
@@ -347,7 +357,7 @@ mod tests {
         let rt = runtime("");
         rt.clusters["c"].cluster.set_endpoints([]);
         let route = &rt.routes[0];
-        match Attempts::new(route, None).pick(route, None) {
+        match Attempts::new(route, None).pick(route, &route.upstream, None) {
             Err(f) => assert_eq!(f.cause, Cause::NoHealthyEndpoint),
             Ok(_) => panic!("picked from an empty cluster"),
         }

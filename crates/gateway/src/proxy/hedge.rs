@@ -10,17 +10,19 @@ use super::attempt::{Attempts, Launch};
 use super::{Attempted, Failure};
 use crate::load::RouteHedge;
 use crate::route::Route;
+use crate::upstream::Upstream;
+use std::sync::Arc;
 
 /// Runs the attempt `first`, hedged after the route's delay; the answer that wins
 /// (or, when both copies fail, the last failure).
 pub(super) async fn race(
     route: &Route,
+    up: &Arc<Upstream>,
     hedge: &RouteHedge,
     attempts: &mut Attempts,
     req: &mut Prepared,
     first: Launch,
 ) -> Result<Attempted, Failure> {
-    let up = &route.upstream;
     let first_addr = first.addr();
     let primary = first.send(up, None);
     tokio::pin!(primary);
@@ -29,7 +31,7 @@ pub(super) async fn race(
         done = &mut primary => return done.map(|a| recorded(hedge, a)),
         () = tokio::time::sleep(hedge.delay()) => {}
     }
-    let Some(second) = attempts.hedge(route, req, first_addr) else {
+    let Some(second) = attempts.hedge(route, up, req, first_addr) else {
         return primary.await.map(|a| recorded(hedge, a));
     };
     let copy = second.send(up, None);

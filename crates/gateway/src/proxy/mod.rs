@@ -322,11 +322,17 @@ async fn route_request(
     if route.global_limit.is_some() {
         admit::global_limit(route, &req, from.addr).await?;
     }
-    let (mut req, pending) = admit::prepare(rt, route, req, from, host, request_id)?;
+    let up = route.upstream_for(&req);
+    // A copy for the mirror, decided first: its body is then read whole if small.
+    let copy = route.mirror.as_ref().and_then(|m| Some((m, m.take()?)));
+    let (mut req, pending) = admit::prepare(rt, route, (up, copy.is_some()), req, from, host, request_id)?;
+    let complete = pending.is_none();
     if let Some(body) = pending {
         (req.body, req.client_side) = body.watch().await?;
     }
-    let up = &route.upstream;
+    if let Some((m, slot)) = copy {
+        mirror(route, (m, slot), &mut req, complete);
+    }
     // Held until the answer is complete: a streaming body or an open tunnel still
     // occupies the cluster.
     let slot = up
@@ -350,7 +356,7 @@ async fn route_request(
     let replayable = req.replayable_method && matches!(req.body, SendBody::Buffered(_));
     let hedge = route.hedge.as_ref().filter(|_| replayable);
     loop {
-        let Some((ep, permit)) = attempts.pick(route, req.hash_key)? else {
+        let Some((ep, permit)) = attempts.pick(route, up, req.hash_key)? else {
             continue;
         };
         // A hedge may follow: the request's head is then kept for its copy.
@@ -359,7 +365,7 @@ async fn route_request(
         let launch = attempts.timed(route, ep, permit, request);
         let mut attempted = match hedge {
             // Boxed: two attempts' state, kept off the unhedged path's future.
-            Some(h) => Box::pin(hedge::race(route, h, &mut attempts, &mut req, launch)).await?,
+            Some(h) => Box::pin(hedge::race(route, up, h, &mut attempts, &mut req, launch)).await?,
             None => launch.send(up, req.client_side.as_deref()).await?,
         };
         if let Some(delay) = attempts.retry_delay(route, replayable, &attempted.result, &attempted.outcome) {
@@ -380,6 +386,49 @@ async fn route_request(
         };
         return exchange.answer(attempted, &mut req.upgrade, slot, active);
     }
+}
+
+/// Sends a copy of `req` to the route's shadow cluster (the request was in the
+/// mirror's share and `slot` is its place among the copies in flight) when its
+/// body can be sent twice (read whole, or empty from the start: a streaming body,
+/// one over `MIRROR_BUFFER_BYTES` or of unknown length, goes to the cluster alone). The copy runs on a task of
+/// its own within the route's timeout; its answer is dropped and its failures are
+/// only counted, so the client never feels them.
+fn mirror(
+    route: &Route,
+    (m, slot): (&crate::split::RouteMirror, crate::split::MirrorSlot),
+    req: &mut admit::Prepared,
+    complete: bool,
+) {
+    if !(complete || matches!(req.body, SendBody::Buffered(_))) {
+        m.count("streaming");
+        return;
+    }
+    let up = m.upstream.clone();
+    let Ok(pick) = up.cluster.pick(req.hash_key, &[]) else {
+        m.count("no_endpoint");
+        return;
+    };
+    let addr = pick.endpoint.addr();
+    let mut copy = req.next_request(addr, &up, false);
+    copy.headers_mut().insert(
+        HeaderName::from_static("x-palisade-mirror"),
+        HeaderValue::from_static("1"),
+    );
+    let (sent, failed) = (m.counter("sent"), m.counter("failed"));
+    let timeout = route.timeout;
+    tokio::spawn(async move {
+        let _slot = slot;
+        match tokio::time::timeout(timeout, up.pool().send(addr, copy)).await {
+            Ok(Ok((resp, lease))) => {
+                // Read to its end, so the connection goes back to the pool.
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                drop(lease);
+                sent.increment(1);
+            }
+            _ => failed.increment(1),
+        }
+    });
 }
 
 /// What the gateway knows of the request being answered.

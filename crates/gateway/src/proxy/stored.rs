@@ -117,7 +117,8 @@ pub(super) async fn store(
         .map(str::to_string);
     super::admit::global_limit(route, &req, from.addr).await?;
     let req = req.map(super::admit::Inbound::Streaming);
-    let (prepared, pending) = super::admit::prepare(rt, route, req, from, host, request_id)?;
+    let (prepared, pending) =
+        super::admit::prepare(rt, route, (&route.upstream, false), req, from, host, request_id)?;
     let parts = prepared.into_head();
     let body = pending.map(super::admit::PendingBody::into_incoming);
     let max = rt.config.gateway.max_body_bytes;
