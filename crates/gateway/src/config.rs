@@ -242,6 +242,51 @@ pub enum NeedConfig {
     All,
 }
 
+/// A route serving a directory (`static_files = { root = "/srv/www" }`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticFilesConfig {
+    /// The directory served (must exist; read at start and on reload).
+    pub root: std::path::PathBuf,
+    /// The path prefix taken off before a path is looked up under `root`
+    /// (default: the route's `match.path_prefix`, else nothing).
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// The file served for a directory (none: a directory is a `404`).
+    #[serde(default = "default_index")]
+    pub index: Option<String>,
+    /// `Cache-Control` of every answer (none: not sent).
+    #[serde(default)]
+    pub cache_control: Option<String>,
+    /// Serve `<file>.br` / `<file>.gz` when the client accepts them and they exist.
+    #[serde(default = "default_true")]
+    pub precompressed: bool,
+    /// Symbolic links: `deny` (any link on the way is a `404`), `within-root`
+    /// (followed when they lead inside `root`) or `follow` (followed anywhere).
+    #[serde(default)]
+    pub symlinks: SymlinkPolicy,
+    /// Whether names starting with `.` (`.git`, `.env`) are served.
+    #[serde(default)]
+    pub hidden: bool,
+}
+
+fn default_index() -> Option<String> {
+    Some("index.html".into())
+}
+
+/// How a static route treats symbolic links.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SymlinkPolicy {
+    /// Any link on the way is a `404`.
+    #[default]
+    Deny,
+    /// Followed when it leads inside the root.
+    WithinRoot,
+    /// Followed anywhere.
+    Follow,
+}
+
 /// One way of a route's split: requests carrying `header` (or `cookie`) with
 /// `value` go to `cluster`; without them, a `weight` percent of the others do.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -605,8 +650,13 @@ pub struct RouteConfig {
     /// What the route matches.
     #[serde(default, rename = "match")]
     pub matcher: MatchConfig,
-    /// The cluster requests go to.
+    /// The cluster requests go to (none for a route that serves `static_files`).
+    #[serde(default)]
     pub cluster: String,
+    /// Files served from a directory instead of a cluster: off unless this table
+    /// is set.
+    #[serde(default)]
+    pub static_files: Option<StaticFilesConfig>,
     /// Total time for the request, retries included (504 beyond).
     #[serde(default = "default_timeout")]
     pub timeout: Dur,
@@ -1651,11 +1701,33 @@ impl Config {
                     format!("another route is called `{}`", r.name),
                 ));
             }
-            if !self.clusters.contains_key(&r.cluster) {
-                p.push(ConfigError::new(
+            match (&r.static_files, r.cluster.is_empty()) {
+                (Some(_), true) => {
+                    let proxy_only = [
+                        ("mode", r.mode == RouteMode::Async),
+                        ("split", !r.split.is_empty()),
+                        ("mirror", r.mirror.is_some()),
+                        ("cache", r.cache.is_some()),
+                        ("idempotency", r.idempotency.is_some()),
+                    ];
+                    for (key, set) in proxy_only {
+                        if set {
+                            p.push(ConfigError::new(
+                                format!("{at}.{key}"),
+                                "is for routes to a cluster; this one serves static_files",
+                            ));
+                        }
+                    }
+                }
+                (Some(_), false) => p.push(ConfigError::new(
+                    format!("{at}.cluster"),
+                    "a route serves static_files or proxies to a cluster, not both",
+                )),
+                (None, _) if !self.clusters.contains_key(&r.cluster) => p.push(ConfigError::new(
                     format!("{at}.cluster"),
                     format!("no cluster named `{}`", r.cluster),
-                ));
+                )),
+                (None, _) => {}
             }
             r.problems(&at, &mut p);
             let named = (r.split.iter().enumerate())

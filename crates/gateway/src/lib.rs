@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod connect;
 pub mod discovery;
+pub mod files;
 pub mod global_limit;
 pub mod guard;
 pub mod health;

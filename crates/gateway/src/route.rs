@@ -29,8 +29,10 @@ pub struct Route {
     pub name: String,
     /// What it matches.
     pub matcher: Matcher,
-    /// Where it sends.
-    pub upstream: Arc<Upstream>,
+    /// Where it sends (none for a route that serves files).
+    pub upstream: Option<Arc<Upstream>>,
+    /// The directory it serves, when it serves files.
+    pub files: Option<crate::files::StaticFiles>,
     /// Total timeout.
     pub timeout: Duration,
     /// Per-attempt timeout.
@@ -85,6 +87,14 @@ impl Route {
         p: &mut Vec<ConfigError>,
     ) -> Option<Route> {
         let upstream = clusters.get(&r.cluster).cloned();
+        let files = (r.static_files.as_ref()).and_then(|f| {
+            crate::files::StaticFiles::compile(
+                f,
+                r.matcher.path_prefix.as_deref(),
+                &format!("{at}.static_files"),
+                p,
+            )
+        });
         let split = crate::split::RouteSplit::compile(&r.split, clusters, &format!("{at}.split"), p);
         let mirror = (r.mirror.as_ref()).and_then(|m| {
             crate::split::RouteMirror::compile(&r.name, m, clusters, &format!("{at}.mirror"), p)
@@ -129,7 +139,11 @@ impl Route {
         Some(Route {
             name: r.name.clone(),
             matcher: parts.matcher,
-            upstream: upstream?,
+            upstream: match &files {
+                Some(_) => None,
+                None => Some(upstream?),
+            },
+            files,
             timeout: r.timeout.get(),
             per_try_timeout,
             body_idle_timeout: r.body_idle_timeout.get(),
@@ -155,11 +169,12 @@ impl Route {
 }
 
 impl Route {
-    /// The cluster `req` goes to: its split's choice, else the route's own.
-    pub fn upstream_for<B>(&self, req: &http::Request<B>) -> &Arc<Upstream> {
+    /// The cluster `req` goes to: its split's choice, else the route's own (none
+    /// for a route that serves files).
+    pub fn upstream_for<B>(&self, req: &http::Request<B>) -> Option<&Arc<Upstream>> {
         match &self.split {
-            Some(split) => split.pick(req).unwrap_or(&self.upstream),
-            None => &self.upstream,
+            Some(split) => split.pick(req).or(self.upstream.as_ref()),
+            None => self.upstream.as_ref(),
         }
     }
 }

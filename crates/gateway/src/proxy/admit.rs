@@ -224,11 +224,7 @@ struct Gates {
 /// the client's deadline (one already passed is answered at once), its fault
 /// injection.
 fn gates<B>(route: &Route, req: &Request<B>, client: SocketAddr) -> Result<Gates, Failure> {
-    let pace = match route.limiter.as_ref().map(|l| l.check(req, client.ip())) {
-        Some(Err(limited)) => return Err(rate_limited(&RateLimitHeaders::from(&limited))),
-        Some(Ok(allowed)) => allowed.wait(),
-        None => std::time::Duration::ZERO,
-    };
+    let pace = local_limit(route, req, client)?;
     let client_deadline = route.deadline.as_ref().and_then(|d| d.incoming(req.headers()));
     if client_deadline.is_some_and(|d| d.is_zero()) {
         return Err(Failure::new(Cause::Timeout, "the client's deadline had passed"));
@@ -252,6 +248,19 @@ fn gates<B>(route: &Route, req: &Request<B>, client: SocketAddr) -> Result<Gates
         pace,
         client_deadline,
     })
+}
+
+/// The route's own rate limit: the wait a pacing limit asks for, or a `429`.
+pub(super) fn local_limit<B>(
+    route: &Route,
+    req: &Request<B>,
+    client: SocketAddr,
+) -> Result<std::time::Duration, Failure> {
+    match route.limiter.as_ref().map(|l| l.check(req, client.ip())) {
+        Some(Err(limited)) => Err(rate_limited(&RateLimitHeaders::from(&limited))),
+        Some(Ok(allowed)) => Ok(allowed.wait()),
+        None => Ok(std::time::Duration::ZERO),
+    }
 }
 
 /// A `429` with the limit's headers.

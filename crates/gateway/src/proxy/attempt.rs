@@ -313,7 +313,11 @@ mod tests {
         let route = &rt.routes[0];
         for _ in 0..4 {
             let mut attempts = Attempts::new(route, None);
-            let (ep, _permit) = attempts.pick(route, &route.upstream, None).ok().flatten().unwrap();
+            let (ep, _permit) = attempts
+                .pick(route, route.upstream.as_ref().unwrap(), None)
+                .ok()
+                .flatten()
+                .unwrap();
             assert_eq!(ep.addr().to_string(), B);
             assert!(!attempts.last_chance(route), "the first of two attempts");
         }
@@ -326,7 +330,7 @@ mod tests {
         trip(&rt, B);
         let route = &rt.routes[0];
         let mut attempts = Attempts::new(route, None);
-        let failure = match attempts.pick(route, &route.upstream, None) {
+        let failure = match attempts.pick(route, route.upstream.as_ref().unwrap(), None) {
             Err(f) => f,
             Ok(_) => panic!("an endpoint was picked through an open breaker"),
         };
@@ -357,7 +361,7 @@ mod tests {
         let rt = runtime("");
         rt.clusters["c"].cluster.set_endpoints([]);
         let route = &rt.routes[0];
-        match Attempts::new(route, None).pick(route, &route.upstream, None) {
+        match Attempts::new(route, None).pick(route, route.upstream.as_ref().unwrap(), None) {
             Err(f) => assert_eq!(f.cause, Cause::NoHealthyEndpoint),
             Ok(_) => panic!("picked from an empty cluster"),
         }

@@ -184,6 +184,15 @@ pub async fn handle(
             failure_response(&f, &request_id),
         ));
     }
+    if let Some(files) = &route.files {
+        return Ok(finish(
+            rt,
+            Some(route),
+            line,
+            started,
+            Box::pin(serve_files(route, files, req, client, &request_id)).await,
+        ));
+    }
     // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
     let asker = cached::Asker {
         from: (client, host),
@@ -196,6 +205,32 @@ pub async fn handle(
         None => respond(&runtime, route, req.map(Inbound::Streaming), asker, &mut active).await,
     };
     Ok(finish(rt, Some(route), line, started, resp))
+}
+
+/// A request to a route that serves files: its limits asked (a pacing limit's
+/// wait kept), then the directory's answer.
+async fn serve_files(
+    route: &Route,
+    files: &crate::files::StaticFiles,
+    req: Request<Incoming>,
+    client: Downstream,
+    request_id: &HeaderValue,
+) -> Response<Body> {
+    let limited = async {
+        admit::global_limit(route, &req, client.addr).await?;
+        admit::local_limit(route, &req, client.addr)
+    };
+    let mut resp = match limited.await {
+        Ok(pace) => {
+            if !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
+            files.serve(&req).await
+        }
+        Err(f) => failure_response(&f, request_id),
+    };
+    resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+    resp
 }
 
 /// A route's answer to a request (past its idempotency keys): from its cache, or
@@ -322,7 +357,9 @@ async fn route_request(
     if route.global_limit.is_some() {
         admit::global_limit(route, &req, from.addr).await?;
     }
-    let up = route.upstream_for(&req);
+    let Some(up) = route.upstream_for(&req) else {
+        return Err(Failure::new(Cause::NoHealthyEndpoint, "the route has no cluster"));
+    };
     // A copy for the mirror, decided first: its body is then read whole if small.
     let copy = route.mirror.as_ref().and_then(|m| Some((m, m.take()?)));
     let (mut req, pending) = admit::prepare(rt, route, (up, copy.is_some()), req, from, host, request_id)?;

@@ -117,8 +117,9 @@ pub(super) async fn store(
         .map(str::to_string);
     super::admit::global_limit(route, &req, from.addr).await?;
     let req = req.map(super::admit::Inbound::Streaming);
-    let (prepared, pending) =
-        super::admit::prepare(rt, route, (&route.upstream, false), req, from, host, request_id)?;
+    let up = (route.upstream.as_ref())
+        .ok_or_else(|| Failure::new(Cause::NoHealthyEndpoint, "the route has no cluster"))?;
+    let (prepared, pending) = super::admit::prepare(rt, route, (up, false), req, from, host, request_id)?;
     let parts = prepared.into_head();
     let body = pending.map(super::admit::PendingBody::into_incoming);
     let max = rt.config.gateway.max_body_bytes;
@@ -254,7 +255,7 @@ pub(crate) async fn deliver(
     route: &Route,
     stored: StoredRequest,
 ) -> Result<StoredAnswer, String> {
-    let up = &route.upstream;
+    let up = route.upstream.as_ref().ok_or("the route has no cluster")?;
     let pick = up.cluster.pick(None, &[]).map_err(|e| match e {
         PickError::NoEndpoints => format!("cluster {} has no endpoints", up.name),
         PickError::NoHealthyEndpoint => format!("no healthy endpoint in cluster {}", up.name),
