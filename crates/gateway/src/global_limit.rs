@@ -61,6 +61,30 @@ pub struct GlobalLimit {
     /// Keys refused, until when.
     over: Mutex<HashMap<String, Instant>>,
     max_keys: usize,
+    /// `palisade_global_limit_total` by outcome, registered once.
+    counters: Counters,
+}
+
+/// The limit's counters by outcome.
+struct Counters {
+    allowed: metrics::Counter,
+    refused: metrics::Counter,
+    refused_locally: metrics::Counter,
+    fail_open: metrics::Counter,
+    local: metrics::Counter,
+}
+
+impl Counters {
+    fn new(route: &str) -> Self {
+        let c = |outcome: &'static str| metrics::counter!("palisade_global_limit_total", "route" => route.to_owned(), "outcome" => outcome);
+        Counters {
+            allowed: c("allowed"),
+            refused: c("refused"),
+            refused_locally: c("refused_locally"),
+            fail_open: c("fail_open"),
+            local: c("local"),
+        }
+    }
 }
 
 impl std::fmt::Debug for GlobalLimit {
@@ -158,6 +182,7 @@ impl GlobalLimit {
             local,
             over: Mutex::new(HashMap::new()),
             max_keys: l.max_keys,
+            counters: Counters::new(route),
         })
     }
 
@@ -174,17 +199,17 @@ impl GlobalLimit {
         };
         let now = Instant::now();
         if let Some(until) = self.refused_until(&key, now) {
-            self.count("refused_locally");
+            self.counters.refused_locally.increment(1);
             let wait = u64::try_from((until - now).as_nanos()).unwrap_or(u64::MAX);
             return Err(RateLimitHeaders::from(&RateLimited::new(self.limit, wait, wait)));
         }
         match self.ask(&key).await {
             Verdict::Allowed => {
-                self.count("allowed");
+                self.counters.allowed.increment(1);
                 Ok(())
             }
             Verdict::Refused(r) => {
-                self.count("refused");
+                self.counters.refused.increment(1);
                 self.remember(key, now + r.retry_after());
                 Err(RateLimitHeaders::from(&r))
             }
@@ -195,14 +220,14 @@ impl GlobalLimit {
     fn when_unavailable<B>(&self, req: &http::Request<B>, client: IpAddr) -> Result<(), RateLimitHeaders> {
         match &self.local {
             Some(local) => {
-                self.count("local");
+                self.counters.local.increment(1);
                 local
                     .check(req, client)
                     .map(drop)
                     .map_err(|r| RateLimitHeaders::from(&r))
             }
             None => {
-                self.count("fail_open");
+                self.counters.fail_open.increment(1);
                 Ok(())
             }
         }
@@ -276,11 +301,6 @@ impl GlobalLimit {
             }
         }
         over.insert(key, until);
-    }
-
-    fn count(&self, outcome: &'static str) {
-        metrics::counter!("palisade_global_limit_total", "route" => self.route.clone(), "outcome" => outcome)
-            .increment(1);
     }
 
     /// The breaker in front of Redis.

@@ -67,7 +67,7 @@ impl std::fmt::Debug for Handle {
 pub enum StartError {
     /// The configuration is wrong.
     #[error("invalid configuration:\n{0}")]
-    Config(#[from] ConfigErrors),
+    Config(ConfigErrors),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -82,6 +82,14 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+// Not `#[from]`: that would make the errors the source too, and a report of the
+// chain (`{:#}`) would print every problem twice.
+impl From<ConfigErrors> for StartError {
+    fn from(e: ConfigErrors) -> Self {
+        StartError::Config(e)
+    }
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle (`None`
