@@ -25,6 +25,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 
 use crate::config::{ConfigError, StaticFilesConfig, SymlinkPolicy};
+use crate::conn::ActiveGuard;
 use crate::{Body, BoxError, empty, full};
 
 /// A route's directory, compiled.
@@ -106,8 +107,9 @@ impl StaticFiles {
         })
     }
 
-    /// Answers `req` from the directory.
-    pub async fn serve<B>(&self, req: &Request<B>) -> Response<Body> {
+    /// Answers `req` from the directory; `active` (the request's mark on its
+    /// connection) is held until the file's body has been sent.
+    pub async fn serve<B>(&self, req: &Request<B>, active: Option<ActiveGuard>) -> Response<Body> {
         let head = req.method() == Method::HEAD;
         if req.method() != Method::GET && !head {
             let mut resp = plain(
@@ -127,7 +129,7 @@ impl StaticFiles {
             Some(f) => f,
             None => return plain(StatusCode::NOT_FOUND, "no such file"),
         };
-        self.answer(req.headers(), found, head).await
+        self.answer(req.headers(), found, head, active).await
     }
 
     /// The path under the root: the prefix taken off, each segment decoded once and
@@ -224,7 +226,13 @@ impl StaticFiles {
         }
     }
 
-    async fn answer(&self, asked: &HeaderMap, f: Found, head: bool) -> Response<Body> {
+    async fn answer(
+        &self,
+        asked: &HeaderMap,
+        f: Found,
+        head: bool,
+        active: Option<ActiveGuard>,
+    ) -> Response<Body> {
         let etag = etag(&f);
         let modified = f.modified.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut h = HeaderMap::new();
@@ -276,7 +284,7 @@ impl StaticFiles {
             empty()
         } else {
             match open(&f.path, start).await {
-                Some(file) => FileBody::new(file, len).boxed(),
+                Some(file) => FileBody::new(file, len, active).boxed(),
                 None => return plain(StatusCode::NOT_FOUND, "no such file"),
             }
         };
@@ -457,14 +465,18 @@ struct FileBody {
     file: tokio::fs::File,
     remaining: u64,
     buf: BytesMut,
+    /// The request stays in progress on its connection while its file is sent
+    /// (a long download is not an idle connection).
+    _active: Option<ActiveGuard>,
 }
 
 impl FileBody {
-    fn new(file: tokio::fs::File, len: u64) -> Self {
+    fn new(file: tokio::fs::File, len: u64, active: Option<ActiveGuard>) -> Self {
         FileBody {
             file,
             remaining: len,
             buf: BytesMut::new(),
+            _active: active,
         }
     }
 }

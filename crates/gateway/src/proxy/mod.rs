@@ -190,7 +190,7 @@ pub async fn handle(
             Some(route),
             line,
             started,
-            Box::pin(serve_files(route, files, req, client, &request_id)).await,
+            Box::pin(serve_files(route, files, req, client, &request_id, active.take())).await,
         ));
     }
     // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
@@ -235,6 +235,7 @@ async fn serve_files(
     req: Request<Incoming>,
     client: Downstream,
     request_id: &HeaderValue,
+    active: Option<ActiveGuard>,
 ) -> Response<Body> {
     let limited = async {
         admit::global_limit(route, &req, client.addr).await?;
@@ -245,7 +246,7 @@ async fn serve_files(
             if !pace.is_zero() {
                 tokio::time::sleep(pace).await;
             }
-            files.serve(&req).await
+            files.serve(&req, active).await
         }
         Err(f) => failure_response(&f, request_id),
     };
