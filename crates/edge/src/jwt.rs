@@ -266,10 +266,10 @@ pub fn verify(token: &str, keys: &KeySet, rules: &Rules, now: u64) -> Result<Ver
     let alg = Algorithm::from_str(&header.alg)
         .ok()
         .filter(|a| rules.algorithms.contains(a))
-        .ok_or_else(|| Rejection::Algorithm(header.alg.clone()))?;
+        .ok_or_else(|| Rejection::Algorithm(shown(&header.alg)))?;
     let key = keys.key(header.kid.as_deref()).ok_or(Rejection::UnknownKey)?;
     if !key.algorithms.contains(&alg) {
-        return Err(Rejection::Algorithm(header.alg));
+        return Err(Rejection::Algorithm(shown(&header.alg)));
     }
     let message = &token[..token.len() - signature.len() - 1];
     if !jsonwebtoken::crypto::verify(signature, message.as_bytes(), &key.key, alg).unwrap_or(false) {
@@ -299,6 +299,12 @@ pub fn verify(token: &str, keys: &KeySet, rules: &Rules, now: u64) -> Result<Ver
         expires,
         not_before,
     })
+}
+
+/// A token's own text as a refusal may repeat it: visible ASCII, at most 32
+/// characters (it ends up in a response header).
+fn shown(text: &str) -> String {
+    text.chars().filter(char::is_ascii_graphic).take(32).collect()
 }
 
 fn times(expires: Option<u64>, not_before: Option<u64>, rules: &Rules, now: u64) -> Result<(), Rejection> {
@@ -480,6 +486,19 @@ mod tests {
             Rejection::Malformed("exp")
         );
         assert_eq!(check(json!({})).unwrap_err(), Rejection::NoExpiry);
+    }
+
+    #[test]
+    fn a_refusal_repeats_a_tokens_algorithm_only_as_short_visible_text() {
+        let keys = set(vec![oct(Some("a"), json!({}))]).unwrap();
+        let header = URL_SAFE_NO_PAD
+            .encode(json!({ "alg": format!("x\r\nSet-Cookie: a=b{}", "y".repeat(100)) }).to_string());
+        let token = format!("{header}.{}.sig", URL_SAFE_NO_PAD.encode("{}"));
+        let Err(Rejection::Algorithm(shown)) = verify(&token, &keys, &rules(), 0) else {
+            panic!("refused for its algorithm");
+        };
+        assert_eq!(shown.len(), 32);
+        assert!(shown.chars().all(|c| c.is_ascii_graphic()), "{shown:?}");
     }
 
     #[test]
