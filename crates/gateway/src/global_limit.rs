@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 
 use palisade_resilience::breaker::{BreakerConfig, CircuitBreaker, OpenDuration};
 use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
-use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::OnceCell;
+
+use crate::script_conn::ScriptConn;
 
 use crate::config::{ConfigError, GlobalLimitConfig, LimitKey, RateLimitConfig, WhenRedisDown};
 use crate::route::RouteLimiter;
@@ -46,12 +45,10 @@ return {1, math.floor((now - allow_at) / interval), new_tat - now}
 /// A route's global limit.
 pub struct GlobalLimit {
     route: String,
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    conn: ScriptConn,
     breaker: CircuitBreaker,
     timeout: Duration,
     prefix: String,
-    script: Script,
     limit: u32,
     interval_us: u64,
     burst: u32,
@@ -131,8 +128,9 @@ impl GlobalLimit {
                 "must be at least 1",
             ));
         }
-        let client = redis::Client::open(g.redis.as_str())
-            .map_err(|e| p.push(ConfigError::new(format!("{at}.global.redis"), e.to_string())))
+        let connect_timeout = g.timeout.get().max(Duration::from_millis(250));
+        let conn = ScriptConn::new(&g.redis, GCRA, connect_timeout)
+            .map_err(|e| p.push(ConfigError::new(format!("{at}.global.redis"), e)))
             .ok();
         let burst = l.burst.unwrap_or(l.requests);
         let interval_us =
@@ -169,12 +167,10 @@ impl GlobalLimit {
             .ok()?;
         Some(GlobalLimit {
             route: route.to_owned(),
-            client: client?,
-            conn: OnceCell::new(),
+            conn: conn?,
             breaker,
             timeout: g.timeout.get(),
             prefix: format!("{}{route}:", g.prefix),
-            script: Script::new(GCRA),
             limit: burst,
             interval_us,
             burst,
@@ -238,28 +234,10 @@ impl GlobalLimit {
         let Ok(permit) = self.breaker.try_acquire() else {
             return Verdict::Unavailable;
         };
-        let call = async {
-            let conn = self
-                .conn
-                .get_or_try_init(|| {
-                    let config = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(250))))
-                        .set_response_timeout(None)
-                        .set_number_of_retries(1);
-                    ConnectionManager::new_with_config(self.client.clone(), config)
-                })
-                .await?;
-            let mut invocation = self.script.prepare_invoke();
-            invocation
-                .key(format!("{}{key}", self.prefix))
-                .arg(self.interval_us)
-                .arg(self.burst);
-            invocation
-                .invoke_async::<(i64, i64, i64)>(&mut conn.clone())
-                .await
-        };
+        let key = format!("{}{key}", self.prefix);
+        let call = self.conn.call(&key, [self.interval_us, u64::from(self.burst)]);
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok((allowed, n, reset_us))) => {
+            Ok(Ok([allowed, n, reset_us])) => {
                 permit.success();
                 let us = |v: i64| u64::try_from(v).unwrap_or(0).saturating_mul(1000);
                 if allowed == 1 {

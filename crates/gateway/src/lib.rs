@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod responses;
 pub mod route;
 pub mod runtime;
+pub mod script_conn;
 pub mod server;
 pub mod split;
 pub mod tls;

@@ -132,6 +132,45 @@ async fn redis_down_fails_open_or_falls_back_to_the_local_share_never_refusing_a
     assert_eq!(breaker.state(), palisade_resilience::breaker::State::Open);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_script_and_a_restarted_redis_are_used_again_without_a_restart() {
+    let server = RedisServer::start().await;
+    let (_, up) = upstream().await;
+    let limit = format!(
+        "requests = 2, per = \"1h\", key = \"header:x-key\", global = {{ redis = \"{}\", when_redis_down = \"fail-open\", timeout = \"2s\" }}",
+        server.url()
+    );
+    let gw = gateway(up, "recovering", &limit).await;
+    // A refusal comes only from Redis (fail-open passes everything): it comes after
+    // the two allowed and at most one failed call.
+    async fn refused_within(gw: &Handle, key: &str, n: usize) -> bool {
+        for _ in 0..n {
+            if get(gw, key).await.status == StatusCode::TOO_MANY_REQUESTS {
+                return true;
+            }
+        }
+        false
+    }
+    assert!(refused_within(&gw, "a", 3).await);
+    // The script cache flushed: one call meets NOSCRIPT, the next loads it again.
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert!(refused_within(&gw, "b", 4).await);
+    // Killed and started again on the same port: a new connection.
+    let port = server.port;
+    drop(server);
+    let _again = RedisServer::start_on(port).await;
+    assert!(refused_within(&gw, "c", 4).await);
+}
+
 async fn futures_collect(gw: &Handle, key: &str, n: usize) -> Vec<u16> {
     let mut out = Vec::new();
     for _ in 0..n {

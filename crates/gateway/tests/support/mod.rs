@@ -104,13 +104,18 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one and waits until it answers.
+    /// Starts one on a free port and waits until it answers.
     pub async fn start() -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        RedisServer::start_on(port).await
+    }
+
+    /// Starts one on `port` and waits until it answers.
+    pub async fn start_on(port: u16) -> RedisServer {
         let bin = std::env::var("PALISADE_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
         let child = std::process::Command::new(bin)
             .args([
