@@ -179,19 +179,15 @@ EOF
     echo $!
 }
 
-# Envoy as its users run it in front of one service: the route's timeout 5s with a
-# 1s per-try timeout and one retry on the same conditions as Palisade's, least
-# request balancing, a 1s connect timeout, outlier detection after 5 consecutive
-# 5xx (Envoy's breaker-like ejection; its `circuit_breakers` are concurrency caps,
-# left at their defaults), no access log, `WORKERS` worker threads.
-start_envoy() {
-    local port=$1 up=$2 dir="$work/envoy"
-    mkdir -p "$dir"
-    cat >"$dir/envoy.yaml" <<EOF
+# An Envoy configuration: one listener on port `$1` whose virtual host has the
+# routes `$3` (YAML at its `routes:` indentation) and the HTTP filters `$4` before
+# the router, and one cluster `up` of 127.0.0.1:`$2` with `$5` added to it.
+envoy_yaml() {
+    cat <<EOF
 static_resources:
   listeners:
   - name: bench
-    address: { socket_address: { address: 127.0.0.1, port_value: $port } }
+    address: { socket_address: { address: 127.0.0.1, port_value: $1 } }
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -203,15 +199,9 @@ static_resources:
             - name: all
               domains: ["*"]
               routes:
-              - match: { prefix: "/" }
-                route:
-                  cluster: up
-                  timeout: 5s
-                  retry_policy:
-                    retry_on: connect-failure,reset,refused-stream,gateway-error
-                    num_retries: 1
-                    per_try_timeout: 1s
+$3
           http_filters:
+$4
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -220,16 +210,39 @@ static_resources:
     type: STATIC
     connect_timeout: 1s
     lb_policy: LEAST_REQUEST
-    outlier_detection: { consecutive_5xx: 5 }
+$5
     load_assignment:
       cluster_name: up
       endpoints:
       - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $up } } }
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $2 } } }
 EOF
-    "$(envoy_bin)" -c "$dir/envoy.yaml" --concurrency "$WORKERS" --log-level error \
-        --disable-hot-restart >"$dir/out" 2>&1 &
+}
+
+# Runs Envoy on `$1/envoy.yaml` with `WORKERS` worker threads; prints its pid.
+run_envoy() {
+    "$(envoy_bin)" -c "$1/envoy.yaml" --concurrency "$WORKERS" --log-level error \
+        --disable-hot-restart >"$1/out" 2>&1 &
     echo $!
+}
+
+# Envoy as its users run it in front of one service: the route's timeout 5s with a
+# 1s per-try timeout and one retry on the same conditions as Palisade's, least
+# request balancing, a 1s connect timeout, outlier detection after 5 consecutive
+# 5xx (Envoy's breaker-like ejection; its `circuit_breakers` are concurrency caps,
+# left at their defaults), no access log, `WORKERS` worker threads.
+start_envoy() {
+    local port=$1 up=$2 dir="$work/envoy"
+    mkdir -p "$dir"
+    envoy_yaml "$port" "$up" '              - match: { prefix: "/" }
+                route:
+                  cluster: up
+                  timeout: 5s
+                  retry_policy:
+                    retry_on: connect-failure,reset,refused-stream,gateway-error
+                    num_retries: 1
+                    per_try_timeout: 1s' "" '    outlier_detection: { consecutive_5xx: 5 }' >"$dir/envoy.yaml"
+    run_envoy "$dir"
 }
 
 start_palisade() {
@@ -410,23 +423,7 @@ start_edge_envoy() {
     local port=$1 up=$2 jwks=$3 dir="$work/envoy-edge"
     mkdir -p "$dir"
     local inline; inline=$(python3 -c 'import json,sys; print(json.dumps(open(sys.argv[1]).read()))' "$jwks")
-    cat >"$dir/envoy.yaml" <<EOF
-static_resources:
-  listeners:
-  - name: bench
-    address: { socket_address: { address: 127.0.0.1, port_value: $port } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { path: "/local" }
+    envoy_yaml "$port" "$up" '              - match: { path: "/local" }
                 route: { cluster: up, timeout: 5s }
                 typed_per_filter_config:
                   envoy.filters.http.local_ratelimit:
@@ -436,11 +433,9 @@ static_resources:
                     filter_enabled: { default_value: { numerator: 100, denominator: HUNDRED } }
                     filter_enforced: { default_value: { numerator: 100, denominator: HUNDRED } }
               - match: { prefix: "/" }
-                route: { cluster: up, timeout: 5s }
-          http_filters:
-          - name: envoy.filters.http.jwt_authn
+                route: { cluster: up, timeout: 5s }' "          - name: envoy.filters.http.jwt_authn
             typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
               providers:
                 bench:
                   issuer: bench
@@ -449,29 +444,13 @@ static_resources:
                   local_jwks: { inline_string: $inline }
                   jwt_cache_config: { jwt_cache_size: 1000 }
               rules:
-              - match: { path: "/jwt" }
+              - match: { path: \"/jwt\" }
                 requires: { provider_name: bench }
           - name: envoy.filters.http.local_ratelimit
             typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
-              stat_prefix: local
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: up
-    type: STATIC
-    connect_timeout: 1s
-    lb_policy: LEAST_REQUEST
-    load_assignment:
-      cluster_name: up
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $up } } }
-EOF
-    "$(envoy_bin)" -c "$dir/envoy.yaml" --concurrency "$WORKERS" --log-level error \
-        --disable-hot-restart >"$dir/out" 2>&1 &
-    echo $!
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: local" "" >"$dir/envoy.yaml"
+    run_envoy "$dir"
 }
 
 edge_main() {
