@@ -49,9 +49,10 @@ pub struct GlobalLimit {
     breaker: CircuitBreaker,
     timeout: Duration,
     prefix: String,
-    limit: u32,
     interval_us: u64,
     burst: u32,
+    /// `X-RateLimit-Limit`: the requests per period, as the local GCRA says.
+    limit: u32,
     key: LimitKey,
     /// The instance's share of the quota (`local`).
     local: Option<RouteLimiter>,
@@ -171,8 +172,8 @@ impl GlobalLimit {
             breaker,
             timeout: g.timeout.get(),
             prefix: format!("{}{route}:", g.prefix),
-            limit: burst,
             interval_us,
+            limit: l.requests,
             burst,
             key: l.key.clone(),
             local,

@@ -206,3 +206,26 @@ endpoints = ["127.0.0.1:1"]
     let errors = Config::from_toml(&unsaid).expect_err("refused").to_string();
     assert!(errors.contains("when_redis_down"), "{errors}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_refusal_carries_the_local_limiters_limit_header() {
+    let redis = std::env::var("PALISADE_TEST_REDIS_URL")
+        .expect("PALISADE_TEST_REDIS_URL is not set: run the tests through scripts/test, which starts Redis");
+    let (_, up) = upstream().await;
+    let quota = "requests = 2, burst = 3, per = \"1h\", key = \"header:x-key\"";
+    let local = gateway(up, &unique("local"), quota).await;
+    let global = format!(
+        "{quota}, global = {{ redis = \"{redis}\", when_redis_down = \"fail-open\", timeout = \"2s\" }}"
+    );
+    let global = gateway(up, &unique("global"), &global).await;
+    let mut limits = Vec::new();
+    for gw in [&local, &global] {
+        for _ in 0..3 {
+            assert_eq!(get(gw, "k").await.status, StatusCode::OK);
+        }
+        let refused = get(gw, "k").await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        limits.push(refused.headers["x-ratelimit-limit"].clone());
+    }
+    assert_eq!(limits[0], limits[1]);
+}
