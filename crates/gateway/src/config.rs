@@ -1678,6 +1678,77 @@ impl Config {
         Ok(config)
     }
 
+    /// What route `r` (`at`: its path) names that the file lacks or that cannot go
+    /// together: its clusters (its own, its split's, its mirror's), a static route's
+    /// proxy-only keys, its issuer, its idempotency store, its queue.
+    fn reference_problems(&self, r: &RouteConfig, at: &str, p: &mut Vec<ConfigError>) {
+        let own = match (&r.static_files, r.cluster.is_empty()) {
+            (Some(_), true) => {
+                let proxy_only = [
+                    ("mode", r.mode == RouteMode::Async),
+                    ("split", !r.split.is_empty()),
+                    ("mirror", r.mirror.is_some()),
+                    ("cache", r.cache.is_some()),
+                    ("idempotency", r.idempotency.is_some()),
+                ];
+                for (key, _) in proxy_only.iter().filter(|(_, set)| *set) {
+                    p.push(ConfigError::new(
+                        format!("{at}.{key}"),
+                        "is for routes to a cluster; this one serves static_files",
+                    ));
+                }
+                None
+            }
+            (Some(_), false) => {
+                p.push(ConfigError::new(
+                    format!("{at}.cluster"),
+                    "a route serves static_files or proxies to a cluster, not both",
+                ));
+                None
+            }
+            (None, _) => Some((format!("{at}.cluster"), &r.cluster)),
+        };
+        let named = own
+            .into_iter()
+            .chain(
+                (r.split.iter().enumerate()).map(|(j, w)| (format!("{at}.split[{j}].cluster"), &w.cluster)),
+            )
+            .chain((r.mirror.iter()).map(|m| (format!("{at}.mirror.cluster"), &m.cluster)));
+        for (field, cluster) in named {
+            if !self.clusters.contains_key(cluster) {
+                p.push(ConfigError::new(field, format!("no cluster named `{cluster}`")));
+            }
+        }
+        if let Some(a) = &r.auth
+            && !self.gateway.jwt.contains_key(&a.jwt)
+        {
+            p.push(ConfigError::new(
+                format!("{at}.auth.jwt"),
+                format!("no [gateway.jwt.{}] table", a.jwt),
+            ));
+        }
+        if r.idempotency.is_some() {
+            if self.gateway.idempotency.is_none() {
+                p.push(ConfigError::new(
+                    format!("{at}.idempotency"),
+                    "keys are kept in a store: add a [gateway.idempotency] table (its store URL)",
+                ));
+            }
+            if r.mode == RouteMode::Async {
+                p.push(ConfigError::new(
+                    format!("{at}.idempotency"),
+                    "an async route stores a request once per Idempotency-Key by itself",
+                ));
+            }
+        }
+        if r.mode == RouteMode::Async && self.gateway.queue.is_none() {
+            p.push(ConfigError::new(
+                format!("{at}.mode"),
+                "`async` stores requests in a queue: add a [gateway.queue] table (its database)",
+            ));
+        }
+    }
+
     /// Checks what serde cannot and no compiled part checks for itself:
     /// references, ranges, names. Reports every problem. The rest is checked where
     /// it is turned into what runs, by `Runtime::compile` (which `palisade check`,
@@ -1701,75 +1772,8 @@ impl Config {
                     format!("another route is called `{}`", r.name),
                 ));
             }
-            match (&r.static_files, r.cluster.is_empty()) {
-                (Some(_), true) => {
-                    let proxy_only = [
-                        ("mode", r.mode == RouteMode::Async),
-                        ("split", !r.split.is_empty()),
-                        ("mirror", r.mirror.is_some()),
-                        ("cache", r.cache.is_some()),
-                        ("idempotency", r.idempotency.is_some()),
-                    ];
-                    for (key, set) in proxy_only {
-                        if set {
-                            p.push(ConfigError::new(
-                                format!("{at}.{key}"),
-                                "is for routes to a cluster; this one serves static_files",
-                            ));
-                        }
-                    }
-                }
-                (Some(_), false) => p.push(ConfigError::new(
-                    format!("{at}.cluster"),
-                    "a route serves static_files or proxies to a cluster, not both",
-                )),
-                (None, _) if !self.clusters.contains_key(&r.cluster) => p.push(ConfigError::new(
-                    format!("{at}.cluster"),
-                    format!("no cluster named `{}`", r.cluster),
-                )),
-                (None, _) => {}
-            }
             r.problems(&at, &mut p);
-            let named = (r.split.iter().enumerate())
-                .map(|(j, w)| (format!("{at}.split[{j}].cluster"), &w.cluster))
-                .chain(
-                    r.mirror
-                        .iter()
-                        .map(|m| (format!("{at}.mirror.cluster"), &m.cluster)),
-                );
-            for (field, cluster) in named {
-                if !self.clusters.contains_key(cluster) {
-                    p.push(ConfigError::new(field, format!("no cluster named `{cluster}`")));
-                }
-            }
-            if let Some(a) = &r.auth
-                && !self.gateway.jwt.contains_key(&a.jwt)
-            {
-                p.push(ConfigError::new(
-                    format!("{at}.auth.jwt"),
-                    format!("no [gateway.jwt.{}] table", a.jwt),
-                ));
-            }
-            if r.idempotency.is_some() {
-                if self.gateway.idempotency.is_none() {
-                    p.push(ConfigError::new(
-                        format!("{at}.idempotency"),
-                        "keys are kept in a store: add a [gateway.idempotency] table (its store URL)",
-                    ));
-                }
-                if r.mode == RouteMode::Async {
-                    p.push(ConfigError::new(
-                        format!("{at}.idempotency"),
-                        "an async route stores a request once per Idempotency-Key by itself",
-                    ));
-                }
-            }
-            if r.mode == RouteMode::Async && self.gateway.queue.is_none() {
-                p.push(ConfigError::new(
-                    format!("{at}.mode"),
-                    "`async` stores requests in a queue: add a [gateway.queue] table (its database)",
-                ));
-            }
+            self.reference_problems(r, &at, &mut p);
         }
         if let Some(q) = &self.gateway.queue {
             if !(q.database.starts_with("sqlite:")

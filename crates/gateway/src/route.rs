@@ -87,27 +87,11 @@ impl Route {
         p: &mut Vec<ConfigError>,
     ) -> Option<Route> {
         let upstream = clusters.get(&r.cluster).cloned();
-        let files = (r.static_files.as_ref()).and_then(|f| {
-            crate::files::StaticFiles::compile(
-                f,
-                r.matcher.path_prefix.as_deref(),
-                &format!("{at}.static_files"),
-                p,
-            )
-        });
         let split = crate::split::RouteSplit::compile(&r.split, clusters, &format!("{at}.split"), p);
         let mirror = (r.mirror.as_ref()).and_then(|m| {
             crate::split::RouteMirror::compile(&r.name, m, clusters, &format!("{at}.mirror"), p)
         });
         let per_try_timeout = r.per_try_timeout.map_or(r.timeout.get(), |d| d.get());
-        // A global limit keeps the quota in Redis; its local share is its own.
-        let global_limit = (r.rate_limit.as_ref()).and_then(|l| {
-            let g = l.global.as_ref()?;
-            crate::global_limit::GlobalLimit::compile(&r.name, l, g, &format!("{at}.rate_limit"), p)
-        });
-        let limiter = (r.rate_limit.as_ref())
-            .filter(|l| l.global.is_none())
-            .and_then(|l| RouteLimiter::compile(l, &format!("{at}.rate_limit"), p));
         let retry = (r.retry.as_ref()).and_then(|c| RouteRetry::compile(c, &format!("{at}.retry"), p));
         let fault = (r.fault.as_ref()).and_then(|f| RouteFault::compile(f, &format!("{at}.fault"), p));
         let deadline =
@@ -139,17 +123,17 @@ impl Route {
         Some(Route {
             name: r.name.clone(),
             matcher: parts.matcher,
-            upstream: match &files {
+            upstream: match &parts.files {
                 Some(_) => None,
                 None => Some(upstream?),
             },
-            files,
+            files: parts.files,
             timeout: r.timeout.get(),
             per_try_timeout,
             body_idle_timeout: r.body_idle_timeout.get(),
             retry,
-            limiter,
-            global_limit,
+            limiter: parts.limiter,
+            global_limit: parts.global_limit,
             fallback: parts.fallback,
             hash_on: parts.hash_on,
             fault,
@@ -365,6 +349,9 @@ pub(crate) struct RouteParts {
     pub(crate) fallback: Option<Fallback>,
     pub(crate) hash_on: Option<HashKey>,
     pub(crate) guard: Option<crate::guard::RouteGuard>,
+    pub(crate) files: Option<crate::files::StaticFiles>,
+    pub(crate) limiter: Option<RouteLimiter>,
+    pub(crate) global_limit: Option<crate::global_limit::GlobalLimit>,
 }
 
 impl RouteParts {
@@ -374,7 +361,19 @@ impl RouteParts {
         providers: &std::collections::HashMap<String, Arc<crate::keys::Provider>>,
         p: &mut Vec<ConfigError>,
     ) -> RouteParts {
+        let limit_at = format!("{at}.rate_limit");
         RouteParts {
+            files: (r.static_files.as_ref()).and_then(|f| {
+                let prefix = r.matcher.path_prefix.as_deref();
+                crate::files::StaticFiles::compile(f, prefix, &format!("{at}.static_files"), p)
+            }),
+            // A global limit keeps the quota in Redis; its local share is its own.
+            global_limit: (r.rate_limit.as_ref()).and_then(|l| {
+                crate::global_limit::GlobalLimit::compile(&r.name, l, l.global.as_ref()?, &limit_at, p)
+            }),
+            limiter: (r.rate_limit.as_ref())
+                .filter(|l| l.global.is_none())
+                .and_then(|l| RouteLimiter::compile(l, &limit_at, p)),
             guard: crate::guard::RouteGuard::compile(
                 &r.name,
                 r.auth.as_ref(),

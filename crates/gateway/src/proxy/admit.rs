@@ -263,6 +263,18 @@ pub(super) fn local_limit<B>(
     }
 }
 
+/// A place in the cluster's bulkhead, when it has one, or a `503 bulkhead_full`.
+pub(super) fn bulkhead_slot(
+    up: &Upstream,
+) -> Result<Option<palisade_resilience::bulkhead::BulkheadPermit>, Failure> {
+    (up.bulkhead.as_ref())
+        .map(|b| {
+            b.try_acquire()
+                .map_err(|e| Failure::new(Cause::BulkheadFull, e.to_string()))
+        })
+        .transpose()
+}
+
 /// A `429` with the limit's headers.
 pub(super) fn rate_limited(headers: &RateLimitHeaders) -> Failure {
     let mut f = Failure::new(Cause::RateLimited, "route rate limit reached");

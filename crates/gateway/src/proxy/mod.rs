@@ -173,25 +173,11 @@ pub async fn handle(
         );
         return Ok(finish(rt, None, line, started, failure_response(&f, &request_id)));
     };
-    if let Some(guard) = &route.guard
-        && let Err(f) = Box::pin(guard::check(guard, &mut req, client.addr.ip())).await
+    // Boxed, and asked only of routes that have a gatekeeper or serve files.
+    if (route.guard.is_some() || route.files.is_some())
+        && let Some(resp) = Box::pin(gatekeep(route, &mut req, client, &request_id, &mut active)).await
     {
-        return Ok(finish(
-            rt,
-            Some(route),
-            line,
-            started,
-            failure_response(&f, &request_id),
-        ));
-    }
-    if let Some(files) = &route.files {
-        return Ok(finish(
-            rt,
-            Some(route),
-            line,
-            started,
-            Box::pin(serve_files(route, files, req, client, &request_id, active.take())).await,
-        ));
+        return Ok(finish(rt, Some(route), line, started, resp));
     }
     // A 2xx to an extended CONNECT would open a tunnel with nothing behind it.
     let asker = cached::Asker {
@@ -227,31 +213,37 @@ pub async fn handle(
     Ok(finish(rt, Some(route), line, started, resp))
 }
 
-/// A request to a route that serves files: its limits asked (a pacing limit's
-/// wait kept), then the directory's answer.
-async fn serve_files(
+/// A route's gatekeeper and, for a route that serves files, its answer: the
+/// answer when the request goes no further (refused, or served from the
+/// directory), else `None` with the request as it goes upstream.
+async fn gatekeep(
     route: &Route,
-    files: &crate::files::StaticFiles,
-    req: Request<Incoming>,
+    req: &mut Request<Incoming>,
     client: Downstream,
     request_id: &HeaderValue,
-    active: Option<ActiveGuard>,
-) -> Response<Body> {
+    active: &mut Option<ActiveGuard>,
+) -> Option<Response<Body>> {
+    if let Some(guard) = &route.guard
+        && let Err(f) = guard::check(guard, req, client.addr.ip()).await
+    {
+        return Some(failure_response(&f, request_id));
+    }
+    let files = route.files.as_ref()?;
     let limited = async {
-        admit::global_limit(route, &req, client.addr).await?;
-        admit::local_limit(route, &req, client.addr)
+        admit::global_limit(route, req, client.addr).await?;
+        admit::local_limit(route, req, client.addr)
     };
     let mut resp = match limited.await {
         Ok(pace) => {
             if !pace.is_zero() {
                 tokio::time::sleep(pace).await;
             }
-            files.serve(&req, active).await
+            files.serve(req, active.take()).await
         }
         Err(f) => failure_response(&f, request_id),
     };
     resp.headers_mut().insert(REQUEST_ID, request_id.clone());
-    resp
+    Some(resp)
 }
 
 /// A route's answer to a request (past its idempotency keys): from its cache, or
@@ -393,14 +385,7 @@ async fn route_request(
     }
     // Held until the answer is complete: a streaming body or an open tunnel still
     // occupies the cluster.
-    let slot = up
-        .bulkhead
-        .as_ref()
-        .map(|b| {
-            b.try_acquire()
-                .map_err(|e| Failure::new(Cause::BulkheadFull, e.to_string()))
-        })
-        .transpose()?;
+    let slot = admit::bulkhead_slot(up)?;
     let mut attempts = Attempts::new(route, req.client_deadline);
     // A pacing limit's wait or an injected delay, within the route's timeout (its
     // deadline is set).
