@@ -58,7 +58,7 @@ pub(crate) async fn connect(
         match attempt {
             Ok(store) => {
                 tracing::info!(
-                    store = store.kind(),
+                    store = store.kind().as_str(),
                     "the gateway's idempotency store is connected"
                 );
                 slot.store.store(Some(Arc::new(store)));

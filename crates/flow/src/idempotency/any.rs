@@ -21,11 +21,30 @@ enum Backend {
     Redis(RedisStore),
 }
 
+/// The stores a URL can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+    /// `redis://` or `rediss://`.
+    Redis,
+}
+
+impl StoreKind {
+    /// Its name, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Postgres => "postgres",
+            StoreKind::Redis => "redis",
+        }
+    }
+}
+
 /// The kind of store a URL names, or why it names none.
-pub fn store_kind(url: &str) -> Result<&'static str, String> {
+pub fn store_kind(url: &str) -> Result<StoreKind, String> {
     match url.split_once("://").map(|(scheme, _)| scheme) {
-        Some("postgres" | "postgresql") => Ok("postgres"),
-        Some("redis" | "rediss") => Ok("redis"),
+        Some("postgres" | "postgresql") => Ok(StoreKind::Postgres),
+        Some("redis" | "rediss") => Ok(StoreKind::Redis),
         _ => Err("must be a postgres://... or redis://... URL".into()),
     }
 }
@@ -35,15 +54,16 @@ impl AnyStore {
     /// under `prefix`, every call bounded by `timeout`.
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
         let connect = async {
-            let backend = if store_kind(url).map_err(StoreError::Url)? == "postgres" {
-                let pool = PgPoolOptions::new()
-                    .max_connections(16)
-                    .acquire_timeout(timeout)
-                    .connect(url)
-                    .await?;
-                Backend::Postgres(PgStore::new(pool).await?)
-            } else {
-                Backend::Redis(RedisStore::connect(url, Some(prefix)).await?)
+            let backend = match store_kind(url).map_err(StoreError::Url)? {
+                StoreKind::Postgres => {
+                    let pool = PgPoolOptions::new()
+                        .max_connections(16)
+                        .acquire_timeout(timeout)
+                        .connect(url)
+                        .await?;
+                    Backend::Postgres(PgStore::new(pool).await?)
+                }
+                StoreKind::Redis => Backend::Redis(RedisStore::connect(url, Some(prefix)).await?),
             };
             Ok::<_, StoreError>(backend)
         };
@@ -53,11 +73,11 @@ impl AnyStore {
         Ok(AnyStore { backend, timeout })
     }
 
-    /// `postgres` or `redis`.
-    pub fn kind(&self) -> &'static str {
+    /// Which store it is.
+    pub fn kind(&self) -> StoreKind {
         match self.backend {
-            Backend::Postgres(_) => "postgres",
-            Backend::Redis(_) => "redis",
+            Backend::Postgres(_) => StoreKind::Postgres,
+            Backend::Redis(_) => StoreKind::Redis,
         }
     }
 
@@ -106,14 +126,14 @@ impl IdempotencyStore for AnyStore {
 
 #[cfg(test)]
 mod tests {
-    use super::store_kind;
+    use super::{StoreKind, store_kind};
 
     #[test]
     fn urls_name_their_store() {
-        assert_eq!(store_kind("postgres://u@h/db"), Ok("postgres"));
-        assert_eq!(store_kind("postgresql://h/db"), Ok("postgres"));
-        assert_eq!(store_kind("redis://127.0.0.1:6379/0"), Ok("redis"));
-        assert_eq!(store_kind("rediss://h"), Ok("redis"));
+        assert_eq!(store_kind("postgres://u@h/db"), Ok(StoreKind::Postgres));
+        assert_eq!(store_kind("postgresql://h/db"), Ok(StoreKind::Postgres));
+        assert_eq!(store_kind("redis://127.0.0.1:6379/0"), Ok(StoreKind::Redis));
+        assert_eq!(store_kind("rediss://h"), Ok(StoreKind::Redis));
         assert!(store_kind("mysql://h").is_err());
         assert!(store_kind("127.0.0.1:6379").is_err());
     }

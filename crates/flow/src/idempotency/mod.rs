@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-pub use any::{AnyStore, store_kind};
+pub use any::{AnyStore, StoreKind, store_kind};
 pub use layer::{IdempotencyLayer, IdempotencyService, IdempotentBody};
 pub use postgres::PgStore;
 pub use redis::RedisStore;
