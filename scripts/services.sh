@@ -198,6 +198,15 @@ start_nats() {
   echo "NATS on 127.0.0.1:$port ($dir)" >&2
 }
 
+# Installs Debian's Chromium when it is missing and exports PALISADE_TEST_CHROMIUM
+# for the dashboard's browser test (which starts its own headless instance).
+use_chromium() {
+  command -v chromium >/dev/null 2>&1 || apt_install chromium
+  PALISADE_TEST_CHROMIUM=$(command -v chromium)
+  export PALISADE_TEST_CHROMIUM
+  echo "Chromium: $PALISADE_TEST_CHROMIUM" >&2
+}
+
 # Waits (up to 10 s) until something accepts connections on 127.0.0.1:$1.
 port_ready() {
   for _ in $(seq 1 100); do

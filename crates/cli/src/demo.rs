@@ -201,11 +201,16 @@ pub async fn run(opts: DemoArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout();
     let _ = writeln!(
         out,
-        "palisade demo: gateway on http://{} (admin http://{}), Ctrl-C to stop\n\
+        "palisade demo: gateway on http://{}, Ctrl-C to stop\n\
+         dashboard: {}\n\
          api: steady, broken (500), slow (400 ms vs 150 ms per try), flapping (10 s on / 10 s off)\n\
          orders: zone A (tier 0) goes down at 8 s and back at 20 s; zone B (tier 1) stands by\n",
         handle.addr,
-        handle.admin_addr.map_or("-".to_string(), |a| a.to_string())
+        handle
+            .admin_addr
+            .map_or("- (no admin listener)".to_string(), |a| format!(
+                "http://{a}/dashboard"
+            ))
     );
     let stats = Arc::new(Mutex::new(Second::default()));
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();

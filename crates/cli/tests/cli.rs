@@ -248,3 +248,33 @@ fn sign_url_prints_a_link_the_routes_keys_verify() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_demo_prints_its_dashboards_address_and_serves_it_there() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["demo", "--duration", "30s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("dashboard: ").map(str::to_owned))
+        .expect("no dashboard line");
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|u| u.strip_suffix("/dashboard"))
+        .unwrap_or_else(|| panic!("{url}"));
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(b"GET /dashboard HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut page = String::new();
+    conn.read_to_string(&mut page).unwrap();
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("<title>Palisade dashboard</title>"), "{page}");
+}

@@ -1,55 +1,64 @@
 //! The admin listener: liveness, readiness, Prometheus metrics, the effective
-//! configuration (secrets redacted) and the live state of every cluster.
+//! configuration (secrets redacted), the live state of every cluster, and the
+//! dashboard.
 //!
 //! | path | answer |
 //! |---|---|
 //! | `/health/live` | 200 while the process serves |
-//! | `/health/ready` | 200 when every cluster has a healthy endpoint (or may be empty), else 503 with the clusters that are not |
+//! | `/health/ready` | the version, uptime and each dependency's state; 200 when every cluster has a healthy endpoint (or may be empty), else 503 |
 //! | `/metrics` | Prometheus text |
 //! | `/admin/config` | the effective configuration, JSON |
 //! | `/admin/clusters` | every endpoint's health, ejection, breaker, in flight, EWMA latency |
+//! | `/dashboard` | the live dashboard (its script at `/dashboard/app.js`) |
+//! | `/dashboard/events` | the dashboard's samples, as Server-Sent Events |
+//! | `/dashboard/state` | the latest sample and the events kept, JSON |
+//!
+//! With `gateway.admin_token` set, every path but `/health/*` wants the token, as
+//! `Authorization: Bearer <token>` or as the cookie `/dashboard?token=<token>`
+//! sets for the page's own requests.
 
 use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::dashboard::Dashboard;
 use crate::runtime::Runtime;
+use crate::upstream::Upstream;
 use crate::{Body, full};
 
+/// The cookie that carries the admin token for the dashboard's page.
+const TOKEN_COOKIE: &str = "palisade_admin";
+
+/// What the admin listener serves besides the runtime: the metrics recorder's
+/// handle and the dashboard.
+#[derive(Debug, Default)]
+pub struct Admin {
+    /// The Prometheus recorder, when one is installed.
+    pub metrics: Option<PrometheusHandle>,
+    /// The dashboard's samples.
+    pub dashboard: std::sync::Arc<Dashboard>,
+}
+
 /// Answers one admin request.
-pub fn handle<B>(rt: &Runtime, metrics: Option<&PrometheusHandle>, req: &Request<B>) -> Response<Body> {
+pub fn handle<B>(rt: &Runtime, admin: &Admin, req: &Request<B>) -> Response<Body> {
     if req.method() != Method::GET {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
             &serde_json::json!({"error": "only GET"}),
         );
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if !path.starts_with("/health/")
+        && let Some(token) = rt.config.gateway.admin_token.as_deref()
+        && let Some(refused) = refusal(req, token)
+    {
+        return refused;
+    }
+    match path {
         "/health/live" => json(StatusCode::OK, &serde_json::json!({"status": "live"})),
-        "/health/ready" => {
-            let not_ready: Vec<&str> = rt
-                .clusters
-                .values()
-                .filter(|u| !u.allow_empty && !u.cluster.has_healthy_endpoint())
-                .map(|u| u.name.as_str())
-                .collect();
-            if not_ready.is_empty() {
-                json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
-            } else {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &serde_json::json!({"status": "not ready", "clusters_without_healthy_endpoint": not_ready}),
-                )
-            }
-        }
-        "/metrics" => match metrics {
-            Some(h) => {
-                let mut r = Response::new(full(h.render()));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                r
-            }
+        "/health/ready" => ready(rt, admin.dashboard.uptime()),
+        "/metrics" => match &admin.metrics {
+            Some(h) => with_type(full(h.render()), "text/plain; version=0.0.4"),
             None => json(
                 StatusCode::NOT_FOUND,
                 &serde_json::json!({"error": "no metrics recorder installed"}),
@@ -61,6 +70,22 @@ pub fn handle<B>(rt: &Runtime, metrics: Option<&PrometheusHandle>, req: &Request
             json(StatusCode::OK, &v)
         }
         "/admin/clusters" => json(StatusCode::OK, &clusters_json(rt)),
+        "/dashboard" | "/dashboard/" => page(crate::dashboard::PAGE, "text/html; charset=utf-8"),
+        "/dashboard/app.js" => page(crate::dashboard::SCRIPT, "text/javascript; charset=utf-8"),
+        "/dashboard/events" => {
+            let events = admin
+                .dashboard
+                .subscribe()
+                .map_err(|never| match never {})
+                .boxed();
+            let mut r = with_type(events, "text/event-stream");
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
+            r
+        }
+        "/dashboard/state" => json(StatusCode::OK, &admin.dashboard.state()),
         _ => json(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": "no such admin path"}),
@@ -68,35 +93,172 @@ pub fn handle<B>(rt: &Runtime, metrics: Option<&PrometheusHandle>, req: &Request
     }
 }
 
+/// `None` when `req` carries `token`; else the answer: `401`, or for
+/// `/dashboard?token=` with the right token a redirect that sets the page's cookie.
+fn refusal<B>(req: &Request<B>, token: &str) -> Option<Response<Body>> {
+    let bearer = (req.headers().get(header::AUTHORIZATION))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = (req.headers().get_all(header::COOKIE).iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(TOKEN_COOKIE)?.strip_prefix('='))
+        .any(|t| same(t, token));
+    if cookie || bearer.is_some_and(|b| same(b, token)) {
+        return None;
+    }
+    let given = (req.uri().query().unwrap_or_default().split('&')).find_map(|kv| kv.strip_prefix("token="));
+    if req.uri().path() == "/dashboard" && given.is_some_and(|t| same(t, token)) {
+        let mut r = Response::new(crate::empty());
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        let set = format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+        r.headers_mut()
+            .insert(header::LOCATION, header::HeaderValue::from_static("/dashboard"));
+        if let Ok(v) = header::HeaderValue::from_str(&set) {
+            r.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        return Some(r);
+    }
+    let mut r = json(
+        StatusCode::UNAUTHORIZED,
+        &serde_json::json!({"error": "the admin listener wants its token (gateway.admin_token)"}),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    Some(r)
+}
+
+/// `a == b`, in time that does not depend on where they differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// `/health/ready`: the version, uptime and each dependency's state. Only a
+/// cluster without a healthy endpoint makes the gateway not ready; a store that
+/// is down degrades the routes using it as their options say, so it is reported
+/// (`degraded`) but keeps the gateway in service.
+fn ready(rt: &Runtime, uptime_s: u64) -> Response<Body> {
+    let deps = dependencies(rt);
+    let not_ready: Vec<&str> = rt
+        .clusters
+        .values()
+        .filter(|u| !u.allow_empty && !u.cluster.has_healthy_endpoint())
+        .map(|u| u.name.as_str())
+        .collect();
+    let degraded: Vec<String> = (deps.iter())
+        .filter(|(_, d)| d["state"] != "up")
+        .map(|(n, _)| n.clone())
+        .collect();
+    let status = if !not_ready.is_empty() {
+        "not ready"
+    } else if degraded.is_empty() {
+        "ready"
+    } else {
+        "degraded"
+    };
+    let body = serde_json::json!({
+        "status": status,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": uptime_s,
+        "clusters_without_healthy_endpoint": not_ready,
+        "degraded": degraded,
+        "dependencies": deps.into_iter().collect::<serde_json::Map<_, _>>(),
+    });
+    let code = if not_ready.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(code, &body)
+}
+
+/// Each dependency's state (`up`, `down`, `connecting`, `recovering`), by name:
+/// `cluster:<name>`, `queue`, `idempotency`, `cache`, `global_limit:<route>`,
+/// `jwt:<issuer>`.
+fn dependencies(rt: &Runtime) -> Vec<(String, serde_json::Value)> {
+    use palisade_resilience::breaker::State;
+    let by_breaker = |s: State| match s {
+        State::Closed | State::Disabled => "up",
+        State::HalfOpen => "recovering",
+        State::Open | State::ForcedOpen => "down",
+    };
+    let mut deps = Vec::new();
+    for (name, up) in &rt.clusters {
+        let eps = up.cluster.endpoints();
+        let healthy = eps.iter().filter(|e| e.is_healthy()).count();
+        let state = if up.cluster.has_healthy_endpoint() || (up.allow_empty && eps.is_empty()) {
+            "up"
+        } else {
+            "down"
+        };
+        deps.push((
+            format!("cluster:{name}"),
+            serde_json::json!({"state": state, "healthy_endpoints": healthy, "endpoints": eps.len()}),
+        ));
+    }
+    let g = &rt.config.gateway;
+    let slot = |connected: bool| serde_json::json!({"state": if connected { "up" } else { "connecting" }});
+    if g.queue.is_some() {
+        deps.push(("queue".into(), slot(rt.queue.get().is_some())));
+    }
+    if g.idempotency.is_some() {
+        deps.push(("idempotency".into(), slot(rt.idempotency.get().is_some())));
+    }
+    if let Some(b) = rt.responses.as_ref().and_then(|r| r.cache.redis_breaker()) {
+        deps.push((
+            "cache".into(),
+            serde_json::json!({"state": by_breaker(b.state())}),
+        ));
+    }
+    for r in &rt.routes {
+        if let Some(l) = &r.global_limit {
+            let state = by_breaker(l.breaker().state());
+            deps.push((
+                format!("global_limit:{}", r.name),
+                serde_json::json!({"state": state}),
+            ));
+        }
+    }
+    for (name, p) in &rt.providers {
+        let state = if p.has_keys() { "up" } else { "connecting" };
+        deps.push((format!("jwt:{name}"), serde_json::json!({"state": state})));
+    }
+    deps.sort_by(|a, b| a.0.cmp(&b.0));
+    deps
+}
+
 /// The live state of every cluster.
 pub fn clusters_json(rt: &Runtime) -> serde_json::Value {
-    let mut out = serde_json::Map::new();
-    for (name, up) in &rt.clusters {
-        let now = up.cluster.clock().now();
-        let events = *up.events.borrow();
-        let eps: Vec<_> = up
-            .cluster
-            .endpoints()
-            .iter()
-            .map(|e| endpoint_json(e, now))
-            .collect();
-        out.insert(
-            name.clone(),
-            serde_json::json!({
-                "active_tier": up.cluster.active_tier(),
-                "panic": up.cluster.is_panicking(),
-                "in_flight": up.bulkhead.as_ref().map(|b| b.in_flight()),
-                "max_concurrent": up.bulkhead.as_ref().map(|b| b.config().max_concurrent),
-                "adaptive_limit": up.shed.as_ref().map(|s| s.limit.limit()),
-                "adaptive_in_flight": up.shed.as_ref().map(|s| s.limit.in_flight()),
-                "probe_rounds": events.probe_rounds,
-                "endpoint_sets": events.endpoint_sets,
-                "refresh_failures": events.refresh_failures,
-                "endpoints": eps,
-            }),
-        );
-    }
+    let out: serde_json::Map<String, serde_json::Value> = (rt.clusters.iter())
+        .map(|(name, up)| (name.clone(), cluster_json(up)))
+        .collect();
     serde_json::Value::Object(out)
+}
+
+/// The live state of one cluster.
+pub fn cluster_json(up: &Upstream) -> serde_json::Value {
+    let now = up.cluster.clock().now();
+    let events = *up.events.borrow();
+    let eps: Vec<_> = up
+        .cluster
+        .endpoints()
+        .iter()
+        .map(|e| endpoint_json(e, now))
+        .collect();
+    serde_json::json!({
+        "active_tier": up.cluster.active_tier(),
+        "panic": up.cluster.is_panicking(),
+        "in_flight": up.bulkhead.as_ref().map(|b| b.in_flight()),
+        "max_concurrent": up.bulkhead.as_ref().map(|b| b.config().max_concurrent),
+        "adaptive_limit": up.shed.as_ref().map(|s| s.limit.limit()),
+        "adaptive_in_flight": up.shed.as_ref().map(|s| s.limit.in_flight()),
+        "probe_rounds": events.probe_rounds,
+        "endpoint_sets": events.endpoint_sets,
+        "refresh_failures": events.refresh_failures,
+        "endpoints": eps,
+    })
 }
 
 /// A JSON view of one endpoint.
@@ -122,11 +284,35 @@ fn endpoint_json(
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(full(v.to_string()));
+    let mut r = with_type(full(v.to_string()), "application/json");
     *r.status_mut() = status;
+    r
+}
+
+fn with_type(body: Body, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(body);
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// One of the dashboard's files, which may not be framed or load others' code.
+fn page(text: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut r = with_type(full(text), content_type);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
     );
     r
 }

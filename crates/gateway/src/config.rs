@@ -37,8 +37,11 @@ pub struct Config {
 pub struct GatewaySection {
     /// Where clients connect (HTTP/1.1 and h2c on one port).
     pub listen: SocketAddr,
-    /// The admin listener (health, metrics, state); `None` turns it off.
+    /// The admin listener (health, metrics, state, dashboard); `None` turns it off.
     pub admin: Option<SocketAddr>,
+    /// A token every admin path but `/health/*` wants (`Authorization: Bearer`),
+    /// when set.
+    pub admin_token: Option<String>,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: u64,
     /// Largest request head (request line and headers) accepted (431 beyond).
@@ -616,6 +619,7 @@ impl Default for GatewaySection {
         GatewaySection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
+            admin_token: None,
             max_body_bytes: 4 << 20,
             max_header_bytes: 16 << 10,
             pool_idle_per_endpoint: 64,
@@ -1911,6 +1915,17 @@ impl GatewaySection {
                 || self.listen.ip().is_unspecified())
         {
             p.push(ConfigError::new("gateway.admin", format!("{admin} is where the proxy listens (gateway.listen); give the admin listener its own port")));
+        }
+        if let Some(t) = &self.admin_token
+            && (t.len() < 16
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b)))
+        {
+            p.push(ConfigError::new(
+                "gateway.admin_token",
+                "must be at least 16 characters of letters, digits and `-._~+/=`",
+            ));
         }
         if let Some(tls) = &self.tls {
             for proto in &tls.alpn {

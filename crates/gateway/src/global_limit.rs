@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use palisade_resilience::breaker::{BreakerConfig, CircuitBreaker, OpenDuration};
 use palisade_resilience::ratelimit::{RateLimitHeaders, RateLimited};
 
-use crate::script_conn::ScriptConn;
+use crate::script_conn::{Script, ScriptConn, Timeouts};
 
 use crate::config::{ConfigError, GlobalLimitConfig, LimitKey, RateLimitConfig, WhenRedisDown};
 use crate::route::RouteLimiter;
@@ -47,10 +47,7 @@ pub struct GlobalLimit {
     route: String,
     conn: ScriptConn,
     breaker: CircuitBreaker,
-    timeout: Duration,
     prefix: String,
-    interval_us: u64,
-    burst: u32,
     /// `X-RateLimit-Limit`: the requests per period, as the local GCRA says.
     limit: u32,
     key: LimitKey,
@@ -102,12 +99,12 @@ enum Verdict {
 
 impl GlobalLimit {
     /// Builds route `route`'s global limit from its `rate_limit` table `l` (`at`:
-    /// its path), problems to `p`.
+    /// its path), with a Redis connection per worker (`workers`), problems to `p`.
     pub(crate) fn compile(
         route: &str,
-        l: &RateLimitConfig,
-        g: &GlobalLimitConfig,
+        (l, g): (&RateLimitConfig, &GlobalLimitConfig),
         at: &str,
+        workers: usize,
         p: &mut Vec<ConfigError>,
     ) -> Option<GlobalLimit> {
         let before = p.len();
@@ -129,13 +126,20 @@ impl GlobalLimit {
                 "must be at least 1",
             ));
         }
-        let connect_timeout = g.timeout.get().max(Duration::from_millis(250));
-        let conn = ScriptConn::new(&g.redis, GCRA, connect_timeout)
-            .map_err(|e| p.push(ConfigError::new(format!("{at}.global.redis"), e)))
-            .ok();
         let burst = l.burst.unwrap_or(l.requests);
         let interval_us =
             u64::try_from(l.per.get().as_micros() / u128::from(l.requests.max(1))).unwrap_or(u64::MAX);
+        let script = Script {
+            text: GCRA,
+            args: [interval_us, u64::from(burst)],
+        };
+        let timeouts = Timeouts {
+            call: g.timeout.get(),
+            connect: g.timeout.get().max(Duration::from_millis(250)),
+        };
+        let conn = ScriptConn::new(&g.redis, script, timeouts, workers)
+            .map_err(|e| p.push(ConfigError::new(format!("{at}.global.redis"), e)))
+            .ok();
         if l.requests == 0 || burst == 0 || interval_us == 0 {
             p.push(ConfigError::new(
                 format!("{at}.requests"),
@@ -170,11 +174,8 @@ impl GlobalLimit {
             route: route.to_owned(),
             conn: conn?,
             breaker,
-            timeout: g.timeout.get(),
             prefix: format!("{}{route}:", g.prefix),
-            interval_us,
             limit: l.requests,
-            burst,
             key: l.key.clone(),
             local,
             over: Mutex::new(HashMap::new()),
@@ -235,10 +236,8 @@ impl GlobalLimit {
         let Ok(permit) = self.breaker.try_acquire() else {
             return Verdict::Unavailable;
         };
-        let key = format!("{}{key}", self.prefix);
-        let call = self.conn.call(&key, [self.interval_us, u64::from(self.burst)]);
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok([allowed, n, reset_us])) => {
+        match self.conn.call([self.prefix.as_bytes(), key.as_bytes()]).await {
+            Ok([allowed, n, reset_us]) => {
                 permit.success();
                 let us = |v: i64| u64::try_from(v).unwrap_or(0).saturating_mul(1000);
                 if allowed == 1 {
@@ -247,13 +246,9 @@ impl GlobalLimit {
                     Verdict::Refused(RateLimited::new(self.limit, us(n), us(reset_us)))
                 }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 permit.failure();
                 tracing::debug!(route = %self.route, error = %e, "global rate limit: Redis call failed");
-                Verdict::Unavailable
-            }
-            Err(_) => {
-                permit.failure();
                 Verdict::Unavailable
             }
         }

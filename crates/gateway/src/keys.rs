@@ -133,6 +133,11 @@ impl Provider {
         })
     }
 
+    /// Whether it holds a key set (read, fetched, or kept from before a reload).
+    pub fn has_keys(&self) -> bool {
+        self.ring.generation() > 0
+    }
+
     /// Whether its keys are fetched (not read from a file).
     pub fn fetches(&self) -> bool {
         !matches!(self.source, Source::File(_))

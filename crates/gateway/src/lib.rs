@@ -11,6 +11,7 @@ pub mod cause;
 pub mod config;
 pub mod conn;
 pub mod connect;
+pub mod dashboard;
 pub mod discovery;
 pub mod files;
 pub mod global_limit;
@@ -29,6 +30,7 @@ pub mod script_conn;
 pub mod server;
 pub mod split;
 pub mod tls;
+pub mod totals;
 pub mod tunnel;
 pub mod upstream;
 

@@ -184,6 +184,8 @@ pub struct RouteCache {
     pub key_headers: Vec<http::HeaderName>,
     /// `palisade_route_cache_total{route, result}`, by [`Served`].
     pub served: [metrics::Counter; 3],
+    /// The same, for the dashboard.
+    counts: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl RouteCache {
@@ -234,6 +236,18 @@ impl RouteCache {
             served: Served::ALL.map(|how| {
                 metrics::counter!("palisade_route_cache_total", "route" => route.to_owned(), "result" => how.as_str())
             }),
+            counts: Default::default(),
         })
+    }
+
+    /// Counts one answer served `how`.
+    pub fn count(&self, how: Served) {
+        self.served[how as usize].increment(1);
+        self.counts[how as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers so far: hits, misses, stale.
+    pub fn served_counts(&self) -> [u64; 3] {
+        self.counts.each_ref().map(|c| c.load(Ordering::Relaxed))
     }
 }

@@ -355,10 +355,15 @@ pub(crate) struct RouteParts {
 }
 
 impl RouteParts {
+    /// Compiles route `r` (at `at`) for a gateway of `workers` proxy workers, with
+    /// the JWT `providers`; problems to `p`.
     pub(crate) fn compile(
         r: &RouteConfig,
         at: &str,
-        providers: &std::collections::HashMap<String, Arc<crate::keys::Provider>>,
+        (providers, workers): (
+            &std::collections::HashMap<String, Arc<crate::keys::Provider>>,
+            usize,
+        ),
         p: &mut Vec<ConfigError>,
     ) -> RouteParts {
         let limit_at = format!("{at}.rate_limit");
@@ -369,7 +374,8 @@ impl RouteParts {
             }),
             // A global limit keeps the quota in Redis; its local share is its own.
             global_limit: (r.rate_limit.as_ref()).and_then(|l| {
-                crate::global_limit::GlobalLimit::compile(&r.name, l, l.global.as_ref()?, &limit_at, p)
+                let g = l.global.as_ref()?;
+                crate::global_limit::GlobalLimit::compile(&r.name, (l, g), &limit_at, workers, p)
             }),
             limiter: (r.rate_limit.as_ref())
                 .filter(|l| l.global.is_none())
@@ -403,6 +409,8 @@ pub struct RouteMetrics {
     retries: metrics::Counter,
     /// `palisade_requests_total` by status, registered on first use (index: status - 100).
     by_status: Box<[OnceLock<metrics::Counter>]>,
+    /// The same answers, for the dashboard.
+    pub totals: crate::totals::RouteTotals,
 }
 
 impl std::fmt::Debug for RouteMetrics {
@@ -421,6 +429,7 @@ impl RouteMetrics {
             duration: metrics::histogram!("palisade_request_duration_seconds", "route" => name.to_string()),
             retries: metrics::counter!("palisade_retries_total", "route" => name.to_string()),
             by_status: (100..600).map(|_| OnceLock::new()).collect(),
+            totals: crate::totals::RouteTotals::default(),
         }
     }
 
@@ -432,6 +441,7 @@ impl RouteMetrics {
         });
         counter.increment(1);
         self.duration.record(elapsed.as_secs_f64());
+        self.totals.record(code, elapsed);
     }
 
     /// Counts one retry.

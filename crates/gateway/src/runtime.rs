@@ -79,11 +79,12 @@ impl Runtime {
             })
             .collect();
         let route_at = |i: usize, name: &str| format!("routes[{i}] ({name})");
+        let workers = crate::upstream::worker_count(config.gateway.workers);
         let mut parts: Vec<RouteParts> = config
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| RouteParts::compile(r, &route_at(i, &r.name), &providers, &mut problems))
+            .map(|(i, r)| RouteParts::compile(r, &route_at(i, &r.name), (&providers, workers), &mut problems))
             .collect();
         if !problems.is_empty() {
             return Err(ConfigErrors(problems));

@@ -2,14 +2,20 @@
 //! (the global rate limit's GCRA). redis-rs's multiplexed connection cost some 16k
 //! instructions per call in the gateway (its command builder, its generic pipeline
 //! and a combinator-based RESP parser); this one writes each `EVALSHA` from a
-//! template and reads replies with a parser of a few lines.
+//! template made once (only the key changes between calls) and reads replies with
+//! a parser of a few lines.
 //!
-//! Calls go over a channel to one task that owns the socket: it writes every call
+//! Calls go over a channel to a task that owns the socket: it writes every call
 //! waiting (one `write` for a burst), then reads replies in order, answering each
-//! caller. The script is loaded (`SCRIPT LOAD`) when the connection opens and again
-//! after a `NOSCRIPT`. When the socket fails, every call waiting fails and the task
-//! ends; the next call opens a new connection. Callers bound each call with their
-//! own timeout (and breaker).
+//! caller. Each proxy worker has a connection of its own, driven on its own
+//! runtime, so a call never wakes another thread. The script is loaded
+//! (`SCRIPT LOAD`) when the connection opens and again after a `NOSCRIPT`.
+//!
+//! The connection bounds its calls itself: a call not answered within the timeout
+//! means Redis is stuck, so every call waiting fails and the connection closes
+//! (the next call opens a new one). One timer per connection does this, re-armed
+//! only when it fires, instead of a timer per call. A socket that fails fails
+//! every call waiting the same way.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -19,11 +25,15 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Where a call's reply goes.
+type ReplyTo = oneshot::Sender<Result<[i64; 3], String>>;
 
 /// One call: its command, and where its reply goes.
 struct Call {
     command: Vec<u8>,
-    reply: oneshot::Sender<Result<[i64; 3], String>>,
+    reply: ReplyTo,
 }
 
 /// Where and how to connect.
@@ -34,15 +44,38 @@ struct Target {
     username: Option<String>,
     password: Option<String>,
     db: i64,
+    script: &'static str,
+    timeouts: Timeouts,
+}
+
+/// How long a call and a connection attempt may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// From a call's write to its reply.
+    pub call: Duration,
+    /// To connect, authenticate and load the script.
+    pub connect: Duration,
+}
+
+/// The script to run and its fixed arguments (`ARGV`); each call gives its key.
+#[derive(Clone, Copy, Debug)]
+pub struct Script {
+    /// The Lua source.
+    pub text: &'static str,
+    /// `ARGV`, the same for every call.
+    pub args: [u64; 2],
 }
 
 /// The connection (opened on first use, again after a failure).
 pub struct ScriptConn {
     target: Target,
-    script: &'static str,
-    sha: String,
-    connect_timeout: Duration,
-    calls: Mutex<Option<mpsc::UnboundedSender<Call>>>,
+    /// `EVALSHA <sha> 1`, encoded; the key follows.
+    head: Vec<u8>,
+    /// The arguments, encoded; they follow the key.
+    tail: Vec<u8>,
+    /// Per worker (see [`crate::upstream::worker_slot`]): the running
+    /// connection's channel.
+    calls: Box<[Mutex<Option<mpsc::UnboundedSender<Call>>>]>,
 }
 
 impl std::fmt::Debug for ScriptConn {
@@ -55,15 +88,25 @@ impl std::fmt::Debug for ScriptConn {
 }
 
 impl ScriptConn {
-    /// A connection to the Redis at `url` (`redis://[user:password@]host:port[/db]`)
-    /// for `script`; the error says why the URL cannot be used.
-    pub fn new(url: &str, script: &'static str, connect_timeout: Duration) -> Result<ScriptConn, String> {
+    /// A connection per worker (`workers` of them, and one for other threads) to
+    /// the Redis at `url` (`redis://[user:password@]host:port[/db]`) for `script`;
+    /// the error says why the URL cannot be used.
+    pub fn new(url: &str, script: Script, timeouts: Timeouts, workers: usize) -> Result<ScriptConn, String> {
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
         let info = client.get_connection_info();
         let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
             return Err("must be a redis://host:port/db URL (plain TCP)".into());
         };
         let settings = info.redis_settings();
+        let sha = redis::Script::new(script.text).get_hash().to_owned();
+        let mut head = b"*6\r\n".to_vec();
+        for part in [b"EVALSHA".as_slice(), sha.as_bytes(), b"1"] {
+            bulk(&mut head, &[part]);
+        }
+        let mut tail = Vec::new();
+        for arg in script.args {
+            bulk(&mut tail, &[itoa::Buffer::new().format(arg).as_bytes()]);
+        }
         Ok(ScriptConn {
             target: Target {
                 host: host.clone(),
@@ -71,27 +114,22 @@ impl ScriptConn {
                 username: settings.username().map(str::to_owned),
                 password: settings.password().map(str::to_owned),
                 db: settings.db(),
+                script: script.text,
+                timeouts,
             },
-            script,
-            sha: redis::Script::new(script).get_hash().to_owned(),
-            connect_timeout,
-            calls: Mutex::new(None),
+            head,
+            tail,
+            calls: (0..=workers).map(|_| Mutex::new(None)).collect(),
         })
     }
 
-    /// Runs the script with `key` and `args`; its three integers.
-    pub async fn call(&self, key: &str, args: [u64; 2]) -> Result<[i64; 3], String> {
-        let mut command = Vec::with_capacity(96 + key.len());
-        let (a, b) = (args[0].to_string(), args[1].to_string());
-        let parts: [&[u8]; 6] = [
-            b"EVALSHA",
-            self.sha.as_bytes(),
-            b"1",
-            key.as_bytes(),
-            a.as_bytes(),
-            b.as_bytes(),
-        ];
-        encode(&mut command, &parts);
+    /// Runs the script with the key made of `key`'s parts; its three integers.
+    pub async fn call(&self, key: [&[u8]; 2]) -> Result<[i64; 3], String> {
+        let mut command =
+            Vec::with_capacity(self.head.len() + self.tail.len() + 32 + key[0].len() + key[1].len());
+        command.extend_from_slice(&self.head);
+        bulk(&mut command, &key);
+        command.extend_from_slice(&self.tail);
         let (reply, answer) = oneshot::channel();
         self.sender()
             .send(Call { command, reply })
@@ -99,34 +137,40 @@ impl ScriptConn {
         answer.await.map_err(|_| "the connection ended".to_owned())?
     }
 
-    /// The running connection's channel, or a new connection's.
+    /// The calling worker's connection's channel, or a new connection's.
     fn sender(&self) -> mpsc::UnboundedSender<Call> {
-        let mut slot = self
-            .calls
+        let mut slot = self.calls[crate::upstream::worker_slot(self.calls.len())]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(tx) = slot.as_ref().filter(|tx| !tx.is_closed()) {
             return tx.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let (target, script, timeout) = (self.target.clone(), self.script, self.connect_timeout);
-        tokio::spawn(run(target, script, timeout, rx));
+        tokio::spawn(run(self.target.clone(), rx));
         *slot = Some(tx.clone());
         tx
     }
 }
 
+/// One bulk string made of `parts`, in RESP.
+fn bulk(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.push(b'$');
+    out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// `parts` as a RESP array of bulk strings.
 fn encode(out: &mut Vec<u8>, parts: &[&[u8]]) {
     out.push(b'*');
-    out.extend_from_slice(parts.len().to_string().as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(parts.len()).as_bytes());
     out.extend_from_slice(b"\r\n");
     for p in parts {
-        out.push(b'$');
-        out.extend_from_slice(p.len().to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(p);
-        out.extend_from_slice(b"\r\n");
+        bulk(out, &[p]);
     }
 }
 
@@ -202,7 +246,8 @@ async fn setup_replies(stream: &mut TcpStream, buf: &mut BytesMut, wanted: usize
 }
 
 /// Opens the connection: authenticates, selects the database, loads the script.
-async fn open(t: &Target, script: &str, timeout: Duration) -> Result<(TcpStream, BytesMut), String> {
+async fn open(t: &Target) -> Result<(TcpStream, BytesMut), String> {
+    let timeout = t.timeouts.connect;
     let connect = TcpStream::connect((t.host.as_str(), t.port));
     let mut stream = tokio::time::timeout(timeout, connect)
         .await
@@ -220,7 +265,7 @@ async fn open(t: &Target, script: &str, timeout: Duration) -> Result<(TcpStream,
         encode(&mut out, &[b"SELECT", t.db.to_string().as_bytes()]);
         wanted += 1;
     }
-    encode(&mut out, &[b"SCRIPT", b"LOAD", script.as_bytes()]);
+    encode(&mut out, &[b"SCRIPT", b"LOAD", t.script.as_bytes()]);
     wanted += 1;
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(4096);
@@ -231,75 +276,115 @@ async fn open(t: &Target, script: &str, timeout: Duration) -> Result<(TcpStream,
     Ok((stream, buf))
 }
 
+/// The calls written and not answered yet, oldest first, each with the time its
+/// reply is due by.
+type Waiting = VecDeque<(ReplyTo, Instant)>;
+
 /// The connection's task: writes the calls, reads their replies in order, until
-/// the socket fails or every sender is gone.
-async fn run(t: Target, script: &'static str, timeout: Duration, mut rx: mpsc::UnboundedReceiver<Call>) {
-    let (mut stream, mut buf) = match open(&t, script, timeout).await {
+/// the socket fails, a reply is late, or every sender is gone.
+async fn run(t: Target, mut rx: mpsc::UnboundedReceiver<Call>) {
+    let (mut stream, mut buf) = match open(&t).await {
         Ok(opened) => opened,
-        Err(e) => return fail_all(&mut rx, VecDeque::new(), &e),
+        Err(e) => return fail_all(&mut rx, Waiting::new(), &e),
     };
-    let mut waiting: VecDeque<oneshot::Sender<Result<[i64; 3], String>>> = VecDeque::new();
+    let mut waiting = Waiting::new();
     let mut out = Vec::new();
     let mut reload = false;
+    // Due at the oldest call's time or earlier; when it fires early it is set to
+    // the oldest call's time then, so it is re-armed about once per timeout.
+    let timer = tokio::time::sleep(t.timeouts.call);
+    tokio::pin!(timer);
+    let mut armed = false;
     loop {
         tokio::select! {
             call = rx.recv() => {
                 let Some(first) = call else { return };
+                let due = Instant::now() + t.timeouts.call;
                 // Every call already waiting goes in the same write.
                 if reload {
-                    encode(&mut out, &[b"SCRIPT", b"LOAD", script.as_bytes()]);
-                    waiting.push_back(oneshot::channel().0);
+                    encode(&mut out, &[b"SCRIPT", b"LOAD", t.script.as_bytes()]);
+                    waiting.push_back((oneshot::channel().0, due));
                     reload = false;
                 }
                 let mut next = Some(first);
                 while let Some(c) = next {
                     out.extend_from_slice(&c.command);
-                    waiting.push_back(c.reply);
+                    waiting.push_back((c.reply, due));
                     next = rx.try_recv().ok();
                 }
-                if let Err(e) = stream.write_all(&out).await {
-                    return fail_all(&mut rx, waiting, &e.to_string());
+                if !armed {
+                    timer.as_mut().reset(due);
+                    armed = true;
+                }
+                if let Err(e) = write_out(&mut stream, &out, due).await {
+                    return fail_all(&mut rx, waiting, &e);
                 }
                 out.clear();
             }
-            read = stream.read_buf(&mut buf), if !waiting.is_empty() => {
-                match read {
-                    Ok(0) => return fail_all(&mut rx, waiting, "Redis closed the connection"),
-                    Err(e) => return fail_all(&mut rx, waiting, &e.to_string()),
-                    Ok(_) => {}
+            () = &mut timer, if armed => match waiting.front() {
+                None => armed = false,
+                Some((_, due)) if *due <= Instant::now() => {
+                    let why = format!("no reply within {:?}", t.timeouts.call);
+                    return fail_all(&mut rx, waiting, &why);
                 }
-                loop {
-                    match parse(&buf) {
-                        Ok(Some((reply, used))) => {
-                            buf.advance(used);
-                            let Some(to) = waiting.pop_front() else { break };
-                            let answer = match reply {
-                                Reply::Ints(v) => Ok(v),
-                                Reply::Error(e) => {
-                                    reload |= e.starts_with("NOSCRIPT");
-                                    Err(e)
-                                }
-                                Reply::Ok(s) => Err(format!("an unexpected reply {s:?}")),
-                            };
-                            let _ = to.send(answer);
-                        }
-                        Ok(None) => break,
-                        Err(e) => return fail_all(&mut rx, waiting, &e),
-                    }
+                Some((_, due)) => timer.as_mut().reset(*due),
+            },
+            read = stream.read_buf(&mut buf), if !waiting.is_empty() => {
+                let read = match read {
+                    Ok(0) => Err("Redis closed the connection".to_owned()),
+                    Ok(_) => answer(&mut buf, &mut waiting, &mut reload),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = read {
+                    return fail_all(&mut rx, waiting, &e);
                 }
             }
         }
     }
 }
 
+/// Writes `out`, without a timer when the socket takes it all at once (the usual
+/// case), else by `due`.
+async fn write_out(stream: &mut TcpStream, out: &[u8], due: Instant) -> Result<(), String> {
+    let written = match stream.try_write(out) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e.to_string()),
+    };
+    if written < out.len() {
+        tokio::time::timeout_at(due, stream.write_all(&out[written..]))
+            .await
+            .map_err(|_| "Redis stopped reading".to_owned())?
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Answers the callers whose replies are whole in `buf`, oldest first; `reload`
+/// set when the script must be loaded again.
+fn answer(buf: &mut BytesMut, waiting: &mut Waiting, reload: &mut bool) -> Result<(), String> {
+    while let Some((reply, used)) = parse(buf)? {
+        buf.advance(used);
+        let Some((to, _)) = waiting.pop_front() else {
+            return Err("a reply no call asked for".into());
+        };
+        let answer = match reply {
+            Reply::Ints(v) => Ok(v),
+            Reply::Error(e) => {
+                *reload |= e.starts_with("NOSCRIPT");
+                Err(e)
+            }
+            Reply::Ok(s) => Err(format!("an unexpected reply {s:?}")),
+        };
+        let _ = to.send(answer);
+    }
+    Ok(())
+}
+
 /// Fails every call waiting and every call still queued.
-fn fail_all(
-    rx: &mut mpsc::UnboundedReceiver<Call>,
-    waiting: VecDeque<oneshot::Sender<Result<[i64; 3], String>>>,
-    why: &str,
-) {
+fn fail_all(rx: &mut mpsc::UnboundedReceiver<Call>, waiting: Waiting, why: &str) {
     rx.close();
-    for to in waiting {
+    for (to, _) in waiting {
         let _ = to.send(Err(why.to_owned()));
     }
     while let Ok(c) = rx.try_recv() {

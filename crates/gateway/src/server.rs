@@ -216,7 +216,14 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
         workers.push(spawn_worker(index, listener, rx.clone(), runtime.clone())?);
     }
     if let Some(admin) = admin {
-        tasks.push(spawn_admin(admin, rx.clone(), runtime.clone(), metrics));
+        let dashboard = Arc::new(crate::dashboard::Dashboard::default());
+        tasks.push(tokio::spawn(crate::dashboard::run(
+            dashboard.clone(),
+            runtime.clone(),
+            rx.clone(),
+        )));
+        let state = Arc::new(crate::admin::Admin { metrics, dashboard });
+        tasks.push(spawn_admin(admin, rx.clone(), runtime.clone(), state));
     }
     let handle = Handle {
         addr,
@@ -236,15 +243,15 @@ fn spawn_admin(
     admin: TcpListener,
     rx: watch::Receiver<bool>,
     runtime: Arc<ArcSwap<Runtime>>,
-    metrics: Option<PrometheusHandle>,
+    state: Arc<crate::admin::Admin>,
 ) -> JoinHandle<()> {
     let rt = runtime.clone();
     tokio::spawn(serve(admin, rx, runtime, false, move |_, activity| {
         let rt = rt.clone();
-        let metrics = metrics.clone();
+        let state = state.clone();
         service_fn(move |req| {
             let _active = activity.start();
-            let resp = crate::admin::handle(&rt.load(), metrics.as_ref(), &req);
+            let resp = crate::admin::handle(&rt.load(), &state, &req);
             async move { Ok::<_, Infallible>(resp) }
         })
     }))

@@ -81,6 +81,13 @@ pub(crate) fn set_worker(index: usize) {
     WORKER.with(|w| w.set(Some(index)));
 }
 
+/// Which of `len` per-worker slots the calling thread uses: its worker's own on a
+/// proxy worker, the last (shared) one elsewhere.
+pub(crate) fn worker_slot(len: usize) -> usize {
+    let last = len.saturating_sub(1);
+    WORKER.with(std::cell::Cell::get).map_or(last, |w| w.min(last))
+}
+
 /// The number of proxy worker threads `gateway.workers` asks for (0: one per core).
 pub fn worker_count(configured: usize) -> usize {
     if configured > 0 {
@@ -97,9 +104,7 @@ impl Upstream {
     /// it, so keeping pools per worker keeps every request and its connection on
     /// one thread (no cross-thread wake-ups, and a lock nobody else takes).
     pub fn pool(&self) -> &Arc<Pool> {
-        let last = self.pools.len() - 1;
-        let i = WORKER.with(std::cell::Cell::get).map_or(last, |w| w.min(last));
-        &self.pools[i]
+        &self.pools[worker_slot(self.pools.len())]
     }
 
     /// Closes every pool's connections idle past the idle timeout.

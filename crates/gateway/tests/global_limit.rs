@@ -140,9 +140,18 @@ async fn a_flushed_script_and_a_restarted_redis_are_used_again_without_a_restart
         "requests = 2, per = \"1h\", key = \"header:x-key\", global = {{ redis = \"{}\", when_redis_down = \"fail-open\", timeout = \"2s\" }}",
         server.url()
     );
-    let gw = gateway(up, "recovering", &limit).await;
+    // Two workers, each with its own connection to Redis.
+    let text = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nworkers = 2\n\n\
+         [[routes]]\nname = \"recovering\"\nmatch = {{ path_prefix = \"/\" }}\ncluster = \"c\"\nrate_limit = {{ {limit} }}\n\n\
+         [clusters.c]\nendpoints = [\"{up}\"]\n"
+    );
+    let gw = palisade_gateway::start(Config::from_toml(&text).unwrap(), None)
+        .await
+        .unwrap();
     // A refusal comes only from Redis (fail-open passes everything): it comes after
-    // the two allowed and at most one failed call.
+    // the two allowed and at most one failed call per worker's connection (two,
+    // fewer than the three that open the breaker).
     async fn refused_within(gw: &Handle, key: &str, n: usize) -> bool {
         for _ in 0..n {
             if get(gw, key).await.status == StatusCode::TOO_MANY_REQUESTS {
@@ -163,12 +172,12 @@ async fn a_flushed_script_and_a_restarted_redis_are_used_again_without_a_restart
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    assert!(refused_within(&gw, "b", 4).await);
+    assert!(refused_within(&gw, "b", 5).await);
     // Killed and started again on the same port: a new connection.
     let port = server.port;
     drop(server);
     let _again = RedisServer::start_on(port).await;
-    assert!(refused_within(&gw, "c", 4).await);
+    assert!(refused_within(&gw, "c", 5).await);
 }
 
 async fn futures_collect(gw: &Handle, key: &str, n: usize) -> Vec<u16> {

@@ -304,7 +304,7 @@ fn mark(route: &Route, mut resp: Response<Body>, how: Served) -> Response<Body> 
 
 fn count(route: &Route, how: Served) {
     if let Some(rules) = &route.cache {
-        rules.served[how as usize].increment(1);
+        rules.count(how);
     }
 }
 
