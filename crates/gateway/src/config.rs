@@ -90,6 +90,60 @@ pub struct GatewaySection {
     pub idempotency: Option<IdempotencySection>,
     /// Token issuers routes' `auth` tables name, by name.
     pub jwt: BTreeMap<String, JwtProviderSection>,
+    /// Distributed tracing: spans exported to an OpenTelemetry collector.
+    pub tracing: Option<TracingSection>,
+}
+
+/// `[gateway.tracing]`: W3C Trace Context passed upstream, and a span per request
+/// with a child span per attempt, exported over OTLP/HTTP (JSON) in batches. A
+/// collector that is slow or down never slows requests: spans past `max_queue`
+/// are dropped and counted.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSection {
+    /// The collector's OTLP/HTTP traces URL (`http://collector:4318/v1/traces`).
+    pub otlp: String,
+    /// The share of new traces recorded, 0 to 1; a client's context keeps its own
+    /// sampled flag.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// The `service.name` the spans carry.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Spans waiting for export at most; more are dropped.
+    #[serde(default = "default_trace_queue")]
+    pub max_queue: usize,
+    /// Spans per export at most.
+    #[serde(default = "default_trace_batch")]
+    pub max_batch: usize,
+    /// A batch goes this long after its first span at the latest.
+    #[serde(default = "default_trace_flush")]
+    pub flush_interval: Dur,
+    /// The longest wait for the collector (connecting, and each export).
+    #[serde(default = "default_trace_timeout")]
+    pub timeout: Dur,
+    /// Headers sent with each export (a collector's credentials).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+fn default_service_name() -> String {
+    "palisade".into()
+}
+fn default_trace_queue() -> usize {
+    4096
+}
+fn default_trace_batch() -> usize {
+    512
+}
+fn default_trace_flush() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_trace_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
 }
 
 /// `[gateway.jwt.<name>]`: a token issuer and how its tokens are checked. Its keys
@@ -641,6 +695,7 @@ impl Default for GatewaySection {
             cache: None,
             idempotency: None,
             jwt: BTreeMap::new(),
+            tracing: None,
         }
     }
 }

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use palisade_edge::{KeyRing, KeySet, Rules};
 
 use crate::config::{ConfigError, JwtProviderSection, UpstreamTlsConfig};
-use crate::connect::{Connector, UpstreamTls};
+use crate::connect::UpstreamTls;
 
 /// The largest key set or discovery document read.
 const MAX_DOCUMENT_BYTES: usize = 1 << 20;
@@ -262,27 +262,12 @@ fn source(s: &JwtProviderSection, at: &str, p: &mut Vec<ConfigError>) -> Option<
 
 /// `GET uri`, its body if the answer is a `200` (up to 1 MiB).
 async fn get(uri: &Uri, tls: Option<&UpstreamTls>) -> Result<Bytes, String> {
-    let host = uri.host().ok_or("no host")?;
-    let https = uri.scheme_str() == Some("https");
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let addr = tokio::net::lookup_host((host.trim_start_matches('[').trim_end_matches(']'), port))
-        .await
-        .map_err(|e| format!("{host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host}: no address"))?;
-    let connector = Connector::new(Duration::from_secs(5), tls.filter(|_| https).cloned());
-    let conn = connector.connect(addr).await.map_err(|e| format!("{uri}: {e}"))?;
-    let (mut send, connection) = hyper::client::conn::http1::handshake(conn)
-        .await
-        .map_err(|e| format!("{uri}: {e}"))?;
-    tokio::spawn(connection);
-    let authority = uri.authority().map_or(host, |a| a.as_str());
+    let mut client = crate::http_client::Client::new(uri.clone(), tls.cloned(), Duration::from_secs(5));
     let req = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(http::header::HOST, authority)
         .header(http::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
+        .body(Full::default())
         .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| format!("{uri}: {e}"))?;
+    let resp = client.send(req).await?;
     if resp.status() != StatusCode::OK {
         return Err(format!("{uri} answered {}", resp.status()));
     }

@@ -17,6 +17,7 @@ pub mod files;
 pub mod global_limit;
 pub mod guard;
 pub mod health;
+pub mod http_client;
 pub mod idempotent;
 pub mod jobs;
 pub mod keys;
@@ -31,6 +32,7 @@ pub mod server;
 pub mod split;
 pub mod tls;
 pub mod totals;
+pub mod trace;
 pub mod tunnel;
 pub mod upstream;
 

@@ -41,6 +41,10 @@ pub struct Runtime {
     pub idempotency: Arc<crate::idempotent::IdempotencySlot>,
     /// Token issuers by name.
     pub providers: HashMap<String, Arc<Provider>>,
+    /// Where spans go, when `[gateway.tracing]` is set.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// Its exporter, until [`Runtime::build`] starts it.
+    exporter: Option<crate::trace::Exporter>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -78,6 +82,9 @@ impl Runtime {
                 Provider::compile(name, s, &mut problems).map(|p| (name.clone(), Arc::new(p)))
             })
             .collect();
+        let (tracer, exporter) = (config.gateway.tracing.as_ref())
+            .and_then(|t| crate::trace::Tracer::compile(t, "gateway.tracing", &mut problems))
+            .unzip();
         let route_at = |i: usize, name: &str| format!("routes[{i}] ({name})");
         let workers = crate::upstream::worker_count(config.gateway.workers);
         let mut parts: Vec<RouteParts> = config
@@ -136,6 +143,8 @@ impl Runtime {
             responses: None,
             idempotency: Arc::default(),
             providers,
+            tracer,
+            exporter,
             tasks: Vec::new(),
         })
     }
@@ -167,6 +176,11 @@ impl Runtime {
             rt.responses = Some(Arc::new(crate::responses::Responses::build(&section)?));
         }
         rt.start_key_fetches(old).await;
+        // Not one of the runtime's tasks: it ends by itself once the tracer and
+        // every request holding it are gone, after sending their spans.
+        if let Some(exporter) = rt.exporter.take() {
+            tokio::spawn(exporter.run());
+        }
         let idle = rt.config.gateway.pool_idle_timeout.get();
         for (name, up) in &rt.clusters {
             let section = &rt.config.clusters[name];

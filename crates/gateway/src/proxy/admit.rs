@@ -365,6 +365,9 @@ impl Prepared {
             self.parts.headers.clone()
         };
         let mut req = Request::new(body);
+        if let Some(trace) = self.parts.extensions.get::<crate::trace::TraceCtx>() {
+            req.extensions_mut().insert(trace.clone());
+        }
         *req.method_mut() = self.parts.method.clone();
         *req.version_mut() = up.version;
         *req.headers_mut() = headers;

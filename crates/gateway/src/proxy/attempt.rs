@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::Request;
 use palisade_balance::{EndpointState, PickError};
 use palisade_core::{Clock, SystemClock};
-use palisade_resilience::breaker::{CircuitBreaker, Permit};
+use palisade_resilience::breaker::{CircuitBreaker, Outcome, Permit};
 use palisade_resilience::retry::{RetryState, StopReason};
 use palisade_resilience::timeout::AdaptiveTimeout;
 use tokio::time::Instant;
@@ -23,6 +23,7 @@ use super::{AttemptResult, Attempted, Cause, Classified, Failure, Picked, Sent, 
 use crate::Body;
 use crate::config::RetryOn;
 use crate::route::Route;
+use crate::trace::{AttemptTrace, TRACEPARENT, TraceCtx};
 use crate::upstream::Upstream;
 
 /// The attempts of one request: its deadline, the endpoints tried, its retry state.
@@ -32,6 +33,10 @@ pub(super) struct Attempts {
     tried: Vec<SocketAddr>,
     /// `None` on a route that does not retry.
     retry: Option<RetryState>,
+    /// Attempts launched (for their spans).
+    launched: u32,
+    /// What the last attempt came to, when another follows it (for the next span).
+    retry_reason: Option<&'static str>,
 }
 
 impl Attempts {
@@ -45,6 +50,8 @@ impl Attempts {
             refusals: 0,
             tried: Vec::new(),
             retry: route.retry.as_ref().map(|r| r.policy.begin(None)),
+            launched: 0,
+            retry_reason: None,
         }
     }
 
@@ -118,7 +125,7 @@ impl Attempts {
     /// The attempt of `request` to `ep`: its timeout (the endpoint's adaptive one
     /// when the route has them) and the deadline it tells the endpoint.
     pub(super) fn timed(
-        &self,
+        &mut self,
         route: &Route,
         ep: Arc<EndpointState>,
         permit: Option<Permit<CircuitBreaker>>,
@@ -128,6 +135,12 @@ impl Attempts {
         let per_try = self.per_try(route, adaptive.as_deref());
         if let Some(d) = &route.deadline {
             d.outgoing(request.headers_mut(), per_try);
+        }
+        self.launched += 1;
+        if let Some(ctx) = request.extensions_mut().remove::<TraceCtx>() {
+            let (trace, parent) = ctx.attempt(self.launched, self.retry_reason);
+            request.headers_mut().insert(&TRACEPARENT, parent);
+            request.extensions_mut().insert(trace);
         }
         Launch {
             ep,
@@ -180,7 +193,10 @@ impl Attempts {
         let hint = hint.and_then(retry_after);
         let time_left = self.deadline.saturating_duration_since(Instant::now());
         match decide::retry_delay(r, state, hint, time_left) {
-            Ok(delay) => Some(delay),
+            Ok(delay) => {
+                self.retry_reason = Some(outcome_name(result, outcome));
+                Some(delay)
+            }
             Err(stop) => {
                 if stop == StopReason::BudgetExhausted {
                     metrics::counter!("palisade_retry_budget_exhausted_total", "route" => route.name.clone())
@@ -224,11 +240,13 @@ impl Launch {
         let Launch {
             ep,
             permit,
-            request,
+            mut request,
             per_try,
             adaptive,
         } = self;
         let addr = ep.addr();
+        let trace = request.extensions_mut().remove::<AttemptTrace>();
+        let breaker = trace.as_ref().map(|_| ep.breaker_state());
         let start = SystemClock.now();
         let in_flight = ep.start_owned();
         let result = tokio::time::timeout(per_try, up.pool().send(addr, request)).await;
@@ -247,6 +265,9 @@ impl Launch {
         }
         let (result, lease) = take_lease(result);
         let outcome = classify(up, &result);
+        if let (Some(t), Some(b)) = (trace, breaker) {
+            end_span(t, (addr, b), &result, &outcome, latency);
+        }
         let verdict = Verdict::new(up, permit, &outcome, latency, in_flight, lease);
         Ok(Attempted {
             addr,
@@ -257,6 +278,46 @@ impl Launch {
             latency,
         })
     }
+}
+
+/// What an attempt came to, in a word: `ok`, `failed` (an answer its breaker
+/// counts as a failure), or the cause of its failure (`timeout`, `connect_failure`).
+fn outcome_name(result: &AttemptResult, outcome: &Classified) -> &'static str {
+    match (result, outcome.cause) {
+        (Ok(Ok(_)), _) if outcome.breaker == Outcome::Failure => "failed",
+        (Ok(Ok(_)), _) => "ok",
+        (Err(_), _) => "timeout",
+        (Ok(Err(_)), Some(cause)) => cause.as_str(),
+        (Ok(Err(_)), None) => "error",
+    }
+}
+
+/// Records an attempt's span: to `addr` while its breaker was `breaker`.
+fn end_span(
+    t: AttemptTrace,
+    (addr, breaker): (SocketAddr, palisade_resilience::breaker::State),
+    result: &AttemptResult,
+    outcome: &Classified,
+    latency: Duration,
+) {
+    use crate::trace::Value;
+    let mut attributes = vec![
+        ("server.address", Value::Str(addr.ip().to_string())),
+        ("server.port", Value::Int(i64::from(addr.port()))),
+        ("palisade.breaker", Value::Str(breaker.as_str().to_owned())),
+        (
+            "palisade.outcome",
+            Value::Str(outcome_name(result, outcome).to_owned()),
+        ),
+    ];
+    if let Ok(Ok(resp)) = result {
+        attributes.push((
+            "http.response.status_code",
+            Value::Int(i64::from(resp.status().as_u16())),
+        ));
+    }
+    let error = !matches!(result, Ok(Ok(_))) || outcome.breaker == Outcome::Failure;
+    t.end(latency, attributes, error);
 }
 
 /// The endpoint's latency for its adaptive timeout: an answer's time, or the whole

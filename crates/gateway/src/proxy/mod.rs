@@ -42,6 +42,7 @@ use crate::conn::ActiveGuard;
 use crate::pool::{Lease, SendError};
 use crate::route::Route;
 use crate::runtime::Runtime;
+use crate::trace::RequestTrace;
 
 use self::admit::{Inbound, matches};
 use self::answer::Verdict;
@@ -152,12 +153,7 @@ pub async fn handle(
         .get(&REQUEST_ID)
         .cloned()
         .unwrap_or_else(new_request_id);
-    // Kept for the access log only.
-    let line = rt
-        .config
-        .gateway
-        .access_log
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
+    let line = Record::of(rt, &mut req, client.addr.ip());
     let extended_connect = mark_extended_connect(&mut req);
     let host = match admit::admit(&mut req, rt.config.gateway.escaped_slashes) {
         Ok(host) => host,
@@ -305,10 +301,30 @@ pub async fn handle_queued(
     stored::handle(rt, req, client, active).await
 }
 
+/// What is recorded of a request once it is answered, besides its metrics.
+struct Record {
+    /// Its method and path, for the access log.
+    access: Option<(Method, String)>,
+    /// Its span, when the gateway traces.
+    trace: Option<Box<RequestTrace>>,
+}
+
+impl Record {
+    /// What `rt` records of `req` from `client` (its trace context put in its
+    /// extensions).
+    fn of<B>(rt: &Runtime, req: &mut Request<B>, client: std::net::IpAddr) -> Record {
+        Record {
+            access: (rt.config.gateway.access_log)
+                .then(|| (req.method().clone(), req.uri().path().to_owned())),
+            trace: (rt.tracer.as_ref()).map(|t| Box::new(RequestTrace::start(t, req, client))),
+        }
+    }
+}
+
 fn finish(
     rt: &Runtime,
     route: Option<&Route>,
-    line: Option<(Method, String)>,
+    record: Record,
     started: palisade_core::Instant,
     resp: Response<Body>,
 ) -> Response<Body> {
@@ -317,15 +333,19 @@ fn finish(
     route
         .map_or(&rt.unrouted, |r| &r.metrics)
         .answered(status, elapsed);
-    if let Some((method, path)) = line {
-        let route_name = route.map_or("none", |r| r.name.as_str());
+    let route_name = route.map(|r| r.name.as_str());
+    if let Some((method, path)) = record.access {
         let cause = resp
             .headers()
             .get(&CAUSE_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
         let status = status.as_u16();
-        tracing::info!(target: "palisade::access", route = route_name, %method, path, status, cause, ms = elapsed.as_secs_f64() * 1e3, "request");
+        let route = route_name.unwrap_or("none");
+        tracing::info!(target: "palisade::access", route, %method, path, status, cause, ms = elapsed.as_secs_f64() * 1e3, "request");
+    }
+    if let Some(t) = record.trace {
+        t.end(route_name, status, elapsed, resp.headers().get(&REQUEST_ID));
     }
     resp
 }

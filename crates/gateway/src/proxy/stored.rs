@@ -44,16 +44,13 @@ pub(super) async fn handle(
         .get(&REQUEST_ID)
         .cloned()
         .unwrap_or_else(super::new_request_id);
-    let line = |req: &Request<Incoming>| {
-        (r.config.gateway.access_log).then(|| (req.method().clone(), req.uri().path().to_owned()))
-    };
     let host = match super::admit::admit(&mut req, r.config.gateway.escaped_slashes) {
         Ok(host) => host,
         Err(_) => return super::handle(rt, req, client, active).await,
     };
     if let Some(answer) = status(r, req.method(), req.uri().path()).await {
         let resp = answer.unwrap_or_else(|f| super::failure_response(&f, &request_id));
-        let line = line(&req);
+        let line = super::Record::of(r, &mut req, client.addr.ip());
         return Ok(super::finish(r, None, line, started, resp));
     }
     let Some(route) = r.routes.iter().find(|x| super::matches(x, &req)) else {
@@ -62,7 +59,7 @@ pub(super) async fn handle(
     if route.mode != crate::config::RouteMode::Async {
         return super::handle(rt, req, client, active).await;
     }
-    let line = line(&req);
+    let line = super::Record::of(r, &mut req, client.addr.ip());
     if let Some(guard) = &route.guard
         && let Err(f) = Box::pin(super::guard::check(guard, &mut req, client.addr.ip())).await
     {
