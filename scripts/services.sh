@@ -198,6 +198,38 @@ start_nats() {
   echo "NATS on 127.0.0.1:$port ($dir)" >&2
 }
 
+# Starts an etcd of its own (Debian's etcd-server; its data in the temporary
+# directory) and exports PALISADE_TEST_ETCD_URL (tests isolate themselves by key
+# prefix) and PALISADE_TEST_ETCD_SERVER, the binary with which fault tests start,
+# kill and restart members of their own.
+start_etcd() {
+  command -v etcd >/dev/null 2>&1 || apt_install etcd-server
+  local bin dir port peer
+  bin=$(command -v etcd)
+  services_tmp
+  dir="$services_dir/etcd"
+  mkdir -p "$dir"
+  for attempt in 1 2 3; do
+    port=$(free_loopback_port)
+    peer=$(free_loopback_port)
+    "$bin" --name test --data-dir "$dir/data" \
+      --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+      --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+      --initial-cluster "test=http://127.0.0.1:$peer" >"$dir/etcd.log" 2>&1 &
+    echo $! >"$dir/etcd.pid"
+    if port_ready "$port"; then
+      break
+    fi
+    kill "$(cat "$dir/etcd.pid")" 2>/dev/null || true
+    rm -rf "$dir/data"
+    [ "$attempt" -lt 3 ] || { cat "$dir/etcd.log" >&2; return 1; }
+  done
+  services_stop+=("kill \$(cat $dir/etcd.pid)")
+  export PALISADE_TEST_ETCD_URL="http://127.0.0.1:$port"
+  export PALISADE_TEST_ETCD_SERVER="$bin"
+  echo "etcd on 127.0.0.1:$port ($dir)" >&2
+}
+
 # Installs Debian's Chromium when it is missing and exports PALISADE_TEST_CHROMIUM
 # for the dashboard's browser test (which starts its own headless instance).
 use_chromium() {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use palisade_gateway::Config;
+use palisade_gateway::source::ConfigSource;
 
 mod demo;
 mod jobs;
@@ -39,18 +40,19 @@ struct Cli {
 enum Command {
     /// Run the gateway (SIGHUP or, with watch_config, an edit reloads; SIGTERM drains).
     Gateway {
-        /// The configuration file (TOML).
-        #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
+        /// The configuration: a TOML file, or `etcd://host:port/key` (the key's
+        /// value is the TOML text; it is watched and each valid version applied).
+        #[arg(short, long, value_name = "FILE|etcd://HOST:PORT/KEY")]
+        config: String,
     },
     /// Validate a configuration: the compilation start-up runs, every problem printed.
     ///
     /// Exits 0 when the file would start, 1 when it has problems (each printed on a
     /// line of its own, naming its field and line).
     Check {
-        /// The configuration file (TOML).
-        #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
+        /// The configuration: a TOML file, or `etcd://host:port/key`.
+        #[arg(short, long, value_name = "FILE|etcd://HOST:PORT/KEY")]
+        config: String,
     },
     /// Run the gateway in front of built-in failing upstreams, with traffic, printing
     /// what happens each second.
@@ -68,6 +70,10 @@ enum Command {
     /// Print a signed link (valet key) for a route with `signed_urls`, signed with
     /// its current key: `palisade sign-url -c gateway.toml --route files --path /files/a.pdf --expires-in 1h`.
     SignUrl(SignUrlArgs),
+    /// Register an endpoint in an etcd service registry and keep it registered
+    /// (a lease renewed every third of its TTL) until SIGTERM or Ctrl-C, which
+    /// deregister it: for services that cannot register themselves (a sidecar).
+    Register(RegisterArgs),
     /// Print a shell completion script (`palisade completions bash > /etc/bash_completion.d/palisade`).
     Completions {
         /// The shell.
@@ -87,6 +93,30 @@ pub struct DemoArgs {
     /// Where its admin endpoints listen.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<std::net::SocketAddr>,
+}
+
+/// Options of `palisade register`.
+#[derive(Debug, clap::Args)]
+pub struct RegisterArgs {
+    /// The etcd member.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:2379")]
+    pub etcd: String,
+    /// The service's prefix, as its gateway cluster's `etcd.prefix` names it.
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: String,
+    /// The endpoint's address.
+    #[arg(long, value_name = "IP:PORT")]
+    pub address: std::net::SocketAddr,
+    /// Its load balancing weight.
+    #[arg(long, default_value_t = 1)]
+    pub weight: u32,
+    /// Its failover tier.
+    #[arg(long, default_value_t = 0)]
+    pub tier: u8,
+    /// How long the endpoint stays registered after this process stops renewing
+    /// it (killed, or cut off from etcd).
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s")]
+    pub ttl: Duration,
 }
 
 /// Options of `palisade sign-url`.
@@ -132,16 +162,16 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Check { config: path } => Ok(check(&path)),
-        Command::Gateway { config: path } => {
+        Command::Check { config } => check(&config),
+        Command::Gateway { config } => {
             init_logs("info");
-            let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+            let source = ConfigSource::parse(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
             // The proxy's own worker threads are started by the gateway; this
             // runtime runs the rest (signals, reloads, the admin listener, probes).
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(gateway(config, path))
+                .block_on(gateway(source))
         }
         Command::Demo(args) => {
             init_logs("warn");
@@ -184,6 +214,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             .build()?
             .block_on(jobs::run(args)),
         Command::SignUrl(args) => sign_url(&args),
+        Command::Register(args) => {
+            init_logs("info");
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(register(args))
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "palisade", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -191,33 +228,33 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `palisade check`: the same compilation as start-up's, every object built and
-/// every file the configuration names read; only host names are left to resolve.
-fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path).and_then(palisade_gateway::runtime::Runtime::compile) {
+/// `palisade check`: the same reading and compilation as start-up's, every object
+/// built and every file the configuration names read; only host names are left
+/// to resolve.
+fn check(arg: &str) -> anyhow::Result<ExitCode> {
+    let source = ConfigSource::parse(arg).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let loaded = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(source.load());
+    match loaded.and_then(|l| palisade_gateway::runtime::Runtime::compile(l.config)) {
         Ok(rt) => {
             let _ = writeln!(
                 std::io::stdout(),
-                "{}: ok ({} routes, {} clusters)",
-                path.display(),
+                "{source}: ok ({} routes, {} clusters)",
                 rt.routes.len(),
                 rt.clusters.len()
             );
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             let mut err = std::io::stderr();
             let n = e.0.len();
-            let _ = writeln!(
-                err,
-                "{}: {n} problem{}",
-                path.display(),
-                if n == 1 { "" } else { "s" }
-            );
+            let _ = writeln!(err, "{source}: {n} problem{}", if n == 1 { "" } else { "s" });
             for p in &e.0 {
                 let _ = writeln!(err, "  {p}");
             }
-            ExitCode::FAILURE
+            Ok(ExitCode::FAILURE)
         }
     }
 }
@@ -251,6 +288,36 @@ fn sign_url(a: &SignUrlArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `palisade register`: the endpoint kept in the registry until told to stop.
+async fn register(a: RegisterArgs) -> anyhow::Result<ExitCode> {
+    use palisade_gateway::registry::{Registration, register};
+    let base: http::Uri = (a.etcd.parse().ok())
+        .filter(|u: &http::Uri| u.scheme_str() == Some("http") && u.host().is_some())
+        .ok_or_else(|| anyhow::anyhow!("--etcd: `{}` is not an http:// URL of an etcd member", a.etcd))?;
+    if !a.prefix.starts_with('/') {
+        anyhow::bail!("--prefix must start with /: {:?}", a.prefix);
+    }
+    if a.ttl < Duration::from_secs(1) {
+        anyhow::bail!("--ttl must be at least 1s (etcd's leases count whole seconds)");
+    }
+    let etcd = palisade_gateway::etcd::Etcd::new(base, Duration::from_secs(5));
+    let key = format!("{}{}", a.prefix, a.address);
+    let me = Registration {
+        address: a.address,
+        weight: a.weight,
+        tier: a.tier,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    register(&etcd, &key, &me, a.ttl, stop).await;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -261,12 +328,16 @@ fn init_logs(default: &str) {
         .try_init();
 }
 
-async fn gateway(config: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
+async fn gateway(source: ConfigSource) -> anyhow::Result<ExitCode> {
     // Handlers first: a SIGHUP that arrives once the gateway says it serves must
     // reload it, not end it (the default action).
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let handle = palisade_gateway::start(config, Some(path)).await?;
+    let loaded = source
+        .load()
+        .await
+        .map_err(|e| anyhow::anyhow!("{source}:\n{e}"))?;
+    let handle = palisade_gateway::start(loaded.config, Some((source, loaded.version))).await?;
     tracing::info!(listen = %handle.addr, admin = ?handle.admin_addr, "palisade gateway serving");
     {
         // Watching ends only at shutdown (or at once when off); never poll it again.
@@ -277,7 +348,7 @@ async fn gateway(config: Config, path: PathBuf) -> anyhow::Result<ExitCode> {
         tokio::pin!(watch);
         loop {
             tokio::select! {
-                _ = hup.recv() => { let _ = handle.reload_from_file().await; }
+                _ = hup.recv() => { let _ = handle.reload_from_source().await; }
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
                 _ = &mut watch => {}

@@ -700,6 +700,48 @@ impl Default for GatewaySection {
     }
 }
 
+/// `etcd = { url, prefix }`: a cluster's endpoints from a registry in etcd.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdRegistryConfig {
+    /// The etcd member (`http://host:2379`).
+    pub url: String,
+    /// The keys' prefix (`/services/orders/`); each key's value is
+    /// `{"address": "ip:port", "weight": 1, "tier": 0}` or a bare `ip:port`.
+    pub prefix: String,
+    /// The longest wait for one etcd call.
+    #[serde(default = "default_etcd_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_etcd_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+impl EtcdRegistryConfig {
+    fn problems(&self, at: &str, p: &mut Vec<ConfigError>) {
+        if !self
+            .url
+            .parse::<http::Uri>()
+            .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some())
+        {
+            p.push(ConfigError::new(
+                format!("{at}.url"),
+                format!("`{}` is not an http:// URL of an etcd member", self.url),
+            ));
+        }
+        if !self.prefix.starts_with('/') || self.prefix.len() < 2 {
+            p.push(ConfigError::new(
+                format!("{at}.prefix"),
+                "must start with / and name something",
+            ));
+        }
+        if self.timeout.get().is_zero() {
+            p.push(ConfigError::new(format!("{at}.timeout"), "must be more than 0"));
+        }
+    }
+}
+
 /// `[[routes]]`: which requests go to which cluster, and the policies on the way.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -1233,6 +1275,11 @@ pub struct ClusterSection {
     /// re-read when it changes; used in addition to `endpoints`.
     #[serde(default)]
     pub endpoints_file: Option<String>,
+    /// A service registry in etcd: the endpoints are the keys under a prefix
+    /// (each written with a lease by the service, or by `palisade register`),
+    /// watched. Instead of `endpoints` and `endpoints_file`.
+    #[serde(default)]
+    pub etcd: Option<EtcdRegistryConfig>,
     /// How often host names are resolved again.
     #[serde(default = "default_dns_refresh")]
     pub dns_refresh: Dur,
@@ -2098,7 +2145,15 @@ fn host_name(name: &str) -> Result<(), &'static str> {
 
 impl ClusterSection {
     fn problems(&self, at: &str, p: &mut Vec<ConfigError>) {
-        if self.endpoints.is_empty() && self.endpoints_file.is_none() && !self.allow_empty {
+        if let Some(e) = &self.etcd {
+            e.problems(&format!("{at}.etcd"), p);
+            if !self.endpoints.is_empty() || self.endpoints_file.is_some() {
+                p.push(ConfigError::new(
+                    format!("{at}.etcd"),
+                    "a cluster's endpoints come from etcd or from endpoints / endpoints_file, not both",
+                ));
+            }
+        } else if self.endpoints.is_empty() && self.endpoints_file.is_none() && !self.allow_empty {
             p.push(ConfigError::new(
                 format!("{at}.endpoints"),
                 "no endpoints (set allow_empty = true if that is meant)",

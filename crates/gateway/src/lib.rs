@@ -13,6 +13,7 @@ pub mod conn;
 pub mod connect;
 pub mod dashboard;
 pub mod discovery;
+pub mod etcd;
 pub mod files;
 pub mod global_limit;
 pub mod guard;
@@ -24,11 +25,13 @@ pub mod keys;
 pub mod load;
 pub mod pool;
 pub mod proxy;
+pub mod registry;
 pub mod responses;
 pub mod route;
 pub mod runtime;
 pub mod script_conn;
 pub mod server;
+pub mod source;
 pub mod split;
 pub mod tls;
 pub mod totals;
@@ -61,4 +64,4 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 pub use config::{Config, ConfigError, ConfigErrors};
-pub use server::{Handle, start};
+pub use server::{Handle, Reloads, start};

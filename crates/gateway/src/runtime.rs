@@ -171,6 +171,11 @@ impl Runtime {
         if !problems.is_empty() {
             return Err(ConfigErrors(problems));
         }
+        for (name, up) in &rt.clusters {
+            if let Some(registry) = &rt.config.clusters[name].etcd {
+                crate::registry::first_read(up, registry).await;
+            }
+        }
         if rt.routes.iter().any(|r| r.cache.is_some()) {
             let section = rt.config.gateway.cache.clone().unwrap_or_default();
             rt.responses = Some(Arc::new(crate::responses::Responses::build(&section)?));
@@ -186,6 +191,7 @@ impl Runtime {
             let section = &rt.config.clusters[name];
             rt.tasks.extend(crate::health::spawn(up, section));
             rt.tasks.extend(crate::discovery::spawn(up, section));
+            rt.tasks.extend(crate::registry::spawn(up, section.etcd.as_ref()));
             rt.tasks.push(spawn_pool_sweeper(up, idle));
         }
         Ok(rt)

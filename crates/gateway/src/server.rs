@@ -17,7 +17,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -36,6 +35,7 @@ use crate::config::{Config, ConfigErrors};
 use crate::conn::{Activity, Ended, Watched};
 use crate::proxy::Downstream;
 use crate::runtime::Runtime;
+use crate::source::{ConfigSource, Version};
 
 /// A running gateway.
 pub struct Handle {
@@ -44,9 +44,10 @@ pub struct Handle {
     /// The admin listener's address.
     pub admin_addr: Option<SocketAddr>,
     runtime: Arc<ArcSwap<Runtime>>,
-    config_path: Option<PathBuf>,
-    /// The configuration file's bytes when it was last loaded, to see changes.
-    config_bytes: Option<Vec<u8>>,
+    /// Where the configuration came from, and the version it started with.
+    origin: Option<(ConfigSource, Version)>,
+    /// Reloads so far.
+    reloads: watch::Sender<Reloads>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// One per proxy worker thread, resolved when it has drained and stopped.
@@ -141,9 +142,18 @@ pub fn raise_file_limit() -> Option<u64> {
     })
 }
 
-/// Starts the gateway: builds the runtime, binds both listeners, serves. `path` is
-/// the file the configuration came from, for reloads.
-pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, StartError> {
+/// How many new configurations a gateway applied and refused since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reloads {
+    /// Applied.
+    pub applied: u64,
+    /// Refused (not valid; the running one kept serving).
+    pub rejected: u64,
+}
+
+/// Starts the gateway: builds the runtime, binds both listeners, serves. `origin`
+/// is where the configuration came from and its version, for reloads.
+pub async fn start(config: Config, origin: Option<(ConfigSource, Version)>) -> Result<Handle, StartError> {
     let metrics = metrics_handle();
     if let Some(files) = raise_file_limit() {
         let workers = crate::upstream::worker_count(config.gateway.workers) as u64;
@@ -229,8 +239,8 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Handle, Star
         addr,
         admin_addr,
         runtime,
-        config_bytes: path.as_ref().and_then(|p| std::fs::read(p).ok()),
-        config_path: path,
+        origin,
+        reloads: watch::Sender::new(Reloads::default()),
         shutdown,
         tasks,
         workers,
@@ -547,49 +557,62 @@ impl Handle {
             next.responses = old.responses.clone();
         }
         self.runtime.store(Arc::new(next));
+        self.reloads.send_modify(|r| r.applied += 1);
         metrics::counter!("palisade_config_reloads_total", "result" => "ok").increment(1);
         tracing::info!("configuration reloaded");
         Ok(())
     }
 
-    /// Re-reads the configuration file and reloads it.
-    pub async fn reload_from_file(&self) -> Result<(), ConfigErrors> {
-        let Some(path) = &self.config_path else {
-            return Err(ConfigErrors::one("--config", "no configuration file to reload"));
+    /// Reads the configuration from its source again and reloads it.
+    pub async fn reload_from_source(&self) -> Result<(), ConfigErrors> {
+        let Some((source, _)) = &self.origin else {
+            return Err(ConfigErrors::one("--config", "no configuration source to reload"));
         };
-        let result = match Config::load(path) {
-            Ok(c) => self.reload(c).await,
+        let result = match source.load().await {
+            Ok(loaded) => self.reload(loaded.config).await,
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
-            metrics::counter!("palisade_config_reloads_total", "result" => "rejected").increment(1);
-            tracing::error!(errors = %e, "new configuration rejected; the old one keeps serving");
+            self.refused(source, e);
         }
         result
     }
 
-    /// Watches the configuration file (if `watch_config`), reloading when its
-    /// contents change (compared byte for byte once a second, so coarse or unchanged
-    /// modification times cannot hide an edit). Returns when the gateway shuts down.
+    fn refused(&self, source: &ConfigSource, e: &ConfigErrors) {
+        crate::source::reject(source, e);
+        self.reloads.send_modify(|r| r.rejected += 1);
+    }
+
+    /// The reloads so far, and each one to come.
+    pub fn reloads(&self) -> watch::Receiver<Reloads> {
+        self.reloads.subscribe()
+    }
+
+    /// Follows the configuration's source (if `watch_config`): a file compared
+    /// byte for byte once a second (so coarse or unchanged modification times
+    /// cannot hide an edit), an etcd key watched. Each new version is reloaded; one
+    /// refused leaves the running one serving. Returns when the gateway shuts down.
     pub async fn watch_config(&self) {
-        let Some(path) = self.config_path.clone() else {
+        let Some((source, version)) = &self.origin else {
             return;
         };
         if !self.runtime.load().config.gateway.watch_config {
             return;
         }
         let mut stop = self.shutdown.subscribe();
-        let mut last = self.config_bytes.clone();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => return,
+        let follow = source.follow(version.clone(), |next| async move {
+            match next {
+                Ok(config) => {
+                    if let Err(e) = self.reload(config).await {
+                        self.refused(source, &e);
+                    }
+                }
+                Err(e) => self.refused(source, &e),
             }
-            let now = std::fs::read(&path).ok();
-            if now.is_some() && now != last {
-                last = now;
-                let _ = self.reload_from_file().await;
-            }
+        });
+        tokio::select! {
+            () = follow => {}
+            _ = stop.changed() => {}
         }
     }
 

@@ -178,3 +178,99 @@ pub async fn one_route_gateway(up: SocketAddr, route: &str, route_lines: &str) -
         .await
         .unwrap()
 }
+
+/// An etcd member of the test's own on free loopback ports with its data in a
+/// temporary directory (the binary `scripts/test` exports), for tests that kill
+/// and restart it.
+pub struct EtcdServer {
+    /// Its client port.
+    pub port: u16,
+    peer: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl EtcdServer {
+    /// Starts one and waits until it answers.
+    pub async fn start() -> EtcdServer {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "palisade-etcd-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let mut server = EtcdServer {
+            port: free(),
+            peer: free(),
+            dir,
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// Starts it again (on the same ports, with the same data) after a kill.
+    pub async fn restart(&mut self) {
+        let bin = std::env::var("PALISADE_TEST_ETCD_SERVER").unwrap_or_else(|_| "etcd".to_owned());
+        let (client, peer) = (
+            format!("http://127.0.0.1:{}", self.port),
+            format!("http://127.0.0.1:{}", self.peer),
+        );
+        let child = std::process::Command::new(bin)
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .arg(format!("--initial-cluster=t={peer}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("etcd could not be started");
+        self.child = Some(child);
+        let etcd =
+            palisade_gateway::etcd::Etcd::new(self.url().parse().unwrap(), std::time::Duration::from_secs(1));
+        tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            while etcd.get("/").await.is_err() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("etcd did not answer");
+    }
+
+    /// Kills it (SIGKILL) and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
