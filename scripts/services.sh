@@ -239,6 +239,17 @@ use_chromium() {
   echo "Chromium: $PALISADE_TEST_CHROMIUM" >&2
 }
 
+# Runs kubernetes-validate (the Kubernetes API's schemas, from PyPI) from a
+# virtual environment of its own under the user's cache, made on first use.
+kubernetes_validate() {
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/palisade/kubernetes-validate"
+  if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+  fi
+  "$venv/bin/kubernetes-validate" "$@"
+}
+
 # Waits (up to 10 s) until something accepts connections on 127.0.0.1:$1.
 port_ready() {
   for _ in $(seq 1 100); do

@@ -278,3 +278,33 @@ fn the_demo_prints_its_dashboards_address_and_serves_it_there() {
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains("<title>Palisade dashboard</title>"), "{page}");
 }
+
+#[test]
+fn the_kubernetes_configmaps_gateway_configuration_passes_check() {
+    let manifest = include_str!("../../../deploy/kubernetes/palisade.yaml");
+    let mut lines = manifest
+        .lines()
+        .skip_while(|l| l.trim() != "gateway.toml: |")
+        .skip(1);
+    let toml: String = lines
+        .by_ref()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    assert!(toml.contains("[gateway]"), "{toml}");
+    let dir = std::env::temp_dir().join(format!("palisade-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env(
+            "PALISADE_GATEWAY__ADMIN_TOKEN",
+            "change-me-to-a-long-random-token",
+        )
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

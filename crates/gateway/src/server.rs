@@ -26,7 +26,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// `palisade_request_duration_seconds`'s bucket bounds, in seconds.
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -101,7 +106,15 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let handle = PrometheusBuilder::new().install_recorder().ok()?;
+            // Answers' durations as buckets (not a summary): a p99 over every
+            // instance is then one `histogram_quantile`, as the shipped alert does.
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("palisade_request_duration_seconds".into()),
+                    &REQUEST_BUCKETS,
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let handle = builder.install_recorder().ok()?;
             let upkeep = handle.clone();
             let spawned = std::thread::Builder::new()
                 .name("palisade-metrics-upkeep".into())

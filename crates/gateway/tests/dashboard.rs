@@ -325,3 +325,17 @@ async fn readiness_reports_the_version_uptime_and_each_dependency() {
     assert_eq!(v["degraded"], serde_json::json!(["global_limit:limited"]));
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn answers_durations_are_exported_as_buckets_for_the_latency_alert() {
+    let up = upstream(Arc::new(AtomicU16::new(200))).await;
+    let gw = gateway(&[up], "").await;
+    assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
+    let (status, _, text) = admin(&gw, "/metrics", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    for le in ["0.001", "1", "30", "+Inf"] {
+        let line = format!("palisade_request_duration_seconds_bucket{{route=\"shop\",le=\"{le}\"}}");
+        assert!(text.contains(&line), "{line} not in:\n{text}");
+    }
+    gw.shutdown().await;
+}
