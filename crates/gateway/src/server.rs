@@ -243,6 +243,7 @@ pub async fn start(config: Config, origin: Option<(ConfigSource, Version)>) -> R
         tasks.push(tokio::spawn(crate::dashboard::run(
             dashboard.clone(),
             runtime.clone(),
+            metrics.clone(),
             rx.clone(),
         )));
         let state = Arc::new(crate::admin::Admin { metrics, dashboard });

@@ -339,3 +339,20 @@ async fn answers_durations_are_exported_as_buckets_for_the_latency_alert() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_lag_this_processs_data_routers_report_is_shown() {
+    let up = upstream(Arc::new(AtomicU16::new(200))).await;
+    let gw = gateway(&[up], "").await;
+    // What palisade-data's replica set records for each replica it checks.
+    metrics::gauge!("palisade_data_replica_lag_seconds", "set" => "main", "replica" => "10.0.0.5:5432")
+        .set(2.5);
+    let s = sample_where(&gw, |s| s["replicas"].is_array()).await;
+    let r = &s["replicas"][0];
+    assert_eq!(
+        (r["set"].as_str(), r["replica"].as_str(), r["lag_s"].as_f64()),
+        (Some("main"), Some("10.0.0.5:5432"), Some(2.5)),
+        "{s}"
+    );
+    gw.shutdown().await;
+}

@@ -200,6 +200,13 @@ function drawStores(last) {
     parts.push(el("div", { class: "card", "data-store": "queue" }, el("h3", { text: "queue" }),
       el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows))));
   }
+  if (last.replicas) {
+    const head = el("tr", {}, ...["set", "replica", "lag s"].map((t) => el("th", { text: t })));
+    const rows = last.replicas.map((r) => el("tr", { "data-replica": r.replica },
+      el("td", { text: r.set }), el("td", { text: r.replica }), el("td", { class: "lag", text: fixed(r.lag_s, 2) })));
+    parts.push(el("div", { class: "card", "data-store": "replicas" }, el("h3", { text: "read replicas" }),
+      el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows))));
+  }
   $("stores").hidden = parts.length === 0;
   box.replaceChildren(...parts);
 }

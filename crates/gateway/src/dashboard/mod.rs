@@ -4,7 +4,8 @@
 //! A sampler reads the running gateway once a second: each route's answers per
 //! second, error rate, refusals and p50/p99 (from [`crate::totals`]), each
 //! cluster's serving tier and endpoints (breaker, health, ejection, in flight),
-//! the response cache's hits by level and the queue's depth. It keeps the last
+//! the response cache's hits by level, the queue's depth, and the lag of the
+//! replicas this process's data routers read from. It keeps the last
 //! five minutes, so a page opened late still draws them, and notes breaker, tier
 //! and ejection changes as events the page marks on its charts. A page's stream
 //! that cannot keep up skips samples rather than holding the sampler.
@@ -15,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
@@ -139,10 +141,16 @@ struct Previous {
     endpoints: HashMap<(String, String), (String, bool)>,
     tiers: HashMap<String, Option<u8>>,
     queue: Option<Value>,
+    replicas: Option<Value>,
 }
 
 /// Samples the gateway once a second until `stop`.
-pub async fn run(dash: Arc<Dashboard>, runtime: Arc<ArcSwap<Runtime>>, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    dash: Arc<Dashboard>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    metrics: Option<PrometheusHandle>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prev = Previous::default();
@@ -159,6 +167,7 @@ pub async fn run(dash: Arc<Dashboard>, runtime: Arc<ArcSwap<Runtime>>, mut stop:
         let rt = runtime.load_full();
         if n % QUEUE_EVERY == 0 {
             prev.queue = queue_json(&rt).await;
+            prev.replicas = metrics.as_ref().map(|m| replicas_json(&m.render()));
         }
         n += 1;
         let (mut sample, events) = sample(&rt, &mut prev, secs);
@@ -242,6 +251,7 @@ fn sample(rt: &Runtime, prev: &mut Previous, secs: f64) -> (Value, Vec<Value>) {
         "events": events,
         "cache": cache,
         "queue": prev.queue,
+        "replicas": prev.replicas.as_ref().filter(|r| r.as_array().is_some_and(|a| !a.is_empty())),
     });
     (sample, events)
 }
@@ -268,6 +278,27 @@ fn cache_json(stats: &palisade_cache::CacheStats, [hits, misses, stale]: [u64; 3
         "l1_ratio": ratio(from_store - l2),
         "l2_ratio": ratio(l2),
     })
+}
+
+/// The replicas' lag this process's data routers report
+/// (`palisade_data_replica_lag_seconds{set, replica}` in its metrics), for a
+/// service that routes its reads through `palisade-data` beside the gateway.
+fn replicas_json(metrics: &str) -> Value {
+    const NAME: &str = "palisade_data_replica_lag_seconds{";
+    let label = |labels: &str, key: &str| -> Option<String> {
+        let start = labels.find(&format!("{key}=\""))? + key.len() + 2;
+        let end = labels[start..].find('"')? + start;
+        Some(labels[start..end].to_owned())
+    };
+    let rows: Vec<Value> = (metrics.lines())
+        .filter_map(|line| {
+            let rest = line.strip_prefix(NAME)?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let lag: f64 = value.trim().parse().ok()?;
+            Some(json!({"set": label(labels, "set")?, "replica": label(labels, "replica")?, "lag_s": lag}))
+        })
+        .collect();
+    Value::from(rows)
 }
 
 /// Each queue's jobs by state and its oldest wait, or why they could not be read.
