@@ -9,7 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Uri, header};
 use http_body_util::{BodyExt, Full};
-use serde_json::{Value as Json, json};
+#[cfg(test)]
+use serde_json::Value as Json;
 use tokio::sync::mpsc;
 
 use super::{Span, Value};
@@ -127,7 +128,7 @@ impl Exporter {
     }
 
     async fn send(&mut self, batch: &[Span]) -> Result<(), String> {
-        let body = Bytes::from(body(&self.service, batch).to_string());
+        let body = Bytes::from(body(&self.service, batch));
         let path = self
             .client
             .base()
@@ -154,45 +155,129 @@ impl Exporter {
 }
 
 /// An `ExportTraceServiceRequest` of `spans` in OTLP's JSON encoding (ids in hex,
-/// 64-bit integers as strings).
-pub fn body(service: &str, spans: &[Span]) -> Json {
-    let spans: Vec<Json> = spans.iter().map(span_json).collect();
-    json!({
-        "resourceSpans": [{
-            "resource": {"attributes": [attribute("service.name", &Value::Str(service.to_owned()))]},
-            "scopeSpans": [{
-                "scope": {"name": "palisade-gateway", "version": env!("CARGO_PKG_VERSION")},
-                "spans": spans,
-            }],
-        }],
-    })
+/// 64-bit integers as strings), written straight into bytes: building a
+/// `serde_json::Value` per span cost more than the rest of the request.
+pub fn body(service: &str, spans: &[Span]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + spans.len() * 640);
+    out.extend_from_slice(br#"{"resourceSpans":[{"resource":{"attributes":["#);
+    attribute(&mut out, "service.name", &Value::Str(service.to_owned()));
+    out.extend_from_slice(br#"]},"scopeSpans":[{"scope":{"name":"palisade-gateway","version":"#);
+    string(&mut out, env!("CARGO_PKG_VERSION"));
+    out.extend_from_slice(br#"},"spans":["#);
+    for (i, s) in spans.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        span(&mut out, s);
+    }
+    out.extend_from_slice(b"]}]}]}");
+    out
 }
 
-fn span_json(s: &Span) -> Json {
-    let mut v = json!({
-        "traceId": format!("{:032x}", s.trace_id),
-        "spanId": format!("{:016x}", s.span_id),
-        "name": s.name,
-        "kind": s.kind as u8,
-        "startTimeUnixNano": s.start_ns.to_string(),
-        "endTimeUnixNano": s.end_ns.to_string(),
-        "attributes": s.attributes.iter().map(|(k, v)| attribute(k, v)).collect::<Vec<_>>(),
-        // 1: ok, 2: error.
-        "status": {"code": if s.error { 2 } else { 1 }},
-    });
+fn span(out: &mut Vec<u8>, s: &Span) {
+    out.extend_from_slice(br#"{"traceId":""#);
+    hex(out, s.trace_id, 32);
+    out.extend_from_slice(br#"","spanId":""#);
+    hex(out, u128::from(s.span_id), 16);
+    out.push(b'"');
     if let Some(p) = s.parent {
-        v["parentSpanId"] = Json::from(format!("{p:016x}"));
+        out.extend_from_slice(br#","parentSpanId":""#);
+        hex(out, u128::from(p), 16);
+        out.push(b'"');
     }
     if let Some(t) = &s.trace_state {
-        v["traceState"] = Json::from(t.as_str());
+        out.extend_from_slice(br#","traceState":"#);
+        string(out, t);
     }
-    v
+    out.extend_from_slice(br#","name":"#);
+    string(out, &s.name);
+    out.extend_from_slice(br#","kind":"#);
+    out.extend_from_slice(itoa::Buffer::new().format(s.kind as u8).as_bytes());
+    out.extend_from_slice(br#","startTimeUnixNano":""#);
+    out.extend_from_slice(itoa::Buffer::new().format(s.start_ns).as_bytes());
+    out.extend_from_slice(br#"","endTimeUnixNano":""#);
+    out.extend_from_slice(itoa::Buffer::new().format(s.end_ns).as_bytes());
+    out.extend_from_slice(br#"","attributes":["#);
+    for (i, (k, v)) in s.attributes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        attribute(out, k, v);
+    }
+    // Status 1: ok, 2: error.
+    out.extend_from_slice(if s.error {
+        br#"],"status":{"code":2}}"#
+    } else {
+        br#"],"status":{"code":1}}"#
+    });
 }
 
-fn attribute(key: &str, v: &Value) -> Json {
-    let value = match v {
-        Value::Str(s) => json!({"stringValue": s}),
-        Value::Int(n) => json!({"intValue": n.to_string()}),
-    };
-    json!({"key": key, "value": value})
+fn attribute(out: &mut Vec<u8>, key: &str, v: &Value) {
+    out.extend_from_slice(br#"{"key":"#);
+    string(out, key);
+    match v {
+        Value::Str(s) => {
+            out.extend_from_slice(br#","value":{"stringValue":"#);
+            string(out, s);
+        }
+        Value::Int(n) => {
+            out.extend_from_slice(br#","value":{"intValue":""#);
+            out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes());
+            out.push(b'"');
+        }
+    }
+    out.extend_from_slice(b"}}");
+}
+
+/// `s` as a JSON string, escaped.
+fn string(out: &mut Vec<u8>, s: &str) {
+    // Writing to a Vec cannot fail; serde_json escapes.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// `v`'s low `digits` hex digits, lower case, zero-padded.
+fn hex(out: &mut Vec<u8>, v: u128, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        out.push(HEX[((v >> (4 * i)) & 0xf) as usize]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::SpanKind;
+
+    #[test]
+    fn the_body_is_otlp_json() {
+        let span = Span {
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            span_id: 0xab,
+            parent: Some(0x00f067aa0ba902b7),
+            trace_state: Some("a=\"b\"".into()),
+            name: "GET orders".into(),
+            kind: SpanKind::Server,
+            start_ns: 1,
+            end_ns: 2,
+            attributes: vec![("k", Value::Str("v".into())), ("n", Value::Int(-3))],
+            error: true,
+        };
+        let v: Json = serde_json::from_slice(&body("svc", &[span.clone(), span])).unwrap();
+        assert_eq!(
+            v["resourceSpans"][0]["resource"]["attributes"][0]["value"]["stringValue"],
+            "svc"
+        );
+        let s = &v["resourceSpans"][0]["scopeSpans"][0]["spans"][1];
+        assert_eq!(s["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(s["spanId"], "00000000000000ab");
+        assert_eq!(s["parentSpanId"], "00f067aa0ba902b7");
+        assert_eq!(s["traceState"], "a=\"b\"");
+        assert_eq!(s["kind"], 2);
+        assert_eq!(
+            (s["startTimeUnixNano"].as_str(), s["endTimeUnixNano"].as_str()),
+            (Some("1"), Some("2"))
+        );
+        assert_eq!(s["attributes"][1]["value"]["intValue"], "-3");
+        assert_eq!(s["status"]["code"], 2);
+    }
 }

@@ -120,13 +120,17 @@ impl RequestTrace {
     ) -> RequestTrace {
         let ctx = tracer.context(req.headers_mut());
         req.extensions_mut().insert(ctx.clone());
-        let trace_state = (req.headers().get(&TRACESTATE))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        // What only a recorded span needs is copied only for one.
+        let (path, trace_state) = if ctx.sampled {
+            let state = (req.headers().get(&TRACESTATE)).and_then(|v| v.to_str().ok());
+            (req.uri().path().to_owned(), state.map(str::to_owned))
+        } else {
+            (String::new(), None)
+        };
         RequestTrace {
             ctx,
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            path,
             client,
             trace_state,
         }
