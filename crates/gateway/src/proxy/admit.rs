@@ -344,6 +344,11 @@ impl Prepared {
         self.parts
     }
 
+    /// The request's trace context, when the gateway traces.
+    pub(super) fn trace(&self) -> Option<crate::trace::TraceCtx> {
+        self.parts.extensions.get::<crate::trace::TraceCtx>().cloned()
+    }
+
     /// The request for one attempt to `addr`: the body taken (streamed) or copied
     /// (buffered); the head copied only when another attempt may need it.
     pub(super) fn next_request(
@@ -365,9 +370,6 @@ impl Prepared {
             self.parts.headers.clone()
         };
         let mut req = Request::new(body);
-        if let Some(trace) = self.parts.extensions.get::<crate::trace::TraceCtx>() {
-            req.extensions_mut().insert(trace.clone());
-        }
         *req.method_mut() = self.parts.method.clone();
         *req.version_mut() = up.version;
         *req.headers_mut() = headers;

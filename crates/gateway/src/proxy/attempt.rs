@@ -37,6 +37,8 @@ pub(super) struct Attempts {
     launched: u32,
     /// What the last attempt came to, when another follows it (for the next span).
     retry_reason: Option<&'static str>,
+    /// The request's trace, when the gateway traces.
+    pub(super) trace: Option<TraceCtx>,
 }
 
 impl Attempts {
@@ -52,6 +54,7 @@ impl Attempts {
             retry: route.retry.as_ref().map(|r| r.policy.begin(None)),
             launched: 0,
             retry_reason: None,
+            trace: None,
         }
     }
 
@@ -137,17 +140,18 @@ impl Attempts {
             d.outgoing(request.headers_mut(), per_try);
         }
         self.launched += 1;
-        if let Some(ctx) = request.extensions_mut().remove::<TraceCtx>() {
+        let trace = self.trace.as_ref().map(|ctx| {
             let (trace, parent) = ctx.attempt(self.launched, self.retry_reason);
             request.headers_mut().insert(&TRACEPARENT, parent);
-            request.extensions_mut().insert(trace);
-        }
+            trace
+        });
         Launch {
             ep,
             permit,
             request,
             per_try,
             adaptive,
+            trace,
         }
     }
 
@@ -221,6 +225,8 @@ pub(super) struct Launch {
     request: Request<Body>,
     per_try: Duration,
     adaptive: Option<Arc<AdaptiveTimeout>>,
+    /// Its span, when the gateway traces.
+    trace: Option<AttemptTrace>,
 }
 
 impl Launch {
@@ -240,12 +246,13 @@ impl Launch {
         let Launch {
             ep,
             permit,
-            mut request,
+            request,
             per_try,
             adaptive,
+            trace,
         } = self;
         let addr = ep.addr();
-        let trace = request.extensions_mut().remove::<AttemptTrace>();
+        let trace = trace.filter(AttemptTrace::sampled);
         let breaker = trace.as_ref().map(|_| ep.breaker_state());
         let start = SystemClock.now();
         let in_flight = ep.start_owned();

@@ -407,6 +407,7 @@ async fn route_request(
     // occupies the cluster.
     let slot = admit::bulkhead_slot(up)?;
     let mut attempts = Attempts::new(route, req.client_deadline);
+    attempts.trace = req.trace();
     // A pacing limit's wait or an injected delay, within the route's timeout (its
     // deadline is set).
     if !req.pace.is_zero() {

@@ -304,6 +304,11 @@ impl TraceCtx {
 }
 
 impl AttemptTrace {
+    /// Whether its span is recorded.
+    pub fn sampled(&self) -> bool {
+        self.ctx.sampled
+    }
+
     /// Records the attempt's span, `elapsed` long and ending now.
     pub fn end(self, elapsed: Duration, mut attributes: Vec<(&'static str, Value)>, error: bool) {
         if !self.ctx.sampled {
