@@ -351,10 +351,20 @@ fn nonzero_u64() -> u64 {
     fastrand::u64(1..)
 }
 
-/// A `traceparent` value (version 00).
+/// A `traceparent` value (version 00), written without formatting machinery (it
+/// is made for every attempt of a traced gateway, sampled or not).
 pub fn traceparent(trace_id: u128, span_id: u64, sampled: bool) -> HeaderValue {
-    let text = format!("00-{trace_id:032x}-{span_id:016x}-{:02x}", u8::from(sampled));
-    HeaderValue::from_str(&text).unwrap_or_else(|_| {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let digits = trace_id.to_be_bytes().into_iter().chain(span_id.to_be_bytes());
+    // Two digits per byte: the trace id's at 3.., the span id's after its dash.
+    for (i, b) in digits.enumerate() {
+        let at = if i < 16 { 3 + 2 * i } else { 36 + 2 * (i - 16) };
+        v[at] = HEX[usize::from(b >> 4)];
+        v[at + 1] = HEX[usize::from(b & 0xf)];
+    }
+    v[54] = if sampled { b'1' } else { b'0' };
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&v)).unwrap_or_else(|_| {
         HeaderValue::from_static("00-00000000000000000000000000000000-0000000000000000-00")
     })
 }
