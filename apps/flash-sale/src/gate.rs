@@ -1,0 +1,446 @@
+//! The stock gate: a purchase attempt becomes a reservation of one unit, or a
+//! refusal that says why, in one atomic step.
+//!
+//! A reservation is `live` until it is `converted` (its order was written) or
+//! `released` (it expired without one, or its order was cancelled), and only a
+//! live reservation can become either: [`Gate::convert`] and [`Gate::release`]
+//! race safely, so a unit is never both sold and returned. The same idempotency
+//! key reserves once: a repeat is `Replayed`.
+//!
+//! Two stores with one behaviour: Redis (one Lua script per step, timed by Redis's
+//! clock, every key of an item under one hash tag so a cluster keeps them on one
+//! shard) for several instances, and a mutex in process for the embedded sale.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, SystemTime};
+
+use redis::aio::ConnectionManager;
+use tokio::sync::Mutex;
+
+/// A sale of one item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sale {
+    /// The item.
+    pub item: String,
+    /// Units for sale.
+    pub stock: u32,
+    /// When it opens and closes, in milliseconds since the Unix epoch.
+    pub opens_ms: u64,
+    /// See `opens_ms`; attempts at or after this are refused.
+    pub closes_ms: u64,
+    /// Units one user may reserve.
+    pub per_user: u32,
+}
+
+/// What a purchase attempt came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reserve {
+    /// A unit is reserved; `left` remain.
+    Reserved {
+        /// Units left after it.
+        left: u32,
+    },
+    /// This idempotency key already reserved (nothing taken again).
+    Replayed,
+    /// No stock left.
+    SoldOut,
+    /// Before the sale opens.
+    NotOpen,
+    /// After it closed.
+    Closed,
+    /// The user has reserved as many as allowed.
+    OverLimit,
+    /// No such sale.
+    NoSale,
+}
+
+/// An item's units: in stock, and reserved but not yet ordered or released.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StockCount {
+    /// Units that may still be reserved.
+    pub stock: u32,
+    /// Live reservations.
+    pub live: u32,
+}
+
+/// Why the gate could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// Redis failed or could not be reached.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis answered something the scripts never return.
+    #[error("unexpected answer from the stock script: {0}")]
+    Unexpected(i64),
+}
+
+/// Reserves: `{code, left}`: 1 reserved, 2 replayed, 0 sold out, -1 no sale,
+/// -2 not open, -3 closed, -4 over the user's limit. KEYS: the sale, the user's
+/// count, the reservation, the live set; ARGV: user, reservation id, its time to
+/// live and how long its state is kept after, in milliseconds.
+const RESERVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local sale = redis.call('HMGET', KEYS[1], 'stock', 'opens', 'closes', 'per_user')
+if not sale[1] then return {-1, 0} end
+local stock = tonumber(sale[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then return {2, stock} end
+if now < tonumber(sale[2]) then return {-2, stock} end
+if now >= tonumber(sale[3]) then return {-3, stock} end
+if stock <= 0 then return {0, 0} end
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(sale[4]) then return {-4, stock} end
+local ttl = tonumber(ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'stock', -1)
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIREAT', KEYS[2], tonumber(sale[3]) + tonumber(ARGV[4]))
+redis.call('HSET', KEYS[3], 'user', ARGV[1], 'state', 'live')
+redis.call('PEXPIRE', KEYS[3], ttl + tonumber(ARGV[4]))
+redis.call('ZADD', KEYS[4], now + ttl, ARGV[2])
+return {1, stock - 1}
+";
+
+/// Converts a live reservation (1; also 1 when already converted) or refuses a
+/// released or unknown one (0). KEYS: the reservation, the live set; ARGV: its id.
+const CONVERT: &str = r"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'live' then
+  redis.call('HSET', KEYS[1], 'state', 'converted')
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+if state == 'converted' then return 1 end
+return 0
+";
+
+/// Releases a live reservation, its unit back in stock and the user's count down
+/// (1), or does nothing to one already converted or released (0). KEYS: the sale,
+/// the user's count, the reservation, the live set; ARGV: its id, its user.
+const RELEASE: &str = r"
+local r = redis.call('HMGET', KEYS[3], 'state', 'user')
+if r[1] ~= 'live' or r[2] ~= ARGV[2] then
+  if not r[1] then redis.call('ZREM', KEYS[4], ARGV[1]) end
+  return 0
+end
+redis.call('HSET', KEYS[3], 'state', 'released')
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'stock', 1)
+redis.call('DECR', KEYS[2])
+return 1
+";
+
+/// How long a reservation's state is kept after its expiry, so a late order job
+/// or sweep still finds it.
+const KEEP_MS: u64 = 24 * 3600 * 1000;
+
+/// Where reservations are kept.
+#[derive(Debug)]
+pub enum Gate {
+    /// In Redis, shared by every instance; keys under `prefix`.
+    Redis {
+        /// The connection (multiplexed, reconnecting).
+        conn: ConnectionManager,
+        /// The keys' prefix.
+        prefix: String,
+    },
+    /// In this process (the embedded sale).
+    Local(Mutex<HashMap<String, LocalSale>>),
+}
+
+/// A sale kept in process.
+#[derive(Debug)]
+pub struct LocalSale {
+    sale: Sale,
+    stock: u32,
+    bought: HashMap<String, u32>,
+    /// Reservation id: (user, state).
+    reservations: HashMap<String, (String, State)>,
+    /// (expiry ms, reservation id) of the live ones.
+    live: BTreeSet<(u64, String)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Live,
+    Converted,
+    Released,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Gate {
+    /// A gate in Redis through `conn`, its keys under `prefix`.
+    pub fn redis(conn: ConnectionManager, prefix: impl Into<String>) -> Gate {
+        Gate::Redis {
+            conn,
+            prefix: prefix.into(),
+        }
+    }
+
+    /// A gate in this process.
+    pub fn local() -> Gate {
+        Gate::Local(Mutex::new(HashMap::new()))
+    }
+
+    /// The item's keys: `{item}` is the hash tag that keeps them on one shard.
+    fn keys(prefix: &str, item: &str) -> String {
+        format!("{prefix}{{{item}}}")
+    }
+
+    /// Opens (or replaces) `sale`, its stock set to `sale.stock`.
+    pub async fn open(&self, sale: &Sale) -> Result<(), GateError> {
+        match self {
+            Gate::Redis { conn, prefix } => {
+                let k = Self::keys(prefix, &sale.item);
+                let mut c = conn.clone();
+                redis::cmd("HSET")
+                    .arg(&k)
+                    .arg(&[
+                        ("stock", u64::from(sale.stock)),
+                        ("opens", sale.opens_ms),
+                        ("closes", sale.closes_ms),
+                        ("per_user", u64::from(sale.per_user)),
+                    ])
+                    .query_async::<()>(&mut c)
+                    .await?;
+                Ok(())
+            }
+            Gate::Local(m) => {
+                let fresh = LocalSale {
+                    sale: sale.clone(),
+                    stock: sale.stock,
+                    bought: HashMap::new(),
+                    reservations: HashMap::new(),
+                    live: BTreeSet::new(),
+                };
+                m.lock().await.insert(sale.item.clone(), fresh);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reserves one unit of `item` for `user` under `reservation` (the purchase's
+    /// idempotency key, unique per user), live for `ttl`.
+    pub async fn reserve(
+        &self,
+        item: &str,
+        user: &str,
+        reservation: &str,
+        ttl: Duration,
+    ) -> Result<Reserve, GateError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        match self {
+            Gate::Redis { conn, prefix } => {
+                let k = Self::keys(prefix, item);
+                let (code, left): (i64, i64) = redis::Script::new(RESERVE)
+                    .key(&k)
+                    .key(format!("{k}:u:{user}"))
+                    .key(format!("{k}:r:{reservation}"))
+                    .key(format!("{k}:live"))
+                    .arg(user)
+                    .arg(reservation)
+                    .arg(ttl_ms)
+                    .arg(KEEP_MS)
+                    .invoke_async(&mut conn.clone())
+                    .await?;
+                let left = u32::try_from(left).unwrap_or(0);
+                Ok(match code {
+                    1 => Reserve::Reserved { left },
+                    2 => Reserve::Replayed,
+                    0 => Reserve::SoldOut,
+                    -1 => Reserve::NoSale,
+                    -2 => Reserve::NotOpen,
+                    -3 => Reserve::Closed,
+                    -4 => Reserve::OverLimit,
+                    other => return Err(GateError::Unexpected(other)),
+                })
+            }
+            Gate::Local(m) => {
+                let mut sales = m.lock().await;
+                let Some(s) = sales.get_mut(item) else {
+                    return Ok(Reserve::NoSale);
+                };
+                Ok(s.reserve(user, reservation, now_ms(), ttl_ms))
+            }
+        }
+    }
+
+    /// Turns a live reservation into an order's unit: `true` when it is (or
+    /// already was) converted, `false` when it was released first (expired).
+    pub async fn convert(&self, item: &str, reservation: &str) -> Result<bool, GateError> {
+        match self {
+            Gate::Redis { conn, prefix } => {
+                let k = Self::keys(prefix, item);
+                let done: i64 = redis::Script::new(CONVERT)
+                    .key(format!("{k}:r:{reservation}"))
+                    .key(format!("{k}:live"))
+                    .arg(reservation)
+                    .invoke_async(&mut conn.clone())
+                    .await?;
+                Ok(done == 1)
+            }
+            Gate::Local(m) => Ok(m
+                .lock()
+                .await
+                .get_mut(item)
+                .is_some_and(|s| s.convert(reservation))),
+        }
+    }
+
+    /// Returns a live reservation's unit to stock: `true` when it did, `false`
+    /// when the reservation was already converted or released.
+    pub async fn release(&self, item: &str, reservation: &str) -> Result<bool, GateError> {
+        match self {
+            Gate::Redis { conn, prefix } => {
+                let k = Self::keys(prefix, item);
+                let mut c = conn.clone();
+                let res = format!("{k}:r:{reservation}");
+                let user: Option<String> = redis::cmd("HGET")
+                    .arg(&res)
+                    .arg("user")
+                    .query_async(&mut c)
+                    .await?;
+                let user = user.unwrap_or_default();
+                let done: i64 = redis::Script::new(RELEASE)
+                    .key(&k)
+                    .key(format!("{k}:u:{user}"))
+                    .key(&res)
+                    .key(format!("{k}:live"))
+                    .arg(reservation)
+                    .arg(&user)
+                    .invoke_async(&mut c)
+                    .await?;
+                Ok(done == 1)
+            }
+            Gate::Local(m) => Ok(m
+                .lock()
+                .await
+                .get_mut(item)
+                .is_some_and(|s| s.release(reservation))),
+        }
+    }
+
+    /// Live reservations of `item` past their expiry now, oldest first (at most
+    /// `limit`): the sweeper releases those that have no order.
+    pub async fn expired(&self, item: &str, limit: usize) -> Result<Vec<String>, GateError> {
+        match self {
+            Gate::Redis { conn, prefix } => {
+                let k = Self::keys(prefix, item);
+                let ids: Vec<String> = redis::cmd("ZRANGE")
+                    .arg(format!("{k}:live"))
+                    .arg("-inf")
+                    .arg(now_ms())
+                    .arg("BYSCORE")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut conn.clone())
+                    .await?;
+                Ok(ids)
+            }
+            Gate::Local(m) => {
+                let sales = m.lock().await;
+                let now = now_ms();
+                Ok((sales.get(item).into_iter())
+                    .flat_map(|s| {
+                        s.live
+                            .iter()
+                            .take_while(|(at, _)| *at <= now)
+                            .map(|(_, id)| id.clone())
+                    })
+                    .take(limit)
+                    .collect())
+            }
+        }
+    }
+
+    /// `item`'s stock and live reservations now.
+    pub async fn count(&self, item: &str) -> Result<StockCount, GateError> {
+        match self {
+            Gate::Redis { conn, prefix } => {
+                let k = Self::keys(prefix, item);
+                let mut c = conn.clone();
+                let stock: Option<i64> = redis::cmd("HGET")
+                    .arg(&k)
+                    .arg("stock")
+                    .query_async(&mut c)
+                    .await?;
+                let live: u64 = redis::cmd("ZCARD")
+                    .arg(format!("{k}:live"))
+                    .query_async(&mut c)
+                    .await?;
+                Ok(StockCount {
+                    stock: stock.and_then(|s| u32::try_from(s).ok()).unwrap_or(0),
+                    live: u32::try_from(live).unwrap_or(u32::MAX),
+                })
+            }
+            Gate::Local(m) => Ok(m
+                .lock()
+                .await
+                .get(item)
+                .map_or_else(StockCount::default, |s| StockCount {
+                    stock: s.stock,
+                    live: u32::try_from(s.live.len()).unwrap_or(u32::MAX),
+                })),
+        }
+    }
+}
+
+impl LocalSale {
+    fn reserve(&mut self, user: &str, reservation: &str, now: u64, ttl_ms: u64) -> Reserve {
+        if self.reservations.contains_key(reservation) {
+            return Reserve::Replayed;
+        }
+        if now < self.sale.opens_ms {
+            return Reserve::NotOpen;
+        }
+        if now >= self.sale.closes_ms {
+            return Reserve::Closed;
+        }
+        if self.stock == 0 {
+            return Reserve::SoldOut;
+        }
+        let bought = self.bought.entry(user.to_owned()).or_default();
+        if *bought >= self.sale.per_user {
+            return Reserve::OverLimit;
+        }
+        *bought += 1;
+        self.stock -= 1;
+        self.reservations
+            .insert(reservation.to_owned(), (user.to_owned(), State::Live));
+        self.live
+            .insert((now.saturating_add(ttl_ms), reservation.to_owned()));
+        Reserve::Reserved { left: self.stock }
+    }
+
+    /// Marks `reservation` as `to` if it is live; whether it was.
+    fn settle(&mut self, reservation: &str, to: State) -> Option<String> {
+        let (user, state) = self.reservations.get_mut(reservation)?;
+        if *state != State::Live {
+            return None;
+        }
+        *state = to;
+        let user = user.clone();
+        self.live.retain(|(_, id)| id != reservation);
+        Some(user)
+    }
+
+    fn convert(&mut self, reservation: &str) -> bool {
+        let converted = matches!(self.reservations.get(reservation), Some((_, State::Converted)));
+        converted || self.settle(reservation, State::Converted).is_some()
+    }
+
+    fn release(&mut self, reservation: &str) -> bool {
+        let Some(user) = self.settle(reservation, State::Released) else {
+            return false;
+        };
+        self.stock += 1;
+        if let Some(n) = self.bought.get_mut(&user) {
+            *n = n.saturating_sub(1);
+        }
+        true
+    }
+}

@@ -1,0 +1,10 @@
+//! The flash-sale service's parts. So far: the stock gate, where a purchase
+//! attempt takes a unit of stock as a reservation, atomically and in one step
+//! (sale window, sold out, per-user limit, stock, the reservation and its expiry),
+//! in Redis for a distributed sale or in process for the embedded one. A
+//! reservation then becomes an order or is released; whichever happens first wins,
+//! so stock cannot be both ordered and returned.
+
+pub mod gate;
+
+pub use gate::{Gate, GateError, Reserve, Sale, StockCount};
