@@ -39,6 +39,9 @@ pub enum Reserve {
     Reserved {
         /// Units left after it.
         left: u32,
+        /// The user's unit number for this item (1 up to the limit): with the
+        /// user and the item, unique among orders not cancelled.
+        unit: u32,
     },
     /// This idempotency key already reserved (nothing taken again).
     Replayed,
@@ -74,29 +77,34 @@ pub enum GateError {
     Unexpected(i64),
 }
 
-/// Reserves: `{code, left}`: 1 reserved, 2 replayed, 0 sold out, -1 no sale,
+/// Reserves: `{code, left, unit}`: 1 reserved, 2 replayed, 0 sold out, -1 no sale,
 /// -2 not open, -3 closed, -4 over the user's limit. KEYS: the sale, the user's
-/// count, the reservation, the live set; ARGV: user, reservation id, its time to
-/// live and how long its state is kept after, in milliseconds.
+/// units (a set of the unit numbers its live and converted reservations hold),
+/// the reservation, the live set; ARGV: user, reservation id, its time to live
+/// and how long its state is kept after, in milliseconds. A reservation takes
+/// the user's lowest free unit number, so one released frees its number again.
 const RESERVE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local sale = redis.call('HMGET', KEYS[1], 'stock', 'opens', 'closes', 'per_user')
-if not sale[1] then return {-1, 0} end
+if not sale[1] then return {-1, 0, 0} end
 local stock = tonumber(sale[1])
-if redis.call('EXISTS', KEYS[3]) == 1 then return {2, stock} end
-if now < tonumber(sale[2]) then return {-2, stock} end
-if now >= tonumber(sale[3]) then return {-3, stock} end
-if stock <= 0 then return {0, 0} end
-if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(sale[4]) then return {-4, stock} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {2, stock, 0} end
+if now < tonumber(sale[2]) then return {-2, stock, 0} end
+if now >= tonumber(sale[3]) then return {-3, stock, 0} end
+if stock <= 0 then return {0, 0, 0} end
+local limit = tonumber(sale[4])
+if redis.call('SCARD', KEYS[2]) >= limit then return {-4, stock, 0} end
+local unit = 1
+while redis.call('SISMEMBER', KEYS[2], unit) == 1 do unit = unit + 1 end
 local ttl = tonumber(ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'stock', -1)
-redis.call('INCR', KEYS[2])
+redis.call('SADD', KEYS[2], unit)
 redis.call('PEXPIREAT', KEYS[2], tonumber(sale[3]) + tonumber(ARGV[4]))
-redis.call('HSET', KEYS[3], 'user', ARGV[1], 'state', 'live')
+redis.call('HSET', KEYS[3], 'user', ARGV[1], 'state', 'live', 'unit', unit)
 redis.call('PEXPIRE', KEYS[3], ttl + tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[4], now + ttl, ARGV[2])
-return {1, stock - 1}
+return {1, stock - 1, unit}
 ";
 
 /// Converts a live reservation (1; also 1 when already converted) or refuses a
@@ -112,11 +120,11 @@ if state == 'converted' then return 1 end
 return 0
 ";
 
-/// Releases a live reservation, its unit back in stock and the user's count down
+/// Releases a live reservation, its unit back in stock and its unit number free
 /// (1), or does nothing to one already converted or released (0). KEYS: the sale,
-/// the user's count, the reservation, the live set; ARGV: its id, its user.
+/// the user's units, the reservation, the live set; ARGV: its id, its user.
 const RELEASE: &str = r"
-local r = redis.call('HMGET', KEYS[3], 'state', 'user')
+local r = redis.call('HMGET', KEYS[3], 'state', 'user', 'unit')
 if r[1] ~= 'live' or r[2] ~= ARGV[2] then
   if not r[1] then redis.call('ZREM', KEYS[4], ARGV[1]) end
   return 0
@@ -124,7 +132,7 @@ end
 redis.call('HSET', KEYS[3], 'state', 'released')
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'stock', 1)
-redis.call('DECR', KEYS[2])
+redis.call('SREM', KEYS[2], r[3])
 return 1
 ";
 
@@ -151,9 +159,10 @@ pub enum Gate {
 pub struct LocalSale {
     sale: Sale,
     stock: u32,
-    bought: HashMap<String, u32>,
-    /// Reservation id: (user, state).
-    reservations: HashMap<String, (String, State)>,
+    /// Each user's unit numbers held by live and converted reservations.
+    units: HashMap<String, BTreeSet<u32>>,
+    /// Reservation id: (user, unit, state).
+    reservations: HashMap<String, (String, u32, State)>,
     /// (expiry ms, reservation id) of the live ones.
     live: BTreeSet<(u64, String)>,
 }
@@ -212,7 +221,7 @@ impl Gate {
                 let fresh = LocalSale {
                     sale: sale.clone(),
                     stock: sale.stock,
-                    bought: HashMap::new(),
+                    units: HashMap::new(),
                     reservations: HashMap::new(),
                     live: BTreeSet::new(),
                 };
@@ -235,7 +244,7 @@ impl Gate {
         match self {
             Gate::Redis { conn, prefix } => {
                 let k = Self::keys(prefix, item);
-                let (code, left): (i64, i64) = redis::Script::new(RESERVE)
+                let (code, left, unit): (i64, i64, i64) = redis::Script::new(RESERVE)
                     .key(&k)
                     .key(format!("{k}:u:{user}"))
                     .key(format!("{k}:r:{reservation}"))
@@ -246,9 +255,9 @@ impl Gate {
                     .arg(KEEP_MS)
                     .invoke_async(&mut conn.clone())
                     .await?;
-                let left = u32::try_from(left).unwrap_or(0);
+                let (left, unit) = (u32::try_from(left).unwrap_or(0), u32::try_from(unit).unwrap_or(0));
                 Ok(match code {
-                    1 => Reserve::Reserved { left },
+                    1 => Reserve::Reserved { left, unit },
                     2 => Reserve::Replayed,
                     0 => Reserve::SoldOut,
                     -1 => Reserve::NoSale,
@@ -403,43 +412,48 @@ impl LocalSale {
         if self.stock == 0 {
             return Reserve::SoldOut;
         }
-        let bought = self.bought.entry(user.to_owned()).or_default();
-        if *bought >= self.sale.per_user {
+        let units = self.units.entry(user.to_owned()).or_default();
+        if units.len() >= self.sale.per_user as usize {
             return Reserve::OverLimit;
         }
-        *bought += 1;
+        // The lowest free unit number.
+        let unit = (1..).find(|u| !units.contains(u)).unwrap_or(1);
+        units.insert(unit);
         self.stock -= 1;
         self.reservations
-            .insert(reservation.to_owned(), (user.to_owned(), State::Live));
+            .insert(reservation.to_owned(), (user.to_owned(), unit, State::Live));
         self.live
             .insert((now.saturating_add(ttl_ms), reservation.to_owned()));
-        Reserve::Reserved { left: self.stock }
+        Reserve::Reserved {
+            left: self.stock,
+            unit,
+        }
     }
 
-    /// Marks `reservation` as `to` if it is live; whether it was.
-    fn settle(&mut self, reservation: &str, to: State) -> Option<String> {
-        let (user, state) = self.reservations.get_mut(reservation)?;
+    /// Marks `reservation` as `to` if it is live: its user and unit if it was.
+    fn settle(&mut self, reservation: &str, to: State) -> Option<(String, u32)> {
+        let (user, unit, state) = self.reservations.get_mut(reservation)?;
         if *state != State::Live {
             return None;
         }
         *state = to;
-        let user = user.clone();
+        let held = (user.clone(), *unit);
         self.live.retain(|(_, id)| id != reservation);
-        Some(user)
+        Some(held)
     }
 
     fn convert(&mut self, reservation: &str) -> bool {
-        let converted = matches!(self.reservations.get(reservation), Some((_, State::Converted)));
+        let converted = matches!(self.reservations.get(reservation), Some((_, _, State::Converted)));
         converted || self.settle(reservation, State::Converted).is_some()
     }
 
     fn release(&mut self, reservation: &str) -> bool {
-        let Some(user) = self.settle(reservation, State::Released) else {
+        let Some((user, unit)) = self.settle(reservation, State::Released) else {
             return false;
         };
         self.stock += 1;
-        if let Some(n) = self.bought.get_mut(&user) {
-            *n = n.saturating_sub(1);
+        if let Some(units) = self.units.get_mut(&user) {
+            units.remove(&unit);
         }
         true
     }
