@@ -3,8 +3,12 @@
 //! (sale window, sold out, per-user limit, stock, the reservation and its expiry),
 //! in Redis for a distributed sale or in process for the embedded one. A
 //! reservation then becomes an order or is released; whichever happens first wins,
-//! so stock cannot be both ordered and returned.
+//! so stock cannot be both ordered and returned. And the two services' databases
+//! (inventory and orders), each write keyed by the reservation and each guarding
+//! the invariants on its own.
 
 pub mod gate;
+pub mod store;
 
 pub use gate::{Gate, GateError, Reserve, Sale, StockCount};
+pub use store::{Inventory, NewOrder, OrderState, Orders, Placed, Taken};

@@ -1,0 +1,106 @@
+//! The inventory and orders databases on the run's PostgreSQL (a database of each
+//! test's own): stock never below zero under concurrent takes, every move once per
+//! reservation, one order per reservation and per user unit.
+
+use std::sync::Arc;
+
+use palisade_flash_sale::{Inventory, NewOrder, OrderState, Orders, Placed, Taken};
+use sqlx::{Connection, Executor};
+
+async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
+    let admin =
+        std::env::var("PALISADE_TEST_POSTGRES_URL").expect("PALISADE_TEST_POSTGRES_URL: run scripts/test");
+    let name = format!("{prefix}_{}_{:x}", std::process::id(), fastrand::u64(..));
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').unwrap().0;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&format!("{base}/{name}"))
+        .await
+        .unwrap()
+}
+
+fn order(reservation: &str, user: &str, unit: u32) -> NewOrder {
+    NewOrder {
+        reservation: reservation.into(),
+        item: "phone".into(),
+        user: user.into(),
+        unit,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_takes_stop_at_zero_and_each_reservation_moves_once() {
+    let inv = Arc::new(Inventory::new(fresh_pool("fs_inventory").await).await.unwrap());
+    inv.set_stock("phone", 30).await.unwrap();
+    let mut takes = Vec::new();
+    for r in 0..100 {
+        let inv = inv.clone();
+        takes.push(tokio::spawn(async move {
+            inv.take("phone", &format!("r{r}")).await.unwrap()
+        }));
+    }
+    let mut taken = 0;
+    for t in takes {
+        match t.await.unwrap() {
+            Taken::Taken => taken += 1,
+            Taken::SoldOut => {}
+            Taken::Already => panic!("every reservation is new"),
+        }
+    }
+    assert_eq!(taken, 30);
+    assert_eq!(inv.stock("phone").await.unwrap(), Some(0));
+    // Again for a reservation that took: nothing more.
+    let took = (0..100).map(|r| format!("r{r}"));
+    let mut first = None;
+    for r in took {
+        if inv.take("phone", &r).await.unwrap() == Taken::Already {
+            first = Some(r);
+            break;
+        }
+    }
+    let first = first.expect("a reservation that took");
+    // Given back once, and only by a reservation that took.
+    assert!(inv.give_back("phone", &first).await.unwrap());
+    assert!(!inv.give_back("phone", &first).await.unwrap());
+    assert!(!inv.give_back("phone", "never-took").await.unwrap());
+    assert_eq!(inv.stock("phone").await.unwrap(), Some(1));
+}
+
+#[tokio::test]
+async fn an_order_per_reservation_and_per_user_unit() {
+    let orders = Orders::new(fresh_pool("fs_orders").await).await.unwrap();
+    let Placed::New(id) = orders.place(&order("r1", "ann", 1)).await.unwrap() else {
+        panic!("a new order")
+    };
+    assert_eq!(
+        orders.place(&order("r1", "ann", 1)).await.unwrap(),
+        Placed::Existing(id)
+    );
+    // Another reservation for a unit the user holds is refused by the index.
+    assert_eq!(
+        orders.place(&order("r2", "ann", 1)).await.unwrap(),
+        Placed::Duplicate
+    );
+    assert!(matches!(
+        orders.place(&order("r3", "ann", 2)).await.unwrap(),
+        Placed::New(_)
+    ));
+    assert_eq!(orders.live("phone").await.unwrap(), 2);
+    // Cancelled, its unit is free again; a paid order is not cancelled.
+    assert!(orders.cancel("r1").await.unwrap());
+    assert!(!orders.cancel("r1").await.unwrap());
+    assert_eq!(orders.state("r1").await.unwrap(), Some(OrderState::Cancelled));
+    assert!(matches!(
+        orders.place(&order("r4", "ann", 1)).await.unwrap(),
+        Placed::New(_)
+    ));
+    assert!(orders.pay("r3").await.unwrap());
+    assert!(!orders.cancel("r3").await.unwrap());
+    assert_eq!(orders.state("r3").await.unwrap(), Some(OrderState::Paid));
+    assert_eq!(orders.state("none").await.unwrap(), None);
+    assert_eq!(orders.live("phone").await.unwrap(), 2);
+}
