@@ -48,6 +48,11 @@ pub enum StepError {
     /// compensation that aborts is retried all the same: undoing must succeed.)
     #[error("{0}")]
     Abort(String),
+    /// Not yet: something outside has not happened (a payment awaited until a
+    /// deadline). The step runs again after this long without spending an
+    /// attempt (the queue's snooze).
+    #[error("waiting {0:?}")]
+    Wait(std::time::Duration),
 }
 
 /// What a step is given.
@@ -437,6 +442,7 @@ impl Sagas {
         if args.undo {
             match step.compensate(&ctx).await {
                 Ok(()) => self.undone(args).await,
+                Err(StepError::Wait(d)) => Err(JobError::snooze(d)),
                 Err(e) => Err(JobError::failed(e)),
             }
         } else {
@@ -447,6 +453,7 @@ impl Sagas {
             match step.run(&ctx).await {
                 Ok(output) => self.done(saga, args, output).await,
                 Err(StepError::Retry(e)) if job.attempt < saga.attempts => Err(JobError::failed(e)),
+                Err(StepError::Wait(d)) => Err(JobError::snooze(d)),
                 Err(e) => self.abort(saga, args, &e.to_string()).await,
             }
         }

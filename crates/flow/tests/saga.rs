@@ -350,3 +350,70 @@ async fn a_step_out_of_attempts_has_the_steps_before_it_compensated() {
         .unwrap();
     assert_eq!(effects, 0, "the first step's effect was not undone");
 }
+
+/// A step that waits `waits` times before it succeeds.
+struct Patient {
+    waits: std::sync::atomic::AtomicU32,
+}
+
+impl Step for Patient {
+    fn name(&self) -> &str {
+        "patient"
+    }
+
+    fn run<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async {
+            let left = self.waits.load(std::sync::atomic::Ordering::SeqCst);
+            if left == 0 {
+                return Ok(json!("paid"));
+            }
+            self.waits.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            Err(StepError::Wait(Duration::from_millis(5)))
+        })
+    }
+
+    fn compensate<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_step_runs_again_without_spending_its_attempts() {
+    let pool = support::fresh_pool("saga_wait", 10).await;
+    let patient = Patient {
+        waits: std::sync::atomic::AtomicU32::new(4),
+    };
+    // One attempt: a wait that spent it would abort the saga.
+    let sagas = Sagas::builder(pool.clone())
+        .register(Saga::new("waiting").attempts(1).step(patient))
+        .build()
+        .await
+        .unwrap();
+    let queue = Queue::postgres(pool.clone()).await.unwrap();
+    let config = RunnerConfig {
+        queues: vec![QueueConfig::new("sagas", 2)],
+        poll_interval: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
+    let runner = Runner::new(queue, config)
+        .register(sagas.worker())
+        .start()
+        .await
+        .unwrap();
+    let id = sagas.start("waiting", &json!({})).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = sagas.status(id).await.unwrap().unwrap();
+        if matches!(s.state, SagaState::Done | SagaState::Compensated) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the saga never ended: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    runner.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(status.state, SagaState::Done, "{status:?}");
+    assert_eq!(status.outputs, [json!("paid")]);
+}
