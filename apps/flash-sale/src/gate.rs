@@ -136,6 +136,18 @@ redis.call('SREM', KEYS[2], r[3])
 return 1
 ";
 
+/// Cancels a converted reservation whose order was cancelled: its unit back in
+/// stock and its unit number free (1), or nothing for one in any other state
+/// (0). KEYS and ARGV as for RELEASE.
+const CANCEL: &str = r"
+local r = redis.call('HMGET', KEYS[3], 'state', 'user', 'unit')
+if r[1] ~= 'converted' or r[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[3], 'state', 'cancelled')
+redis.call('HINCRBY', KEYS[1], 'stock', 1)
+redis.call('SREM', KEYS[2], r[3])
+return 1
+";
+
 /// How long a reservation's state is kept after its expiry, so a late order job
 /// or sweep still finds it.
 const KEEP_MS: u64 = 24 * 3600 * 1000;
@@ -172,6 +184,7 @@ enum State {
     Live,
     Converted,
     Released,
+    Cancelled,
 }
 
 fn now_ms() -> u64 {
@@ -303,33 +316,55 @@ impl Gate {
     /// when the reservation was already converted or released.
     pub async fn release(&self, item: &str, reservation: &str) -> Result<bool, GateError> {
         match self {
-            Gate::Redis { conn, prefix } => {
-                let k = Self::keys(prefix, item);
-                let mut c = conn.clone();
-                let res = format!("{k}:r:{reservation}");
-                let user: Option<String> = redis::cmd("HGET")
-                    .arg(&res)
-                    .arg("user")
-                    .query_async(&mut c)
-                    .await?;
-                let user = user.unwrap_or_default();
-                let done: i64 = redis::Script::new(RELEASE)
-                    .key(&k)
-                    .key(format!("{k}:u:{user}"))
-                    .key(&res)
-                    .key(format!("{k}:live"))
-                    .arg(reservation)
-                    .arg(&user)
-                    .invoke_async(&mut c)
-                    .await?;
-                Ok(done == 1)
-            }
+            Gate::Redis { conn, prefix } => Self::give_back(conn, prefix, RELEASE, (item, reservation)).await,
             Gate::Local(m) => Ok(m
                 .lock()
                 .await
                 .get_mut(item)
                 .is_some_and(|s| s.release(reservation))),
         }
+    }
+
+    /// Returns a converted reservation's unit to stock when its order was
+    /// cancelled: `true` when it did, `false` when it was not converted (or was
+    /// cancelled before).
+    pub async fn cancel(&self, item: &str, reservation: &str) -> Result<bool, GateError> {
+        match self {
+            Gate::Redis { conn, prefix } => Self::give_back(conn, prefix, CANCEL, (item, reservation)).await,
+            Gate::Local(m) => Ok(m
+                .lock()
+                .await
+                .get_mut(item)
+                .is_some_and(|s| s.cancel(reservation))),
+        }
+    }
+
+    /// Runs `script` (RELEASE or CANCEL) for the reservation's unit.
+    async fn give_back(
+        conn: &ConnectionManager,
+        prefix: &str,
+        script: &str,
+        (item, reservation): (&str, &str),
+    ) -> Result<bool, GateError> {
+        let k = Self::keys(prefix, item);
+        let mut c = conn.clone();
+        let res = format!("{k}:r:{reservation}");
+        let user: Option<String> = redis::cmd("HGET")
+            .arg(&res)
+            .arg("user")
+            .query_async(&mut c)
+            .await?;
+        let user = user.unwrap_or_default();
+        let done: i64 = redis::Script::new(script)
+            .key(&k)
+            .key(format!("{k}:u:{user}"))
+            .key(&res)
+            .key(format!("{k}:live"))
+            .arg(reservation)
+            .arg(&user)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(done == 1)
     }
 
     /// Live reservations of `item` past their expiry now, oldest first (at most
@@ -445,6 +480,21 @@ impl LocalSale {
     fn convert(&mut self, reservation: &str) -> bool {
         let converted = matches!(self.reservations.get(reservation), Some((_, _, State::Converted)));
         converted || self.settle(reservation, State::Converted).is_some()
+    }
+
+    fn cancel(&mut self, reservation: &str) -> bool {
+        let Some((user, unit, state)) = self.reservations.get_mut(reservation) else {
+            return false;
+        };
+        if *state != State::Converted {
+            return false;
+        }
+        *state = State::Cancelled;
+        self.stock += 1;
+        if let Some(units) = self.units.get_mut(user.as_str()) {
+            units.remove(unit);
+        }
+        true
     }
 
     fn release(&mut self, reservation: &str) -> bool {

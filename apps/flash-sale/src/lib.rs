@@ -5,9 +5,11 @@
 //! reservation then becomes an order or is released; whichever happens first wins,
 //! so stock cannot be both ordered and returned. And the two services' databases
 //! (inventory and orders), each write keyed by the reservation and each guarding
-//! the invariants on its own.
+//! the invariants on its own; and the saga that turns a reservation into an order
+//! across them, cancelling an order not paid in time.
 
 pub mod gate;
+pub mod order;
 pub mod store;
 
 pub use gate::{Gate, GateError, Reserve, Sale, StockCount};

@@ -174,9 +174,25 @@ async fn a_reservation_is_converted_or_released_never_both() {
             Reserve::Reserved { left: 0, unit: 2 },
             "{name}"
         );
+        // r1's order cancelled: its unit comes back once, and its unit number (1)
+        // is free; a reservation not converted cannot be cancelled.
+        assert!(gate.cancel("tv", "r1").await.unwrap(), "{name}");
+        assert!(!gate.cancel("tv", "r1").await.unwrap(), "{name}");
+        assert!(!gate.cancel("tv", "r3").await.unwrap(), "{name}: r3 is live");
+        assert_eq!(
+            gate.count("tv").await.unwrap(),
+            StockCount { stock: 1, live: 2 },
+            "{name}"
+        );
+        assert_eq!(
+            gate.reserve("tv", "bob", "r5", TTL).await.unwrap(),
+            Reserve::Reserved { left: 0, unit: 1 },
+            "{name}"
+        );
         // Unknown reservations are neither.
         assert!(!gate.convert("tv", "nope").await.unwrap(), "{name}");
         assert!(!gate.release("tv", "nope").await.unwrap(), "{name}");
+        assert!(!gate.cancel("tv", "nope").await.unwrap(), "{name}");
     }
 }
 

@@ -1,0 +1,292 @@
+//! The order saga on real Redis and PostgreSQL (the inventory and the orders each
+//! in a database of their own, the queue and the sagas beside the orders): a paid
+//! order keeps its unit everywhere; an unpaid one is cancelled after its deadline
+//! and its unit comes back in the database, in the gate and to the user; a
+//! reservation released before its order is never ordered.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use palisade_flash_sale::order::{ORDER_SAGA, OrderInput, Services, order_saga};
+use palisade_flash_sale::{Gate, Inventory, OrderState, Orders, Reserve, Sale, StockCount};
+use palisade_flow::saga::{SagaState, Sagas, Transition};
+use palisade_queue::{Queue, QueueConfig, Runner, RunnerConfig};
+use sqlx::{Connection, Executor};
+use tokio::sync::mpsc;
+
+const STOCK: u32 = 5;
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
+    let admin =
+        std::env::var("PALISADE_TEST_POSTGRES_URL").expect("PALISADE_TEST_POSTGRES_URL: run scripts/test");
+    let name = format!("{prefix}_{}_{:x}", std::process::id(), fastrand::u64(..));
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').unwrap().0;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .connect(&format!("{base}/{name}"))
+        .await
+        .unwrap()
+}
+
+/// A sale of `STOCK` units of `item` in every store, the saga's runner started.
+struct World {
+    services: Arc<Services>,
+    sagas: Sagas,
+    ended: mpsc::UnboundedReceiver<i64>,
+    runner: palisade_queue::RunnerHandle,
+}
+
+async fn world(item: &str) -> World {
+    let url = std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test");
+    let conn = redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let gate = Gate::redis(
+        conn,
+        format!("fs-order-{}-{}:", std::process::id(), fastrand::u64(..)),
+    );
+    let now = now_ms();
+    let sale = Sale {
+        item: item.into(),
+        stock: STOCK,
+        opens_ms: now - 60_000,
+        closes_ms: now + 3_600_000,
+        per_user: 1,
+    };
+    gate.open(&sale).await.unwrap();
+    let inventory = Inventory::new(fresh_pool("fs_inv").await).await.unwrap();
+    inventory.set_stock(item, STOCK).await.unwrap();
+    let orders_pool = fresh_pool("fs_ord").await;
+    let orders = Orders::new(orders_pool.clone()).await.unwrap();
+    let services = Arc::new(Services {
+        gate,
+        inventory,
+        orders,
+    });
+    let (tx, ended) = mpsc::unbounded_channel();
+    let sagas = Sagas::builder(orders_pool.clone())
+        .register(order_saga(&services))
+        .observe(move |t| {
+            let saga = match t {
+                Transition::StepDone { saga, .. }
+                | Transition::StepUndone { saga, .. }
+                | Transition::Aborted { saga, .. } => *saga,
+            };
+            let _ = tx.send(saga);
+        })
+        .build()
+        .await
+        .unwrap();
+    let queue = Queue::postgres(orders_pool).await.unwrap();
+    let config = RunnerConfig {
+        queues: vec![QueueConfig::new("sagas", 4)],
+        poll_interval: Duration::from_millis(20),
+        backoff: palisade_resilience::retry::Backoff::Fixed(Duration::from_millis(10)),
+        ..RunnerConfig::default()
+    };
+    let runner = Runner::new(queue, config)
+        .register(sagas.worker())
+        .start()
+        .await
+        .unwrap();
+    World {
+        services,
+        sagas,
+        ended,
+        runner,
+    }
+}
+
+impl World {
+    /// Reserves one unit for `user` and starts its order saga, payable until
+    /// `pay_within` from now.
+    async fn buy(&self, item: &str, user: &str, pay_within: Duration) -> (i64, String) {
+        let reservation = format!("{user}-key");
+        let Reserve::Reserved { unit, .. } = self
+            .services
+            .gate
+            .reserve(item, user, &reservation, Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("no unit reserved")
+        };
+        let pay_by_ms = now_ms() + u64::try_from(pay_within.as_millis()).unwrap();
+        let input = OrderInput {
+            item: item.into(),
+            user: user.into(),
+            unit,
+            reservation: reservation.clone(),
+            pay_by_ms,
+        };
+        (self.sagas.start(ORDER_SAGA, &input).await.unwrap(), reservation)
+    }
+
+    /// Waits until saga `id` reaches `state`.
+    async fn until(&mut self, id: i64, state: SagaState) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if self
+                    .sagas
+                    .status(id)
+                    .await
+                    .unwrap()
+                    .is_some_and(|s| s.state == state)
+                {
+                    return;
+                }
+                self.ended.recv().await.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("saga {id} never reached {state:?}"));
+    }
+
+    /// The item's units in the gate and the database, and its live orders.
+    async fn units(&self, item: &str) -> (StockCount, Option<i64>, i64) {
+        let s = &self.services;
+        (
+            s.gate.count(item).await.unwrap(),
+            s.inventory.stock(item).await.unwrap(),
+            s.orders.live(item).await.unwrap(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_order_keeps_its_unit_everywhere() {
+    let mut w = world("phone").await;
+    let (id, reservation) = w.buy("phone", "ann", Duration::from_secs(600)).await;
+    // Placed and waiting for its payment: the unit is out of both stores.
+    let placed = async {
+        loop {
+            if w.services.orders.state(&reservation).await.unwrap() == Some(OrderState::Pending) {
+                return;
+            }
+            w.ended.recv().await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), placed)
+        .await
+        .unwrap();
+    assert!(w.services.orders.pay(&reservation).await.unwrap());
+    w.until(id, SagaState::Done).await;
+    assert_eq!(
+        w.units("phone").await,
+        (
+            StockCount {
+                stock: STOCK - 1,
+                live: 0
+            },
+            Some(i64::from(STOCK - 1)),
+            1
+        )
+    );
+    assert_eq!(
+        w.services.orders.state(&reservation).await.unwrap(),
+        Some(OrderState::Paid)
+    );
+    w.runner.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaid_order_is_cancelled_and_its_unit_comes_back_everywhere() {
+    let mut w = world("shoe").await;
+    let (id, reservation) = w.buy("shoe", "bob", Duration::from_millis(300)).await;
+    w.until(id, SagaState::Compensated).await;
+    let status = w.sagas.status(id).await.unwrap().unwrap();
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("not paid in time")),
+        "{status:?}"
+    );
+    assert_eq!(
+        w.services.orders.state(&reservation).await.unwrap(),
+        Some(OrderState::Cancelled)
+    );
+    assert_eq!(
+        w.units("shoe").await,
+        (
+            StockCount {
+                stock: STOCK,
+                live: 0
+            },
+            Some(i64::from(STOCK)),
+            0
+        )
+    );
+    // A late payment is refused.
+    assert!(!w.services.orders.pay(&reservation).await.unwrap());
+    // The user's allowance (one unit) is back too.
+    let again = w
+        .services
+        .gate
+        .reserve("shoe", "bob", "bob-second", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Reserve::Reserved {
+            left: STOCK - 1,
+            unit: 1
+        }
+    );
+    w.runner.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_released_before_its_order_is_never_ordered() {
+    let mut w = world("cam").await;
+    let reservation = "cy-key";
+    let Reserve::Reserved { unit, .. } = w
+        .services
+        .gate
+        .reserve("cam", "cy", reservation, Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("no unit reserved")
+    };
+    // The sweeper got there first (the reservation expired).
+    assert!(w.services.gate.release("cam", reservation).await.unwrap());
+    let input = OrderInput {
+        item: "cam".into(),
+        user: "cy".into(),
+        unit,
+        reservation: reservation.into(),
+        pay_by_ms: now_ms() + 600_000,
+    };
+    let id = w.sagas.start(ORDER_SAGA, &input).await.unwrap();
+    w.until(id, SagaState::Compensated).await;
+    assert_eq!(w.services.orders.state(reservation).await.unwrap(), None);
+    assert_eq!(
+        w.units("cam").await,
+        (
+            StockCount {
+                stock: STOCK,
+                live: 0
+            },
+            Some(i64::from(STOCK)),
+            0
+        )
+    );
+    w.runner.shutdown(Duration::from_secs(5)).await;
+}
