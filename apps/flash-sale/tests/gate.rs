@@ -3,22 +3,16 @@
 //! more than the limit, a repeated key reserves once, the window is kept, and a
 //! reservation is converted or released, never both.
 
+mod support;
+
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use palisade_flash_sale::{Gate, Reserve, Sale, StockCount};
 
-const TTL: Duration = Duration::from_secs(60);
+use support::now_ms;
 
-fn now_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
+const TTL: Duration = Duration::from_secs(60);
 
 /// Both gates: Redis (keys under a prefix of the test's own) and local.
 async fn gates() -> Vec<(&'static str, Arc<Gate>)> {

@@ -4,43 +4,20 @@
 //! and its unit comes back in the database, in the gate and to the user; a
 //! reservation released before its order is never ordered.
 
+mod support;
+
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use palisade_flash_sale::order::{ORDER_SAGA, OrderInput, Services, order_saga};
 use palisade_flash_sale::{Gate, Inventory, OrderState, Orders, Reserve, Sale, StockCount};
 use palisade_flow::saga::{SagaState, Sagas, Transition};
 use palisade_queue::{Queue, QueueConfig, Runner, RunnerConfig};
-use sqlx::{Connection, Executor};
 use tokio::sync::mpsc;
 
+use support::{fresh_pool, now_ms};
+
 const STOCK: u32 = 5;
-
-fn now_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
-async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
-    let admin =
-        std::env::var("PALISADE_TEST_POSTGRES_URL").expect("PALISADE_TEST_POSTGRES_URL: run scripts/test");
-    let name = format!("{prefix}_{}_{:x}", std::process::id(), fastrand::u64(..));
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').unwrap().0;
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(10)
-        .connect(&format!("{base}/{name}"))
-        .await
-        .unwrap()
-}
 
 /// A sale of `STOCK` units of `item` in every store, the saga's runner started.
 struct World {

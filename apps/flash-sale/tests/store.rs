@@ -2,26 +2,13 @@
 //! test's own): stock never below zero under concurrent takes, every move once per
 //! reservation, one order per reservation and per user unit.
 
+mod support;
+
 use std::sync::Arc;
 
 use palisade_flash_sale::{Inventory, NewOrder, OrderState, Orders, Placed, Taken};
-use sqlx::{Connection, Executor};
 
-async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
-    let admin =
-        std::env::var("PALISADE_TEST_POSTGRES_URL").expect("PALISADE_TEST_POSTGRES_URL: run scripts/test");
-    let name = format!("{prefix}_{}_{:x}", std::process::id(), fastrand::u64(..));
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').unwrap().0;
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(16)
-        .connect(&format!("{base}/{name}"))
-        .await
-        .unwrap()
-}
+use support::fresh_pool;
 
 fn order(reservation: &str, user: &str, unit: u32) -> NewOrder {
     NewOrder {
