@@ -10,6 +10,7 @@
 
 pub mod gate;
 pub mod order;
+pub mod service;
 pub mod store;
 
 pub use gate::{Gate, GateError, Reserve, Sale, StockCount};

@@ -19,7 +19,7 @@ const INVENTORY: [&str; 2] = [
         PRIMARY KEY (reservation, kind))",
 ];
 
-const ORDERS: [&str; 2] = [
+const ORDERS: [&str; 3] = [
     "CREATE TABLE IF NOT EXISTS fs_orders (
         id bigserial PRIMARY KEY,
         reservation text NOT NULL UNIQUE,
@@ -31,6 +31,11 @@ const ORDERS: [&str; 2] = [
         settled_at timestamptz)",
     "CREATE UNIQUE INDEX IF NOT EXISTS fs_orders_user_unit
         ON fs_orders (user_id, item, unit) WHERE state <> 'cancelled'",
+    // One order saga per reservation, recorded in the saga's own transaction.
+    "CREATE TABLE IF NOT EXISTS fs_purchases (
+        reservation text PRIMARY KEY,
+        saga bigint NOT NULL,
+        at timestamptz NOT NULL DEFAULT now())",
 ];
 
 /// What taking a unit for a reservation came to.
@@ -194,6 +199,11 @@ impl Orders {
             sqlx::query(ddl).execute(&pool).await?;
         }
         Ok(Orders { pool })
+    }
+
+    /// The database's pool (the queue and the sagas live beside the orders).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Places `order`, once per reservation.

@@ -1,0 +1,415 @@
+//! The HTTP service: `POST /buy` through the layers, each cheaper than the next and
+//! each counted; an order's state and its payment; a sale's setup and its admin
+//! view.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /buy` `{"item"}`, headers `x-user-id`, `Idempotency-Key` | `202 {"reservation", "status"}`; `409 sold_out`, `429 over_limit`, `403 not_open`, `410 closed`, `404 no_sale`; `400` for a bad request; `503` when the gate or the queue cannot answer |
+//! | `GET /orders/{reservation}` | `{"state": "pending" \| "paid" \| "cancelled" \| "processing"}` |
+//! | `POST /orders/{reservation}/pay` | `200` paid, `409` when it is not pending (cancelled: not paid in time) |
+//! | `POST /admin/sales` `{"item", "stock", "opens_ms", "closes_ms", "per_user"}` | `201` |
+//! | `GET /admin/sales/{item}` | the gate's stock and live reservations, the database's stock, live orders, the layers' counts |
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use palisade_flow::saga::Sagas;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::gate::{Reserve, Sale};
+use crate::order::{ORDER_SAGA, OrderInput, Services};
+use crate::store::OrderState;
+
+/// A sold-out item is not asked of the gate again for this long (units released
+/// by expiry or cancellation are seen after it).
+const SOLD_OUT_RECHECK_MS: u64 = 1000;
+/// A user at the limit is not asked of the gate again for this long.
+const AT_LIMIT_RECHECK_MS: u64 = 5000;
+/// Users remembered at their limit, and purchases accepted here, at most (each
+/// set is emptied past it).
+const LOCAL_MAX: usize = 100_000;
+
+/// The layers' counts.
+#[derive(Debug, Default)]
+pub struct Counts {
+    attempts: AtomicU64,
+    bad_requests: AtomicU64,
+    sold_out_local: AtomicU64,
+    at_limit_local: AtomicU64,
+    sold_out: AtomicU64,
+    over_limit: AtomicU64,
+    outside_window: AtomicU64,
+    replayed: AtomicU64,
+    reserved: AtomicU64,
+    unavailable: AtomicU64,
+}
+
+impl Counts {
+    fn add(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts now, by name.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "attempts": g(&self.attempts),
+            "refused": {
+                "bad_request": g(&self.bad_requests),
+                "sold_out_local": g(&self.sold_out_local),
+                "at_limit_local": g(&self.at_limit_local),
+                "sold_out": g(&self.sold_out),
+                "over_limit": g(&self.over_limit),
+                "outside_window": g(&self.outside_window),
+                "unavailable": g(&self.unavailable),
+            },
+            "replayed": g(&self.replayed),
+            "reserved": g(&self.reserved),
+        })
+    }
+}
+
+/// The service's state.
+pub struct App {
+    /// The gate and the databases.
+    pub services: Arc<Services>,
+    /// The order sagas (their table and the queue beside the orders).
+    pub sagas: Sagas,
+    /// A reservation's life before its order must have converted it.
+    pub reservation_ttl: Duration,
+    /// How long an order waits for its payment.
+    pub pay_within: Duration,
+    /// The layers' counts.
+    pub counts: Counts,
+    /// Items sold out, until when they are asked again (ms).
+    sold_out: Mutex<HashMap<String, u64>>,
+    /// (item, user) at the limit, until when they are asked again (ms).
+    at_limit: Mutex<HashMap<(String, String), u64>>,
+    /// Reservations this instance accepted: a repeat is answered as the first
+    /// was, before the local refusals (behind the gateway's `idempotency` option
+    /// a repeat never gets here, whichever instance took the first).
+    accepted: Mutex<std::collections::HashSet<String>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("counts", &self.counts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// The service over `services`, with its sagas.
+    pub fn new(
+        services: Arc<Services>,
+        sagas: Sagas,
+        reservation_ttl: Duration,
+        pay_within: Duration,
+    ) -> App {
+        App {
+            services,
+            sagas,
+            reservation_ttl,
+            pay_within,
+            counts: Counts::default(),
+            sold_out: Mutex::default(),
+            at_limit: Mutex::default(),
+            accepted: Mutex::default(),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/buy", post(buy))
+        .route("/orders/{reservation}", get(order))
+        .route("/orders/{reservation}/pay", post(pay))
+        .route("/admin/sales", post(open_sale))
+        .route("/admin/sales/{item}", get(sale_view))
+        .with_state(app)
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+fn refuse(status: StatusCode, cause: &str) -> Response {
+    answer(status, json!({"error": cause}))
+}
+
+/// 1 to 64 of `A-Z a-z 0-9 . _ -`: safe in keys and paths, never `~`.
+fn token(v: Option<&str>) -> Option<&str> {
+    v.filter(|s| {
+        (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Buy {
+    item: String,
+}
+
+async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let c = &app.counts;
+    Counts::add(&c.attempts);
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let body = serde_json::from_slice::<Buy>(&body).ok();
+    let (Some(user), Some(key), Some(b)) =
+        (token(header("x-user-id")), token(header("idempotency-key")), body)
+    else {
+        Counts::add(&c.bad_requests);
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "needs x-user-id, Idempotency-Key (1-64 of A-Z a-z 0-9 . _ -) and {\"item\"}",
+        );
+    };
+    let Some(item) = token(Some(&b.item)) else {
+        Counts::add(&c.bad_requests);
+        return refuse(StatusCode::BAD_REQUEST, "bad item");
+    };
+    let now = now_ms();
+    let reservation = format!("{user}~{key}");
+    if lock(&app.accepted).contains(&reservation) {
+        Counts::add(&c.replayed);
+        return accepted(&reservation);
+    }
+    // Layer 2: this instance knows the item is gone.
+    if lock(&app.sold_out).get(item).is_some_and(|until| *until > now) {
+        Counts::add(&c.sold_out_local);
+        return refuse(StatusCode::CONFLICT, "sold_out");
+    }
+    // Layer 3: this instance knows the user is at the limit.
+    let user_key = (item.to_owned(), user.to_owned());
+    if lock(&app.at_limit)
+        .get(&user_key)
+        .is_some_and(|until| *until > now)
+    {
+        Counts::add(&c.at_limit_local);
+        return refuse(StatusCode::TOO_MANY_REQUESTS, "over_limit");
+    }
+    // Layer 4: the gate.
+    let reserved = app
+        .services
+        .gate
+        .reserve(item, user, &reservation, app.reservation_ttl)
+        .await;
+    let unit = match reserved {
+        Ok(Reserve::Reserved { unit, .. }) => unit,
+        Ok(Reserve::Replayed) => {
+            Counts::add(&c.replayed);
+            return accepted(&reservation);
+        }
+        Ok(refusal) => return refused(&app, refusal, item, user_key, now),
+        Err(e) => {
+            Counts::add(&c.unavailable);
+            tracing::warn!(error = %e, "the stock gate cannot answer");
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "stock_unavailable");
+        }
+    };
+    // Layer 5: the durable order saga, once per reservation.
+    let input = OrderInput {
+        item: item.to_owned(),
+        user: user.to_owned(),
+        unit,
+        reservation: reservation.clone(),
+        pay_by_ms: now + u64::try_from(app.pay_within.as_millis()).unwrap_or(u64::MAX),
+    };
+    match start_order(&app, &input).await {
+        Ok(()) => {
+            Counts::add(&c.reserved);
+            let mut seen = lock(&app.accepted);
+            if seen.len() >= LOCAL_MAX {
+                seen.clear();
+            }
+            seen.insert(reservation.clone());
+            drop(seen);
+            accepted(&reservation)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the order could not be enqueued; its unit goes back");
+            // Not enqueued: the unit goes back now rather than at expiry.
+            let _ = app.services.gate.release(item, &reservation).await;
+            Counts::add(&c.unavailable);
+            refuse(StatusCode::SERVICE_UNAVAILABLE, "orders_unavailable")
+        }
+    }
+}
+
+/// A refusal from the gate, remembered locally where that saves its next call.
+fn refused(app: &App, refusal: Reserve, item: &str, user_key: (String, String), now: u64) -> Response {
+    let c = &app.counts;
+    match refusal {
+        Reserve::SoldOut => {
+            lock(&app.sold_out).insert(item.to_owned(), now + SOLD_OUT_RECHECK_MS);
+            Counts::add(&c.sold_out);
+            refuse(StatusCode::CONFLICT, "sold_out")
+        }
+        Reserve::OverLimit => {
+            let mut at = lock(&app.at_limit);
+            if at.len() >= LOCAL_MAX {
+                at.clear();
+            }
+            at.insert(user_key, now + AT_LIMIT_RECHECK_MS);
+            Counts::add(&c.over_limit);
+            refuse(StatusCode::TOO_MANY_REQUESTS, "over_limit")
+        }
+        Reserve::NotOpen => {
+            Counts::add(&c.outside_window);
+            refuse(StatusCode::FORBIDDEN, "not_open")
+        }
+        Reserve::Closed => {
+            Counts::add(&c.outside_window);
+            refuse(StatusCode::GONE, "closed")
+        }
+        Reserve::NoSale | Reserve::Reserved { .. } | Reserve::Replayed => {
+            refuse(StatusCode::NOT_FOUND, "no_sale")
+        }
+    }
+}
+
+fn accepted(reservation: &str) -> Response {
+    answer(
+        StatusCode::ACCEPTED,
+        json!({"reservation": reservation, "status": format!("/orders/{reservation}")}),
+    )
+}
+
+/// Starts the order saga for `input` unless its reservation has one: the record
+/// and the saga in one transaction.
+async fn start_order(app: &App, input: &OrderInput) -> Result<(), String> {
+    let mut tx = app
+        .services
+        .orders
+        .pool()
+        .begin()
+        .await
+        .map_err(|e| e.to_string())?;
+    let fresh =
+        sqlx::query("INSERT INTO fs_purchases (reservation, saga) VALUES ($1, 0) ON CONFLICT DO NOTHING")
+            .bind(&input.reservation)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+    if fresh.rows_affected() == 1 {
+        let saga = app
+            .sagas
+            .start_in(&mut tx, ORDER_SAGA, input)
+            .await
+            .map_err(|e| e.to_string())?;
+        sqlx::query("UPDATE fs_purchases SET saga = $2 WHERE reservation = $1")
+            .bind(&input.reservation)
+            .bind(saga)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    tx.commit().await.map_err(|e| e.to_string())
+}
+
+async fn order(State(app): State<Arc<App>>, Path(reservation): Path<String>) -> Response {
+    match app.services.orders.state(&reservation).await {
+        Ok(Some(s)) => answer(StatusCode::OK, json!({"state": state_name(s)})),
+        Ok(None) => answer(StatusCode::OK, json!({"state": "processing"})),
+        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "orders_unavailable"),
+    }
+}
+
+fn state_name(s: OrderState) -> &'static str {
+    match s {
+        OrderState::Pending => "pending",
+        OrderState::Paid => "paid",
+        OrderState::Cancelled => "cancelled",
+    }
+}
+
+async fn pay(State(app): State<Arc<App>>, Path(reservation): Path<String>) -> Response {
+    match app.services.orders.pay(&reservation).await {
+        Ok(true) => answer(StatusCode::OK, json!({"state": "paid"})),
+        Ok(false) => refuse(StatusCode::CONFLICT, "not_pending"),
+        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "orders_unavailable"),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaleSetup {
+    item: String,
+    stock: u32,
+    opens_ms: u64,
+    closes_ms: u64,
+    per_user: u32,
+}
+
+async fn open_sale(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let Ok(s) = serde_json::from_slice::<SaleSetup>(&body) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "needs {item, stock, opens_ms, closes_ms, per_user}",
+        );
+    };
+    if token(Some(&s.item)).is_none() || s.closes_ms <= s.opens_ms || s.per_user == 0 {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "item: 1-64 of A-Z a-z 0-9 . _ -; closes_ms after opens_ms; per_user at least 1",
+        );
+    }
+    let sale = Sale {
+        item: s.item,
+        stock: s.stock,
+        opens_ms: s.opens_ms,
+        closes_ms: s.closes_ms,
+        per_user: s.per_user,
+    };
+    let svc = &app.services;
+    if svc.inventory.set_stock(&sale.item, sale.stock).await.is_err() || svc.gate.open(&sale).await.is_err() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "stores_unavailable");
+    }
+    lock(&app.sold_out).remove(&sale.item);
+    answer(StatusCode::CREATED, json!({"item": sale.item}))
+}
+
+async fn sale_view(State(app): State<Arc<App>>, Path(item): Path<String>) -> Response {
+    let svc = &app.services;
+    let (gate, stock, orders) = (
+        svc.gate.count(&item).await,
+        svc.inventory.stock(&item).await,
+        svc.orders.live(&item).await,
+    );
+    match (gate, stock, orders) {
+        (Ok(g), Ok(Some(stock)), Ok(orders)) => answer(
+            StatusCode::OK,
+            json!({
+                "item": item,
+                "gate": {"stock": g.stock, "reservations": g.live},
+                "inventory": {"stock": stock},
+                "orders": orders,
+                "layers": app.counts.snapshot(),
+            }),
+        ),
+        (_, Ok(None), _) => refuse(StatusCode::NOT_FOUND, "no_sale"),
+        _ => refuse(StatusCode::SERVICE_UNAVAILABLE, "stores_unavailable"),
+    }
+}

@@ -1,0 +1,226 @@
+//! The HTTP service on a real socket over real Redis and PostgreSQL: 300 buyers at
+//! once for 20 units get exactly 20 orders, the rest refused by the layers, each
+//! refusal counted; a repeated request is the same purchase; bad requests are
+//! 400s.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use palisade_flash_sale::order::{Services, order_saga};
+use palisade_flash_sale::service::{App, router};
+use palisade_flash_sale::{Gate, Inventory, Orders};
+use palisade_flow::saga::{Sagas, Transition};
+use palisade_queue::{Queue, QueueConfig, Runner, RunnerConfig};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use support::{fresh_pool, now_ms};
+
+const STOCK: u64 = 20;
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn call(
+    c: &HttpClient,
+    addr: std::net::SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+    let resp = c.request(req.body(Full::new(body)).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buyers_get_exactly_the_stock_and_every_refusal_is_counted() {
+    let url = std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test");
+    let conn = redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let gate = Gate::redis(
+        conn,
+        format!("fs-svc-{}-{}:", std::process::id(), fastrand::u64(..)),
+    );
+    let inventory = Inventory::new(fresh_pool("fs_svc_inv").await).await.unwrap();
+    let orders_pool = fresh_pool("fs_svc_ord").await;
+    let orders = Orders::new(orders_pool.clone()).await.unwrap();
+    let services = Arc::new(Services {
+        gate,
+        inventory,
+        orders,
+    });
+    let (tx, mut steps) = mpsc::unbounded_channel();
+    let sagas = Sagas::builder(orders_pool.clone())
+        .register(order_saga(&services))
+        .observe(move |t| {
+            if let Transition::StepDone { step: 2, .. } = t {
+                let _ = tx.send(());
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let queue = Queue::postgres(orders_pool).await.unwrap();
+    let config = RunnerConfig {
+        queues: vec![QueueConfig::new("sagas", 8)],
+        poll_interval: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
+    let runner = Runner::new(queue, config)
+        .register(sagas.worker())
+        .start()
+        .await
+        .unwrap();
+    let app = Arc::new(App::new(
+        services,
+        sagas,
+        Duration::from_secs(300),
+        Duration::from_secs(600),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, router(app.clone())).into_future());
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+
+    let now = now_ms();
+    let setup = json!({"item": "phone", "stock": STOCK, "opens_ms": now - 1000, "closes_ms": now + 3_600_000, "per_user": 1});
+    assert_eq!(
+        call(&c, addr, Method::POST, "/admin/sales", &[], Some(setup))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+
+    // 300 buyers, 50 of whom ask twice with a second key (over the limit).
+    let mut buyers = Vec::new();
+    for u in 0..300 {
+        let c = c.clone();
+        buyers.push(tokio::spawn(async move {
+            let user = format!("u{u}");
+            let mut out = Vec::new();
+            for key in if u < 50 { vec!["k1", "k2"] } else { vec!["k1"] } {
+                let h = [("x-user-id", user.as_str()), ("idempotency-key", key)];
+                out.push(call(&c, addr, Method::POST, "/buy", &h, Some(json!({"item": "phone"}))).await);
+            }
+            out
+        }));
+    }
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for b in buyers {
+        for (status, body) in b.await.unwrap() {
+            match status {
+                StatusCode::ACCEPTED => accepted.push(body["reservation"].as_str().unwrap().to_owned()),
+                StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS => refused += 1,
+                other => panic!("{other}: {body}"),
+            }
+        }
+    }
+    assert_eq!(accepted.len() as u64, STOCK);
+    assert_eq!(refused, 350 - STOCK);
+
+    // The same request again is the same purchase.
+    let first = accepted[0].clone();
+    let (user, key) = first.split_once('~').unwrap();
+    let again = call(
+        &c,
+        addr,
+        Method::POST,
+        "/buy",
+        &[("x-user-id", user), ("idempotency-key", key)],
+        Some(json!({"item": "phone"})),
+    )
+    .await;
+    assert_eq!(
+        (again.0, again.1["reservation"].as_str()),
+        (StatusCode::ACCEPTED, Some(first.as_str()))
+    );
+
+    // Every order placed, then paid.
+    for _ in 0..STOCK {
+        tokio::time::timeout(Duration::from_secs(60), steps.recv())
+            .await
+            .expect("an order was not placed")
+            .unwrap();
+    }
+    for r in &accepted {
+        let (status, body) = call(&c, addr, Method::GET, &format!("/orders/{r}"), &[], None).await;
+        assert_eq!(
+            (status, body["state"].as_str()),
+            (StatusCode::OK, Some("pending")),
+            "{r}"
+        );
+        assert_eq!(
+            call(&c, addr, Method::POST, &format!("/orders/{r}/pay"), &[], None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    let (status, view) = call(&c, addr, Method::GET, "/admin/sales/phone", &[], None).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["orders"], STOCK, "{view}");
+    assert_eq!(view["inventory"]["stock"], 0, "{view}");
+    assert_eq!(
+        (
+            view["gate"]["stock"].as_u64(),
+            view["gate"]["reservations"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{view}"
+    );
+    let layers = &view["layers"];
+    assert_eq!(layers["reserved"], STOCK, "{view}");
+    assert_eq!(layers["replayed"], 1, "{view}");
+    let r = &layers["refused"];
+    let gate_refusals = r["sold_out"].as_u64().unwrap() + r["over_limit"].as_u64().unwrap();
+    let local = r["sold_out_local"].as_u64().unwrap() + r["at_limit_local"].as_u64().unwrap();
+    assert_eq!(gate_refusals + local, 350 - STOCK, "{view}");
+    assert!(
+        r["sold_out_local"].as_u64().unwrap() > 0,
+        "the local flag refused nothing: {view}"
+    );
+
+    // Bad requests.
+    let bad = [
+        (vec![("idempotency-key", "k")], json!({"item": "phone"})),
+        (vec![("x-user-id", "u1")], json!({"item": "phone"})),
+        (
+            vec![("x-user-id", "u/1"), ("idempotency-key", "k")],
+            json!({"item": "phone"}),
+        ),
+        (
+            vec![("x-user-id", "u1"), ("idempotency-key", "k")],
+            json!({"thing": 1}),
+        ),
+    ];
+    for (h, body) in bad {
+        assert_eq!(
+            call(&c, addr, Method::POST, "/buy", &h, Some(body)).await.0,
+            StatusCode::BAD_REQUEST
+        );
+    }
+    runner.shutdown(Duration::from_secs(5)).await;
+}
