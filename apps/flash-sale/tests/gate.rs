@@ -16,16 +16,8 @@ const TTL: Duration = Duration::from_secs(60);
 
 /// Both gates: Redis (keys under a prefix of the test's own) and local.
 async fn gates() -> Vec<(&'static str, Arc<Gate>)> {
-    let url = std::env::var("PALISADE_TEST_REDIS_URL")
-        .expect("PALISADE_TEST_REDIS_URL: scripts/test starts a Redis");
-    let conn = redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager()
-        .await
-        .unwrap();
-    let prefix = format!("fs-test-{}-{}:", std::process::id(), fastrand::u64(..));
     vec![
-        ("redis", Arc::new(Gate::redis(conn, prefix))),
+        ("redis", Arc::new(support::redis_gate().await)),
         ("local", Arc::new(Gate::local())),
     ]
 }

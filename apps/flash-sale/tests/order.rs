@@ -9,13 +9,12 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_flash_sale::order::{ORDER_SAGA, OrderInput, Services, order_saga};
-use palisade_flash_sale::{Gate, Inventory, OrderState, Orders, Reserve, Sale, StockCount};
+use palisade_flash_sale::order::{ORDER_SAGA, OrderInput, Services};
+use palisade_flash_sale::{OrderState, Reserve, Sale, StockCount};
 use palisade_flow::saga::{SagaState, Sagas, Transition};
-use palisade_queue::{Queue, QueueConfig, Runner, RunnerConfig};
 use tokio::sync::mpsc;
 
-use support::{fresh_pool, now_ms};
+use support::now_ms;
 
 const STOCK: u32 = 5;
 
@@ -23,21 +22,12 @@ const STOCK: u32 = 5;
 struct World {
     services: Arc<Services>,
     sagas: Sagas,
-    ended: mpsc::UnboundedReceiver<i64>,
+    ended: mpsc::UnboundedReceiver<(i64, Transition)>,
     runner: palisade_queue::RunnerHandle,
 }
 
 async fn world(item: &str) -> World {
-    let url = std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test");
-    let conn = redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager()
-        .await
-        .unwrap();
-    let gate = Gate::redis(
-        conn,
-        format!("fs-order-{}-{}:", std::process::id(), fastrand::u64(..)),
-    );
+    let (services, pool) = support::services().await;
     let now = now_ms();
     let sale = Sale {
         item: item.into(),
@@ -46,42 +36,9 @@ async fn world(item: &str) -> World {
         closes_ms: now + 3_600_000,
         per_user: 1,
     };
-    gate.open(&sale).await.unwrap();
-    let inventory = Inventory::new(fresh_pool("fs_inv").await).await.unwrap();
-    inventory.set_stock(item, STOCK).await.unwrap();
-    let orders_pool = fresh_pool("fs_ord").await;
-    let orders = Orders::new(orders_pool.clone()).await.unwrap();
-    let services = Arc::new(Services {
-        gate,
-        inventory,
-        orders,
-    });
-    let (tx, ended) = mpsc::unbounded_channel();
-    let sagas = Sagas::builder(orders_pool.clone())
-        .register(order_saga(&services))
-        .observe(move |t| {
-            let saga = match t {
-                Transition::StepDone { saga, .. }
-                | Transition::StepUndone { saga, .. }
-                | Transition::Aborted { saga, .. } => *saga,
-            };
-            let _ = tx.send(saga);
-        })
-        .build()
-        .await
-        .unwrap();
-    let queue = Queue::postgres(orders_pool).await.unwrap();
-    let config = RunnerConfig {
-        queues: vec![QueueConfig::new("sagas", 4)],
-        poll_interval: Duration::from_millis(20),
-        backoff: palisade_resilience::retry::Backoff::Fixed(Duration::from_millis(10)),
-        ..RunnerConfig::default()
-    };
-    let runner = Runner::new(queue, config)
-        .register(sagas.worker())
-        .start()
-        .await
-        .unwrap();
+    services.gate.open(&sale).await.unwrap();
+    services.inventory.set_stock(item, STOCK).await.unwrap();
+    let (sagas, ended, runner) = support::sagas(&services, pool).await;
     World {
         services,
         sagas,

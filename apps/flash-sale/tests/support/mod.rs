@@ -34,3 +34,75 @@ pub async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
         .await
         .unwrap()
 }
+
+/// A gate on the run's Redis, its keys under a prefix of its own.
+pub async fn redis_gate() -> palisade_flash_sale::Gate {
+    let url = std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test");
+    let conn = redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let prefix = format!("fs-test-{}-{}:", std::process::id(), fastrand::u64(..));
+    palisade_flash_sale::Gate::redis(conn, prefix)
+}
+
+/// The services on the run's Redis (keys under a prefix of their own) and on new
+/// inventory and orders databases; the orders' pool, where the queue and the
+/// sagas go.
+pub async fn services() -> (std::sync::Arc<palisade_flash_sale::order::Services>, sqlx::PgPool) {
+    let gate = redis_gate().await;
+    let inventory = palisade_flash_sale::Inventory::new(fresh_pool("fs_inv").await)
+        .await
+        .unwrap();
+    let orders_pool = fresh_pool("fs_ord").await;
+    let orders = palisade_flash_sale::Orders::new(orders_pool.clone())
+        .await
+        .unwrap();
+    let services = palisade_flash_sale::order::Services {
+        gate,
+        inventory,
+        orders,
+    };
+    (std::sync::Arc::new(services), orders_pool)
+}
+
+/// The order sagas over `services`, each transition's saga id sent to the
+/// receiver, and a runner of their steps on `pool`.
+pub async fn sagas(
+    services: &std::sync::Arc<palisade_flash_sale::order::Services>,
+    pool: sqlx::PgPool,
+) -> (
+    palisade_flow::saga::Sagas,
+    tokio::sync::mpsc::UnboundedReceiver<(i64, palisade_flow::saga::Transition)>,
+    palisade_queue::RunnerHandle,
+) {
+    use palisade_flow::saga::Transition;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let sagas = palisade_flow::saga::Sagas::builder(pool.clone())
+        .register(palisade_flash_sale::order::order_saga(services))
+        .observe(move |t| {
+            let saga = match t {
+                Transition::StepDone { saga, .. }
+                | Transition::StepUndone { saga, .. }
+                | Transition::Aborted { saga, .. } => *saga,
+            };
+            let _ = tx.send((saga, t.clone()));
+        })
+        .build()
+        .await
+        .unwrap();
+    let queue = palisade_queue::Queue::postgres(pool).await.unwrap();
+    let config = palisade_queue::RunnerConfig {
+        queues: vec![palisade_queue::QueueConfig::new("sagas", 8)],
+        poll_interval: std::time::Duration::from_millis(20),
+        backoff: palisade_resilience::retry::Backoff::Fixed(std::time::Duration::from_millis(10)),
+        ..palisade_queue::RunnerConfig::default()
+    };
+    let runner = palisade_queue::Runner::new(queue, config)
+        .register(sagas.worker())
+        .start()
+        .await
+        .unwrap();
+    (sagas, rx, runner)
+}
