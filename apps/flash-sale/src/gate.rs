@@ -72,6 +72,9 @@ pub enum GateError {
     /// Redis failed or could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The gate holds no sale of this item.
+    #[error("no sale of {0}")]
+    NoSale(String),
     /// Redis answered something the scripts never return.
     #[error("unexpected answer from the stock script: {0}")]
     Unexpected(i64),
@@ -145,6 +148,20 @@ if r[1] ~= 'converted' or r[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[3], 'state', 'cancelled')
 redis.call('HINCRBY', KEYS[1], 'stock', 1)
 redis.call('SREM', KEYS[2], r[3])
+return 1
+";
+
+/// Sets the stock to `truth - live` if the stock and the live reservations are
+/// still what the caller saw (1), else nothing (0; -1 for no sale): a repair
+/// never overwrites a reservation made meanwhile. KEYS: the sale, the live set; ARGV: the stock
+/// and live count seen, the truth.
+const REPAIR: &str = r"
+local s = redis.call('HGET', KEYS[1], 'stock')
+if not s then return -1 end
+local stock = tonumber(s)
+local live = redis.call('ZCARD', KEYS[2])
+if stock ~= tonumber(ARGV[1]) or live ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'stock', math.max(0, tonumber(ARGV[3]) - live))
 return 1
 ";
 
@@ -397,6 +414,41 @@ impl Gate {
                     })
                     .take(limit)
                     .collect())
+            }
+        }
+    }
+
+    /// Sets `item`'s stock so that it and its live reservations add up to
+    /// `truth` (the inventory's units), if both are still `seen`: `false` when
+    /// they changed meanwhile (the next reconciliation looks again).
+    pub async fn repair(&self, item: &str, seen: StockCount, truth: u32) -> Result<bool, GateError> {
+        match self {
+            Gate::Redis { conn, prefix } => {
+                let k = Self::keys(prefix, item);
+                let done: i64 = redis::Script::new(REPAIR)
+                    .key(&k)
+                    .key(format!("{k}:live"))
+                    .arg(seen.stock)
+                    .arg(seen.live)
+                    .arg(truth)
+                    .invoke_async(&mut conn.clone())
+                    .await?;
+                match done {
+                    -1 => Err(GateError::NoSale(item.to_owned())),
+                    d => Ok(d == 1),
+                }
+            }
+            Gate::Local(m) => {
+                let mut sales = m.lock().await;
+                let Some(s) = sales.get_mut(item) else {
+                    return Err(GateError::NoSale(item.to_owned()));
+                };
+                let live = u32::try_from(s.live.len()).unwrap_or(u32::MAX);
+                if s.stock != seen.stock || live != seen.live {
+                    return Ok(false);
+                }
+                s.stock = truth.saturating_sub(live);
+                Ok(true)
             }
         }
     }

@@ -12,6 +12,7 @@ pub mod gate;
 pub mod order;
 pub mod service;
 pub mod store;
+pub mod upkeep;
 
 pub use gate::{Gate, GateError, Reserve, Sale, StockCount};
 pub use store::{Inventory, NewOrder, OrderState, Orders, Placed, Taken};

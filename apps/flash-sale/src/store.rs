@@ -76,6 +76,13 @@ impl Inventory {
         .map(drop)
     }
 
+    /// Every item and its stock.
+    pub async fn items(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        sqlx::query_as("SELECT item, stock::bigint FROM fs_items ORDER BY item")
+            .fetch_all(&self.pool)
+            .await
+    }
+
     /// `item`'s stock now, if it is for sale.
     pub async fn stock(&self, item: &str) -> Result<Option<i64>, sqlx::Error> {
         sqlx::query_scalar("SELECT stock::bigint FROM fs_items WHERE item = $1")

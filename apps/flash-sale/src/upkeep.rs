@@ -1,0 +1,136 @@
+//! What keeps the gate and the inventory agreeing over time:
+//!
+//! * **The sweeper** releases reservations past their expiry. One whose order
+//!   saga converted it first is left alone (a release only takes a live one), so
+//!   the sweeper and a late saga can race safely.
+//! * **Reconciliation** (`palisade-flow`'s [`Reconciliation`]) compares, per item,
+//!   the inventory database's stock (the truth) with the gate's stock plus its
+//!   live reservations (the units not yet taken in the database). When they differ,
+//!   it sets the gate's stock from the truth, with a compare-and-set that never
+//!   overwrites a reservation made meanwhile. Items with an order saga between its
+//!   conversion and its take, or compensating, are skipped in that run: the two
+//!   sides legitimately differ by those units until the saga moves on.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use palisade_flow::reconcile::{BoxError, Difference, Reconciliation};
+use sqlx::PgPool;
+
+use crate::gate::StockCount;
+use crate::order::{ORDER_SAGA, Services};
+
+/// Releases up to `limit` expired reservations of each item; how many it
+/// released.
+pub async fn sweep(services: &Services, limit: usize) -> Result<u64, BoxError> {
+    let mut released = 0;
+    for (item, _) in services.inventory.items().await? {
+        for reservation in services.gate.expired(&item, limit).await? {
+            if services.gate.release(&item, &reservation).await? {
+                released += 1;
+            }
+        }
+    }
+    metrics::counter!("palisade_flash_sale_reservations_expired_total").increment(released);
+    Ok(released)
+}
+
+/// The gate against the inventory.
+#[derive(Debug)]
+pub struct StockReconciliation {
+    services: Arc<Services>,
+    /// Where the order sagas are recorded (the orders' database).
+    sagas: PgPool,
+}
+
+impl StockReconciliation {
+    /// The reconciliation of `services`' gate with their inventory; `sagas` is
+    /// the database of the order sagas.
+    pub fn new(services: Arc<Services>, sagas: PgPool) -> StockReconciliation {
+        StockReconciliation { services, sagas }
+    }
+
+    /// Items with an order saga in a window where the sides differ.
+    async fn busy(&self) -> Result<HashSet<String>, BoxError> {
+        let items: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT input->>'item' FROM palisade_sagas
+             WHERE name = $1 AND (state = 'compensating' OR (state = 'running' AND step = 1))",
+        )
+        .bind(ORDER_SAGA)
+        .fetch_all(&self.sagas)
+        .await?;
+        Ok(items.into_iter().collect())
+    }
+
+    /// The items to compare this run, with the database's stock.
+    async fn quiet_items(&self) -> Result<Vec<(String, i64)>, BoxError> {
+        let busy = self.busy().await?;
+        let items = self.services.inventory.items().await?;
+        Ok(items.into_iter().filter(|(i, _)| !busy.contains(i)).collect())
+    }
+}
+
+/// An item's units as one side counts them; the gate's also as it saw them.
+/// Two are equal when their units are.
+#[derive(Clone, Copy, Debug)]
+pub struct Units {
+    /// Units not yet taken in the database.
+    pub units: i64,
+    /// The gate's stock and live reservations read (not compared).
+    pub seen: Option<StockCount>,
+}
+
+impl PartialEq for Units {
+    fn eq(&self, other: &Units) -> bool {
+        self.units == other.units
+    }
+}
+
+impl Reconciliation for StockReconciliation {
+    const NAME: &'static str = "flash_sale_stock";
+    type Key = String;
+    type Value = Units;
+
+    async fn truth(&self) -> Result<BTreeMap<String, Units>, BoxError> {
+        let items = self.quiet_items().await?;
+        Ok(items
+            .into_iter()
+            .map(|(i, units)| (i, Units { units, seen: None }))
+            .collect())
+    }
+
+    async fn copy(&self) -> Result<BTreeMap<String, Units>, BoxError> {
+        let mut out = BTreeMap::new();
+        for (item, _) in self.quiet_items().await? {
+            let seen = self.services.gate.count(&item).await?;
+            let units = i64::from(seen.stock) + i64::from(seen.live);
+            out.insert(
+                item,
+                Units {
+                    units,
+                    seen: Some(seen),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    async fn repair(&self, d: &Difference<String, Units>) -> Result<(), BoxError> {
+        match d {
+            Difference::Differs { key, truth, copy } => {
+                let seen = copy.seen.ok_or("the gate's side was not read")?;
+                let truth = u32::try_from(truth.units.max(0)).unwrap_or(u32::MAX);
+                match self.services.gate.repair(key, seen, truth).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("the gate changed meanwhile: the next run looks again".into()),
+                    Err(crate::gate::GateError::NoSale(item)) => {
+                        Err(format!("the gate has no sale of {item}: open it again").into())
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            // Both sides are read for the same items: neither is missing one.
+            Difference::Missing { .. } | Difference::Extra { .. } => Ok(()),
+        }
+    }
+}
