@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use palisade_flash_sale::{Gate, Reserve, Sale, StockCount};
 
-use support::now_ms;
+use support::{now_ms, sale};
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -20,17 +20,6 @@ async fn gates() -> Vec<(&'static str, Arc<Gate>)> {
         ("redis", Arc::new(support::redis_gate().await)),
         ("local", Arc::new(Gate::local())),
     ]
-}
-
-fn sale(item: &str, stock: u32, per_user: u32) -> Sale {
-    let now = now_ms();
-    Sale {
-        item: item.into(),
-        stock,
-        opens_ms: now - 60_000,
-        closes_ms: now + 3_600_000,
-        per_user,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,26 +9,15 @@ use std::time::Duration;
 
 use palisade_flash_sale::order::ORDER_SAGA;
 use palisade_flash_sale::upkeep::{StockReconciliation, sweep};
-use palisade_flash_sale::{Reserve, Sale, StockCount};
+use palisade_flash_sale::{Reserve, StockCount};
 use palisade_flow::reconcile::reconcile;
 
-use support::now_ms;
-
-fn sale(item: &str, stock: u32) -> Sale {
-    let now = now_ms();
-    Sale {
-        item: item.into(),
-        stock,
-        opens_ms: now - 60_000,
-        closes_ms: now + 3_600_000,
-        per_user: 5,
-    }
-}
+use support::sale;
 
 #[tokio::test]
 async fn the_sweeper_returns_expired_reservations_and_leaves_converted_ones() {
     let (services, _) = support::services().await;
-    services.gate.open(&sale("cam", 5)).await.unwrap();
+    services.gate.open(&sale("cam", 5, 5)).await.unwrap();
     services.inventory.set_stock("cam", 5).await.unwrap();
     let gate = &services.gate;
     for (key, ttl) in [
@@ -58,7 +47,7 @@ async fn a_drifted_gate_is_set_from_the_inventory_unless_a_saga_is_mid_way() {
     let (_sagas, _transitions, runner) = support::sagas(&services, pool.clone()).await;
     // The gate believes in 10 units; the inventory holds 8 (sold elsewhere, or a
     // Redis restored from an old snapshot).
-    services.gate.open(&sale("tv", 10)).await.unwrap();
+    services.gate.open(&sale("tv", 10, 5)).await.unwrap();
     services.inventory.set_stock("tv", 8).await.unwrap();
     assert!(matches!(
         services

@@ -311,32 +311,8 @@ async fn a_step_out_of_attempts_has_the_steps_before_it_compensated() {
         .build()
         .await
         .unwrap();
-    let queue = Queue::postgres(pool.clone()).await.unwrap();
-    let config = RunnerConfig {
-        queues: vec![QueueConfig::new("sagas", 2)],
-        backoff: palisade_resilience::retry::Backoff::Fixed(Duration::from_millis(10)),
-        poll_interval: Duration::from_millis(20),
-        ..RunnerConfig::default()
-    };
-    let runner = Runner::new(queue, config)
-        .register(sagas.worker())
-        .start()
-        .await
-        .unwrap();
-    let id = sagas.start("retrying", &json!({})).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let s = sagas.status(id).await.unwrap().unwrap();
-        if s.state == SagaState::Compensated {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the saga never ended: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    runner.shutdown(Duration::from_secs(5)).await;
+    let status = run_to_end(&pool, &sagas, "retrying").await;
+    assert_eq!(status.state, SagaState::Compensated, "{status:?}");
     assert!(
         status
             .error
@@ -389,9 +365,18 @@ async fn a_waiting_step_runs_again_without_spending_its_attempts() {
         .build()
         .await
         .unwrap();
+    let status = run_to_end(&pool, &sagas, "waiting").await;
+    assert_eq!(status.state, SagaState::Done, "{status:?}");
+    assert_eq!(status.outputs, [json!("paid")]);
+}
+
+/// Runs saga `name` (input `{}`) on a runner of its own until it is done or
+/// compensated; its status then.
+async fn run_to_end(pool: &sqlx::PgPool, sagas: &Sagas, name: &str) -> palisade_flow::saga::SagaStatus {
     let queue = Queue::postgres(pool.clone()).await.unwrap();
     let config = RunnerConfig {
         queues: vec![QueueConfig::new("sagas", 2)],
+        backoff: palisade_resilience::retry::Backoff::Fixed(Duration::from_millis(10)),
         poll_interval: Duration::from_millis(20),
         ..RunnerConfig::default()
     };
@@ -400,7 +385,7 @@ async fn a_waiting_step_runs_again_without_spending_its_attempts() {
         .start()
         .await
         .unwrap();
-    let id = sagas.start("waiting", &json!({})).await.unwrap();
+    let id = sagas.start(name, &json!({})).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
         let s = sagas.status(id).await.unwrap().unwrap();
@@ -414,6 +399,5 @@ async fn a_waiting_step_runs_again_without_spending_its_attempts() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     runner.shutdown(Duration::from_secs(5)).await;
-    assert_eq!(status.state, SagaState::Done, "{status:?}");
-    assert_eq!(status.outputs, [json!("paid")]);
+    status
 }

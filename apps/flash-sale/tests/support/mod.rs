@@ -18,6 +18,18 @@ pub fn now_ms() -> u64 {
     .unwrap()
 }
 
+/// A sale of `stock` units of `item`, open from a minute ago for an hour, `per_user` each.
+pub fn sale(item: &str, stock: u32, per_user: u32) -> palisade_flash_sale::Sale {
+    let now = now_ms();
+    palisade_flash_sale::Sale {
+        item: item.into(),
+        stock,
+        opens_ms: now - 60_000,
+        closes_ms: now + 3_600_000,
+        per_user,
+    }
+}
+
 /// A pool on a new database.
 pub async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
     let admin =
