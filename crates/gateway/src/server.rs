@@ -27,11 +27,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-/// `palisade_request_duration_seconds`'s bucket bounds, in seconds.
-const REQUEST_BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -41,6 +36,11 @@ use crate::conn::{Activity, Ended, Watched};
 use crate::proxy::Downstream;
 use crate::runtime::Runtime;
 use crate::source::{ConfigSource, Version};
+
+/// `palisade_request_duration_seconds`'s bucket bounds, in seconds.
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// A running gateway.
 pub struct Handle {
