@@ -10,6 +10,7 @@
 
 pub mod gate;
 pub mod order;
+pub mod run;
 pub mod service;
 pub mod store;
 pub mod upkeep;

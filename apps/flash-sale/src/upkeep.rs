@@ -134,3 +134,28 @@ impl Reconciliation for StockReconciliation {
         }
     }
 }
+
+/// The sweeper as a queue job (scheduled by a [`palisade_queue::Periodic`], so one
+/// process sweeps per period).
+#[derive(Debug)]
+pub struct SweepJob(pub Arc<Services>);
+
+/// Reservations released per item and sweep, at most.
+const SWEEP_BATCH: usize = 1000;
+
+impl palisade_queue::Worker for SweepJob {
+    const KIND: &'static str = "flash_sale_sweep";
+    type Args = serde_json::Value;
+
+    async fn work(
+        &self,
+        job: palisade_queue::JobContext,
+        _: serde_json::Value,
+    ) -> Result<(), palisade_queue::JobError> {
+        let released = sweep(&self.0, SWEEP_BATCH)
+            .await
+            .map_err(palisade_queue::JobError::failed)?;
+        let _ = job.set_output(serde_json::json!({ "released": released }));
+        Ok(())
+    }
+}

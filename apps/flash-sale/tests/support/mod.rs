@@ -30,8 +30,8 @@ pub fn sale(item: &str, stock: u32, per_user: u32) -> palisade_flash_sale::Sale 
     }
 }
 
-/// A pool on a new database.
-pub async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
+/// A new database; its URL.
+pub async fn fresh_db(prefix: &str) -> String {
     let admin =
         std::env::var("PALISADE_TEST_POSTGRES_URL").expect("PALISADE_TEST_POSTGRES_URL: run scripts/test");
     let name = format!("{prefix}_{}_{:x}", std::process::id(), fastrand::u64(..));
@@ -40,9 +40,14 @@ pub async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
         .await
         .unwrap();
     let base = admin.rsplit_once('/').unwrap().0;
+    format!("{base}/{name}")
+}
+
+/// A pool on a new database.
+pub async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(16)
-        .connect(&format!("{base}/{name}"))
+        .connect(&fresh_db(prefix).await)
         .await
         .unwrap()
 }

@@ -1,0 +1,83 @@
+//! `flash-sale`: one instance of the flash-sale service, distributed (a shared
+//! Redis for the stock gate, PostgreSQL for the inventory and the orders). Run as
+//! many as needed behind the Palisade gateway; SIGTERM or Ctrl-C stops one.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use palisade_flash_sale::run::{Settings, start};
+
+/// One instance of the flash-sale service.
+#[derive(Debug, Parser)]
+#[command(name = "flash-sale", version)]
+struct Args {
+    /// Where it listens.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    listen: SocketAddr,
+    /// The stock gate's Redis, shared by every instance.
+    #[arg(long, env = "FLASH_SALE_REDIS")]
+    redis: String,
+    /// The prefix of the gate's keys in Redis.
+    #[arg(long, default_value = "flash-sale:")]
+    prefix: String,
+    /// The inventory's PostgreSQL database.
+    #[arg(long, env = "FLASH_SALE_INVENTORY_DB")]
+    inventory_db: String,
+    /// The orders' PostgreSQL database (the job queue and the sagas live there too).
+    #[arg(long, env = "FLASH_SALE_ORDERS_DB")]
+    orders_db: String,
+    /// A reservation's life before its order must have taken it (seconds).
+    #[arg(long, default_value_t = 300)]
+    reservation_ttl_secs: u64,
+    /// How long an order waits for its payment (seconds).
+    #[arg(long, default_value_t = 900)]
+    pay_within_secs: u64,
+    /// Order saga steps run at once in this instance.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let settings = Settings {
+        listen: a.listen,
+        redis: a.redis,
+        prefix: a.prefix,
+        inventory_db: a.inventory_db,
+        orders_db: a.orders_db,
+        reservation_ttl: Duration::from_secs(a.reservation_ttl_secs),
+        pay_within: Duration::from_secs(a.pay_within_secs),
+        workers: a.workers,
+        sweep_every: Duration::from_secs(1),
+        reconcile_every: Duration::from_secs(60),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e.to_string()),
+    };
+    rt.block_on(async {
+        let running = match start(settings).await {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+        let _ = writeln!(std::io::stdout(), "flash-sale: listening on {}", running.addr);
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(e) => return fail(&e.to_string()),
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        running.shutdown(Duration::from_secs(10)).await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn fail(why: &str) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "flash-sale: {why}");
+    ExitCode::from(2)
+}
