@@ -43,8 +43,11 @@ pub enum Reserve {
         /// user and the item, unique among orders not cancelled.
         unit: u32,
     },
-    /// This idempotency key already reserved (nothing taken again).
-    Replayed,
+    /// This idempotency key already reserved (nothing taken again): its unit.
+    Replayed {
+        /// The user's unit number the first reservation got.
+        unit: u32,
+    },
     /// No stock left.
     SoldOut,
     /// Before the sale opens.
@@ -92,7 +95,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local sale = redis.call('HMGET', KEYS[1], 'stock', 'opens', 'closes', 'per_user')
 if not sale[1] then return {-1, 0, 0} end
 local stock = tonumber(sale[1])
-if redis.call('EXISTS', KEYS[3]) == 1 then return {2, stock, 0} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {2, stock, tonumber(redis.call('HGET', KEYS[3], 'unit') or '0')} end
 if now < tonumber(sale[2]) then return {-2, stock, 0} end
 if now >= tonumber(sale[3]) then return {-3, stock, 0} end
 if stock <= 0 then return {0, 0, 0} end
@@ -288,7 +291,7 @@ impl Gate {
                 let (left, unit) = (u32::try_from(left).unwrap_or(0), u32::try_from(unit).unwrap_or(0));
                 Ok(match code {
                     1 => Reserve::Reserved { left, unit },
-                    2 => Reserve::Replayed,
+                    2 => Reserve::Replayed { unit },
                     0 => Reserve::SoldOut,
                     -1 => Reserve::NoSale,
                     -2 => Reserve::NotOpen,
@@ -487,8 +490,8 @@ impl Gate {
 
 impl LocalSale {
     fn reserve(&mut self, user: &str, reservation: &str, now: u64, ttl_ms: u64) -> Reserve {
-        if self.reservations.contains_key(reservation) {
-            return Reserve::Replayed;
+        if let Some((_, unit, _)) = self.reservations.get(reservation) {
+            return Reserve::Replayed { unit: *unit };
         }
         if now < self.sale.opens_ms {
             return Reserve::NotOpen;

@@ -216,12 +216,12 @@ async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::
         .gate
         .reserve(item, user, &reservation, app.reservation_ttl)
         .await;
-    let unit = match reserved {
-        Ok(Reserve::Reserved { unit, .. }) => unit,
-        Ok(Reserve::Replayed) => {
-            Counts::add(&c.replayed);
-            return accepted(&reservation);
-        }
+    // A replay (the first request went to another instance, or this one
+    // restarted) starts the order saga too, in case the first never did: a
+    // reservation has one saga whoever starts it.
+    let (unit, replay) = match reserved {
+        Ok(Reserve::Reserved { unit, .. }) => (unit, false),
+        Ok(Reserve::Replayed { unit }) => (unit, true),
         Ok(refusal) => return refused(&app, refusal, item, user_key, now),
         Err(e) => {
             Counts::add(&c.unavailable);
@@ -239,7 +239,7 @@ async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::
     };
     match start_order(&app, &input).await {
         Ok(()) => {
-            Counts::add(&c.reserved);
+            Counts::add(if replay { &c.replayed } else { &c.reserved });
             let mut seen = lock(&app.accepted);
             if seen.len() >= LOCAL_MAX {
                 seen.clear();
@@ -250,8 +250,11 @@ async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::
         }
         Err(e) => {
             tracing::warn!(error = %e, "the order could not be enqueued; its unit goes back");
-            // Not enqueued: the unit goes back now rather than at expiry.
-            let _ = app.services.gate.release(item, &reservation).await;
+            // Not enqueued: the unit goes back now rather than at expiry (unless
+            // this is a replay: the first request may have enqueued it).
+            if !replay {
+                let _ = app.services.gate.release(item, &reservation).await;
+            }
             Counts::add(&c.unavailable);
             refuse(StatusCode::SERVICE_UNAVAILABLE, "orders_unavailable")
         }
@@ -284,7 +287,7 @@ fn refused(app: &App, refusal: Reserve, item: &str, user_key: (String, String), 
             Counts::add(&c.outside_window);
             refuse(StatusCode::GONE, "closed")
         }
-        Reserve::NoSale | Reserve::Reserved { .. } | Reserve::Replayed => {
+        Reserve::NoSale | Reserve::Reserved { .. } | Reserve::Replayed { .. } => {
             refuse(StatusCode::NOT_FOUND, "no_sale")
         }
     }

@@ -64,7 +64,7 @@ async fn a_user_gets_at_most_the_limit_and_a_repeated_key_reserves_once() {
             outcomes,
             [
                 Reserve::Reserved { left: 9, unit: 1 },
-                Reserve::Replayed,
+                Reserve::Replayed { unit: 1 },
                 Reserve::Reserved { left: 8, unit: 2 },
                 Reserve::OverLimit,
                 Reserve::OverLimit

@@ -57,9 +57,7 @@ async fn buyers_get_exactly_the_stock_and_every_refusal_is_counted() {
         Duration::from_secs(300),
         Duration::from_secs(600),
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(axum::serve(listener, router(app.clone())).into_future());
+    let addr = serve(app.clone()).await;
     let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
     let now = now_ms();
@@ -185,5 +183,80 @@ async fn buyers_get_exactly_the_stock_and_every_refusal_is_counted() {
             StatusCode::BAD_REQUEST
         );
     }
+    runner.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Serves `app` on a fresh port; its address.
+async fn serve(app: Arc<App>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, router(app)).into_future());
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_at_another_instance_is_the_same_purchase_and_recovers_a_lost_enqueue() {
+    let (services, pool) = support::services().await;
+    let (sagas, mut steps, runner) = support::sagas(&services, pool.clone()).await;
+    let ttl = (Duration::from_secs(300), Duration::from_secs(600));
+    let a = serve(Arc::new(App::new(services.clone(), sagas.clone(), ttl.0, ttl.1))).await;
+    let b = serve(Arc::new(App::new(services.clone(), sagas, ttl.0, ttl.1))).await;
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let now = now_ms();
+    let setup = json!({"item": "pen", "stock": 5, "opens_ms": now - 1000, "closes_ms": now + 3_600_000, "per_user": 2});
+    assert_eq!(
+        call(&c, a, Method::POST, "/admin/sales", &[], Some(setup))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    let body = || Some(json!({"item": "pen"}));
+
+    // The first at A, the repeat at B: one reservation, one saga.
+    let h = [("x-user-id", "ann"), ("idempotency-key", "k1")];
+    let first = call(&c, a, Method::POST, "/buy", &h, body()).await;
+    let again = call(&c, b, Method::POST, "/buy", &h, body()).await;
+    assert_eq!((first.0, again.0), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    assert_eq!(first.1["reservation"], again.1["reservation"]);
+    assert_eq!(services.gate.count("pen").await.unwrap().stock, 4);
+
+    // A purchase whose instance died between the gate and the enqueue: the
+    // reservation exists, its saga does not. The client's retry starts it.
+    let lost = "bob~k1";
+    assert!(matches!(
+        services.gate.reserve("pen", "bob", lost, ttl.0).await.unwrap(),
+        palisade_flash_sale::Reserve::Reserved { .. }
+    ));
+    let retry = call(
+        &c,
+        b,
+        Method::POST,
+        "/buy",
+        &[("x-user-id", "bob"), ("idempotency-key", "k1")],
+        body(),
+    )
+    .await;
+    assert_eq!(
+        (retry.0, retry.1["reservation"].as_str()),
+        (StatusCode::ACCEPTED, Some(lost))
+    );
+
+    // Two orders placed, each once.
+    let mut placed = 0;
+    while placed < 2 {
+        let (_, t) = tokio::time::timeout(Duration::from_secs(60), steps.recv())
+            .await
+            .expect("no order placed")
+            .unwrap();
+        if matches!(t, Transition::StepDone { step: 2, .. }) {
+            placed += 1;
+        }
+    }
+    assert_eq!(services.orders.live("pen").await.unwrap(), 2);
+    let sagas: i64 = sqlx::query_scalar("SELECT count(*) FROM fs_purchases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sagas, 2);
     runner.shutdown(Duration::from_secs(5)).await;
 }
