@@ -168,6 +168,14 @@ redis.call('HSET', KEYS[1], 'stock', math.max(0, tonumber(ARGV[3]) - live))
 return 1
 ";
 
+/// The live reservations past their expiry by Redis's clock, oldest first, at
+/// most ARGV[1]. KEYS: the live set.
+const EXPIRED: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
+";
+
 /// How long a reservation's state is kept after its expiry, so a late order job
 /// or sweep still finds it.
 const KEEP_MS: u64 = 24 * 3600 * 1000;
@@ -387,21 +395,18 @@ impl Gate {
         Ok(done == 1)
     }
 
-    /// Live reservations of `item` past their expiry now, oldest first (at most
-    /// `limit`): the sweeper releases those that have no order.
+    /// Live reservations of `item` past their expiry now (by the clock that set
+    /// it: Redis's, or this process's for the local gate), oldest first, at most
+    /// `limit`: the sweeper releases them.
     pub async fn expired(&self, item: &str, limit: usize) -> Result<Vec<String>, GateError> {
         match self {
             Gate::Redis { conn, prefix } => {
                 let k = Self::keys(prefix, item);
-                let ids: Vec<String> = redis::cmd("ZRANGE")
-                    .arg(format!("{k}:live"))
-                    .arg("-inf")
-                    .arg(now_ms())
-                    .arg("BYSCORE")
-                    .arg("LIMIT")
-                    .arg(0)
+                // Expired by Redis's clock, which set the expiries.
+                let ids: Vec<String> = redis::Script::new(EXPIRED)
+                    .key(format!("{k}:live"))
                     .arg(limit)
-                    .query_async(&mut conn.clone())
+                    .invoke_async(&mut conn.clone())
                     .await?;
                 Ok(ids)
             }
