@@ -201,8 +201,8 @@ pub struct LocalSale {
     stock: u32,
     /// Each user's unit numbers held by live and converted reservations.
     units: HashMap<String, BTreeSet<u32>>,
-    /// Reservation id: (user, unit, state).
-    reservations: HashMap<String, (String, u32, State)>,
+    /// Reservation id: (user, unit, state, expiry ms).
+    reservations: HashMap<String, (String, u32, State, u64)>,
     /// (expiry ms, reservation id) of the live ones.
     live: BTreeSet<(u64, String)>,
 }
@@ -215,7 +215,8 @@ enum State {
     Cancelled,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch, by this process's clock.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -495,7 +496,7 @@ impl Gate {
 
 impl LocalSale {
     fn reserve(&mut self, user: &str, reservation: &str, now: u64, ttl_ms: u64) -> Reserve {
-        if let Some((_, unit, _)) = self.reservations.get(reservation) {
+        if let Some((_, unit, _, _)) = self.reservations.get(reservation) {
             return Reserve::Replayed { unit: *unit };
         }
         if now < self.sale.opens_ms {
@@ -515,50 +516,46 @@ impl LocalSale {
         let unit = (1..).find(|u| !units.contains(u)).unwrap_or(1);
         units.insert(unit);
         self.stock -= 1;
-        self.reservations
-            .insert(reservation.to_owned(), (user.to_owned(), unit, State::Live));
-        self.live
-            .insert((now.saturating_add(ttl_ms), reservation.to_owned()));
+        let expires = now.saturating_add(ttl_ms);
+        self.reservations.insert(
+            reservation.to_owned(),
+            (user.to_owned(), unit, State::Live, expires),
+        );
+        self.live.insert((expires, reservation.to_owned()));
         Reserve::Reserved {
             left: self.stock,
             unit,
         }
     }
 
-    /// Marks `reservation` as `to` if it is live: its user and unit if it was.
-    fn settle(&mut self, reservation: &str, to: State) -> Option<(String, u32)> {
-        let (user, unit, state) = self.reservations.get_mut(reservation)?;
-        if *state != State::Live {
+    /// Moves `reservation` from state `from` to `to`: its user and unit if it
+    /// was in `from` (and off the live set if it was live).
+    fn settle(&mut self, reservation: &str, from: State, to: State) -> Option<(String, u32)> {
+        let (user, unit, state, expires) = self.reservations.get_mut(reservation)?;
+        if *state != from {
             return None;
         }
         *state = to;
         let held = (user.clone(), *unit);
-        self.live.retain(|(_, id)| id != reservation);
+        if from == State::Live {
+            let expires = *expires;
+            self.live.remove(&(expires, reservation.to_owned()));
+        }
         Some(held)
     }
 
     fn convert(&mut self, reservation: &str) -> bool {
-        let converted = matches!(self.reservations.get(reservation), Some((_, _, State::Converted)));
-        converted || self.settle(reservation, State::Converted).is_some()
+        let converted = matches!(
+            self.reservations.get(reservation),
+            Some((_, _, State::Converted, _))
+        );
+        converted || self.settle(reservation, State::Live, State::Converted).is_some()
     }
 
-    fn cancel(&mut self, reservation: &str) -> bool {
-        let Some((user, unit, state)) = self.reservations.get_mut(reservation) else {
-            return false;
-        };
-        if *state != State::Converted {
-            return false;
-        }
-        *state = State::Cancelled;
-        self.stock += 1;
-        if let Some(units) = self.units.get_mut(user.as_str()) {
-            units.remove(unit);
-        }
-        true
-    }
-
-    fn release(&mut self, reservation: &str) -> bool {
-        let Some((user, unit)) = self.settle(reservation, State::Released) else {
+    /// Moves `reservation` from `from` to `to` and its unit back to stock, its
+    /// unit number free; whether it was in `from`.
+    fn give_back(&mut self, reservation: &str, from: State, to: State) -> bool {
+        let Some((user, unit)) = self.settle(reservation, from, to) else {
             return false;
         };
         self.stock += 1;
@@ -566,5 +563,13 @@ impl LocalSale {
             units.remove(&unit);
         }
         true
+    }
+
+    fn release(&mut self, reservation: &str) -> bool {
+        self.give_back(reservation, State::Live, State::Released)
+    }
+
+    fn cancel(&mut self, reservation: &str) -> bool {
+        self.give_back(reservation, State::Converted, State::Cancelled)
     }
 }

@@ -16,13 +16,13 @@
 //! its own earlier effect.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use palisade_flow::saga::{Saga, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::gate::Gate;
+use crate::gate::{Gate, now_ms};
 use crate::store::{Inventory, NewOrder, OrderState, Orders, Placed, Taken};
 
 /// The saga's name.
@@ -90,12 +90,6 @@ fn input(ctx: &StepContext) -> Result<OrderInput, StepError> {
 
 fn retry(e: impl std::fmt::Display) -> StepError {
     StepError::Retry(e.to_string())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Kind {

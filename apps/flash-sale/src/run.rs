@@ -11,6 +11,7 @@ use std::time::Duration;
 use palisade_flow::reconcile::ReconcileJob;
 use palisade_flow::saga::Sagas;
 use palisade_queue::{NewJob, Periodic, Queue, QueueConfig, Runner, RunnerConfig, RunnerHandle, Worker};
+use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
 use crate::gate::Gate;
@@ -63,42 +64,57 @@ impl Running {
     }
 }
 
-/// Connects everything and serves; the error says what could not be reached.
-pub async fn start(s: Settings) -> Result<Running, String> {
+/// The gate and the two databases `s` names, and the orders' pool (where the
+/// queue and the sagas go); the error names the option that could not be used.
+async fn connect(s: &Settings) -> Result<(Services, PgPool), String> {
+    let within = Duration::from_secs(10);
     let redis = redis::Client::open(s.redis.as_str()).map_err(|e| format!("--redis: {e}"))?;
     // A plain connection first: it fails at once where the manager would retry.
-    let probe = tokio::time::timeout(Duration::from_secs(10), redis.get_multiplexed_async_connection());
-    probe
-        .await
-        .map_err(|_| "--redis: no answer within 10s".to_owned())?
-        .map_err(|e| format!("--redis: {e}"))?;
-    let conn = tokio::time::timeout(Duration::from_secs(10), redis.get_connection_manager())
-        .await
-        .map_err(|_| "--redis: no answer within 10s".to_owned())?
-        .map_err(|e| format!("--redis: {e}"))?;
-    let pool = |url: &str, what: &'static str| {
-        let url = url.to_owned();
-        async move {
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(&url)
-                .await
-                .map_err(|e| format!("{what}: {e}"))
-        }
+    redis_within(within, redis.get_multiplexed_async_connection()).await?;
+    let conn = redis_within(within, redis.get_connection_manager()).await?;
+    let pool = |url: String, what: &'static str| async move {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(within)
+            .connect(&url)
+            .await
+            .map_err(|e| format!("{what}: {e}"))
     };
-    let inventory = Inventory::new(pool(&s.inventory_db, "--inventory-db").await?)
+    let inventory = pool(s.inventory_db.clone(), "--inventory-db").await?;
+    let inventory = Inventory::new(inventory)
         .await
         .map_err(|e| format!("--inventory-db: {e}"))?;
-    let orders_pool = pool(&s.orders_db, "--orders-db").await?;
+    let orders_pool = pool(s.orders_db.clone(), "--orders-db").await?;
     let orders = Orders::new(orders_pool.clone())
         .await
         .map_err(|e| format!("--orders-db: {e}"))?;
-    let services = Arc::new(Services {
-        gate: Gate::redis(conn, s.prefix.clone()),
-        inventory,
-        orders,
-    });
+    let gate = Gate::redis(conn, s.prefix.clone());
+    Ok((
+        Services {
+            gate,
+            inventory,
+            orders,
+        },
+        orders_pool,
+    ))
+}
+
+/// `call` to Redis within `within`; the error names `--redis`.
+async fn redis_within<T>(
+    within: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(within, call).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(format!("--redis: {e}")),
+        Err(_) => Err(format!("--redis: no answer within {within:?}")),
+    }
+}
+
+/// Connects everything and serves; the error says what could not be reached.
+pub async fn start(s: Settings) -> Result<Running, String> {
+    let (services, orders_pool) = connect(&s).await?;
+    let services = Arc::new(services);
     let sagas = Sagas::builder(orders_pool.clone())
         .register(order_saga(&services))
         .build()

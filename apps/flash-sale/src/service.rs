@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -24,7 +24,7 @@ use palisade_flow::saga::Sagas;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::gate::{Reserve, Sale};
+use crate::gate::{Reserve, Sale, now_ms};
 use crate::order::{ORDER_SAGA, OrderInput, Services};
 use crate::store::OrderState;
 
@@ -128,12 +128,6 @@ impl App {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -234,10 +228,19 @@ async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::
         item: item.to_owned(),
         user: user.to_owned(),
         unit,
-        reservation: reservation.clone(),
+        reservation,
         pay_by_ms: now + u64::try_from(app.pay_within.as_millis()).unwrap_or(u64::MAX),
     };
-    match start_order(&app, &input).await {
+    enqueue(&app, &input, replay).await
+}
+
+/// Starts the order saga of `input`'s reservation and answers `202`; when it
+/// cannot, the unit goes back now rather than at expiry (unless this is a
+/// replay: the first request may have enqueued it) and the answer is `503`.
+async fn enqueue(app: &App, input: &OrderInput, replay: bool) -> Response {
+    let c = &app.counts;
+    let reservation = &input.reservation;
+    match start_order(app, input).await {
         Ok(()) => {
             Counts::add(if replay { &c.replayed } else { &c.reserved });
             let mut seen = lock(&app.accepted);
@@ -246,14 +249,12 @@ async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::
             }
             seen.insert(reservation.clone());
             drop(seen);
-            accepted(&reservation)
+            accepted(reservation)
         }
         Err(e) => {
             tracing::warn!(error = %e, "the order could not be enqueued; its unit goes back");
-            // Not enqueued: the unit goes back now rather than at expiry (unless
-            // this is a replay: the first request may have enqueued it).
             if !replay {
-                let _ = app.services.gate.release(item, &reservation).await;
+                let _ = app.services.gate.release(&input.item, reservation).await;
             }
             Counts::add(&c.unavailable);
             refuse(StatusCode::SERVICE_UNAVAILABLE, "orders_unavailable")
