@@ -97,6 +97,22 @@ enum Verdict {
     Unavailable,
 }
 
+/// The limit each instance applies on its own while Redis is down
+/// (`when_redis_down = "local"`): its share of the requests and of the burst.
+fn local_share(
+    (l, g): (&RateLimitConfig, &GlobalLimitConfig),
+    burst: u32,
+    at: &str,
+    p: &mut Vec<ConfigError>,
+) -> Option<RouteLimiter> {
+    let share = |n: u32| n.div_ceil(g.instances.max(1)).max(1);
+    let mut local = l.clone();
+    local.global = None;
+    local.requests = share(l.requests);
+    local.burst = Some(share(burst));
+    RouteLimiter::compile(&local, at, p)
+}
+
 impl GlobalLimit {
     /// Builds route `route`'s global limit from its `rate_limit` table `l` (`at`:
     /// its path), with a Redis connection per worker (`workers`), problems to `p`.
@@ -147,14 +163,7 @@ impl GlobalLimit {
             ));
         }
         let local = match g.when_redis_down {
-            WhenRedisDown::Local => {
-                let share = |n: u32| n.div_ceil(g.instances.max(1)).max(1);
-                let mut local = l.clone();
-                local.global = None;
-                local.requests = share(l.requests);
-                local.burst = Some(share(burst));
-                RouteLimiter::compile(&local, at, p)
-            }
+            WhenRedisDown::Local => local_share((l, g), burst, at, p),
             WhenRedisDown::FailOpen => None,
         };
         if p.len() > before {

@@ -305,7 +305,7 @@ pub async fn handle_queued(
 struct Record {
     /// Its method and path, for the access log.
     access: Option<(Method, String)>,
-    /// Its span, when the gateway traces.
+    /// Its span, when the gateway traces and the request is sampled.
     trace: Option<Box<RequestTrace>>,
 }
 
@@ -316,7 +316,7 @@ impl Record {
         Record {
             access: (rt.config.gateway.access_log)
                 .then(|| (req.method().clone(), req.uri().path().to_owned())),
-            trace: (rt.tracer.as_ref()).map(|t| Box::new(RequestTrace::start(t, req, client))),
+            trace: (rt.tracer.as_ref()).and_then(|t| RequestTrace::start(t, req, client).map(Box::new)),
         }
     }
 }
@@ -352,12 +352,8 @@ fn finish(
 
 /// 32 random hex digits.
 fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
-    let bits = fastrand::u128(..);
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = HEX[((bits >> (4 * i)) & 0xf) as usize];
-    }
+    crate::trace::write_hex(&mut id, &fastrand::u128(..).to_be_bytes());
     HeaderValue::from_bytes(&id).expect("hex is a valid header value")
 }
 

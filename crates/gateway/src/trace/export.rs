@@ -176,13 +176,13 @@ pub fn body(service: &str, spans: &[Span]) -> Vec<u8> {
 
 fn span(out: &mut Vec<u8>, s: &Span) {
     out.extend_from_slice(br#"{"traceId":""#);
-    hex(out, s.trace_id, 32);
+    hex(out, &s.trace_id.to_be_bytes());
     out.extend_from_slice(br#"","spanId":""#);
-    hex(out, u128::from(s.span_id), 16);
+    hex(out, &s.span_id.to_be_bytes());
     out.push(b'"');
     if let Some(p) = s.parent {
         out.extend_from_slice(br#","parentSpanId":""#);
-        hex(out, u128::from(p), 16);
+        hex(out, &p.to_be_bytes());
         out.push(b'"');
     }
     if let Some(t) = &s.trace_state {
@@ -235,12 +235,12 @@ fn string(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
-/// `v`'s low `digits` hex digits, lower case, zero-padded.
-fn hex(out: &mut Vec<u8>, v: u128, digits: u32) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..digits).rev() {
-        out.push(HEX[((v >> (4 * i)) & 0xf) as usize]);
-    }
+/// An id's bytes (at most 16) as hex.
+fn hex(out: &mut Vec<u8>, id: &[u8]) {
+    let mut buf = [0u8; 32];
+    let digits = &mut buf[..2 * id.len().min(16)];
+    super::write_hex(digits, id);
+    out.extend_from_slice(digits);
 }
 
 #[cfg(test)]

@@ -111,29 +111,29 @@ pub struct RequestTrace {
 }
 
 impl RequestTrace {
-    /// Starts the span of `req` from `client`: its context (the client's, or a new
-    /// one) put in its extensions, where its attempts find it.
+    /// Puts `req`'s trace context (the client's, or a new one) in its extensions,
+    /// where its attempts find it; the request's span when it is recorded (an
+    /// unsampled request only passes its context on).
     pub fn start<B>(
         tracer: &Arc<Tracer>,
         req: &mut http::Request<B>,
         client: std::net::IpAddr,
-    ) -> RequestTrace {
+    ) -> Option<RequestTrace> {
         let ctx = tracer.context(req.headers_mut());
         req.extensions_mut().insert(ctx.clone());
-        // What only a recorded span needs is copied only for one.
-        let (path, trace_state) = if ctx.sampled {
-            let state = (req.headers().get(&TRACESTATE)).and_then(|v| v.to_str().ok());
-            (req.uri().path().to_owned(), state.map(str::to_owned))
-        } else {
-            (String::new(), None)
-        };
-        RequestTrace {
+        if !ctx.sampled {
+            return None;
+        }
+        let trace_state = (req.headers().get(&TRACESTATE))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Some(RequestTrace {
             ctx,
             method: req.method().clone(),
-            path,
+            path: req.uri().path().to_owned(),
             client,
             trace_state,
-        }
+        })
     }
 
     /// Records the span: the request was answered `status` after `elapsed` by
@@ -145,9 +145,6 @@ impl RequestTrace {
         elapsed: Duration,
         request_id: Option<&HeaderValue>,
     ) {
-        if !self.ctx.sampled {
-            return;
-        }
         let name = match route {
             Some(r) => format!("{} {r}", self.method),
             None => self.method.to_string(),
@@ -275,7 +272,7 @@ impl TraceCtx {
         (trace, header)
     }
 
-    /// Records the request's span, `elapsed` long and ending now.
+    /// Records the request's span (a sampled one), `elapsed` long and ending now.
     fn end(
         &self,
         name: String,
@@ -284,9 +281,6 @@ impl TraceCtx {
         error: bool,
         trace_state: Option<String>,
     ) {
-        if !self.sampled {
-            return;
-        }
         let (start_ns, end_ns) = times(elapsed);
         self.tracer.record(Span {
             trace_id: self.trace_id,
@@ -354,19 +348,23 @@ fn nonzero_u64() -> u64 {
 /// A `traceparent` value (version 00), written without formatting machinery (it
 /// is made for every attempt of a traced gateway, sampled or not).
 pub fn traceparent(trace_id: u128, span_id: u64, sampled: bool) -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    let digits = trace_id.to_be_bytes().into_iter().chain(span_id.to_be_bytes());
-    // Two digits per byte: the trace id's at 3.., the span id's after its dash.
-    for (i, b) in digits.enumerate() {
-        let at = if i < 16 { 3 + 2 * i } else { 36 + 2 * (i - 16) };
-        v[at] = HEX[usize::from(b >> 4)];
-        v[at + 1] = HEX[usize::from(b & 0xf)];
-    }
+    write_hex(&mut v[3..35], &trace_id.to_be_bytes());
+    write_hex(&mut v[36..52], &span_id.to_be_bytes());
     v[54] = if sampled { b'1' } else { b'0' };
     HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&v)).unwrap_or_else(|_| {
         HeaderValue::from_static("00-00000000000000000000000000000000-0000000000000000-00")
     })
+}
+
+/// `src` as lower-case hex into `dst`, two digits a byte (`dst` is twice as
+/// long as `src`).
+pub(crate) fn write_hex(dst: &mut [u8], src: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (d, b) in dst.chunks_exact_mut(2).zip(src) {
+        d[0] = HEX[usize::from(b >> 4)];
+        d[1] = HEX[usize::from(b & 0xf)];
+    }
 }
 
 /// A `traceparent`'s trace id, parent id and flags, when it is valid: version
