@@ -148,8 +148,8 @@ fn ready(rt: &Runtime, uptime_s: u64) -> Response<Body> {
         .map(|u| u.name.as_str())
         .collect();
     let degraded: Vec<String> = (deps.iter())
-        .filter(|(_, d)| d["state"] != "up")
-        .map(|(n, _)| n.clone())
+        .filter(|(_, state, _)| *state != DepState::Up)
+        .map(|(n, _, _)| n.clone())
         .collect();
     let status = if !not_ready.is_empty() {
         "not ready"
@@ -164,7 +164,12 @@ fn ready(rt: &Runtime, uptime_s: u64) -> Response<Body> {
         "uptime_s": uptime_s,
         "clusters_without_healthy_endpoint": not_ready,
         "degraded": degraded,
-        "dependencies": deps.into_iter().collect::<serde_json::Map<_, _>>(),
+        "dependencies": (deps.into_iter())
+            .map(|(name, state, mut v)| {
+                v["state"] = serde_json::Value::from(state.as_str());
+                (name, v)
+            })
+            .collect::<serde_json::Map<_, _>>(),
     });
     let code = if not_ready.is_empty() {
         StatusCode::OK
@@ -174,56 +179,79 @@ fn ready(rt: &Runtime, uptime_s: u64) -> Response<Body> {
     json(code, &body)
 }
 
-/// Each dependency's state (`up`, `down`, `connecting`, `recovering`), by name:
-/// `cluster:<name>`, `queue`, `idempotency`, `cache`, `global_limit:<route>`,
-/// `jwt:<issuer>`.
-fn dependencies(rt: &Runtime) -> Vec<(String, serde_json::Value)> {
-    use palisade_resilience::breaker::State;
-    let by_breaker = |s: State| match s {
-        State::Closed | State::Disabled => "up",
-        State::HalfOpen => "recovering",
-        State::Open | State::ForcedOpen => "down",
-    };
+/// A dependency's state in `/health/ready`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DepState {
+    /// Answering.
+    Up,
+    /// Not answering (its breaker open, or no healthy endpoint).
+    Down,
+    /// Not connected yet (its background connection retrying).
+    Connecting,
+    /// Its breaker half-open: being tried again.
+    Recovering,
+}
+
+impl DepState {
+    fn as_str(self) -> &'static str {
+        match self {
+            DepState::Up => "up",
+            DepState::Down => "down",
+            DepState::Connecting => "connecting",
+            DepState::Recovering => "recovering",
+        }
+    }
+
+    fn of_breaker(s: palisade_resilience::breaker::State) -> DepState {
+        use palisade_resilience::breaker::State;
+        match s {
+            State::Closed | State::Disabled => DepState::Up,
+            State::HalfOpen => DepState::Recovering,
+            State::Open | State::ForcedOpen => DepState::Down,
+        }
+    }
+
+    fn connected(yes: bool) -> DepState {
+        if yes { DepState::Up } else { DepState::Connecting }
+    }
+}
+
+/// Each dependency by name (`cluster:<name>`, `queue`, `idempotency`, `cache`,
+/// `global_limit:<route>`, `jwt:<issuer>`): its state, and what else it reports.
+fn dependencies(rt: &Runtime) -> Vec<(String, DepState, serde_json::Value)> {
+    let none = || serde_json::json!({});
     let mut deps = Vec::new();
     for (name, up) in &rt.clusters {
         let eps = up.cluster.endpoints();
         let healthy = eps.iter().filter(|e| e.is_healthy()).count();
-        let state = if up.cluster.has_healthy_endpoint() || (up.allow_empty && eps.is_empty()) {
-            "up"
-        } else {
-            "down"
-        };
-        deps.push((
-            format!("cluster:{name}"),
-            serde_json::json!({"state": state, "healthy_endpoints": healthy, "endpoints": eps.len()}),
-        ));
+        let serving = up.cluster.has_healthy_endpoint() || (up.allow_empty && eps.is_empty());
+        let state = if serving { DepState::Up } else { DepState::Down };
+        let counts = serde_json::json!({"healthy_endpoints": healthy, "endpoints": eps.len()});
+        deps.push((format!("cluster:{name}"), state, counts));
     }
     let g = &rt.config.gateway;
-    let slot = |connected: bool| serde_json::json!({"state": if connected { "up" } else { "connecting" }});
     if g.queue.is_some() {
-        deps.push(("queue".into(), slot(rt.queue.get().is_some())));
+        deps.push((
+            "queue".into(),
+            DepState::connected(rt.queue.get().is_some()),
+            none(),
+        ));
     }
     if g.idempotency.is_some() {
-        deps.push(("idempotency".into(), slot(rt.idempotency.get().is_some())));
+        let state = DepState::connected(rt.idempotency.get().is_some());
+        deps.push(("idempotency".into(), state, none()));
     }
     if let Some(b) = rt.responses.as_ref().and_then(|r| r.cache.redis_breaker()) {
-        deps.push((
-            "cache".into(),
-            serde_json::json!({"state": by_breaker(b.state())}),
-        ));
+        deps.push(("cache".into(), DepState::of_breaker(b.state()), none()));
     }
     for r in &rt.routes {
         if let Some(l) = &r.global_limit {
-            let state = by_breaker(l.breaker().state());
-            deps.push((
-                format!("global_limit:{}", r.name),
-                serde_json::json!({"state": state}),
-            ));
+            let state = DepState::of_breaker(l.breaker().state());
+            deps.push((format!("global_limit:{}", r.name), state, none()));
         }
     }
     for (name, p) in &rt.providers {
-        let state = if p.has_keys() { "up" } else { "connecting" };
-        deps.push((format!("jwt:{name}"), serde_json::json!({"state": state})));
+        deps.push((format!("jwt:{name}"), DepState::connected(p.has_keys()), none()));
     }
     deps.sort_by(|a, b| a.0.cmp(&b.0));
     deps
