@@ -1,6 +1,8 @@
 //! `flash-sale`: one instance of the flash-sale service, distributed (a shared
-//! Redis for the stock gate, PostgreSQL for the inventory and the orders). Run as
-//! many as needed behind the Palisade gateway; SIGTERM or Ctrl-C stops one.
+//! Redis for the stock gate, PostgreSQL for the inventory and the orders; run as
+//! many as needed behind the Palisade gateway) or, with none of those given,
+//! embedded (the gate in process, SQLite files; one instance). SIGTERM or Ctrl-C
+//! stops one.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -17,17 +19,27 @@ struct Args {
     /// Where it listens.
     #[arg(long, default_value = "127.0.0.1:8090")]
     listen: SocketAddr,
-    /// The stock gate's Redis, shared by every instance.
+    /// The stock gate's Redis, shared by every instance (without it, the gate is
+    /// in this process: run one instance only).
     #[arg(long, env = "FLASH_SALE_REDIS")]
-    redis: String,
+    redis: Option<String>,
     /// The prefix of the gate's keys in Redis.
     #[arg(long, default_value = "flash-sale:")]
     prefix: String,
-    /// The inventory's PostgreSQL database.
-    #[arg(long, env = "FLASH_SALE_INVENTORY_DB")]
+    /// The inventory's database: `postgres://...` or `sqlite:path`.
+    #[arg(
+        long,
+        env = "FLASH_SALE_INVENTORY_DB",
+        default_value = "sqlite:flash-sale-inventory.db"
+    )]
     inventory_db: String,
-    /// The orders' PostgreSQL database (the job queue and the sagas live there too).
-    #[arg(long, env = "FLASH_SALE_ORDERS_DB")]
+    /// The orders' database (the job queue and the sagas live there too):
+    /// `postgres://...` or `sqlite:path`.
+    #[arg(
+        long,
+        env = "FLASH_SALE_ORDERS_DB",
+        default_value = "sqlite:flash-sale-orders.db"
+    )]
     orders_db: String,
     /// A reservation's life before its order must have taken it (seconds).
     #[arg(long, default_value_t = 300)]

@@ -1,23 +1,23 @@
-//! One instance of the service, distributed: the gate in a shared Redis, the
-//! inventory and the orders in their PostgreSQL databases (the queue and the
-//! sagas beside the orders), the HTTP routes, and a runner of the order sagas,
-//! the sweeper and the reconciliation (each periodic job enqueued once per period
-//! across every instance).
+//! One instance of the service: the gate in a shared Redis, the inventory and the
+//! orders in their PostgreSQL databases (the queue and the sagas beside the
+//! orders), the HTTP routes, and a runner of the order sagas, the sweeper and the
+//! reconciliation (each periodic job enqueued once per period across every
+//! instance). Or embedded: the gate in process and the databases in SQLite
+//! files, one instance.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_flow::reconcile::ReconcileJob;
-use palisade_flow::saga::Sagas;
+use palisade_flow::saga::{SagaDb, Sagas};
 use palisade_queue::{NewJob, Periodic, Queue, QueueConfig, Runner, RunnerConfig, RunnerHandle, Worker};
-use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
 use crate::gate::Gate;
 use crate::order::{Services, order_saga};
 use crate::service::{App, router};
-use crate::store::{Inventory, Orders};
+use crate::store::{Db, Inventory, Orders};
 use crate::upkeep::{StockReconciliation, SweepJob};
 
 /// Where an instance listens and what it connects to.
@@ -25,13 +25,15 @@ use crate::upkeep::{StockReconciliation, SweepJob};
 pub struct Settings {
     /// The HTTP listener.
     pub listen: SocketAddr,
-    /// The gate's Redis (`redis://host:port/db`).
-    pub redis: String,
+    /// The gate's Redis (`redis://host:port/db`), shared by every instance; with
+    /// none, the gate is in this process (one instance only).
+    pub redis: Option<String>,
     /// The keys' prefix in Redis.
     pub prefix: String,
-    /// The inventory's database.
+    /// The inventory's database (`postgres://...` or `sqlite:path`).
     pub inventory_db: String,
-    /// The orders' database (the queue and the sagas live there too).
+    /// The orders' database (the queue and the sagas live there too;
+    /// `postgres://...` or `sqlite:path`).
     pub orders_db: String,
     /// A reservation's life before its order must have converted it.
     pub reservation_ttl: Duration,
@@ -64,39 +66,51 @@ impl Running {
     }
 }
 
-/// The gate and the two databases `s` names, and the orders' pool (where the
-/// queue and the sagas go); the error names the option that could not be used.
-async fn connect(s: &Settings) -> Result<(Services, PgPool), String> {
-    let within = Duration::from_secs(10);
-    let redis = redis::Client::open(s.redis.as_str()).map_err(|e| format!("--redis: {e}"))?;
-    // A plain connection first: it fails at once where the manager would retry.
-    redis_within(within, redis.get_multiplexed_async_connection()).await?;
-    let conn = redis_within(within, redis.get_connection_manager()).await?;
-    let pool = |url: String, what: &'static str| async move {
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(within)
-            .connect(&url)
-            .await
-            .map_err(|e| format!("{what}: {e}"))
+/// The gate and the two databases `s` names; the error names the option that
+/// could not be used.
+async fn connect(s: &Settings) -> Result<Services, String> {
+    let gate = match &s.redis {
+        Some(url) => {
+            let within = Duration::from_secs(10);
+            let redis = redis::Client::open(url.as_str()).map_err(|e| format!("--redis: {e}"))?;
+            // A plain connection first: it fails at once where the manager would retry.
+            redis_within(within, redis.get_multiplexed_async_connection()).await?;
+            let conn = redis_within(within, redis.get_connection_manager()).await?;
+            Gate::redis(conn, s.prefix.clone())
+        }
+        None => Gate::local(),
     };
-    let inventory = pool(s.inventory_db.clone(), "--inventory-db").await?;
-    let inventory = Inventory::new(inventory)
+    let db = |url: String, what: &'static str| async move {
+        Db::connect(&url).await.map_err(|e| format!("{what}: {e}"))
+    };
+    let inventory = Inventory::new(db(s.inventory_db.clone(), "--inventory-db").await?)
         .await
         .map_err(|e| format!("--inventory-db: {e}"))?;
-    let orders_pool = pool(s.orders_db.clone(), "--orders-db").await?;
-    let orders = Orders::new(orders_pool.clone())
+    let orders = Orders::new(db(s.orders_db.clone(), "--orders-db").await?)
         .await
         .map_err(|e| format!("--orders-db: {e}"))?;
-    let gate = Gate::redis(conn, s.prefix.clone());
-    Ok((
-        Services {
-            gate,
-            inventory,
-            orders,
-        },
-        orders_pool,
-    ))
+    Ok(Services {
+        gate,
+        inventory,
+        orders,
+    })
+}
+
+impl From<Db> for SagaDb {
+    fn from(db: Db) -> SagaDb {
+        match db {
+            Db::Postgres(p) => SagaDb::Postgres(p),
+            Db::Sqlite(p) => SagaDb::Sqlite(p),
+        }
+    }
+}
+
+/// The queue in `db`.
+async fn queue(db: &Db) -> Result<Queue, palisade_queue::QueueError> {
+    match db {
+        Db::Postgres(p) => Queue::postgres(p.clone()).await,
+        Db::Sqlite(p) => Queue::sqlite(p.clone()).await,
+    }
 }
 
 /// `call` to Redis within `within`; the error names `--redis`.
@@ -113,14 +127,12 @@ async fn redis_within<T>(
 
 /// Connects everything and serves; the error says what could not be reached.
 pub async fn start(s: Settings) -> Result<Running, String> {
-    let (services, orders_pool) = connect(&s).await?;
-    let services = Arc::new(services);
-    let sagas = Sagas::builder(orders_pool.clone())
+    let services = Arc::new(connect(&s).await?);
+    let orders_db = services.orders.db().clone();
+    let queue = queue(&orders_db).await.map_err(|e| format!("--orders-db: {e}"))?;
+    let sagas = Sagas::builder(orders_db)
         .register(order_saga(&services))
         .build()
-        .await
-        .map_err(|e| format!("--orders-db: {e}"))?;
-    let queue = Queue::postgres(orders_pool.clone())
         .await
         .map_err(|e| format!("--orders-db: {e}"))?;
     let periodic = |kind: &str, every: Duration| {
@@ -144,10 +156,7 @@ pub async fn start(s: Settings) -> Result<Running, String> {
     let runner = Runner::new(queue, config)
         .register(sagas.worker())
         .register(SweepJob(services.clone()))
-        .register(ReconcileJob(StockReconciliation::new(
-            services.clone(),
-            orders_pool,
-        )))
+        .register(ReconcileJob(StockReconciliation::new(services.clone())))
         .start()
         .await
         .map_err(|e| format!("the job runner: {e}"))?;

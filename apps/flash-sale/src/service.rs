@@ -301,36 +301,14 @@ fn accepted(reservation: &str) -> Response {
     )
 }
 
-/// Starts the order saga for `input` unless its reservation has one: the record
-/// and the saga in one transaction.
+/// Starts the order saga for `input` unless its reservation has one (the saga
+/// is keyed by the reservation).
 async fn start_order(app: &App, input: &OrderInput) -> Result<(), String> {
-    let mut tx = app
-        .services
-        .orders
-        .pool()
-        .begin()
+    app.sagas
+        .start_once(ORDER_SAGA, &input.reservation, input)
         .await
-        .map_err(|e| e.to_string())?;
-    let fresh =
-        sqlx::query("INSERT INTO fs_purchases (reservation, saga) VALUES ($1, 0) ON CONFLICT DO NOTHING")
-            .bind(&input.reservation)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| e.to_string())?;
-    if fresh.rows_affected() == 1 {
-        let saga = app
-            .sagas
-            .start_in(&mut tx, ORDER_SAGA, input)
-            .await
-            .map_err(|e| e.to_string())?;
-        sqlx::query("UPDATE fs_purchases SET saga = $2 WHERE reservation = $1")
-            .bind(&input.reservation)
-            .bind(saga)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    tx.commit().await.map_err(|e| e.to_string())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 async fn order(State(app): State<Arc<App>>, Path(reservation): Path<String>) -> Response {

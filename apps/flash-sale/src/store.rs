@@ -4,13 +4,28 @@
 //! second time; and each guards the invariant on its own, whatever Redis says:
 //! stock never below zero (`stock > 0` in the decrement, a `CHECK` under it), and
 //! one order per user unit (a unique index over the orders not cancelled).
+//!
+//! Each runs on PostgreSQL (distributed) or SQLite (embedded): the statements are
+//! written once in the SQL both speak; only the tables are declared apart.
 
-use sqlx::PgPool;
+use std::str::FromStr;
+use std::time::Duration;
 
-const INVENTORY: [&str; 2] = [
-    "CREATE TABLE IF NOT EXISTS fs_items (
-        item text PRIMARY KEY,
-        stock integer NOT NULL CHECK (stock >= 0))",
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+/// The items and their stock (the same on both databases).
+const ITEMS: &str = "CREATE TABLE IF NOT EXISTS fs_items (
+    item text PRIMARY KEY,
+    stock integer NOT NULL CHECK (stock >= 0))";
+
+/// One order per user unit (the same on both databases).
+const USER_UNIT: &str = "CREATE UNIQUE INDEX IF NOT EXISTS fs_orders_user_unit
+    ON fs_orders (user_id, item, unit) WHERE state <> 'cancelled'";
+
+const INVENTORY_POSTGRES: [&str; 2] = [
+    ITEMS,
     "CREATE TABLE IF NOT EXISTS fs_stock_moves (
         reservation text NOT NULL,
         item text NOT NULL REFERENCES fs_items (item),
@@ -19,7 +34,17 @@ const INVENTORY: [&str; 2] = [
         PRIMARY KEY (reservation, kind))",
 ];
 
-const ORDERS: [&str; 3] = [
+const INVENTORY_SQLITE: [&str; 2] = [
+    ITEMS,
+    "CREATE TABLE IF NOT EXISTS fs_stock_moves (
+        reservation text NOT NULL,
+        item text NOT NULL REFERENCES fs_items (item),
+        kind text NOT NULL CHECK (kind IN ('take', 'return')),
+        at text NOT NULL DEFAULT CURRENT_TIMESTAMP,
+        PRIMARY KEY (reservation, kind))",
+];
+
+const ORDERS_POSTGRES: [&str; 2] = [
     "CREATE TABLE IF NOT EXISTS fs_orders (
         id bigserial PRIMARY KEY,
         reservation text NOT NULL UNIQUE,
@@ -29,14 +54,101 @@ const ORDERS: [&str; 3] = [
         state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'paid', 'cancelled')),
         created_at timestamptz NOT NULL DEFAULT now(),
         settled_at timestamptz)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS fs_orders_user_unit
-        ON fs_orders (user_id, item, unit) WHERE state <> 'cancelled'",
-    // One order saga per reservation, recorded in the saga's own transaction.
-    "CREATE TABLE IF NOT EXISTS fs_purchases (
-        reservation text PRIMARY KEY,
-        saga bigint NOT NULL,
-        at timestamptz NOT NULL DEFAULT now())",
+    USER_UNIT,
 ];
+
+const ORDERS_SQLITE: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS fs_orders (
+        id integer PRIMARY KEY AUTOINCREMENT,
+        reservation text NOT NULL UNIQUE,
+        item text NOT NULL,
+        user_id text NOT NULL,
+        unit integer NOT NULL CHECK (unit >= 1),
+        state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'paid', 'cancelled')),
+        created_at text NOT NULL DEFAULT CURRENT_TIMESTAMP,
+        settled_at text)",
+    USER_UNIT,
+];
+
+/// A service's database.
+#[derive(Clone, Debug)]
+pub enum Db {
+    /// PostgreSQL.
+    Postgres(PgPool),
+    /// SQLite (the embedded sale).
+    Sqlite(SqlitePool),
+}
+
+impl From<PgPool> for Db {
+    fn from(pool: PgPool) -> Db {
+        Db::Postgres(pool)
+    }
+}
+
+impl From<SqlitePool> for Db {
+    fn from(pool: SqlitePool) -> Db {
+        Db::Sqlite(pool)
+    }
+}
+
+/// `$body` with `$p` the pool of `$db`, written once for both databases.
+macro_rules! on {
+    ($db:expr, $p:ident => $body:expr) => {
+        match $db {
+            Db::Postgres($p) => $body,
+            Db::Sqlite($p) => $body,
+        }
+    };
+}
+
+impl Db {
+    /// Connects to `url`: `postgres://...`, or `sqlite:path` (the file created if
+    /// missing).
+    pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
+        let within = Duration::from_secs(10);
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(within)
+                .connect(url)
+                .await?;
+            Ok(Db::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(within);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(within)
+                .connect_with(options)
+                .await?;
+            Ok(Db::Sqlite(pool))
+        } else {
+            Err(sqlx::Error::Configuration(
+                format!("{url:?} is not postgres://... or sqlite:path").into(),
+            ))
+        }
+    }
+
+    /// Runs `ddl` (PostgreSQL's or SQLite's).
+    async fn declare(&self, postgres: &[&'static str], sqlite: &[&'static str]) -> Result<(), sqlx::Error> {
+        let ddl = match self {
+            Db::Postgres(_) => postgres,
+            Db::Sqlite(_) => sqlite,
+        };
+        for statement in ddl {
+            on!(self, p => sqlx::query(*statement).execute(p).await.map(drop)?);
+        }
+        Ok(())
+    }
+
+    /// The first column of every row `sql` (with `bind` as `$1`) returns.
+    pub async fn strings(&self, sql: &'static str, bind: &str) -> Result<Vec<String>, sqlx::Error> {
+        on!(self, p => sqlx::query_scalar(sql).bind(bind).fetch_all(p).await)
+    }
+}
 
 /// What taking a unit for a reservation came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,98 +164,105 @@ pub enum Taken {
 /// The inventory service's database.
 #[derive(Clone, Debug)]
 pub struct Inventory {
-    pool: PgPool,
+    db: Db,
 }
 
 impl Inventory {
-    /// The inventory on `pool`, its tables created if missing.
-    pub async fn new(pool: PgPool) -> Result<Inventory, sqlx::Error> {
-        for ddl in INVENTORY {
-            sqlx::query(ddl).execute(&pool).await?;
-        }
-        Ok(Inventory { pool })
+    /// The inventory in `db`, its tables created if missing.
+    pub async fn new(db: impl Into<Db>) -> Result<Inventory, sqlx::Error> {
+        let db = db.into();
+        db.declare(&INVENTORY_POSTGRES, &INVENTORY_SQLITE).await?;
+        Ok(Inventory { db })
     }
 
     /// Sets `item`'s stock (a sale's setup).
     pub async fn set_stock(&self, item: &str, stock: u32) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO fs_items (item, stock) VALUES ($1, $2) ON CONFLICT (item) DO UPDATE SET stock = $2",
-        )
-        .bind(item)
-        .bind(i64::from(stock))
-        .execute(&self.pool)
-        .await
-        .map(drop)
+        on!(&self.db, p => {
+            sqlx::query(
+                "INSERT INTO fs_items (item, stock) VALUES ($1, $2)
+                 ON CONFLICT (item) DO UPDATE SET stock = excluded.stock",
+            )
+            .bind(item)
+            .bind(i64::from(stock))
+            .execute(p)
+            .await
+            .map(drop)
+        })
     }
 
     /// Every item and its stock.
     pub async fn items(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
-        sqlx::query_as("SELECT item, stock::bigint FROM fs_items ORDER BY item")
-            .fetch_all(&self.pool)
-            .await
+        on!(&self.db, p => {
+            sqlx::query_as("SELECT item, CAST(stock AS bigint) FROM fs_items ORDER BY item")
+                .fetch_all(p)
+                .await
+        })
     }
 
     /// `item`'s stock now, if it is for sale.
     pub async fn stock(&self, item: &str) -> Result<Option<i64>, sqlx::Error> {
-        sqlx::query_scalar("SELECT stock::bigint FROM fs_items WHERE item = $1")
-            .bind(item)
-            .fetch_optional(&self.pool)
-            .await
+        on!(&self.db, p => {
+            sqlx::query_scalar("SELECT CAST(stock AS bigint) FROM fs_items WHERE item = $1")
+                .bind(item)
+                .fetch_optional(p)
+                .await
+        })
     }
 
     /// Takes one unit of `item` for `reservation`, once.
     pub async fn take(&self, item: &str, reservation: &str) -> Result<Taken, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let moved = sqlx::query(
-            "INSERT INTO fs_stock_moves (reservation, item, kind) VALUES ($1, $2, 'take') ON CONFLICT DO NOTHING",
-        )
-        .bind(reservation)
-        .bind(item)
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() == 0 {
-            return Ok(Taken::Already);
-        }
-        let took = sqlx::query("UPDATE fs_items SET stock = stock - 1 WHERE item = $1 AND stock > 0")
+        on!(&self.db, p => {
+            // The move is written first: on SQLite that takes the write lock
+            // before anything is read.
+            let mut tx = p.begin().await?;
+            let moved = sqlx::query(
+                "INSERT INTO fs_stock_moves (reservation, item, kind) VALUES ($1, $2, 'take') ON CONFLICT DO NOTHING",
+            )
+            .bind(reservation)
             .bind(item)
             .execute(&mut *tx)
             .await?;
-        if took.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(Taken::SoldOut);
-        }
-        tx.commit().await?;
-        Ok(Taken::Taken)
+            if moved.rows_affected() == 0 {
+                return Ok(Taken::Already);
+            }
+            let took = sqlx::query("UPDATE fs_items SET stock = stock - 1 WHERE item = $1 AND stock > 0")
+                .bind(item)
+                .execute(&mut *tx)
+                .await?;
+            if took.rows_affected() == 0 {
+                tx.rollback().await?;
+                return Ok(Taken::SoldOut);
+            }
+            tx.commit().await?;
+            Ok(Taken::Taken)
+        })
     }
 
     /// Returns the unit `reservation` took, once: `false` when it took none or
     /// was returned before.
     pub async fn give_back(&self, item: &str, reservation: &str) -> Result<bool, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let taken: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM fs_stock_moves WHERE reservation = $1 AND kind = 'take'")
-                .bind(reservation)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if taken.is_none() {
-            return Ok(false);
-        }
-        let moved = sqlx::query(
-            "INSERT INTO fs_stock_moves (reservation, item, kind) VALUES ($1, $2, 'return') ON CONFLICT DO NOTHING",
-        )
-        .bind(reservation)
-        .bind(item)
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() == 0 {
-            return Ok(false);
-        }
-        sqlx::query("UPDATE fs_items SET stock = stock + 1 WHERE item = $1")
+        on!(&self.db, p => {
+            let mut tx = p.begin().await?;
+            let moved = sqlx::query(
+                "INSERT INTO fs_stock_moves (reservation, item, kind)
+                 SELECT $1, $2, 'return' WHERE EXISTS
+                     (SELECT 1 FROM fs_stock_moves WHERE reservation = $1 AND kind = 'take')
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(reservation)
             .bind(item)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(true)
+            if moved.rows_affected() == 0 {
+                return Ok(false);
+            }
+            sqlx::query("UPDATE fs_items SET stock = stock + 1 WHERE item = $1")
+                .bind(item)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
     }
 }
 
@@ -196,57 +315,62 @@ impl OrderState {
 /// The orders service's database.
 #[derive(Clone, Debug)]
 pub struct Orders {
-    pool: PgPool,
+    db: Db,
 }
 
 impl Orders {
-    /// The orders on `pool`, its table created if missing.
-    pub async fn new(pool: PgPool) -> Result<Orders, sqlx::Error> {
-        for ddl in ORDERS {
-            sqlx::query(ddl).execute(&pool).await?;
-        }
-        Ok(Orders { pool })
+    /// The orders in `db`, its tables created if missing.
+    pub async fn new(db: impl Into<Db>) -> Result<Orders, sqlx::Error> {
+        let db = db.into();
+        db.declare(&ORDERS_POSTGRES, &ORDERS_SQLITE).await?;
+        Ok(Orders { db })
     }
 
-    /// The database's pool (the queue and the sagas live beside the orders).
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// The database (the queue and the sagas live beside the orders).
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     /// Places `order`, once per reservation.
     pub async fn place(&self, order: &NewOrder) -> Result<Placed, sqlx::Error> {
-        let inserted: Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
-            "INSERT INTO fs_orders (reservation, item, user_id, unit) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (reservation) DO NOTHING RETURNING id",
-        )
-        .bind(&order.reservation)
-        .bind(&order.item)
-        .bind(&order.user)
-        .bind(i64::from(order.unit))
-        .fetch_optional(&self.pool)
-        .await;
+        let inserted: Result<Option<i64>, sqlx::Error> = on!(&self.db, p => {
+            sqlx::query_scalar(
+                "INSERT INTO fs_orders (reservation, item, user_id, unit) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (reservation) DO NOTHING RETURNING id",
+            )
+            .bind(&order.reservation)
+            .bind(&order.item)
+            .bind(&order.user)
+            .bind(i64::from(order.unit))
+            .fetch_optional(p)
+            .await
+        });
         match inserted {
             Ok(Some(id)) => Ok(Placed::New(id)),
             Ok(None) => {
-                let id = sqlx::query_scalar("SELECT id FROM fs_orders WHERE reservation = $1")
-                    .bind(&order.reservation)
-                    .fetch_one(&self.pool)
-                    .await?;
+                let id = on!(&self.db, p => {
+                    sqlx::query_scalar("SELECT id FROM fs_orders WHERE reservation = $1")
+                        .bind(&order.reservation)
+                        .fetch_one(p)
+                        .await?
+                });
                 Ok(Placed::Existing(id))
             }
-            Err(sqlx::Error::Database(e)) if e.constraint() == Some("fs_orders_user_unit") => {
-                Ok(Placed::Duplicate)
-            }
+            // The reservation's conflict is let through above: this is the user's
+            // unit held by another order.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(Placed::Duplicate),
             Err(e) => Err(e),
         }
     }
 
     /// The state of the order placed for `reservation`, if any.
     pub async fn state(&self, reservation: &str) -> Result<Option<OrderState>, sqlx::Error> {
-        let s: Option<String> = sqlx::query_scalar("SELECT state FROM fs_orders WHERE reservation = $1")
-            .bind(reservation)
-            .fetch_optional(&self.pool)
-            .await?;
+        let s: Option<String> = on!(&self.db, p => {
+            sqlx::query_scalar("SELECT state FROM fs_orders WHERE reservation = $1")
+                .bind(reservation)
+                .fetch_optional(p)
+                .await?
+        });
         Ok(s.as_deref().and_then(OrderState::parse))
     }
 
@@ -262,21 +386,27 @@ impl Orders {
     }
 
     async fn settle(&self, reservation: &str, to: &str) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE fs_orders SET state = $2, settled_at = now() WHERE reservation = $1 AND state = 'pending'",
-        )
-        .bind(reservation)
-        .bind(to)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let done = on!(&self.db, p => {
+            sqlx::query(
+                "UPDATE fs_orders SET state = $2, settled_at = CURRENT_TIMESTAMP
+                 WHERE reservation = $1 AND state = 'pending'",
+            )
+            .bind(reservation)
+            .bind(to)
+            .execute(p)
+            .await?
+            .rows_affected()
+        });
+        Ok(done == 1)
     }
 
     /// Orders of `item` not cancelled.
     pub async fn live(&self, item: &str) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT count(*) FROM fs_orders WHERE item = $1 AND state <> 'cancelled'")
-            .bind(item)
-            .fetch_one(&self.pool)
-            .await
+        on!(&self.db, p => {
+            sqlx::query_scalar("SELECT count(*) FROM fs_orders WHERE item = $1 AND state <> 'cancelled'")
+                .bind(item)
+                .fetch_one(p)
+                .await
+        })
     }
 }

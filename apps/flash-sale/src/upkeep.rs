@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use palisade_flow::reconcile::{BoxError, Difference, Reconciliation};
-use sqlx::PgPool;
 
 use crate::gate::StockCount;
 use crate::order::{ORDER_SAGA, Services};
@@ -39,26 +38,27 @@ pub async fn sweep(services: &Services, limit: usize) -> Result<u64, BoxError> {
 #[derive(Debug)]
 pub struct StockReconciliation {
     services: Arc<Services>,
-    /// Where the order sagas are recorded (the orders' database).
-    sagas: PgPool,
 }
 
 impl StockReconciliation {
-    /// The reconciliation of `services`' gate with their inventory; `sagas` is
-    /// the database of the order sagas.
-    pub fn new(services: Arc<Services>, sagas: PgPool) -> StockReconciliation {
-        StockReconciliation { services, sagas }
+    /// The reconciliation of `services`' gate with their inventory (the order
+    /// sagas are recorded beside the orders).
+    pub fn new(services: Arc<Services>) -> StockReconciliation {
+        StockReconciliation { services }
     }
 
     /// Items with an order saga in a window where the sides differ.
     async fn busy(&self) -> Result<HashSet<String>, BoxError> {
-        let items: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT input->>'item' FROM palisade_sagas
-             WHERE name = $1 AND (state = 'compensating' OR (state = 'running' AND step = 1))",
-        )
-        .bind(ORDER_SAGA)
-        .fetch_all(&self.sagas)
-        .await?;
+        let items = self
+            .services
+            .orders
+            .db()
+            .strings(
+                "SELECT DISTINCT input->>'item' FROM palisade_sagas
+                 WHERE name = $1 AND (state = 'compensating' OR (state = 'running' AND step = 1))",
+                ORDER_SAGA,
+            )
+            .await?;
         Ok(items.into_iter().collect())
     }
 

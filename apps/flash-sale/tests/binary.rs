@@ -1,6 +1,6 @@
-//! The `flash-sale` binary: it starts on real Redis and PostgreSQL, says where it
-//! listens, sells, and stops on SIGTERM; a store it cannot reach is an error that
-//! names the option.
+//! The `flash-sale` binary: it starts on real Redis and PostgreSQL, or embedded on
+//! SQLite files with no server, says where it listens, sells, and stops on
+//! SIGTERM; a store it cannot reach is an error that names the option.
 
 mod support;
 
@@ -24,14 +24,11 @@ fn http(addr: &str, method: &str, path: &str, headers: &str, body: &str) -> (u16
     (status, body)
 }
 
-#[tokio::test]
-async fn it_starts_sells_and_stops_on_sigterm() {
-    let redis = std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test");
-    let (inventory, orders) = (fresh_db("fs_bin_inv").await, fresh_db("fs_bin_ord").await);
-    let prefix = format!("fs-bin-{}-{}:", std::process::id(), fastrand::u64(..));
+/// Starts the binary with `args`; the child and the address it listens on.
+fn spawn(args: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flash-sale"))
-        .args(["--listen", "127.0.0.1:0", "--redis", &redis, "--prefix", &prefix])
-        .args(["--inventory-db", &inventory, "--orders-db", &orders])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -41,14 +38,116 @@ async fn it_starts_sells_and_stops_on_sigterm() {
         .strip_prefix("flash-sale: listening on ")
         .unwrap_or_else(|| panic!("{line}"))
         .to_owned();
+    (child, addr)
+}
 
+/// Stops `child` with SIGTERM; whether it exited cleanly.
+fn terminate(mut child: std::process::Child) -> bool {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    killed.success() && child.wait().unwrap().success()
+}
+
+/// Opens a sale of `stock` pens, one per user, open for an hour.
+fn open_pens(addr: &str, stock: u32) {
     let now = now_ms();
     let sale = format!(
-        r#"{{"item":"pen","stock":3,"opens_ms":{},"closes_ms":{},"per_user":1}}"#,
+        r#"{{"item":"pen","stock":{stock},"opens_ms":{},"closes_ms":{},"per_user":1}}"#,
         now - 1000,
         now + 3_600_000
     );
-    assert_eq!(http(&addr, "POST", "/admin/sales", "", &sale).0, 201);
+    assert_eq!(http(addr, "POST", "/admin/sales", "", &sale).0, 201);
+}
+
+/// The state of `reservation`'s order once it has left `processing`.
+fn placed_state(addr: &str, reservation: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, body) = http(addr, "GET", &format!("/orders/{reservation}"), "", "");
+        assert_eq!(status, 200, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let state = body["state"].as_str().unwrap_or_default().to_owned();
+        if state != "processing" {
+            return state;
+        }
+        assert!(std::time::Instant::now() < deadline, "{reservation} never placed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn embedded_it_sells_on_sqlite_with_no_server_and_keeps_its_orders_across_a_restart() {
+    let dir = std::env::temp_dir().join(format!(
+        "fs-embedded-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inventory = format!("sqlite:{}", dir.join("inventory.db").display());
+    let orders = format!("sqlite:{}", dir.join("orders.db").display());
+    let stores = ["--inventory-db", &inventory, "--orders-db", &orders];
+    let (child, addr) = spawn(&stores);
+    open_pens(&addr, 3);
+    let mut accepted = Vec::new();
+    for user in ["ann", "bob", "cy", "dee", "eve"] {
+        let buyer = format!("x-user-id: {user}\r\nidempotency-key: k1\r\n");
+        let (status, body) = http(&addr, "POST", "/buy", &buyer, r#"{"item":"pen"}"#);
+        match status {
+            202 => {
+                let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+                accepted.push(body["reservation"].as_str().unwrap().to_owned());
+            }
+            409 => assert!(body.contains("sold_out"), "{body}"),
+            _ => panic!("{status} {body}"),
+        }
+    }
+    assert_eq!(accepted.len(), 3, "three pens, three purchases");
+    for r in &accepted {
+        assert_eq!(placed_state(&addr, r), "pending");
+    }
+    assert_eq!(
+        http(&addr, "POST", &format!("/orders/{}/pay", accepted[0]), "", "").0,
+        200
+    );
+    assert!(terminate(child));
+
+    // The orders are in the files: a new process answers for them.
+    let (child, addr) = spawn(&stores);
+    assert_eq!(placed_state(&addr, &accepted[0]), "paid");
+    assert_eq!(placed_state(&addr, &accepted[1]), "pending");
+    assert!(terminate(child));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_database_url_of_no_known_kind_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flash-sale"))
+        .args(["--listen", "127.0.0.1:0", "--inventory-db", "mysql://127.0.0.1/x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--inventory-db") && err.contains("sqlite:"), "{err}");
+}
+
+#[tokio::test]
+async fn it_starts_sells_and_stops_on_sigterm() {
+    let redis = std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test");
+    let (inventory, orders) = (fresh_db("fs_bin_inv").await, fresh_db("fs_bin_ord").await);
+    let prefix = format!("fs-bin-{}-{}:", std::process::id(), fastrand::u64(..));
+    let (child, addr) = spawn(&[
+        "--redis",
+        &redis,
+        "--prefix",
+        &prefix,
+        "--inventory-db",
+        &inventory,
+        "--orders-db",
+        &orders,
+    ]);
+    open_pens(&addr, 3);
     let buyer = "x-user-id: ann\r\nidempotency-key: k1\r\n";
     let (status, body) = http(&addr, "POST", "/buy", buyer, r#"{"item":"pen"}"#);
     assert_eq!(status, 202, "{body}");
@@ -56,13 +155,7 @@ async fn it_starts_sells_and_stops_on_sigterm() {
     assert_eq!(status, 200, "{view}");
     let view: serde_json::Value = serde_json::from_str(&view).unwrap();
     assert_eq!(view["gate"]["stock"], 2, "{view}");
-
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    assert!(child.wait().unwrap().success());
+    assert!(terminate(child));
 }
 
 #[test]

@@ -253,10 +253,11 @@ async fn a_repeat_at_another_instance_is_the_same_purchase_and_recovers_a_lost_e
         }
     }
     assert_eq!(services.orders.live("pen").await.unwrap(), 2);
-    let sagas: i64 = sqlx::query_scalar("SELECT count(*) FROM fs_purchases")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let sagas: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM palisade_sagas WHERE name = 'flash_sale_order'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(sagas, 2);
     runner.shutdown(Duration::from_secs(5)).await;
 }

@@ -1,6 +1,7 @@
 //! The inventory and orders databases on the run's PostgreSQL (a database of each
-//! test's own): stock never below zero under concurrent takes, every move once per
-//! reservation, one order per reservation and per user unit.
+//! test's own) and on SQLite files: stock never below zero under concurrent
+//! takes, every move once per reservation, one order per reservation and per user
+//! unit.
 
 mod support;
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use palisade_flash_sale::{Inventory, NewOrder, OrderState, Orders, Placed, Taken};
 
-use support::fresh_pool;
+use support::{fresh_pool, fresh_sqlite};
 
 fn order(reservation: &str, user: &str, unit: u32) -> NewOrder {
     NewOrder {
@@ -21,7 +22,15 @@ fn order(reservation: &str, user: &str, unit: u32) -> NewOrder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_takes_stop_at_zero_and_each_reservation_moves_once() {
-    let inv = Arc::new(Inventory::new(fresh_pool("fs_inventory").await).await.unwrap());
+    for db in [
+        fresh_pool("fs_inventory").await.into(),
+        fresh_sqlite("inventory").await,
+    ] {
+        takes_stop_at_zero(Arc::new(Inventory::new(db).await.unwrap())).await;
+    }
+}
+
+async fn takes_stop_at_zero(inv: Arc<Inventory>) {
     inv.set_stock("phone", 30).await.unwrap();
     let mut takes = Vec::new();
     for r in 0..100 {
@@ -59,7 +68,12 @@ async fn concurrent_takes_stop_at_zero_and_each_reservation_moves_once() {
 
 #[tokio::test]
 async fn an_order_per_reservation_and_per_user_unit() {
-    let orders = Orders::new(fresh_pool("fs_orders").await).await.unwrap();
+    for db in [fresh_pool("fs_orders").await.into(), fresh_sqlite("orders").await] {
+        one_order_per_unit(Orders::new(db).await.unwrap()).await;
+    }
+}
+
+async fn one_order_per_unit(orders: Orders) {
     let Placed::New(id) = orders.place(&order("r1", "ann", 1)).await.unwrap() else {
         panic!("a new order")
     };

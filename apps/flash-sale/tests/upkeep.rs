@@ -57,7 +57,7 @@ async fn a_drifted_gate_is_set_from_the_inventory_unless_a_saga_is_mid_way() {
             .unwrap(),
         Reserve::Reserved { .. }
     ));
-    let r = StockReconciliation::new(services.clone(), pool.clone());
+    let r = StockReconciliation::new(services.clone());
 
     // A saga of this item between its conversion and its take: not this run.
     sqlx::query("INSERT INTO palisade_sagas (name, input, state, step) VALUES ($1, $2, 'running', 1)")

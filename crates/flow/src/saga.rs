@@ -1,7 +1,7 @@
 //! Durable sagas on the job queue.
 //!
 //! A saga is a list of steps, each with a compensation that undoes it. Its state
-//! is a row in PostgreSQL; each step runs as a job of `palisade-queue`, so retries
+//! is a row in PostgreSQL or SQLite (the queue's database); each step runs as a job of `palisade-queue`, so retries
 //! with backoff, timeouts and the rescue of a dead worker's job come from the
 //! queue. A step's result is recorded, the saga moved on and the next step's job
 //! enqueued in one transaction; a step that fails for good (it says so with
@@ -21,18 +21,33 @@ use futures_util::future::BoxFuture;
 use palisade_queue::{JobContext, JobError, NewJob, Queue, Worker};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, SqliteConnection, SqlitePool};
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS palisade_sagas (
-    id bigserial PRIMARY KEY,
+const SCHEMA_POSTGRES: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS palisade_sagas (
+        id bigserial PRIMARY KEY,
+        name text NOT NULL,
+        key text UNIQUE,
+        input jsonb NOT NULL,
+        state text NOT NULL,
+        step int NOT NULL,
+        outputs jsonb NOT NULL DEFAULT '[]',
+        error text,
+        updated_at timestamptz NOT NULL DEFAULT now())",
+    // Tables made before sagas had start keys.
+    "ALTER TABLE palisade_sagas ADD COLUMN IF NOT EXISTS key text UNIQUE",
+];
+
+const SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS palisade_sagas (
+    id integer PRIMARY KEY AUTOINCREMENT,
     name text NOT NULL,
-    input jsonb NOT NULL,
+    key text UNIQUE,
+    input text NOT NULL,
     state text NOT NULL,
-    step int NOT NULL,
-    outputs jsonb NOT NULL DEFAULT '[]',
+    step integer NOT NULL,
+    outputs text NOT NULL DEFAULT '[]',
     error text,
-    updated_at timestamptz NOT NULL DEFAULT now()
-)";
+    updated_at text NOT NULL DEFAULT CURRENT_TIMESTAMP)";
 
 /// The job kind of saga steps and compensations.
 pub const SAGA_JOB: &str = "palisade_saga";
@@ -224,6 +239,83 @@ pub enum SagaError {
 
 type Observer = dyn Fn(&Transition) + Send + Sync;
 
+/// Where sagas are kept: the database of the queue their steps run on, so that a
+/// step's record and the next step's job are one transaction.
+#[derive(Clone, Debug)]
+pub enum SagaDb {
+    /// PostgreSQL.
+    Postgres(PgPool),
+    /// SQLite (one process's sagas, as the embedded queue).
+    Sqlite(SqlitePool),
+}
+
+impl From<PgPool> for SagaDb {
+    fn from(pool: PgPool) -> SagaDb {
+        SagaDb::Postgres(pool)
+    }
+}
+
+impl From<SqlitePool> for SagaDb {
+    fn from(pool: SqlitePool) -> SagaDb {
+        SagaDb::Sqlite(pool)
+    }
+}
+
+/// A connection (in a transaction) of either database.
+enum Conn<'c> {
+    Postgres(&'c mut PgConnection),
+    Sqlite(&'c mut SqliteConnection),
+}
+
+impl Conn<'_> {
+    /// `pg` on PostgreSQL, else `sqlite`: the few statements the dialects spell
+    /// apart.
+    fn dialect(&self, pg: &'static str, sqlite: &'static str) -> &'static str {
+        match self {
+            Conn::Postgres(_) => pg,
+            Conn::Sqlite(_) => sqlite,
+        }
+    }
+}
+
+/// `$body` with `$e` the connection of `$conn` (a `&mut Conn`), written once for
+/// both databases.
+macro_rules! on_conn {
+    ($conn:expr, $e:ident => $body:expr) => {
+        match $conn {
+            Conn::Postgres($e) => $body,
+            Conn::Sqlite($e) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$c` a [`Conn`] in a transaction of the saga database `$db`,
+/// committed when the body's value is `Ok` (an early `return` rolls it back).
+macro_rules! in_tx {
+    ($db:expr, $c:ident => $body:expr) => {
+        match $db {
+            SagaDb::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let mut $c = Conn::Postgres(&mut *tx);
+                let out: Result<_, SagaError> = $body;
+                if out.is_ok() {
+                    tx.commit().await?;
+                }
+                out
+            }
+            SagaDb::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                let mut $c = Conn::Sqlite(&mut *tx);
+                let out: Result<_, SagaError> = $body;
+                if out.is_ok() {
+                    tx.commit().await?;
+                }
+                out
+            }
+        }
+    };
+}
+
 /// The registered sagas, their store, and the queue their steps run on.
 #[derive(Clone)]
 pub struct Sagas {
@@ -231,7 +323,7 @@ pub struct Sagas {
 }
 
 struct Inner {
-    pool: PgPool,
+    db: SagaDb,
     queue_name: String,
     sagas: HashMap<String, Saga>,
     observer: Option<Box<Observer>>,
@@ -247,7 +339,7 @@ impl std::fmt::Debug for Sagas {
 
 /// Builds [`Sagas`].
 pub struct SagasBuilder {
-    pool: PgPool,
+    db: SagaDb,
     queue_name: String,
     sagas: HashMap<String, Saga>,
     observer: Option<Box<Observer>>,
@@ -272,12 +364,22 @@ impl SagasBuilder {
         self
     }
 
-    /// Creates the saga table if missing.
+    /// Creates the saga table if missing (and adds the start key to a table made
+    /// before it existed).
     pub async fn build(self) -> Result<Sagas, SagaError> {
-        sqlx::query(SCHEMA).execute(&self.pool).await?;
+        match &self.db {
+            SagaDb::Postgres(pool) => {
+                for ddl in SCHEMA_POSTGRES {
+                    sqlx::query(ddl).execute(pool).await?;
+                }
+            }
+            SagaDb::Sqlite(pool) => {
+                sqlx::query(SCHEMA_SQLITE).execute(pool).await?;
+            }
+        }
         Ok(Sagas {
             inner: Arc::new(Inner {
-                pool: self.pool,
+                db: self.db,
                 queue_name: self.queue_name,
                 sagas: self.sagas,
                 observer: self.observer,
@@ -294,12 +396,21 @@ pub struct StepJob {
     undo: bool,
 }
 
+/// What [`Sagas::start_once`] came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Started {
+    /// Started now, with this id.
+    New(i64),
+    /// A saga with this key was started before (its id).
+    Existing(i64),
+}
+
 impl Sagas {
-    /// Sagas kept in the database of `pool` (the queue's database: a step's record
-    /// and the next step's job are one transaction).
-    pub fn builder(pool: PgPool) -> SagasBuilder {
+    /// Sagas kept in `db` (a [`PgPool`] or a [`SqlitePool`]: the queue's database,
+    /// so that a step's record and the next step's job are one transaction).
+    pub fn builder(db: impl Into<SagaDb>) -> SagasBuilder {
         SagasBuilder {
-            pool,
+            db: db.into(),
             queue_name: "sagas".into(),
             sagas: HashMap::new(),
             observer: None,
@@ -311,42 +422,106 @@ impl Sagas {
         SagaWorker(self.clone())
     }
 
-    /// Starts saga `name` with `input`; its id.
-    pub async fn start(&self, name: &str, input: &impl Serialize) -> Result<i64, SagaError> {
-        let mut tx = self.inner.pool.begin().await?;
-        let id = self.start_in(&mut tx, name, input).await?;
-        tx.commit().await?;
-        Ok(id)
+    /// The database the sagas are kept in.
+    pub fn db(&self) -> &SagaDb {
+        &self.inner.db
     }
 
-    /// Starts saga `name` in the caller's transaction: it exists if that commits.
+    /// Starts saga `name` with `input`; its id.
+    pub async fn start(&self, name: &str, input: &impl Serialize) -> Result<i64, SagaError> {
+        let started = self.insert(name, None, input).await?;
+        Ok(match started {
+            Started::New(id) | Started::Existing(id) => id,
+        })
+    }
+
+    /// Starts saga `name` with `input` unless one was started with `key` before:
+    /// a start retried (a client's retry, a redelivered job) starts it once.
+    pub async fn start_once(
+        &self,
+        name: &str,
+        key: &str,
+        input: &impl Serialize,
+    ) -> Result<Started, SagaError> {
+        self.insert(name, Some(key), input).await
+    }
+
+    async fn insert(
+        &self,
+        name: &str,
+        key: Option<&str>,
+        input: &impl Serialize,
+    ) -> Result<Started, SagaError> {
+        let input = serde_json::to_string(input)?;
+        in_tx!(&self.inner.db, c => {
+            match (self.insert_in(&mut c, name, key, &input).await?, key) {
+                (Some(id), _) => Ok(Started::New(id)),
+                (None, Some(key)) => {
+                    let id: i64 = on_conn!(&mut c, e => {
+                        sqlx::query_scalar("SELECT id FROM palisade_sagas WHERE key = $1")
+                            .bind(key)
+                            .fetch_one(&mut **e)
+                            .await?
+                    });
+                    Ok(Started::Existing(id))
+                }
+                (None, None) => Err(sqlx::Error::RowNotFound.into()),
+            }
+        })
+    }
+
+    /// Starts saga `name` in the caller's PostgreSQL transaction: it exists if
+    /// that commits.
     pub async fn start_in(
         &self,
         conn: &mut PgConnection,
         name: &str,
         input: &impl Serialize,
     ) -> Result<i64, SagaError> {
+        let input = serde_json::to_string(input)?;
+        let id = self
+            .insert_in(&mut Conn::Postgres(conn), name, None, &input)
+            .await?;
+        id.ok_or_else(|| sqlx::Error::RowNotFound.into())
+    }
+
+    /// Inserts a saga's record and enqueues its first step; `None` when a saga
+    /// with `key` exists.
+    async fn insert_in(
+        &self,
+        c: &mut Conn<'_>,
+        name: &str,
+        key: Option<&str>,
+        input: &str,
+    ) -> Result<Option<i64>, SagaError> {
         let saga = self.saga(name)?;
         let state = if saga.steps.is_empty() {
             SagaState::Done
         } else {
             SagaState::Running
         };
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO palisade_sagas (name, input, state, step) VALUES ($1, $2::jsonb, $3, 0) RETURNING id",
-        )
-        .bind(name)
-        .bind(serde_json::to_string(input)?)
-        .bind(state.as_str())
-        .fetch_one(&mut *conn)
-        .await?;
-        if state == SagaState::Running {
+        let sql = c.dialect(
+            "INSERT INTO palisade_sagas (name, key, input, state, step) VALUES ($1, $2, $3::jsonb, $4, 0)
+             ON CONFLICT (key) DO NOTHING RETURNING id",
+            "INSERT INTO palisade_sagas (name, key, input, state, step) VALUES ($1, $2, $3, $4, 0)
+             ON CONFLICT (key) DO NOTHING RETURNING id",
+        );
+        let id: Option<i64> = on_conn!(&mut *c, e => {
+            sqlx::query_scalar(sql)
+                .bind(name)
+                .bind(key)
+                .bind(input)
+                .bind(state.as_str())
+                .fetch_optional(&mut **e)
+                .await?
+        });
+        if let (Some(id), SagaState::Running) = (id, state) {
             let first = StepJob {
                 saga: id,
                 step: 0,
                 undo: false,
             };
-            self.enqueue(conn, first).await?;
+            self.enqueue(c, first).await?;
         }
         Ok(id)
     }
@@ -359,12 +534,20 @@ impl Sagas {
     /// Saga `id`'s record and its input.
     async fn record(&self, id: i64) -> Result<Option<(SagaStatus, Value)>, SagaError> {
         type Row = (String, String, i32, String, Option<String>, String);
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT name, state, step, outputs::text, error, input::text FROM palisade_sagas WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.inner.pool)
-        .await?;
+        let row: Option<Row> = match &self.inner.db {
+            SagaDb::Postgres(pool) => sqlx::query_as(
+                "SELECT name, state, step, outputs::text, error, input::text FROM palisade_sagas WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+            SagaDb::Sqlite(pool) => sqlx::query_as(
+                "SELECT name, state, step, outputs, error, input FROM palisade_sagas WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+        };
         let Some((name, state, step, outputs, error, input)) = row else {
             return Ok(None);
         };
@@ -386,7 +569,7 @@ impl Sagas {
             .ok_or_else(|| SagaError::Unknown(name.to_string()))
     }
 
-    async fn enqueue(&self, conn: &mut PgConnection, job: StepJob) -> Result<(), SagaError> {
+    async fn enqueue(&self, c: &mut Conn<'_>, job: StepJob) -> Result<(), SagaError> {
         // The queue never gives a step's job up: a step counts its own attempts (a
         // job rescued from a dead worker spends one too) and is aborted after the
         // last, and a compensation is retried until it succeeds (the queue's
@@ -394,7 +577,10 @@ impl Sagas {
         let new = NewJob::new(SAGA_JOB, &job)?
             .queue(self.inner.queue_name.clone())
             .max_attempts(i32::MAX);
-        Queue::enqueue_in_postgres(conn, &[new]).await?;
+        match c {
+            Conn::Postgres(e) => Queue::enqueue_in_postgres(e, &[new]).await?,
+            Conn::Sqlite(e) => Queue::enqueue_in_sqlite(e, &[new]).await?,
+        };
         Ok(())
     }
 
@@ -441,53 +627,62 @@ impl Sagas {
         };
         if args.undo {
             match step.compensate(&ctx).await {
-                Ok(()) => self.undone(args).await,
+                Ok(()) => self.undone(args).await.map_err(JobError::failed),
                 Err(StepError::Wait(d)) => Err(JobError::snooze(d)),
                 Err(e) => Err(JobError::failed(e)),
             }
         } else {
-            if job.attempt > saga.attempts {
-                let error = format!("no attempt left after {}", saga.attempts);
-                return self.abort(saga, args, &error).await;
-            }
-            match step.run(&ctx).await {
+            let outcome = if job.attempt > saga.attempts {
+                Err(StepError::Abort(format!(
+                    "no attempt left after {}",
+                    saga.attempts
+                )))
+            } else {
+                step.run(&ctx).await
+            };
+            let recorded = match outcome {
                 Ok(output) => self.done(saga, args, output).await,
-                Err(StepError::Retry(e)) if job.attempt < saga.attempts => Err(JobError::failed(e)),
-                Err(StepError::Wait(d)) => Err(JobError::snooze(d)),
+                Err(StepError::Retry(e)) if job.attempt < saga.attempts => return Err(JobError::failed(e)),
+                Err(StepError::Wait(d)) => return Err(JobError::snooze(d)),
                 Err(e) => self.abort(saga, args, &e.to_string()).await,
-            }
+            };
+            recorded.map_err(JobError::failed)
         }
     }
 
     /// Records step `args.step`'s result and enqueues the next step (or ends).
-    async fn done(&self, saga: &Saga, args: StepJob, output: Value) -> Result<(), JobError> {
-        let mut tx = self.inner.pool.begin().await.map_err(JobError::failed)?;
-        if !self
-            .still(&mut tx, args.saga, SagaState::Running, args.step as i32)
-            .await?
-        {
-            return Ok(());
-        }
+    async fn done(&self, saga: &Saga, args: StepJob, output: Value) -> Result<(), SagaError> {
         let last = args.step + 1 == saga.steps.len();
-        sqlx::query(
-            "UPDATE palisade_sagas SET outputs = outputs || jsonb_build_array($2::jsonb), step = step + 1,
-                 state = $3, updated_at = now() WHERE id = $1",
-        )
-        .bind(args.saga)
-        .bind(output.to_string())
-        .bind(if last { SagaState::Done } else { SagaState::Running }.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(JobError::failed)?;
-        if !last {
-            let next = StepJob {
-                saga: args.saga,
-                step: args.step + 1,
-                undo: false,
-            };
-            self.enqueue(&mut tx, next).await.map_err(JobError::failed)?;
-        }
-        tx.commit().await.map_err(JobError::failed)?;
+        in_tx!(&self.inner.db, c => {
+            if !still(&mut c, args.saga, SagaState::Running, args.step as i32).await? {
+                return Ok(());
+            }
+            let sql = c.dialect(
+                "UPDATE palisade_sagas SET outputs = outputs || jsonb_build_array($2::jsonb), step = step + 1,
+                     state = $3 WHERE id = $1",
+                "UPDATE palisade_sagas SET outputs = json_insert(outputs, '$[#]', json($2)), step = step + 1,
+                     state = $3 WHERE id = $1",
+            );
+            let state = if last { SagaState::Done } else { SagaState::Running };
+            on_conn!(&mut c, e => {
+                sqlx::query(sql)
+                    .bind(args.saga)
+                    .bind(output.to_string())
+                    .bind(state.as_str())
+                    .execute(&mut **e)
+                    .await
+                    .map(drop)?
+            });
+            if !last {
+                let next = StepJob {
+                    saga: args.saga,
+                    step: args.step + 1,
+                    undo: false,
+                };
+                self.enqueue(&mut c, next).await?;
+            }
+            Ok(())
+        })?;
         self.observe(Transition::StepDone {
             saga: args.saga,
             step: args.step,
@@ -496,27 +691,15 @@ impl Sagas {
     }
 
     /// Step `args.step` failed for good: compensate the ones before it.
-    async fn abort(&self, saga: &Saga, args: StepJob, error: &str) -> Result<(), JobError> {
-        let mut tx = self.inner.pool.begin().await.map_err(JobError::failed)?;
-        if !self
-            .still(&mut tx, args.saga, SagaState::Running, args.step as i32)
-            .await?
-        {
-            return Ok(());
-        }
-        let state = self.compensate_before(&mut tx, args).await?;
-        sqlx::query("UPDATE palisade_sagas SET state = $2, error = $3, updated_at = now() WHERE id = $1")
-            .bind(args.saga)
-            .bind(state.as_str())
-            .bind(format!(
-                "step {} ({}): {error}",
-                args.step,
-                saga.steps[args.step].name()
-            ))
-            .execute(&mut *tx)
-            .await
-            .map_err(JobError::failed)?;
-        tx.commit().await.map_err(JobError::failed)?;
+    async fn abort(&self, saga: &Saga, args: StepJob, error: &str) -> Result<(), SagaError> {
+        let why = format!("step {} ({}): {error}", args.step, saga.steps[args.step].name());
+        in_tx!(&self.inner.db, c => {
+            if !still(&mut c, args.saga, SagaState::Running, args.step as i32).await? {
+                return Ok(());
+            }
+            let state = self.compensate_before(&mut c, args).await?;
+            set_state(&mut c, args.saga, state, None, Some(&why)).await
+        })?;
         tracing::warn!(saga = args.saga, name = %saga.name, step = args.step, error, "saga aborted; compensating");
         self.observe(Transition::Aborted {
             saga: args.saga,
@@ -526,23 +709,14 @@ impl Sagas {
     }
 
     /// Records step `args.step`'s compensation and enqueues the one before it.
-    async fn undone(&self, args: StepJob) -> Result<(), JobError> {
-        let mut tx = self.inner.pool.begin().await.map_err(JobError::failed)?;
-        if !self
-            .still(&mut tx, args.saga, SagaState::Compensating, args.step as i32 + 1)
-            .await?
-        {
-            return Ok(());
-        }
-        let state = self.compensate_before(&mut tx, args).await?;
-        sqlx::query("UPDATE palisade_sagas SET step = $2, state = $3, updated_at = now() WHERE id = $1")
-            .bind(args.saga)
-            .bind(args.step as i32)
-            .bind(state.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(JobError::failed)?;
-        tx.commit().await.map_err(JobError::failed)?;
+    async fn undone(&self, args: StepJob) -> Result<(), SagaError> {
+        in_tx!(&self.inner.db, c => {
+            if !still(&mut c, args.saga, SagaState::Compensating, args.step as i32 + 1).await? {
+                return Ok(());
+            }
+            let state = self.compensate_before(&mut c, args).await?;
+            set_state(&mut c, args.saga, state, Some(args.step as i32), None).await
+        })?;
         self.observe(Transition::StepUndone {
             saga: args.saga,
             step: args.step,
@@ -552,7 +726,7 @@ impl Sagas {
 
     /// Enqueues the compensation of the step before `args.step`, if there is one;
     /// the saga's state from then on.
-    async fn compensate_before(&self, conn: &mut PgConnection, args: StepJob) -> Result<SagaState, JobError> {
+    async fn compensate_before(&self, c: &mut Conn<'_>, args: StepJob) -> Result<SagaState, SagaError> {
         if args.step == 0 {
             return Ok(SagaState::Compensated);
         }
@@ -561,26 +735,50 @@ impl Sagas {
             step: args.step - 1,
             undo: true,
         };
-        self.enqueue(conn, undo).await.map_err(JobError::failed)?;
+        self.enqueue(c, undo).await?;
         Ok(SagaState::Compensating)
     }
+}
 
-    /// Locks the saga's row; whether it is still at `state` and `step`.
-    async fn still(
-        &self,
-        conn: &mut PgConnection,
-        saga: i64,
-        state: SagaState,
-        step: i32,
-    ) -> Result<bool, JobError> {
-        let row: Option<(String, i32)> =
-            sqlx::query_as("SELECT state, step FROM palisade_sagas WHERE id = $1 FOR UPDATE")
-                .bind(saga)
-                .fetch_optional(conn)
-                .await
-                .map_err(JobError::failed)?;
-        Ok(row.is_some_and(|(s, n)| s == state.as_str() && n == step))
-    }
+/// Whether the saga is still at `state` and `step`, its row locked for the rest
+/// of the transaction if so (an update: a row lock on PostgreSQL, the write lock
+/// on SQLite, taken before anything is read).
+async fn still(c: &mut Conn<'_>, saga: i64, state: SagaState, step: i32) -> Result<bool, SagaError> {
+    let touched = on_conn!(c, e => {
+        sqlx::query(
+            "UPDATE palisade_sagas SET updated_at = CURRENT_TIMESTAMP WHERE id = $1 AND state = $2 AND step = $3",
+        )
+        .bind(saga)
+        .bind(state.as_str())
+        .bind(step)
+        .execute(&mut **e)
+        .await?
+        .rows_affected()
+    });
+    Ok(touched == 1)
+}
+
+/// Sets the saga's state (and its step, its error, when given).
+async fn set_state(
+    c: &mut Conn<'_>,
+    saga: i64,
+    state: SagaState,
+    step: Option<i32>,
+    error: Option<&str>,
+) -> Result<(), SagaError> {
+    on_conn!(c, e => {
+        sqlx::query(
+            "UPDATE palisade_sagas SET state = $2, step = COALESCE($3, step), error = COALESCE($4, error) WHERE id = $1",
+        )
+        .bind(saga)
+        .bind(state.as_str())
+        .bind(step)
+        .bind(error)
+        .execute(&mut **e)
+        .await
+        .map(drop)?
+    });
+    Ok(())
 }
 
 /// The queue worker of saga steps ([`Sagas::worker`]).

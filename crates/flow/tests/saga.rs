@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use palisade_flow::saga::{Saga, SagaState, Sagas, Step, StepContext, StepError, Transition};
+use palisade_flow::saga::{Saga, SagaState, Sagas, Started, Step, StepContext, StepError, Transition};
 use palisade_queue::{Queue, QueueConfig, Runner, RunnerConfig};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -311,7 +311,8 @@ async fn a_step_out_of_attempts_has_the_steps_before_it_compensated() {
         .build()
         .await
         .unwrap();
-    let status = run_to_end(&pool, &sagas, "retrying").await;
+    let queue = Queue::postgres(pool.clone()).await.unwrap();
+    let status = run_to_end(queue, &sagas, "retrying").await;
     assert_eq!(status.state, SagaState::Compensated, "{status:?}");
     assert!(
         status
@@ -365,15 +366,15 @@ async fn a_waiting_step_runs_again_without_spending_its_attempts() {
         .build()
         .await
         .unwrap();
-    let status = run_to_end(&pool, &sagas, "waiting").await;
+    let queue = Queue::postgres(pool.clone()).await.unwrap();
+    let status = run_to_end(queue, &sagas, "waiting").await;
     assert_eq!(status.state, SagaState::Done, "{status:?}");
     assert_eq!(status.outputs, [json!("paid")]);
 }
 
-/// Runs saga `name` (input `{}`) on a runner of its own until it is done or
-/// compensated; its status then.
-async fn run_to_end(pool: &sqlx::PgPool, sagas: &Sagas, name: &str) -> palisade_flow::saga::SagaStatus {
-    let queue = Queue::postgres(pool.clone()).await.unwrap();
+/// Runs saga `name` (input `{}`) on a runner of its own on `queue` until it is
+/// done or compensated; its status then.
+async fn run_to_end(queue: Queue, sagas: &Sagas, name: &str) -> palisade_flow::saga::SagaStatus {
     let config = RunnerConfig {
         queues: vec![QueueConfig::new("sagas", 2)],
         backoff: palisade_resilience::retry::Backoff::Fixed(Duration::from_millis(10)),
@@ -400,4 +401,119 @@ async fn run_to_end(pool: &sqlx::PgPool, sagas: &Sagas, name: &str) -> palisade_
     };
     runner.shutdown(Duration::from_secs(5)).await;
     status
+}
+
+/// A step that records its effect and its undoing in memory, or declines.
+struct Recorded {
+    n: usize,
+    decline: bool,
+    effects: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Step for Recorded {
+    fn name(&self) -> &str {
+        "recorded"
+    }
+
+    fn run<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            if self.decline {
+                return Err(StepError::Abort("declined".into()));
+            }
+            self.effects.lock().unwrap().push(format!("do-{}", self.n));
+            Ok(json!(self.n))
+        })
+    }
+
+    fn compensate<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            self.effects.lock().unwrap().push(format!("undo-{}", self.n));
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_on_sqlite_run_forward_and_compensate_backward() {
+    let dir = std::env::temp_dir().join(support::unique("saga_sqlite"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.join("sagas.db"))
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let effects = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let step = |n, decline| Recorded {
+        n,
+        decline,
+        effects: effects.clone(),
+    };
+    let sagas = Sagas::builder(pool.clone())
+        .register(Saga::new("ok").step(step(0, false)).step(step(1, false)))
+        .register(
+            Saga::new("declined")
+                .step(step(0, false))
+                .step(step(1, false))
+                .step(step(2, true)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let queue = Queue::sqlite(pool.clone()).await.unwrap();
+    let done = run_to_end(queue.clone(), &sagas, "ok").await;
+    assert_eq!(
+        (done.state, done.outputs),
+        (SagaState::Done, vec![json!(0), json!(1)])
+    );
+    assert_eq!(*effects.lock().unwrap(), ["do-0", "do-1"]);
+
+    effects.lock().unwrap().clear();
+    let undone = run_to_end(queue, &sagas, "declined").await;
+    assert_eq!(undone.state, SagaState::Compensated, "{undone:?}");
+    assert!(undone.error.as_deref().is_some_and(|e| e.contains("declined")));
+    assert_eq!(*effects.lock().unwrap(), ["do-0", "do-1", "undo-1", "undo-0"]);
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_started_once_by_key_starts_once() {
+    let pg = support::fresh_pool("saga_once", 4).await;
+    let lite = sqlx::sqlite::SqlitePool::connect("sqlite::memory:")
+        .await
+        .unwrap();
+    Queue::postgres(pg.clone()).await.unwrap();
+    Queue::sqlite(lite.clone()).await.unwrap();
+    for db in [palisade_flow::saga::SagaDb::from(pg), lite.into()] {
+        let sagas = Sagas::builder(db)
+            .register(Saga::new("once").step(Flaky))
+            .build()
+            .await
+            .unwrap();
+        let first = sagas
+            .start_once("once", "order-7", &json!({"n": 1}))
+            .await
+            .unwrap();
+        let again = sagas
+            .start_once("once", "order-7", &json!({"n": 2}))
+            .await
+            .unwrap();
+        let other = sagas
+            .start_once("once", "order-8", &json!({"n": 3}))
+            .await
+            .unwrap();
+        let Started::New(id) = first else {
+            panic!("the first start was {first:?}");
+        };
+        assert_eq!(again, Started::Existing(id));
+        assert!(matches!(other, Started::New(o) if o != id), "{other:?}");
+        // Two sagas, two first steps enqueued (the repeat enqueued nothing).
+        let status = sagas.status(id).await.unwrap().unwrap();
+        assert_eq!((status.state, status.step), (SagaState::Running, 0));
+    }
 }

@@ -123,3 +123,12 @@ pub async fn sagas(
         .unwrap();
     (sagas, rx, runner)
 }
+
+/// A new SQLite database in a file of its own (under the system's temporary
+/// directory).
+pub async fn fresh_sqlite(name: &str) -> palisade_flash_sale::store::Db {
+    let dir = std::env::temp_dir().join(format!("fs-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite:{}", dir.join(format!("{name}.db")).display());
+    palisade_flash_sale::store::Db::connect(&url).await.unwrap()
+}
