@@ -462,7 +462,8 @@ impl Gate {
         }
     }
 
-    /// `item`'s stock and live reservations now.
+    /// `item`'s stock and live reservations now (`NoSale` when the gate holds
+    /// no sale of it: never opened, or lost with a Redis restarted empty).
     pub async fn count(&self, item: &str) -> Result<StockCount, GateError> {
         match self {
             Gate::Redis { conn, prefix } => {
@@ -477,19 +478,21 @@ impl Gate {
                     .arg(format!("{k}:live"))
                     .query_async(&mut c)
                     .await?;
+                let stock = stock.ok_or_else(|| GateError::NoSale(item.to_owned()))?;
                 Ok(StockCount {
-                    stock: stock.and_then(|s| u32::try_from(s).ok()).unwrap_or(0),
+                    stock: u32::try_from(stock).unwrap_or(0),
                     live: u32::try_from(live).unwrap_or(u32::MAX),
                 })
             }
-            Gate::Local(m) => Ok(m
+            Gate::Local(m) => m
                 .lock()
                 .await
                 .get(item)
-                .map_or_else(StockCount::default, |s| StockCount {
+                .map(|s| StockCount {
                     stock: s.stock,
                     live: u32::try_from(s.live.len()).unwrap_or(u32::MAX),
-                })),
+                })
+                .ok_or_else(|| GateError::NoSale(item.to_owned())),
         }
     }
 }

@@ -153,10 +153,20 @@ pub async fn start(s: Settings) -> Result<Running, String> {
         ],
         ..RunnerConfig::default()
     };
+    // A gate that lost its sales (an embedded process restarted, a Redis
+    // restarted empty) has them back before the first purchase.
+    let reconciliation = StockReconciliation::new(services.clone());
+    let reopened = reconciliation
+        .reopen_missing()
+        .await
+        .map_err(|e| format!("the gate: {e}"))?;
+    if reopened > 0 {
+        tracing::info!(reopened, "sales opened again in the gate from the inventory");
+    }
     let runner = Runner::new(queue, config)
         .register(sagas.worker())
         .register(SweepJob(services.clone()))
-        .register(ReconcileJob(StockReconciliation::new(services.clone())))
+        .register(ReconcileJob(reconciliation))
         .start()
         .await
         .map_err(|e| format!("the job runner: {e}"))?;

@@ -366,32 +366,67 @@ async fn open_sale(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Resp
         per_user: s.per_user,
     };
     let svc = &app.services;
-    if svc.inventory.set_stock(&sale.item, sale.stock).await.is_err() || svc.gate.open(&sale).await.is_err() {
+    if svc.inventory.open(&sale).await.is_err() || svc.gate.open(&sale).await.is_err() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "stores_unavailable");
     }
     lock(&app.sold_out).remove(&sale.item);
     answer(StatusCode::CREATED, json!({"item": sale.item}))
 }
 
+/// The admin view of a sale: the gate's stock and reservations, the inventory's
+/// books, the orders, the sagas on the way, and the invariants.
 async fn sale_view(State(app): State<Arc<App>>, Path(item): Path<String>) -> Response {
-    let svc = &app.services;
-    let (gate, stock, orders) = (
-        svc.gate.count(&item).await,
-        svc.inventory.stock(&item).await,
-        svc.orders.live(&item).await,
-    );
-    match (gate, stock, orders) {
-        (Ok(g), Ok(Some(stock)), Ok(orders)) => answer(
-            StatusCode::OK,
-            json!({
-                "item": item,
-                "gate": {"stock": g.stock, "reservations": g.live},
-                "inventory": {"stock": stock},
-                "orders": orders,
-                "layers": app.counts.snapshot(),
-            }),
-        ),
-        (_, Ok(None), _) => refuse(StatusCode::NOT_FOUND, "no_sale"),
-        _ => refuse(StatusCode::SERVICE_UNAVAILABLE, "stores_unavailable"),
+    match audit(&app, &item).await {
+        Ok(Some(view)) => answer(StatusCode::OK, view),
+        Ok(None) => refuse(StatusCode::NOT_FOUND, "no_sale"),
+        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "stores_unavailable"),
     }
+}
+
+/// `item`'s admin view (see [`sale_view`]); `None` when it is not for sale.
+///
+/// The invariants, each true at every moment: no more live orders than units put
+/// on sale; no user holding more than the limit; the units moved out of the
+/// inventory (taken less given back) are the units it no longer has. Two more
+/// hold once no saga is on the way (`settled`): every unit gone from the
+/// inventory is a live order, and the gate's stock plus its live reservations
+/// equal the inventory's stock after reconciliation (`drift` 0).
+async fn audit(app: &App, item: &str) -> Result<Option<serde_json::Value>, Box<dyn std::error::Error>> {
+    let svc = &app.services;
+    let Some(books) = svc.inventory.books(item).await? else {
+        return Ok(None);
+    };
+    let gate = match svc.gate.count(item).await {
+        Ok(g) => Some(g),
+        Err(crate::gate::GateError::NoSale(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let orders = svc.orders.live(item).await?;
+    let over = svc.orders.users_over(item, books.per_user).await?;
+    // Before the payment wait: converted, taken or placed, not yet all three.
+    let in_flight = svc.orders.sagas_before(ORDER_SAGA, item, 3).await?;
+    let sold = books.initial - books.stock;
+    let drift = gate.map(|g| i64::from(g.stock) + i64::from(g.live) - books.stock);
+    Ok(Some(json!({
+        "item": item,
+        "gate": gate.map(|g| json!({"stock": g.stock, "reservations": g.live})),
+        "inventory": {
+            "initial": books.initial,
+            "stock": books.stock,
+            "taken": books.taken,
+            "returned": books.returned,
+            "per_user": books.per_user,
+        },
+        "orders": orders,
+        "sagas_in_flight": in_flight,
+        "drift": drift,
+        "invariants": {
+            "not_oversold": orders <= books.initial,
+            "no_user_over_limit": over == 0,
+            "moves_balance": books.taken - books.returned == sold,
+            "settled": in_flight == 0,
+            "orders_equal_sold": orders == sold,
+        },
+        "layers": app.counts.snapshot(),
+    })))
 }

@@ -15,10 +15,17 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
-/// The items and their stock (the same on both databases).
+use crate::gate::Sale;
+
+/// The items on sale: their stock, and the sale as it was set up (the same on
+/// both databases).
 const ITEMS: &str = "CREATE TABLE IF NOT EXISTS fs_items (
     item text PRIMARY KEY,
-    stock integer NOT NULL CHECK (stock >= 0))";
+    stock integer NOT NULL CHECK (stock >= 0),
+    initial integer NOT NULL CHECK (initial >= 0),
+    opens_ms bigint NOT NULL,
+    closes_ms bigint NOT NULL,
+    per_user integer NOT NULL CHECK (per_user >= 1))";
 
 /// One order per user unit (the same on both databases).
 const USER_UNIT: &str = "CREATE UNIQUE INDEX IF NOT EXISTS fs_orders_user_unit
@@ -175,19 +182,70 @@ impl Inventory {
         Ok(Inventory { db })
     }
 
-    /// Sets `item`'s stock (a sale's setup).
-    pub async fn set_stock(&self, item: &str, stock: u32) -> Result<(), sqlx::Error> {
+    /// Sets `sale` up: its item's stock, and the sale kept to open it again in a
+    /// gate that lost it (a Redis restarted empty, an embedded process restarted).
+    pub async fn open(&self, sale: &Sale) -> Result<(), sqlx::Error> {
         on!(&self.db, p => {
             sqlx::query(
-                "INSERT INTO fs_items (item, stock) VALUES ($1, $2)
-                 ON CONFLICT (item) DO UPDATE SET stock = excluded.stock",
+                "INSERT INTO fs_items (item, stock, initial, opens_ms, closes_ms, per_user)
+                 VALUES ($1, $2, $2, $3, $4, $5)
+                 ON CONFLICT (item) DO UPDATE SET stock = excluded.stock, initial = excluded.initial,
+                     opens_ms = excluded.opens_ms, closes_ms = excluded.closes_ms, per_user = excluded.per_user",
             )
-            .bind(item)
-            .bind(i64::from(stock))
+            .bind(&sale.item)
+            .bind(i64::from(sale.stock))
+            .bind(i64::try_from(sale.opens_ms).unwrap_or(i64::MAX))
+            .bind(i64::try_from(sale.closes_ms).unwrap_or(i64::MAX))
+            .bind(i64::from(sale.per_user))
             .execute(p)
             .await
             .map(drop)
         })
+    }
+
+    /// `item`'s sale as set up, with the stock it has now.
+    pub async fn sale(&self, item: &str) -> Result<Option<Sale>, sqlx::Error> {
+        type Row = (i64, i64, i64, i64);
+        let row: Option<Row> = on!(&self.db, p => {
+            sqlx::query_as(
+                "SELECT CAST(stock AS bigint), opens_ms, closes_ms, CAST(per_user AS bigint)
+                 FROM fs_items WHERE item = $1",
+            )
+            .bind(item)
+            .fetch_optional(p)
+            .await?
+        });
+        let n = |v: i64| u32::try_from(v).unwrap_or(0);
+        Ok(row.map(|(stock, opens, closes, per_user)| Sale {
+            item: item.to_owned(),
+            stock: n(stock),
+            opens_ms: u64::try_from(opens).unwrap_or(0),
+            closes_ms: u64::try_from(closes).unwrap_or(0),
+            per_user: n(per_user),
+        }))
+    }
+
+    /// `item`'s books: what was put on sale, what is left, and the units moved.
+    pub async fn books(&self, item: &str) -> Result<Option<Books>, sqlx::Error> {
+        type Row = (i64, i64, i64, i64, i64);
+        let row: Option<Row> = on!(&self.db, p => {
+            sqlx::query_as(
+                "SELECT CAST(initial AS bigint), CAST(stock AS bigint), CAST(per_user AS bigint),
+                     (SELECT count(*) FROM fs_stock_moves WHERE item = $1 AND kind = 'take'),
+                     (SELECT count(*) FROM fs_stock_moves WHERE item = $1 AND kind = 'return')
+                 FROM fs_items WHERE item = $1",
+            )
+            .bind(item)
+            .fetch_optional(p)
+            .await?
+        });
+        Ok(row.map(|(initial, stock, per_user, taken, returned)| Books {
+            initial,
+            stock,
+            per_user,
+            taken,
+            returned,
+        }))
     }
 
     /// Every item and its stock.
@@ -264,6 +322,21 @@ impl Inventory {
             Ok(true)
         })
     }
+}
+
+/// An item's books in the inventory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Books {
+    /// Units put on sale.
+    pub initial: i64,
+    /// Units left.
+    pub stock: i64,
+    /// Units one user may hold.
+    pub per_user: i64,
+    /// Units taken for reservations.
+    pub taken: i64,
+    /// Units given back (orders cancelled).
+    pub returned: i64,
 }
 
 /// An order to place: a converted reservation.
@@ -398,6 +471,36 @@ impl Orders {
             .rows_affected()
         });
         Ok(done == 1)
+    }
+
+    /// Users holding more than `limit` orders of `item` not cancelled.
+    pub async fn users_over(&self, item: &str, limit: i64) -> Result<i64, sqlx::Error> {
+        on!(&self.db, p => {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM (SELECT user_id FROM fs_orders WHERE item = $1 AND state <> 'cancelled'
+                     GROUP BY user_id HAVING count(*) > $2) AS over",
+            )
+            .bind(item)
+            .bind(limit)
+            .fetch_one(p)
+            .await
+        })
+    }
+
+    /// Sagas named `saga` (recorded beside the orders) for `item` that are
+    /// running a step before `step`, or compensating.
+    pub async fn sagas_before(&self, saga: &str, item: &str, step: i32) -> Result<i64, sqlx::Error> {
+        on!(&self.db, p => {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM palisade_sagas WHERE name = $1 AND input->>'item' = $2
+                     AND (state = 'compensating' OR (state = 'running' AND step < $3))",
+            )
+            .bind(saga)
+            .bind(item)
+            .bind(step)
+            .fetch_one(p)
+            .await
+        })
     }
 
     /// Orders of `item` not cancelled.

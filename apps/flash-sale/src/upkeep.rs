@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use palisade_flow::reconcile::{BoxError, Difference, Reconciliation};
 
-use crate::gate::StockCount;
+use crate::gate::{GateError, StockCount};
 use crate::order::{ORDER_SAGA, Services};
 
 /// Releases up to `limit` expired reservations of each item; how many it
@@ -62,6 +62,36 @@ impl StockReconciliation {
         Ok(items.into_iter().collect())
     }
 
+    /// Opens again, from the inventory, every quiet item's sale the gate does not
+    /// hold (a Redis restarted empty, an embedded process restarted); how many.
+    pub async fn reopen_missing(&self) -> Result<usize, BoxError> {
+        let mut reopened = 0;
+        for (item, stock) in self.quiet_items().await? {
+            if let Err(GateError::NoSale(_)) = self.services.gate.count(&item).await {
+                self.reopen(&item, u32::try_from(stock).unwrap_or(0)).await?;
+                reopened += 1;
+            }
+        }
+        Ok(reopened)
+    }
+
+    /// Opens `item`'s sale in the gate as the inventory keeps it, with `stock`
+    /// units: the reservations the gate lost are gone with it, and their units
+    /// are still the inventory's.
+    async fn reopen(&self, item: &str, stock: u32) -> Result<(), BoxError> {
+        let mut sale = (self.services.inventory.sale(item).await?)
+            .ok_or_else(|| format!("the inventory has no sale of {item}"))?;
+        sale.stock = stock;
+        self.services.gate.open(&sale).await?;
+        metrics::counter!("palisade_flash_sale_sales_reopened_total").increment(1);
+        tracing::warn!(
+            item,
+            stock,
+            "the gate had lost the sale: opened again from the inventory"
+        );
+        Ok(())
+    }
+
     /// The items to compare this run, with the database's stock.
     async fn quiet_items(&self) -> Result<Vec<(String, i64)>, BoxError> {
         let busy = self.busy().await?;
@@ -70,8 +100,9 @@ impl StockReconciliation {
     }
 }
 
-/// An item's units as one side counts them; the gate's also as it saw them.
-/// Two are equal when their units are.
+/// An item's units as one side counts them; the gate's also as it saw them
+/// (`None`, and -1 units, when the gate holds no sale of it). Two are equal when
+/// their units are.
 #[derive(Clone, Copy, Debug)]
 pub struct Units {
     /// Units not yet taken in the database.
@@ -102,15 +133,19 @@ impl Reconciliation for StockReconciliation {
     async fn copy(&self) -> Result<BTreeMap<String, Units>, BoxError> {
         let mut out = BTreeMap::new();
         for (item, _) in self.quiet_items().await? {
-            let seen = self.services.gate.count(&item).await?;
-            let units = i64::from(seen.stock) + i64::from(seen.live);
-            out.insert(
-                item,
-                Units {
-                    units,
+            let units = match self.services.gate.count(&item).await {
+                Ok(seen) => Units {
+                    units: i64::from(seen.stock) + i64::from(seen.live),
                     seen: Some(seen),
                 },
-            );
+                // Never equal to the truth's count: the repair opens it again.
+                Err(GateError::NoSale(_)) => Units {
+                    units: -1,
+                    seen: None,
+                },
+                Err(e) => return Err(e.into()),
+            };
+            out.insert(item, units);
         }
         Ok(out)
     }
@@ -118,14 +153,14 @@ impl Reconciliation for StockReconciliation {
     async fn repair(&self, d: &Difference<String, Units>) -> Result<(), BoxError> {
         match d {
             Difference::Differs { key, truth, copy } => {
-                let seen = copy.seen.ok_or("the gate's side was not read")?;
                 let truth = u32::try_from(truth.units.max(0)).unwrap_or(u32::MAX);
+                let Some(seen) = copy.seen else {
+                    return self.reopen(key, truth).await;
+                };
                 match self.services.gate.repair(key, seen, truth).await {
                     Ok(true) => Ok(()),
                     Ok(false) => Err("the gate changed meanwhile: the next run looks again".into()),
-                    Err(crate::gate::GateError::NoSale(item)) => {
-                        Err(format!("the gate has no sale of {item}: open it again").into())
-                    }
+                    // Lost since it was read: the next run opens it again.
                     Err(e) => Err(e.into()),
                 }
             }

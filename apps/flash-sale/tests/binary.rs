@@ -117,6 +117,25 @@ fn embedded_it_sells_on_sqlite_with_no_server_and_keeps_its_orders_across_a_rest
     let (child, addr) = spawn(&stores);
     assert_eq!(placed_state(&addr, &accepted[0]), "paid");
     assert_eq!(placed_state(&addr, &accepted[1]), "pending");
+    // The sale is open again in the new process's gate: sold out, not unknown.
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/buy",
+        "x-user-id: fay\r\nidempotency-key: k1\r\n",
+        r#"{"item":"pen"}"#,
+    );
+    assert_eq!(status, 409, "{body}");
+    let (_, view) = http(&addr, "GET", "/admin/sales/pen", "", "");
+    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(
+        (view["orders"].as_i64(), view["drift"].as_i64()),
+        (Some(3), Some(0)),
+        "{view}"
+    );
+    for (name, holds) in view["invariants"].as_object().unwrap() {
+        assert_eq!(holds, true, "{name}: {view}");
+    }
     assert!(terminate(child));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -37,7 +37,7 @@ async fn world(item: &str) -> World {
         per_user: 1,
     };
     services.gate.open(&sale).await.unwrap();
-    services.inventory.set_stock(item, STOCK).await.unwrap();
+    services.inventory.open(&sale).await.unwrap();
     let (sagas, ended, runner) = support::sagas(&services, pool).await;
     World {
         services,

@@ -31,7 +31,7 @@ async fn concurrent_takes_stop_at_zero_and_each_reservation_moves_once() {
 }
 
 async fn takes_stop_at_zero(inv: Arc<Inventory>) {
-    inv.set_stock("phone", 30).await.unwrap();
+    inv.open(&support::sale("phone", 30, 1)).await.unwrap();
     let mut takes = Vec::new();
     for r in 0..100 {
         let inv = inv.clone();

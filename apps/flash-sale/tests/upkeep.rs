@@ -1,7 +1,8 @@
 //! The sweeper and the reconciliation on real Redis and PostgreSQL: expired
 //! reservations go back (a converted one is left alone); a gate that drifted from
 //! the inventory is set from it, counting live reservations, and an item with an
-//! order saga mid-way is left for the next run.
+//! order saga mid-way is left for the next run; a sale the gate lost is opened
+//! again from the inventory.
 
 mod support;
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use palisade_flash_sale::order::ORDER_SAGA;
 use palisade_flash_sale::upkeep::{StockReconciliation, sweep};
-use palisade_flash_sale::{Reserve, StockCount};
+use palisade_flash_sale::{Gate, GateError, Reserve, StockCount};
 use palisade_flow::reconcile::reconcile;
 
 use support::sale;
@@ -18,7 +19,7 @@ use support::sale;
 async fn the_sweeper_returns_expired_reservations_and_leaves_converted_ones() {
     let (services, _) = support::services().await;
     services.gate.open(&sale("cam", 5, 5)).await.unwrap();
-    services.inventory.set_stock("cam", 5).await.unwrap();
+    services.inventory.open(&sale("cam", 5, 5)).await.unwrap();
     let gate = &services.gate;
     for (key, ttl) in [
         ("gone", Duration::ZERO),
@@ -48,7 +49,7 @@ async fn a_drifted_gate_is_set_from_the_inventory_unless_a_saga_is_mid_way() {
     // The gate believes in 10 units; the inventory holds 8 (sold elsewhere, or a
     // Redis restored from an old snapshot).
     services.gate.open(&sale("tv", 10, 5)).await.unwrap();
-    services.inventory.set_stock("tv", 8).await.unwrap();
+    services.inventory.open(&sale("tv", 8, 5)).await.unwrap();
     assert!(matches!(
         services
             .gate
@@ -86,5 +87,63 @@ async fn a_drifted_gate_is_set_from_the_inventory_unless_a_saga_is_mid_way() {
     );
     let again = reconcile(&r).await.unwrap();
     assert!(again.differences.is_empty(), "{again:?}");
+    runner.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_sale_the_gate_lost_is_opened_again_from_the_inventory() {
+    let (services, pool) = support::services().await;
+    let (_sagas, _transitions, runner) = support::sagas(&services, pool.clone()).await;
+    let before = sale("lamp", 6, 2);
+    services.gate.open(&before).await.unwrap();
+    services.inventory.open(&before).await.unwrap();
+    // Two units gone from the inventory (orders placed), then the gate's Redis
+    // restarted empty: its keys are gone.
+    for r in ["r1", "r2"] {
+        services.inventory.take("lamp", r).await.unwrap();
+    }
+    let Gate::Redis { conn, prefix } = &services.gate else {
+        panic!("the test gate is in Redis")
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert!(matches!(
+        services.gate.count("lamp").await,
+        Err(GateError::NoSale(_))
+    ));
+
+    let r = StockReconciliation::new(services.clone());
+    let report = reconcile(&r).await.unwrap();
+    assert_eq!((report.differences.len(), report.repaired), (1, 1), "{report:?}");
+    // Open again with the inventory's four units, its window and limit as set up.
+    assert_eq!(
+        services.gate.count("lamp").await.unwrap(),
+        StockCount { stock: 4, live: 0 }
+    );
+    let late = services
+        .gate
+        .reserve("lamp", "ann", "k1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(late, Reserve::Reserved { left: 3, unit: 1 }), "{late:?}");
+    let _ = services
+        .gate
+        .reserve("lamp", "ann", "k2", Duration::from_secs(60))
+        .await;
+    let third = services
+        .gate
+        .reserve("lamp", "ann", "k3", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(third, Reserve::OverLimit);
+    assert_eq!(r.reopen_missing().await.unwrap(), 0, "nothing is missing now");
     runner.shutdown(Duration::from_secs(5)).await;
 }
