@@ -168,6 +168,15 @@ redis.call('HSET', KEYS[1], 'stock', math.max(0, tonumber(ARGV[3]) - live))
 return 1
 ";
 
+/// Opens a sale the gate does not hold (1), or does nothing (0): two instances
+/// opening a lost sale at once open it once, and a reservation made after the
+/// first is not overwritten. KEYS: the sale; ARGV: stock, opens, closes, per_user.
+const OPEN_MISSING: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'opens', ARGV[2], 'closes', ARGV[3], 'per_user', ARGV[4])
+return 1
+";
+
 /// The live reservations past their expiry by Redis's clock, oldest first, at
 /// most ARGV[1]. KEYS: the live set.
 const EXPIRED: &str = r"
@@ -260,15 +269,33 @@ impl Gate {
                 Ok(())
             }
             Gate::Local(m) => {
-                let fresh = LocalSale {
-                    sale: sale.clone(),
-                    stock: sale.stock,
-                    units: HashMap::new(),
-                    reservations: HashMap::new(),
-                    live: BTreeSet::new(),
-                };
-                m.lock().await.insert(sale.item.clone(), fresh);
+                m.lock().await.insert(sale.item.clone(), LocalSale::new(sale));
                 Ok(())
+            }
+        }
+    }
+
+    /// Opens `sale` unless the gate holds a sale of its item: `true` when it did.
+    pub async fn open_missing(&self, sale: &Sale) -> Result<bool, GateError> {
+        match self {
+            Gate::Redis { conn, prefix } => {
+                let opened: i64 = redis::Script::new(OPEN_MISSING)
+                    .key(Self::keys(prefix, &sale.item))
+                    .arg(sale.stock)
+                    .arg(sale.opens_ms)
+                    .arg(sale.closes_ms)
+                    .arg(sale.per_user)
+                    .invoke_async(&mut conn.clone())
+                    .await?;
+                Ok(opened == 1)
+            }
+            Gate::Local(m) => {
+                let mut sales = m.lock().await;
+                if sales.contains_key(&sale.item) {
+                    return Ok(false);
+                }
+                sales.insert(sale.item.clone(), LocalSale::new(sale));
+                Ok(true)
             }
         }
     }
@@ -498,6 +525,16 @@ impl Gate {
 }
 
 impl LocalSale {
+    fn new(sale: &Sale) -> LocalSale {
+        LocalSale {
+            sale: sale.clone(),
+            stock: sale.stock,
+            units: HashMap::new(),
+            reservations: HashMap::new(),
+            live: BTreeSet::new(),
+        }
+    }
+
     fn reserve(&mut self, user: &str, reservation: &str, now: u64, ttl_ms: u64) -> Reserve {
         if let Some((_, unit, _, _)) = self.reservations.get(reservation) {
             return Reserve::Replayed { unit: *unit };

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use palisade_flash_sale::run::{Settings, start};
+use palisade_flash_sale::run::{Role, Settings, start};
 
 /// One instance of the flash-sale service.
 #[derive(Debug, Parser)]
@@ -50,6 +50,19 @@ struct Args {
     /// Order saga steps run at once in this instance.
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// What this instance does: serve the routes and run the jobs, or one of them.
+    #[arg(long, value_enum, default_value = "all")]
+    role: Role,
+    /// How often expired reservations are swept (seconds).
+    #[arg(long, default_value_t = 1)]
+    sweep_every_secs: u64,
+    /// How long a job taken by a worker that stopped answering waits before it
+    /// runs elsewhere (seconds).
+    #[arg(long, default_value_t = 10)]
+    lease_secs: u64,
+    /// How often the gate is reconciled with the inventory (seconds).
+    #[arg(long, default_value_t = 60)]
+    reconcile_every_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -63,8 +76,10 @@ fn main() -> ExitCode {
         reservation_ttl: Duration::from_secs(a.reservation_ttl_secs),
         pay_within: Duration::from_secs(a.pay_within_secs),
         workers: a.workers,
-        sweep_every: Duration::from_secs(1),
-        reconcile_every: Duration::from_secs(60),
+        sweep_every: Duration::from_secs(a.sweep_every_secs.max(1)),
+        reconcile_every: Duration::from_secs(a.reconcile_every_secs.max(1)),
+        role: a.role,
+        lease: Duration::from_secs(a.lease_secs.max(1)),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -75,7 +90,10 @@ fn main() -> ExitCode {
             Ok(r) => r,
             Err(e) => return fail(&e),
         };
-        let _ = writeln!(std::io::stdout(), "flash-sale: listening on {}", running.addr);
+        let _ = match running.addr {
+            Some(addr) => writeln!(std::io::stdout(), "flash-sale: listening on {addr}"),
+            None => writeln!(std::io::stdout(), "flash-sale: running jobs"),
+        };
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(t) => t,
             Err(e) => return fail(&e.to_string()),

@@ -45,24 +45,44 @@ pub struct Settings {
     pub sweep_every: Duration,
     /// How often the gate is reconciled with the inventory.
     pub reconcile_every: Duration,
+    /// What this instance does.
+    pub role: Role,
+    /// How long a job taken by a worker that stopped answering stays its
+    /// worker's before it runs elsewhere.
+    pub lease: Duration,
+}
+
+/// What an instance does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Serves the routes and runs the jobs.
+    All,
+    /// Serves the routes only (its purchases' sagas run on the workers).
+    Api,
+    /// Runs the jobs only: the order sagas, the sweeper, the reconciliation.
+    Worker,
 }
 
 /// A running instance.
 #[derive(Debug)]
 pub struct Running {
-    /// Where it listens.
-    pub addr: SocketAddr,
+    /// Where it listens (not for a worker).
+    pub addr: Option<SocketAddr>,
     /// Its state (counts, services).
     pub app: Arc<App>,
-    runner: RunnerHandle,
-    server: JoinHandle<()>,
+    runner: Option<RunnerHandle>,
+    server: Option<JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops serving, then lets the runner finish its steps (within `grace`).
     pub async fn shutdown(self, grace: Duration) {
-        self.server.abort();
-        self.runner.shutdown(grace).await;
+        if let Some(server) = self.server {
+            server.abort();
+        }
+        if let Some(runner) = self.runner {
+            runner.shutdown(grace).await;
+        }
     }
 }
 
@@ -135,6 +155,44 @@ pub async fn start(s: Settings) -> Result<Running, String> {
         .build()
         .await
         .map_err(|e| format!("--orders-db: {e}"))?;
+    // A gate that lost its sales (an embedded process restarted, a Redis
+    // restarted empty) has them back before the first purchase.
+    let reconciliation = StockReconciliation::new(services.clone());
+    let reopened = reconciliation
+        .reopen_missing()
+        .await
+        .map_err(|e| format!("the gate: {e}"))?;
+    if reopened > 0 {
+        tracing::info!(reopened, "sales opened again in the gate from the inventory");
+    }
+    let runner = match s.role {
+        Role::Api => None,
+        Role::All | Role::Worker => Some(run_jobs(&s, queue, &sagas, &services, reconciliation).await?),
+    };
+    let app = Arc::new(App::new(services, sagas, s.reservation_ttl, s.pay_within));
+    let (addr, server) = match s.role {
+        Role::Worker => (None, None),
+        Role::All | Role::Api => {
+            let (addr, server) = serve(s.listen, app.clone()).await?;
+            (Some(addr), Some(server))
+        }
+    };
+    Ok(Running {
+        addr,
+        app,
+        runner,
+        server,
+    })
+}
+
+/// Runs the order sagas, and the sweeper and the reconciliation as periodic jobs.
+async fn run_jobs(
+    s: &Settings,
+    queue: Queue,
+    sagas: &Sagas,
+    services: &Arc<Services>,
+    reconciliation: StockReconciliation,
+) -> Result<RunnerHandle, String> {
     let periodic = |kind: &str, every: Duration| {
         let job = NewJob::new(kind, &serde_json::json!({})).map_err(|e| e.to_string())?;
         Ok::<_, String>(Periodic::every(kind, every, job))
@@ -151,40 +209,31 @@ pub async fn start(s: Settings) -> Result<Running, String> {
                 s.reconcile_every,
             )?,
         ],
+        lease: s.lease,
+        rescue_interval: s.lease / 2,
+        poll_interval: Duration::from_millis(200),
         ..RunnerConfig::default()
     };
-    // A gate that lost its sales (an embedded process restarted, a Redis
-    // restarted empty) has them back before the first purchase.
-    let reconciliation = StockReconciliation::new(services.clone());
-    let reopened = reconciliation
-        .reopen_missing()
-        .await
-        .map_err(|e| format!("the gate: {e}"))?;
-    if reopened > 0 {
-        tracing::info!(reopened, "sales opened again in the gate from the inventory");
-    }
-    let runner = Runner::new(queue, config)
+    Runner::new(queue, config)
         .register(sagas.worker())
         .register(SweepJob(services.clone()))
         .register(ReconcileJob(reconciliation))
         .start()
         .await
-        .map_err(|e| format!("the job runner: {e}"))?;
-    let app = Arc::new(App::new(services, sagas, s.reservation_ttl, s.pay_within));
-    let listener = tokio::net::TcpListener::bind(s.listen)
+        .map_err(|e| format!("the job runner: {e}"))
+}
+
+/// Serves `app`'s routes on `listen`.
+async fn serve(listen: SocketAddr, app: Arc<App>) -> Result<(SocketAddr, JoinHandle<()>), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("--listen {}: {e}", s.listen))?;
+        .map_err(|e| format!("--listen {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let routes = router(app.clone());
+    let routes = router(app);
     let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, routes).await {
             tracing::error!(error = %e, "the HTTP listener stopped");
         }
     });
-    Ok(Running {
-        addr,
-        app,
-        runner,
-        server,
-    })
+    Ok((addr, server))
 }

@@ -5,7 +5,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `POST /buy` `{"item"}`, headers `x-user-id`, `Idempotency-Key` | `202 {"reservation", "status"}`; `409 sold_out`, `429 over_limit`, `403 not_open`, `410 closed`, `404 no_sale`; `400` for a bad request; `503` when the gate or the queue cannot answer |
-//! | `GET /orders/{reservation}` | `{"state": "pending" \| "paid" \| "cancelled" \| "processing"}` |
+//! | `GET /orders/{reservation}` | `{"state": "pending" \| "paid" \| "cancelled" \| "processing" \| "failed"}`; `404` for no purchase |
 //! | `POST /orders/{reservation}/pay` | `200` paid, `409` when it is not pending (cancelled: not paid in time) |
 //! | `POST /admin/sales` `{"item", "stock", "opens_ms", "closes_ms", "per_user"}` | `201` |
 //! | `GET /admin/sales/{item}` | the gate's stock and live reservations, the database's stock, live orders, the layers' counts |
@@ -20,17 +20,20 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use palisade_flow::saga::Sagas;
+use palisade_flow::saga::{SagaState, Sagas};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::gate::{Reserve, Sale, now_ms};
+use crate::gate::{GateError, Reserve, Sale, now_ms};
 use crate::order::{ORDER_SAGA, OrderInput, Services};
 use crate::store::OrderState;
 
 /// A sold-out item is not asked of the gate again for this long (units released
 /// by expiry or cancellation are seen after it).
 const SOLD_OUT_RECHECK_MS: u64 = 1000;
+/// An item neither the gate nor the inventory knows is not looked up again for
+/// this long.
+const NO_SALE_RECHECK_MS: u64 = 1000;
 /// A user at the limit is not asked of the gate again for this long.
 const AT_LIMIT_RECHECK_MS: u64 = 5000;
 /// Users remembered at their limit, and purchases accepted here, at most (each
@@ -93,6 +96,8 @@ pub struct App {
     sold_out: Mutex<HashMap<String, u64>>,
     /// (item, user) at the limit, until when they are asked again (ms).
     at_limit: Mutex<HashMap<(String, String), u64>>,
+    /// Items not for sale, until when they are looked up again (ms).
+    no_sale: Mutex<HashMap<String, u64>>,
     /// Reservations this instance accepted: a repeat is answered as the first
     /// was, before the local refusals (behind the gateway's `idempotency` option
     /// a repeat never gets here, whichever instance took the first).
@@ -123,6 +128,7 @@ impl App {
             counts: Counts::default(),
             sold_out: Mutex::default(),
             at_limit: Mutex::default(),
+            no_sale: Mutex::default(),
             accepted: Mutex::default(),
         }
     }
@@ -205,11 +211,7 @@ async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::
         return refuse(StatusCode::TOO_MANY_REQUESTS, "over_limit");
     }
     // Layer 4: the gate.
-    let reserved = app
-        .services
-        .gate
-        .reserve(item, user, &reservation, app.reservation_ttl)
-        .await;
+    let reserved = reserve(&app, item, user, &reservation, now).await;
     // A replay (the first request went to another instance, or this one
     // restarted) starts the order saga too, in case the first never did: a
     // reservation has one saga whoever starts it.
@@ -232,6 +234,47 @@ async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::
         pay_by_ms: now + u64::try_from(app.pay_within.as_millis()).unwrap_or(u64::MAX),
     };
     enqueue(&app, &input, replay).await
+}
+
+/// The gate's answer to a purchase attempt. A sale the gate does not hold but the
+/// inventory does (the gate's Redis restarted empty) is opened again from the
+/// inventory and the attempt made once more; an item the inventory does not
+/// know either is remembered for a second, so unknown items cost no query each.
+async fn reserve(
+    app: &App,
+    item: &str,
+    user: &str,
+    reservation: &str,
+    now: u64,
+) -> Result<Reserve, GateError> {
+    let gate = &app.services.gate;
+    let first = gate.reserve(item, user, reservation, app.reservation_ttl).await?;
+    if first != Reserve::NoSale || lock(&app.no_sale).get(item).is_some_and(|until| *until > now) {
+        return Ok(first);
+    }
+    match app.services.inventory.sale(item).await {
+        Ok(Some(sale)) => {
+            if gate.open_missing(&sale).await? {
+                tracing::warn!(
+                    item,
+                    "the gate had lost the sale: opened again from the inventory"
+                );
+            }
+            gate.reserve(item, user, reservation, app.reservation_ttl).await
+        }
+        Ok(None) => {
+            let mut unknown = lock(&app.no_sale);
+            if unknown.len() >= LOCAL_MAX {
+                unknown.clear();
+            }
+            unknown.insert(item.to_owned(), now + NO_SALE_RECHECK_MS);
+            Ok(first)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the inventory cannot answer");
+            Ok(first)
+        }
+    }
 }
 
 /// Starts the order saga of `input`'s reservation and answers `202`; when it
@@ -311,10 +354,23 @@ async fn start_order(app: &App, input: &OrderInput) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// An order's state: `pending`, `paid` or `cancelled` once placed; before,
+/// `processing` while its saga runs, or `failed` (with why) when the saga ended
+/// without an order (its reservation expired first, the inventory had no unit
+/// left); `404` for a reservation no purchase made.
 async fn order(State(app): State<Arc<App>>, Path(reservation): Path<String>) -> Response {
     match app.services.orders.state(&reservation).await {
-        Ok(Some(s)) => answer(StatusCode::OK, json!({"state": state_name(s)})),
-        Ok(None) => answer(StatusCode::OK, json!({"state": "processing"})),
+        Ok(Some(s)) => return answer(StatusCode::OK, json!({"state": state_name(s)})),
+        Ok(None) => {}
+        Err(_) => return refuse(StatusCode::SERVICE_UNAVAILABLE, "orders_unavailable"),
+    }
+    match app.sagas.status_by_key(&reservation).await {
+        Ok(Some(saga)) if saga.state == SagaState::Compensated => answer(
+            StatusCode::OK,
+            json!({"state": "failed", "why": saga.error.unwrap_or_default()}),
+        ),
+        Ok(Some(_)) => answer(StatusCode::OK, json!({"state": "processing"})),
+        Ok(None) => refuse(StatusCode::NOT_FOUND, "no_purchase"),
         Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "orders_unavailable"),
     }
 }
@@ -370,6 +426,7 @@ async fn open_sale(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Resp
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "stores_unavailable");
     }
     lock(&app.sold_out).remove(&sale.item);
+    lock(&app.no_sale).remove(&sale.item);
     answer(StatusCode::CREATED, json!({"item": sale.item}))
 }
 
@@ -388,9 +445,11 @@ async fn sale_view(State(app): State<Arc<App>>, Path(item): Path<String>) -> Res
 /// The invariants, each true at every moment: no more live orders than units put
 /// on sale; no user holding more than the limit; the units moved out of the
 /// inventory (taken less given back) are the units it no longer has. Two more
-/// hold once no saga is on the way (`settled`): every unit gone from the
-/// inventory is a live order, and the gate's stock plus its live reservations
-/// equal the inventory's stock after reconciliation (`drift` 0).
+/// hold once no saga is on the way (`settled`: none between its reservation and
+/// its order, or compensating): every unit gone from the inventory is a live
+/// order, and the gate's stock plus its live reservations equal the inventory's
+/// stock after reconciliation (`drift` 0). `sagas_open` counts the sagas not
+/// ended, those waiting for a payment included.
 async fn audit(app: &App, item: &str) -> Result<Option<serde_json::Value>, Box<dyn std::error::Error>> {
     let svc = &app.services;
     let Some(books) = svc.inventory.books(item).await? else {
@@ -405,6 +464,7 @@ async fn audit(app: &App, item: &str) -> Result<Option<serde_json::Value>, Box<d
     let over = svc.orders.users_over(item, books.per_user).await?;
     // Before the payment wait: converted, taken or placed, not yet all three.
     let in_flight = svc.orders.sagas_before(ORDER_SAGA, item, 3).await?;
+    let open = svc.orders.sagas_before(ORDER_SAGA, item, i32::MAX).await?;
     let sold = books.initial - books.stock;
     let drift = gate.map(|g| i64::from(g.stock) + i64::from(g.live) - books.stock);
     Ok(Some(json!({
@@ -419,6 +479,7 @@ async fn audit(app: &App, item: &str) -> Result<Option<serde_json::Value>, Box<d
         },
         "orders": orders,
         "sagas_in_flight": in_flight,
+        "sagas_open": open,
         "drift": drift,
         "invariants": {
             "not_oversold": orders <= books.initial,

@@ -11,7 +11,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
@@ -114,10 +114,13 @@ impl Db {
     pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
         let within = Duration::from_secs(10);
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            // A 202 is a promise: the service's commits are durable before they
+            // are answered, whatever the server's default.
+            let options = PgConnectOptions::from_str(url)?.options([("synchronous_commit", "on")]);
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(within)
-                .connect(url)
+                .connect_with(options)
                 .await?;
             Ok(Db::Postgres(pool))
         } else if url.starts_with("sqlite:") {

@@ -82,13 +82,14 @@ impl StockReconciliation {
         let mut sale = (self.services.inventory.sale(item).await?)
             .ok_or_else(|| format!("the inventory has no sale of {item}"))?;
         sale.stock = stock;
-        self.services.gate.open(&sale).await?;
-        metrics::counter!("palisade_flash_sale_sales_reopened_total").increment(1);
-        tracing::warn!(
-            item,
-            stock,
-            "the gate had lost the sale: opened again from the inventory"
-        );
+        if self.services.gate.open_missing(&sale).await? {
+            metrics::counter!("palisade_flash_sale_sales_reopened_total").increment(1);
+            tracing::warn!(
+                item,
+                stock,
+                "the gate had lost the sale: opened again from the inventory"
+            );
+        }
         Ok(())
     }
 

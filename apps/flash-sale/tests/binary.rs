@@ -4,8 +4,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 
 use support::{fresh_db, now_ms};
 
@@ -26,19 +26,8 @@ fn http(addr: &str, method: &str, path: &str, headers: &str, body: &str) -> (u16
 
 /// Starts the binary with `args`; the child and the address it listens on.
 fn spawn(args: &[&str]) -> (std::process::Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flash-sale"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines.next().expect("no line").unwrap();
-    let addr = line
-        .strip_prefix("flash-sale: listening on ")
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_owned();
-    (child, addr)
+    let (child, addr) = support::start_binary(args);
+    (child, addr.expect("an instance that serves"))
 }
 
 /// Stops `child` with SIGTERM; whether it exited cleanly.

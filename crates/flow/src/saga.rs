@@ -531,6 +531,28 @@ impl Sagas {
         Ok(self.record(id).await?.map(|(status, _)| status))
     }
 
+    /// The record of the saga started with `key` ([`start_once`](Self::start_once)).
+    pub async fn status_by_key(&self, key: &str) -> Result<Option<SagaStatus>, SagaError> {
+        let id: Option<i64> = match &self.inner.db {
+            SagaDb::Postgres(pool) => {
+                sqlx::query_scalar("SELECT id FROM palisade_sagas WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            SagaDb::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT id FROM palisade_sagas WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        match id {
+            Some(id) => self.status(id).await,
+            None => Ok(None),
+        }
+    }
+
     /// Saga `id`'s record and its input.
     async fn record(&self, id: i64) -> Result<Option<(SagaStatus, Value)>, SagaError> {
         type Row = (String, String, i32, String, Option<String>, String);

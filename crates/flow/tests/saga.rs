@@ -515,5 +515,7 @@ async fn a_saga_started_once_by_key_starts_once() {
         // Two sagas, two first steps enqueued (the repeat enqueued nothing).
         let status = sagas.status(id).await.unwrap().unwrap();
         assert_eq!((status.state, status.step), (SagaState::Running, 0));
+        assert_eq!(sagas.status_by_key("order-7").await.unwrap(), Some(status));
+        assert_eq!(sagas.status_by_key("order-9").await.unwrap(), None);
     }
 }

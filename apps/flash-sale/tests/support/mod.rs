@@ -132,3 +132,20 @@ pub async fn fresh_sqlite(name: &str) -> palisade_flash_sale::store::Db {
     let url = format!("sqlite:{}", dir.join(format!("{name}.db")).display());
     palisade_flash_sale::store::Db::connect(&url).await.unwrap()
 }
+
+/// Starts the `flash-sale` binary with `args` (listening on a free port); the
+/// process and, unless it only runs jobs, the address it says it listens on.
+pub fn start_binary(args: &[&str]) -> (std::process::Child, Option<String>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flash-sale"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("the process said nothing").unwrap();
+    let addr = line.strip_prefix("flash-sale: listening on ").map(str::to_owned);
+    assert!(addr.is_some() || line == "flash-sale: running jobs", "{line}");
+    (child, addr)
+}
