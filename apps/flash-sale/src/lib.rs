@@ -9,6 +9,7 @@
 //! across them, cancelling an order not paid in time.
 
 pub mod gate;
+pub mod naive;
 pub mod order;
 pub mod run;
 pub mod service;

@@ -10,7 +10,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use palisade_flash_sale::run::{Role, Settings, start};
+use palisade_flash_sale::run::{Role, Settings, start, start_naive};
+
+/// Which design serves the purchases.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Design {
+    /// The layers in front of the stock gate, the orders by saga.
+    Layered,
+    /// Every attempt a transaction in the database.
+    Naive,
+}
 
 /// One instance of the flash-sale service.
 #[derive(Debug, Parser)]
@@ -50,6 +59,10 @@ struct Args {
     /// Order saga steps run at once in this instance.
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// The design: `layered` (the service), or `naive` (every attempt a
+    /// transaction in --inventory-db; kept for the comparison benchmark).
+    #[arg(long, value_enum, default_value = "layered")]
+    design: Design,
     /// What this instance does: serve the routes and run the jobs, or one of them.
     #[arg(long, value_enum, default_value = "all")]
     role: Role,
@@ -86,7 +99,11 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     rt.block_on(async {
-        let running = match start(settings).await {
+        let started = match a.design {
+            Design::Layered => start(settings).await,
+            Design::Naive => start_naive(settings).await,
+        };
+        let running = match started {
             Ok(r) => r,
             Err(e) => return fail(&e),
         };

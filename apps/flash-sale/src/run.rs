@@ -15,6 +15,7 @@ use palisade_queue::{NewJob, Periodic, Queue, QueueConfig, Runner, RunnerConfig,
 use tokio::task::JoinHandle;
 
 use crate::gate::Gate;
+use crate::naive::Naive;
 use crate::order::{Services, order_saga};
 use crate::service::{App, router};
 use crate::store::{Db, Inventory, Orders};
@@ -68,8 +69,8 @@ pub enum Role {
 pub struct Running {
     /// Where it listens (not for a worker).
     pub addr: Option<SocketAddr>,
-    /// Its state (counts, services).
-    pub app: Arc<App>,
+    /// Its state (counts, services); none for the naive design.
+    pub app: Option<Arc<App>>,
     runner: Option<RunnerHandle>,
     server: Option<JoinHandle<()>>,
 }
@@ -173,15 +174,31 @@ pub async fn start(s: Settings) -> Result<Running, String> {
     let (addr, server) = match s.role {
         Role::Worker => (None, None),
         Role::All | Role::Api => {
-            let (addr, server) = serve(s.listen, app.clone()).await?;
+            let (addr, server) = serve(s.listen, router(app.clone())).await?;
             (Some(addr), Some(server))
         }
     };
     Ok(Running {
         addr,
-        app,
+        app: Some(app),
         runner,
         server,
+    })
+}
+
+/// Serves the naive design (every attempt a transaction in `s.inventory_db`),
+/// for comparison.
+pub async fn start_naive(s: Settings) -> Result<Running, String> {
+    let db = Db::connect(&s.inventory_db)
+        .await
+        .map_err(|e| format!("--inventory-db: {e}"))?;
+    let naive = Naive::new(db).await.map_err(|e| format!("--inventory-db: {e}"))?;
+    let (addr, server) = serve(s.listen, crate::naive::router(Arc::new(naive))).await?;
+    Ok(Running {
+        addr: Some(addr),
+        app: None,
+        runner: None,
+        server: Some(server),
     })
 }
 
@@ -223,13 +240,12 @@ async fn run_jobs(
         .map_err(|e| format!("the job runner: {e}"))
 }
 
-/// Serves `app`'s routes on `listen`.
-async fn serve(listen: SocketAddr, app: Arc<App>) -> Result<(SocketAddr, JoinHandle<()>), String> {
+/// Serves `routes` on `listen`.
+async fn serve(listen: SocketAddr, routes: axum::Router) -> Result<(SocketAddr, JoinHandle<()>), String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("--listen {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let routes = router(app);
     let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, routes).await {
             tracing::error!(error = %e, "the HTTP listener stopped");

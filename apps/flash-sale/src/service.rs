@@ -401,25 +401,33 @@ struct SaleSetup {
     per_user: u32,
 }
 
-async fn open_sale(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let Ok(s) = serde_json::from_slice::<SaleSetup>(&body) else {
-        return refuse(
+/// A sale's setup from a request body, or the `400` that says what is wrong.
+pub(crate) fn sale_setup(body: &[u8]) -> Result<Sale, Response> {
+    let Ok(s) = serde_json::from_slice::<SaleSetup>(body) else {
+        return Err(refuse(
             StatusCode::BAD_REQUEST,
             "needs {item, stock, opens_ms, closes_ms, per_user}",
-        );
+        ));
     };
     if token(Some(&s.item)).is_none() || s.closes_ms <= s.opens_ms || s.per_user == 0 {
-        return refuse(
+        return Err(refuse(
             StatusCode::BAD_REQUEST,
             "item: 1-64 of A-Z a-z 0-9 . _ -; closes_ms after opens_ms; per_user at least 1",
-        );
+        ));
     }
-    let sale = Sale {
+    Ok(Sale {
         item: s.item,
         stock: s.stock,
         opens_ms: s.opens_ms,
         closes_ms: s.closes_ms,
         per_user: s.per_user,
+    })
+}
+
+async fn open_sale(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let sale = match sale_setup(&body) {
+        Ok(sale) => sale,
+        Err(bad) => return bad,
     };
     let svc = &app.services;
     if svc.inventory.open(&sale).await.is_err() || svc.gate.open(&sale).await.is_err() {

@@ -102,11 +102,12 @@ impl From<SqlitePool> for Db {
 macro_rules! on {
     ($db:expr, $p:ident => $body:expr) => {
         match $db {
-            Db::Postgres($p) => $body,
-            Db::Sqlite($p) => $body,
+            $crate::store::Db::Postgres($p) => $body,
+            $crate::store::Db::Sqlite($p) => $body,
         }
     };
 }
+pub(crate) use on;
 
 impl Db {
     /// Connects to `url`: `postgres://...`, or `sqlite:path` (the file created if
@@ -143,7 +144,11 @@ impl Db {
     }
 
     /// Runs `ddl` (PostgreSQL's or SQLite's).
-    async fn declare(&self, postgres: &[&'static str], sqlite: &[&'static str]) -> Result<(), sqlx::Error> {
+    pub(crate) async fn declare(
+        &self,
+        postgres: &[&'static str],
+        sqlite: &[&'static str],
+    ) -> Result<(), sqlx::Error> {
         let ddl = match self {
             Db::Postgres(_) => postgres,
             Db::Sqlite(_) => sqlite,

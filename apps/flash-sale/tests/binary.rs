@@ -130,6 +130,31 @@ fn embedded_it_sells_on_sqlite_with_no_server_and_keeps_its_orders_across_a_rest
 }
 
 #[test]
+fn the_naive_design_sells_from_the_database_alone() {
+    let dir = std::env::temp_dir().join(format!("fs-naive-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = format!("sqlite:{}", dir.join("naive.db").display());
+    let (child, addr) = spawn(&["--design", "naive", "--inventory-db", &db]);
+    open_pens(&addr, 2);
+    let mut statuses = Vec::new();
+    for (user, key) in [("ann", "k1"), ("ann", "k1"), ("bob", "k1"), ("cy", "k1")] {
+        let buyer = format!("x-user-id: {user}\r\nidempotency-key: {key}\r\n");
+        statuses.push(http(&addr, "POST", "/buy", &buyer, r#"{"item":"pen"}"#).0);
+    }
+    // Ann's repeat buys nothing more; the stock runs out at Cy.
+    assert_eq!(statuses, [202, 409, 202, 409]);
+    let (_, view) = http(&addr, "GET", "/admin/sales/pen", "", "");
+    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(
+        (view["orders"].as_i64(), view["inventory"]["stock"].as_i64()),
+        (Some(2), Some(0)),
+        "{view}"
+    );
+    assert!(terminate(child));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_database_url_of_no_known_kind_is_named() {
     let out = Command::new(env!("CARGO_BIN_EXE_flash-sale"))
         .args(["--listen", "127.0.0.1:0", "--inventory-db", "mysql://127.0.0.1/x"])
