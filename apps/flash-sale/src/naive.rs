@@ -122,7 +122,7 @@ async fn buy(State(n): State<Arc<Naive>>, headers: HeaderMap, body: axum::body::
 async fn open_sale(State(n): State<Arc<Naive>>, body: axum::body::Bytes) -> Response {
     let sale = match crate::service::sale_setup(&body) {
         Ok(sale) => sale,
-        Err(bad) => return bad,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
     };
     match n.inventory.open(&sale).await {
         Ok(()) => (StatusCode::CREATED, Json(json!({"item": sale.item}))).into_response(),

@@ -401,19 +401,13 @@ struct SaleSetup {
     per_user: u32,
 }
 
-/// A sale's setup from a request body, or the `400` that says what is wrong.
-pub(crate) fn sale_setup(body: &[u8]) -> Result<Sale, Response> {
+/// A sale's setup from a request body, or what is wrong with it (a `400`).
+pub(crate) fn sale_setup(body: &[u8]) -> Result<Sale, &'static str> {
     let Ok(s) = serde_json::from_slice::<SaleSetup>(body) else {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "needs {item, stock, opens_ms, closes_ms, per_user}",
-        ));
+        return Err("needs {item, stock, opens_ms, closes_ms, per_user}");
     };
     if token(Some(&s.item)).is_none() || s.closes_ms <= s.opens_ms || s.per_user == 0 {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "item: 1-64 of A-Z a-z 0-9 . _ -; closes_ms after opens_ms; per_user at least 1",
-        ));
+        return Err("item: 1-64 of A-Z a-z 0-9 . _ -; closes_ms after opens_ms; per_user at least 1");
     }
     Ok(Sale {
         item: s.item,
@@ -427,7 +421,7 @@ pub(crate) fn sale_setup(body: &[u8]) -> Result<Sale, Response> {
 async fn open_sale(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
     let sale = match sale_setup(&body) {
         Ok(sale) => sale,
-        Err(bad) => return bad,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
     };
     let svc = &app.services;
     if svc.inventory.open(&sale).await.is_err() || svc.gate.open(&sale).await.is_err() {
