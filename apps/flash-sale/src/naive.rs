@@ -48,7 +48,7 @@ impl Naive {
     async fn buy(&self, item: &str, user: &str, reservation: &str, now_ms: u64) -> Result<bool, sqlx::Error> {
         let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
         on!(&self.db, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = palisade_queue::begin(p).await?;
             let took = sqlx::query(
                 "UPDATE fs_items SET stock = stock - 1
                  WHERE item = $1 AND stock > 0 AND opens_ms <= $3 AND $3 < closes_ms
@@ -75,13 +75,18 @@ impl Naive {
         })
     }
 
-    /// `item`'s orders.
-    async fn orders(&self, item: &str) -> Result<i64, sqlx::Error> {
+    /// `item`'s orders, and the users holding more than `limit` of them.
+    async fn orders(&self, item: &str, limit: i64) -> Result<(i64, i64), sqlx::Error> {
         on!(&self.db, p => {
-            sqlx::query_scalar("SELECT count(*) FROM fs_naive_orders WHERE item = $1")
-                .bind(item)
-                .fetch_one(p)
-                .await
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM fs_naive_orders WHERE item = $1),
+                     (SELECT count(*) FROM (SELECT user_id FROM fs_naive_orders WHERE item = $1
+                         GROUP BY user_id HAVING count(*) > $2) AS over)",
+            )
+            .bind(item)
+            .bind(limit)
+            .fetch_one(p)
+            .await
         })
     }
 }
@@ -131,18 +136,23 @@ async fn open_sale(State(n): State<Arc<Naive>>, body: axum::body::Bytes) -> Resp
 }
 
 async fn view(State(n): State<Arc<Naive>>, Path(item): Path<String>) -> Response {
-    match (n.inventory.books(&item).await, n.orders(&item).await) {
-        (Ok(Some(books)), Ok(orders)) => Json(json!({
+    let books = match n.inventory.books(&item).await {
+        Ok(Some(books)) => books,
+        Ok(None) => return refuse(StatusCode::NOT_FOUND, "no_sale"),
+        Err(_) => return refuse(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+    };
+    match n.orders(&item, books.per_user).await {
+        Ok((orders, over)) => Json(json!({
             "item": item,
             "inventory": {"initial": books.initial, "stock": books.stock},
             "orders": orders,
             "invariants": {
                 "not_oversold": orders <= books.initial,
+                "no_user_over_limit": over == 0,
                 "orders_equal_sold": orders == books.initial - books.stock,
             },
         }))
         .into_response(),
-        (Ok(None), _) => refuse(StatusCode::NOT_FOUND, "no_sale"),
-        _ => refuse(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
     }
 }

@@ -8,9 +8,10 @@
 //!    the database has none, whatever the gate said); undone by giving it back;
 //! 3. **place** the order (one per reservation, one per user unit); undone by
 //!    cancelling it;
-//! 4. **await payment** until the order's deadline, waiting without spending
-//!    attempts; past it, the order is cancelled (unless the payment won the race)
-//!    and the saga compensates 3, 2 and 1: the unit goes back everywhere.
+//! 4. **await payment** until the order's deadline, asleep (a queue snooze, no
+//!    attempt spent, no polling); then a paid order ends the saga, and an unpaid
+//!    one is cancelled (unless the payment won the race) and the saga compensates
+//!    3, 2 and 1: the unit goes back everywhere.
 //!
 //! A worker can die anywhere: the queue runs the step again, and each step finds
 //! its own earlier effect.
@@ -27,9 +28,6 @@ use crate::store::{Inventory, NewOrder, OrderState, Orders, Placed, Taken};
 
 /// The saga's name.
 pub const ORDER_SAGA: &str = "flash_sale_order";
-
-/// The longest a payment wait sleeps before it looks again.
-const PAYMENT_POLL: Duration = Duration::from_secs(1);
 
 /// What the saga is started with: the reservation the gate made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,7 +134,9 @@ impl Kind {
         let now = now_ms();
         if now < o.pay_by_ms {
             let left = Duration::from_millis(o.pay_by_ms - now);
-            return Err(StepError::Wait(left.min(PAYMENT_POLL)));
+            // Asleep until the deadline: a payment meanwhile is the order's
+            // state, seen when the step wakes; waiting costs nothing until then.
+            return Err(StepError::Wait(left));
         }
         if orders.cancel(&o.reservation).await.map_err(retry)? {
             return Err(StepError::Abort("not paid in time".into()));

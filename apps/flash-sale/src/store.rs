@@ -143,7 +143,9 @@ impl Db {
         }
     }
 
-    /// Runs `ddl` (PostgreSQL's or SQLite's).
+    /// Runs `ddl` (PostgreSQL's or SQLite's). Instances starting together on a
+    /// new database declare its tables once: on PostgreSQL under a lock, since two
+    /// `CREATE TABLE IF NOT EXISTS` at once can both try to create it.
     pub(crate) async fn declare(
         &self,
         postgres: &[&'static str],
@@ -153,10 +155,18 @@ impl Db {
             Db::Postgres(_) => postgres,
             Db::Sqlite(_) => sqlite,
         };
-        for statement in ddl {
-            on!(self, p => sqlx::query(*statement).execute(p).await.map(drop)?);
-        }
-        Ok(())
+        on!(self, p => {
+            let mut tx = palisade_queue::begin(p).await?;
+            if matches!(self, Db::Postgres(_)) {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('palisade_flash_sale', 0))")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for statement in ddl {
+                sqlx::query(*statement).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        })
     }
 
     /// The first column of every row `sql` (with `bind` as `$1`) returns.
@@ -280,7 +290,7 @@ impl Inventory {
         on!(&self.db, p => {
             // The move is written first: on SQLite that takes the write lock
             // before anything is read.
-            let mut tx = p.begin().await?;
+            let mut tx = palisade_queue::begin(p).await?;
             let moved = sqlx::query(
                 "INSERT INTO fs_stock_moves (reservation, item, kind) VALUES ($1, $2, 'take') ON CONFLICT DO NOTHING",
             )
@@ -308,7 +318,7 @@ impl Inventory {
     /// was returned before.
     pub async fn give_back(&self, item: &str, reservation: &str) -> Result<bool, sqlx::Error> {
         on!(&self.db, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = palisade_queue::begin(p).await?;
             let moved = sqlx::query(
                 "INSERT INTO fs_stock_moves (reservation, item, kind)
                  SELECT $1, $2, 'return' WHERE EXISTS

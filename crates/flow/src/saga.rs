@@ -295,7 +295,7 @@ macro_rules! in_tx {
     ($db:expr, $c:ident => $body:expr) => {
         match $db {
             SagaDb::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = palisade_queue::begin(pool).await?;
                 let mut $c = Conn::Postgres(&mut *tx);
                 let out: Result<_, SagaError> = $body;
                 if out.is_ok() {
@@ -304,7 +304,7 @@ macro_rules! in_tx {
                 out
             }
             SagaDb::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = palisade_queue::begin(pool).await?;
                 let mut $c = Conn::Sqlite(&mut *tx);
                 let out: Result<_, SagaError> = $body;
                 if out.is_ok() {
@@ -369,9 +369,16 @@ impl SagasBuilder {
     pub async fn build(self) -> Result<Sagas, SagaError> {
         match &self.db {
             SagaDb::Postgres(pool) => {
+                // Processes starting together create it once (two `CREATE TABLE
+                // IF NOT EXISTS` at once can both try).
+                let mut tx = palisade_queue::begin(pool).await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('palisade_sagas', 0))")
+                    .execute(&mut *tx)
+                    .await?;
                 for ddl in SCHEMA_POSTGRES {
-                    sqlx::query(ddl).execute(pool).await?;
+                    sqlx::query(ddl).execute(&mut *tx).await?;
                 }
+                tx.commit().await?;
             }
             SagaDb::Sqlite(pool) => {
                 sqlx::query(SCHEMA_SQLITE).execute(pool).await?;

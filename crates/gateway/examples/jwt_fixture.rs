@@ -1,11 +1,14 @@
 //! Writes what `bench/gateway.sh edge` needs to measure token checks: a JWKS with
 //! an ES256 key (made now) and an RS256 key (the tests' fixture), and a token of
-//! each, valid for a day, for issuer `bench` and audience `bench`.
+//! each, valid for a day, for issuer `bench` and audience `bench`; and, given a
+//! number of users, an ES256 token for each (`sub` `u0`, `u1`, ...), for
+//! `bench/flash-sale.sh`.
 //!
 //! ```text
-//! cargo run --release -p palisade-gateway --example jwt_fixture -- DIR
+//! cargo run --release -p palisade-gateway --example jwt_fixture -- DIR [USERS]
 //! ```
-//! writes `DIR/jwks.json`, `DIR/es256.token`, `DIR/rs256.token`.
+//! writes `DIR/jwks.json`, `DIR/es256.token`, `DIR/rs256.token` (and
+//! `DIR/users.tokens`, one per line).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -16,7 +19,8 @@ const RSA_DER: &[u8] = include_bytes!("../../edge/tests/keys/rsa.der");
 const RSA_JWK: &str = include_str!("../../edge/tests/keys/rsa.jwk.json");
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::path::PathBuf::from(std::env::args().nth(1).ok_or("usage: jwt_fixture DIR")?);
+    let dir = std::path::PathBuf::from(std::env::args().nth(1).ok_or("usage: jwt_fixture DIR [USERS]")?);
+    let users: usize = std::env::args().nth(2).map_or(Ok(0), |n| n.parse())?;
     std::fs::create_dir_all(&dir)?;
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let point = pair.public_key_raw();
@@ -51,6 +55,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dir.join(format!("{name}.token")),
             jsonwebtoken::encode(&header, &claims, &key)?,
         )?;
+    }
+    if users > 0 {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("es".into());
+        let key = EncodingKey::from_ec_der(&pair.serialize_der());
+        let mut lines = String::new();
+        for u in 0..users {
+            let claims = json!({ "iss": "bench", "aud": "bench", "sub": format!("u{u}"), "exp": exp });
+            lines.push_str(&jsonwebtoken::encode(&header, &claims, &key)?);
+            lines.push('\n');
+        }
+        std::fs::write(dir.join("users.tokens"), lines)?;
     }
     Ok(())
 }

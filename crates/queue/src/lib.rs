@@ -29,6 +29,7 @@ mod queue;
 mod runner;
 mod schema;
 mod store;
+mod tx;
 mod worker;
 
 pub use error::QueueError;
@@ -38,4 +39,5 @@ pub use queue::{ConnectOptions, Queue};
 pub use runner::{QueueConfig, Runner, RunnerConfig, RunnerHandle, ShutdownReport, StartLimit};
 pub use schema::SCHEMA_VERSION;
 pub use store::{Enqueued, ListFilter, QueueStats};
+pub use tx::begin;
 pub use worker::{JobContext, JobError, Worker};

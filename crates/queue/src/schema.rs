@@ -90,7 +90,7 @@ const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS palisade_queue_schema (v
 
 /// Brings a PostgreSQL database to [`SCHEMA_VERSION`].
 pub(crate) async fn migrate_postgres(pool: &PgPool) -> Result<(), QueueError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::begin(pool).await?;
     // One process at a time; released at commit.
     sqlx::query("SELECT pg_advisory_xact_lock(7336501224937205)")
         .execute(&mut *tx)

@@ -166,7 +166,7 @@ impl Store {
                 insert_postgres(&mut conn, jobs).await
             }
             Store::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = crate::begin(pool).await?;
                 let mut out = Vec::with_capacity(jobs.len());
                 let now = now_ms();
                 for (i, job) in jobs.iter().enumerate() {
@@ -280,7 +280,7 @@ impl Store {
                 Ok(())
             }
             Store::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = crate::begin(pool).await?;
                 let now = now_ms();
                 for (id, attempt, f) in done {
                     finish_sqlite(&mut tx, *id, *attempt, f, now).await?;
@@ -318,7 +318,7 @@ impl Store {
                 .await?)
             }
             Store::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = crate::begin(pool).await?;
                 let until = now_ms() + millis(lease);
                 let mut kept = Vec::with_capacity(held.len());
                 for &(id, attempt) in held {

@@ -78,7 +78,7 @@ impl<P: Projection> Projector<P> {
 
     /// Empties the read model and applies every event from the start.
     pub async fn rebuild(&self) -> Result<u64, EventError> {
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = palisade_queue::begin(self.store.pool()).await?;
         self.lock(&mut tx).await?;
         self.projection.reset(&mut tx).await?;
         sqlx::query("UPDATE palisade_checkpoints SET tx = '0'::xid8, position = 0 WHERE name = $1")
@@ -100,7 +100,7 @@ impl<P: Projection> Projector<P> {
     /// One batch: the checkpoint locked, the events after it applied, the
     /// checkpoint moved, all in one transaction.
     async fn step(&self) -> Result<u64, EventError> {
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = palisade_queue::begin(self.store.pool()).await?;
         let frontier = frontier(&mut tx).await?;
         let at = self.lock(&mut tx).await?;
         let events = read_all(&mut tx, at, Some(frontier), self.batch).await?;

@@ -174,7 +174,7 @@ impl<B: EventBus> Relay<B> {
 
     /// One pass: a batch locked, published in order, deleted; how many.
     pub async fn relay_once(&self) -> Result<usize, RelayError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = palisade_queue::begin(&self.pool).await?;
         let rows: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
             "SELECT seq, id, subject, payload FROM palisade_outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
         )

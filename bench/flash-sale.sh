@@ -1,0 +1,315 @@
+#!/usr/bin/env bash
+# The flash-sale load harness (not a test): ITEMS items of STOCK units each, one per
+# user, and USERS distinct users (tens of thousands) hammering `POST /buy`, every
+# attempt with an Idempotency-Key of its own (bench/flash-sale.lua). In one run, on
+# the same Redis and PostgreSQL (scripts/services.sh: throwaway, fsync off), each
+# measured with `wrk -t1 -cCONNS -dDURATION` for ROUNDS rounds on fresh sales:
+#
+#   service            one flash-sale instance, straight (the layered design)
+#   naive              one instance of --design naive (every attempt a database
+#                      transaction), straight
+#   gateway+trivial    Palisade's gateway (one worker; JWT ES256 with the subject
+#                      forwarded as x-user-id, a per-user GCRA limit) in front of a
+#                      trivial upstream (nginx answering at once): the gateway's own
+#                      requests/s with these policies
+#   gateway+service    the same gateway in front of two flash-sale instances
+#   gateway+naive      the same gateway in front of the naive instance
+#
+# Each sale target is measured twice: from the opening (the sell-out, its orders'
+# sagas running meanwhile, and the flood after it), then again on the same sales
+# sold out (`/sold-out`: the flood alone). Reported: medians of attempts/s, wrk's
+# p50 / p99 at that peak, CPU per attempt of the measured processes (PostgreSQL's
+# and Redis's not counted), answers by status, and for the sales: orders placed, and
+# the invariants once the sagas settle (orders equal to the units sold, never more
+# than the stock, nobody over the limit, the gate agreeing with the inventory after
+# reconciliation). Installs wrk, nginx and python3 from Debian if missing; only
+# 127.0.0.1 is used.
+#
+#   bench/flash-sale.sh
+#   ROUNDS=5 DURATION=20 USERS=50000 bench/flash-sale.sh
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+USERS=${USERS:-20000}
+ITEMS=${ITEMS:-10}
+STOCK=${STOCK:-100}
+WARM=${WARM:-10}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+work=$(mktemp -d /tmp/palisade-flash-bench.XXXXXX)
+pids=()
+
+# shellcheck source=scripts/services.sh
+source "$root/scripts/services.sh"
+
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    stop_services
+    [ -n "${KEEP:-}" ] || rm -rf "$work"
+}
+trap cleanup EXIT
+
+log() { printf '%s\n' "$*" >&2; }
+
+wait_port() {
+    for _ in $(seq 1 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    log "nothing listens on port $1"
+    return 1
+}
+
+cpu_ticks() {
+    local sum=0 p
+    for p in "$@"; do
+        [ -r "/proc/$p/stat" ] || continue
+        sum=$((sum + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$sum"
+}
+
+install_missing() {
+    local pkgs=()
+    command -v wrk >/dev/null || pkgs+=(wrk)
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || pkgs+=(nginx-light)
+    command -v python3 >/dev/null || pkgs+=(python3)
+    apt_install "${pkgs[@]}"
+}
+
+start_trivial() {
+    local dir="$work/trivial"
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
+    uwsgi_temp_path $dir; scgi_temp_path $dir;
+    keepalive_requests 1000000;
+    server { listen 127.0.0.1:$1; location / { return 202 "{}"; } }
+}
+EOF
+    nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/out" 2>&1 &
+    pids+=($!)
+}
+
+# A gateway on port $1 in front of the endpoints $2 (`"host:port", ...`).
+start_gateway() {
+    local port=$1 endpoints=$2 dir="$work/gateway-$1"
+    mkdir -p "$dir"
+    cat >"$dir/gateway.toml" <<EOF
+[gateway]
+listen = "127.0.0.1:$port"
+admin = "127.0.0.1:$(free_loopback_port)"
+workers = 1
+watch_config = false
+access_log = false
+pool_idle_per_endpoint = 128
+
+[gateway.jwt.bench]
+keys_file = "$work/jwt/jwks.json"
+issuer = "bench"
+audiences = ["bench"]
+algorithms = ["ES256"]
+cached_tokens = $((USERS * 2))
+
+[[routes]]
+name = "buy"
+match = { path = "/buy", methods = ["POST"] }
+cluster = "sale"
+timeout = "2s"
+auth = { jwt = "bench", forward_claims = { sub = "x-user-id" } }
+rate_limit = { requests = 20, per = "1s", burst = 40, key = "header:x-user-id", max_keys = $((USERS * 2)) }
+
+[clusters.sale]
+endpoints = [$endpoints]
+lb = "least-request"
+connect_timeout = "1s"
+EOF
+    "$root/target/release/palisade" check --config "$dir/gateway.toml" >/dev/null
+    "$root/target/release/palisade" gateway --config "$dir/gateway.toml" >"$dir/out" 2>&1 &
+    pids+=($!)
+}
+
+# A flash-sale instance on port $1 with the extra flags after it.
+start_sale() {
+    local port=$1
+    shift
+    # One runtime thread each (tokio's TOKIO_WORKER_THREADS): on two cores shared
+    # with wrk (and the gateway), a second thread costs more in switches than it
+    # gives (76.8k against 65.4k attempts/s, one instance alone, sold out).
+    TOKIO_WORKER_THREADS=${SALE_THREADS:-1} \
+        "$root/target/release/flash-sale" --listen "127.0.0.1:$port" "$@" >"$work/sale-$port.out" 2>&1 &
+    pids+=($!)
+}
+
+# Opens ITEMS sales named $2<n> through the instance on port $1.
+open_sales() {
+    local now i
+    now=$(python3 -c 'import time; print(int(time.time() * 1000))')
+    for i in $(seq 0 $((ITEMS - 1))); do
+        local code=
+        for _ in 1 2 3 4 5; do
+            code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$1/admin/sales" \
+                -H 'content-type: application/json' \
+                -d "{\"item\":\"$2$i\",\"stock\":$STOCK,\"opens_ms\":$((now - 1000)),\"closes_ms\":$((now + 3600000)),\"per_user\":1}")
+            [ "$code" != 201 ] || break
+            sleep 0.2
+        done
+        [ "$code" = 201 ] || { log "the sale $2$i could not be opened ($code)"; return 1; }
+    done
+}
+
+# wrk on port $1 for $2 seconds, items $3, tokens file $4 (or none): its output.
+load() {
+    FS_USERS=$USERS FS_ITEMS=$ITEMS FS_PREFIX=$3 FS_TOKENS=${4:-} \
+        wrk -t1 -c"$CONNS" -d"$2s" --latency -s "$root/bench/flash-sale.lua" "http://127.0.0.1:$1"
+}
+
+# Waits (two minutes at most) for the sales $2<n> at port $1 to settle and prints
+# each one's admin view, one JSON per line.
+settle() {
+    local port=$1 prefix=$2 i view
+    for i in $(seq 0 $((ITEMS - 1))); do
+        for _ in $(seq 1 1200); do
+            view=$(curl -sf "http://127.0.0.1:$port/admin/sales/$prefix$i" || true)
+            if [ -n "$view" ] && python3 -c '
+import json, sys
+v = json.loads(sys.argv[1])
+ok = "gate" not in v or (v["invariants"]["settled"] and v["gate"] and v["gate"]["reservations"] == 0 and v["drift"] == 0)
+sys.exit(0 if ok else 1)' "$view"; then
+                break
+            fi
+            sleep 0.1
+        done
+        [ -n "$view" ] || view="{\"missing\": \"$prefix$i\"}"
+        echo "$view"
+    done
+}
+
+# One measurement (round $1, row $2): wrk on port $3 for the sales $4 (tokens
+# $5), the CPU time of the processes $6; appended to $out.
+measure() {
+    local r=$1 name=$2 port=$3 prefix=$4 tok=$5 procs=$6 before res ticks rps hz
+    hz=$(getconf CLK_TCK)
+    # shellcheck disable=SC2086
+    before=$(cpu_ticks $procs)
+    res=$(load "$port" "$DURATION" "$prefix" "$tok")
+    # shellcheck disable=SC2086
+    ticks=$(( $(cpu_ticks $procs) - before ))
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$res")
+    echo "$r $name rps $rps" >>"$out"
+    echo "$r $name cpu_us $(python3 -c "print(round($ticks / $hz * 1e6 / ($rps * $DURATION), 2))")" >>"$out"
+    awk '/^latency_us/ {print "'"$r $name"' p50 " $3; print "'"$r $name"' p99 " $5}' <<<"$res" >>"$out"
+    echo "$r $name statuses $(awk '/^statuses/ {$1=""; print}' <<<"$res")" >>"$out"
+    log "  $name: $rps attempts/s"
+}
+
+main() {
+    install_missing
+    log "building release binaries"
+    (cd "$root" && cargo build --release -q -p palisade-cli -p palisade-flash-sale &&
+        cargo build --release -q -p palisade-gateway --example jwt_fixture)
+    log "signing $USERS users' tokens"
+    "$root/target/release/examples/jwt_fixture" "$work/jwt" "$USERS"
+    start_postgres >/dev/null 2>&1
+    start_redis >/dev/null 2>&1
+    local pg=$PALISADE_TEST_POSTGRES_URL base db
+    base=${pg%/*}
+    for db in fs_inventory fs_orders fs_naive; do
+        "$(postgres_bin)/psql" -q "$pg" -c "CREATE DATABASE $db" >/dev/null
+    done
+    local a b n up gw gwn gwt
+    a=$(free_loopback_port); b=$(free_loopback_port); n=$(free_loopback_port); up=$(free_loopback_port)
+    gw=$(free_loopback_port); gwn=$(free_loopback_port); gwt=$(free_loopback_port)
+    local layered=(--redis "$PALISADE_TEST_REDIS_URL" --inventory-db "$base/fs_inventory" --orders-db "$base/fs_orders"
+        --reservation-ttl-secs 10 --reconcile-every-secs 1)
+    start_sale "$a" "${layered[@]}"; local apid=${pids[-1]}
+    start_sale "$b" "${layered[@]}"; local bpid=${pids[-1]}
+    start_sale "$n" --design naive --inventory-db "$base/fs_naive"; local npid=${pids[-1]}
+    start_trivial "$up"; local uppid=${pids[-1]}
+    start_gateway "$gw" "\"127.0.0.1:$a\", \"127.0.0.1:$b\""; local gwpid=${pids[-1]}
+    start_gateway "$gwn" "\"127.0.0.1:$n\""; local gwnpid=${pids[-1]}
+    start_gateway "$gwt" "\"127.0.0.1:$up\""; local gwtpid=${pids[-1]}
+    for p in "$a" "$b" "$n" "$up" "$gw" "$gwn" "$gwt"; do wait_port "$p"; done
+    # name|port|pids measured|admin port|tokens
+    local tokens="$work/jwt/users.tokens"
+    local -a rows=(
+        "service|$a|$apid|$a|"
+        "naive|$n|$npid|$n|"
+        "gateway+trivial|$gwt|$gwtpid $uppid||$tokens"
+        "gateway+service|$gw|$gwpid $apid $bpid|$a|$tokens"
+        "gateway+naive|$gwn|$gwnpid $npid|$n|$tokens"
+    )
+    log "warming the gateways' token caches (${WARM}s each)"
+    open_sales "$a" warm; open_sales "$n" warm
+    for port in "$gw" "$gwn" "$gwt"; do load "$port" "$WARM" warm "$tokens" >/dev/null; done
+    local views="$work/views" row name port procs admin tok prefix
+    out="$work/results"
+    : >"$out"; : >"$views"
+    for r in $(seq 1 "$ROUNDS"); do
+        log "round $r/$ROUNDS (wrk -t1 -c$CONNS -d${DURATION}s, $USERS users, $ITEMS items x $STOCK units)"
+        for row in "${rows[@]}"; do
+            IFS='|' read -r name port procs admin tok <<<"$row"
+            prefix="r${r}${name//[^a-z]/}i"
+            [ -z "$admin" ] || open_sales "$admin" "$prefix"
+            measure "$r" "$name" "$port" "$prefix" "$tok" "$procs"
+            # The same sales once sold out: the flood the cheap layers refuse.
+            [ -z "$admin" ] || measure "$r" "$name/sold-out" "$port" "$prefix" "$tok" "$procs"
+            [ -z "$admin" ] || echo "$r $name $prefix $admin" >>"$work/sales"
+        done
+    done
+    log "waiting for the sales to settle"
+    while read -r r name prefix admin; do
+        settle "$admin" "$prefix" | sed "s/^/$name /" >>"$views"
+    done <"$work/sales"
+    python3 - "$out" "$views" "$ROUNDS" "$DURATION" "$CONNS" "$USERS" "$ITEMS" "$STOCK" <<'EOF'
+import collections, json, statistics, sys
+path, views, rounds, duration, conns, users, items, stock = sys.argv[1:]
+v = collections.defaultdict(list)
+answers = collections.defaultdict(collections.Counter)
+for line in open(path):
+    r, t, k, *x = line.split()
+    if k == "statuses":
+        for kv in x:
+            s, n = kv.split("=")
+            answers[t][s] += int(n)
+    else:
+        v[(t, k)].append(float(x[0]))
+med = lambda t, k: statistics.median(v[(t, k)])
+print(f"wrk -t1 -c{conns} -d{duration}s, {users} users, {items} items x {stock} units per sale, one per user; medians of {rounds} rounds\n")
+print("| target | attempts/s | vs gateway+trivial | p50 ms | p99 ms | CPU us/attempt | answers (all rounds) |")
+print("|---|---|---|---|---|---|---|")
+trivial = med("gateway+trivial", "rps")
+for t in ("service", "service/sold-out", "naive", "naive/sold-out", "gateway+trivial",
+          "gateway+service", "gateway+service/sold-out", "gateway+naive", "gateway+naive/sold-out"):
+    a = ", ".join(f"{s}: {n}" for s, n in sorted(answers[t].items()))
+    print(f"| {t} | {med(t, 'rps'):.0f} | {med(t, 'rps') / trivial:.3f}x | {med(t, 'p50') / 1e3:.2f} | {med(t, 'p99') / 1e3:.2f} | {med(t, 'cpu_us'):.1f} | {a} |")
+print("\n| target | sales | units | orders | oversold | users over the limit | every invariant holds |")
+print("|---|---|---|---|---|---|---|")
+sales = collections.defaultdict(list)
+for line in open(views):
+    t, view = line.split(" ", 1)
+    sales[t].append(json.loads(view))
+for t, vs in sales.items():
+    missing = [x["missing"] for x in vs if "missing" in x]
+    if missing:
+        print(f"| {t} | no view of {', '.join(missing)} | | | | | NO |")
+        continue
+    orders = sum(x["orders"] for x in vs)
+    units = sum(x["inventory"]["initial"] for x in vs)
+    oversold = sum(max(0, x["orders"] - x["inventory"]["initial"]) for x in vs)
+    over = sum(0 if x["invariants"].get("no_user_over_limit", True) else 1 for x in vs)
+    holds = all(all(x["invariants"].values()) and x.get("drift", 0) == 0 for x in vs)
+    print(f"| {t} | {len(vs)} | {units} | {orders} | {oversold} | {over} | {'yes' if holds else 'NO'} |")
+EOF
+}
+
+main "$@"
