@@ -8,7 +8,7 @@
 //! | `GET /orders/{reservation}` | `{"state": "pending" \| "paid" \| "cancelled" \| "processing" \| "failed"}`; `404` for no purchase |
 //! | `POST /orders/{reservation}/pay` | `200` paid, `409` when it is not pending (cancelled: not paid in time) |
 //! | `POST /admin/sales` `{"item", "stock", "opens_ms", "closes_ms", "per_user"}` | `201` |
-//! | `GET /admin/sales/{item}` | the gate's stock and live reservations, the database's stock, live orders, the layers' counts |
+//! | `GET /admin/sales/{item}` | the gate's stock and live reservations, the inventory's books, live orders, the sagas on their way, the drift, the invariants, the layers' counts |
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

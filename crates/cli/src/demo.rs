@@ -98,24 +98,13 @@ fn config(
     api: &[(SocketAddr, &str)],
     orders: &[(SocketAddr, u8)],
 ) -> anyhow::Result<Config> {
-    let listen = opts
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let admin = opts
-        .admin
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     let api_eps: Vec<String> = api.iter().map(|(a, _)| format!("\"{a}\"")).collect();
     let order_eps: Vec<String> = orders
         .iter()
         .map(|(a, tier)| format!("{{ address = \"{a}\", tier = {tier} }}"))
         .collect();
     let text = format!(
-        r#"
-[gateway]
-listen = "{listen}"
-admin = "{admin}"
-watch_config = false
-
+        r#"{head}
 [[routes]]
 name = "api"
 match = {{ path_prefix = "/api" }}
@@ -147,10 +136,22 @@ panic_threshold = 0.0
 health = {{ path = "/health", interval = "500ms", timeout = "250ms", healthy_threshold = 2, unhealthy_threshold = 1 }}
 failover = {{ healthy_threshold = 0.5, stable_period = "5s" }}
 "#,
+        head = gateway_head(opts),
         api = api_eps.join(", "),
         orders = order_eps.join(", "),
     );
     Config::from_toml(&text).map_err(|e| anyhow::anyhow!("built-in demo config: {e}"))
+}
+
+/// The `[gateway]` table of a demo: `--listen` and `--admin`, or free ports on
+/// loopback.
+pub(crate) fn gateway_head(opts: &DemoArgs) -> String {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    format!(
+        "\n[gateway]\nlisten = \"{}\"\nadmin = \"{}\"\nwatch_config = false\n",
+        opts.listen.unwrap_or(any),
+        opts.admin.unwrap_or(any)
+    )
 }
 
 #[derive(Default)]

@@ -20,6 +20,7 @@ use palisade_gateway::Config;
 use palisade_gateway::source::ConfigSource;
 
 mod demo;
+mod demo_sale;
 mod jobs;
 
 /// A resilient reverse proxy (routes, clusters, breakers, retries, health) and its
@@ -93,6 +94,10 @@ pub struct DemoArgs {
     /// Where its admin endpoints listen.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<std::net::SocketAddr>,
+    /// Show a flash sale instead: the flash-sale service embedded (SQLite, its
+    /// stock gate in process) behind the gateway, and thousands of buyers.
+    #[arg(long)]
+    pub sale: bool,
 }
 
 /// Options of `palisade register`.
@@ -174,11 +179,22 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .block_on(gateway(source))
         }
         Command::Demo(args) => {
-            init_logs("warn");
+            // The sale demo's unpaid orders are cancelled by design: not warnings.
+            init_logs(if args.sale {
+                "warn,palisade_flow::saga=error"
+            } else {
+                "warn"
+            });
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(demo::run(args))?;
+                .block_on(async {
+                    if args.sale {
+                        demo_sale::run(args).await
+                    } else {
+                        demo::run(args).await
+                    }
+                })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker { config: path } => {

@@ -280,6 +280,21 @@ fn the_demo_prints_its_dashboards_address_and_serves_it_there() {
 }
 
 #[test]
+fn the_sale_demo_sells_with_no_server_and_its_invariants_hold() {
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["demo", "--sale", "--duration", "7s"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    // Refused before the opening, then sold.
+    assert!(stdout.contains("not_open"), "{stdout}");
+    assert!(stdout.contains("accepted"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("invariants hold"), "{stdout}");
+}
+
+#[test]
 fn the_kubernetes_configmaps_gateway_configuration_passes_check() {
     let manifest = include_str!("../../../deploy/kubernetes/palisade.yaml");
     let mut lines = manifest

@@ -1,12 +1,13 @@
 //! Durable sagas on the job queue.
 //!
 //! A saga is a list of steps, each with a compensation that undoes it. Its state
-//! is a row in PostgreSQL or SQLite (the queue's database); each step runs as a job of `palisade-queue`, so retries
-//! with backoff, timeouts and the rescue of a dead worker's job come from the
-//! queue. A step's result is recorded, the saga moved on and the next step's job
-//! enqueued in one transaction; a step that fails for good (it says so with
-//! [`StepError::Abort`], or runs out of attempts) has the completed steps
-//! compensated, last first, each compensation a job retried until it succeeds.
+//! is a row in PostgreSQL or SQLite (the queue's database); each step runs as a
+//! job of `palisade-queue`, so retries with backoff, timeouts and the rescue of a
+//! dead worker's job come from the queue. A step's result is recorded, the saga
+//! moved on and the next step's job enqueued in one transaction; a step that fails
+//! for good (it says so with [`StepError::Abort`], or runs out of attempts) has
+//! the completed steps compensated, last first, each compensation a job retried
+//! until it succeeds.
 //!
 //! A worker can die anywhere (before a step, after its effect but before its
 //! record, after its record but before its job is marked done): the job runs
@@ -427,11 +428,6 @@ impl Sagas {
     /// The worker that runs saga steps: register it with the queue's runner.
     pub fn worker(&self) -> SagaWorker {
         SagaWorker(self.clone())
-    }
-
-    /// The database the sagas are kept in.
-    pub fn db(&self) -> &SagaDb {
-        &self.inner.db
     }
 
     /// Starts saga `name` with `input`; its id.
