@@ -11,6 +11,7 @@
 //!   naming its field.
 //! - [`config`] (feature `toml`): TOML files with durations written `"250ms"`,
 //!   errors naming field and line, and environment overrides.
+//! - [`db`] (feature `sqlx`): a transaction a cancelled caller cannot leave open.
 //!
 //! Dependencies point one way: every other crate of the workspace may use this one,
 //! and this one uses none of them.
@@ -19,6 +20,8 @@ mod cause;
 pub mod clock;
 #[cfg(feature = "toml")]
 pub mod config;
+#[cfg(feature = "sqlx")]
+pub mod db;
 mod error;
 pub mod sync;
 

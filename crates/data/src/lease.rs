@@ -76,7 +76,7 @@ impl Leases {
     /// Another holder's live lease is [`DataError::LeaseHeld`].
     pub async fn acquire(&self, name: &str, ttl: Duration) -> Result<Lease, DataError> {
         let ms = ms(ttl)?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = palisade_core::db::begin(&self.pool).await?;
         // A holder paused inside a fenced transaction holds the row; do not wait on
         // it for longer than a lease lasts.
         sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = {ms}")))
@@ -163,7 +163,7 @@ impl Leases {
     /// lease row read under a share lock, and refused with [`DataError::Fenced`]
     /// if its token has moved on. Write in it and commit; a takeover waits for it.
     pub async fn fenced(&self, lease: &Lease) -> Result<Transaction<'static, Postgres>, DataError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = palisade_core::db::begin(&self.pool).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "SET LOCAL idle_in_transaction_session_timeout = {}",
             ms(lease.ttl)?

@@ -604,14 +604,18 @@ async fn copy_rows(
     target: &Server,
     keys: &[String],
 ) -> Result<(), DataError> {
-    let mut src = source.pool.begin().await.map_err(|e| unavailable(source, e))?;
+    let mut src = palisade_core::db::begin(&source.pool)
+        .await
+        .map_err(|e| unavailable(source, e))?;
     let sql = table.select_by_keys("row_to_json(r)::text", "FOR UPDATE");
     let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(keys)
         .fetch_all(&mut *src)
         .await
         .map_err(|e| unavailable(source, e))?;
-    let mut dst = target.pool.begin().await.map_err(|e| unavailable(target, e))?;
+    let mut dst = palisade_core::db::begin(&target.pool)
+        .await
+        .map_err(|e| unavailable(target, e))?;
     if !rows.is_empty() {
         let set = if table.columns.is_empty() {
             "NOTHING".to_string()

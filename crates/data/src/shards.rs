@@ -518,7 +518,7 @@ impl Inner {
         }
         let set = &self.name;
         let work = async {
-            let mut t = server.pool.begin().await?;
+            let mut t = palisade_core::db::begin(&server.pool).await?;
             if fence && control::fence(&mut t, set).await? > epoch {
                 return Ok(None);
             }

@@ -29,15 +29,15 @@ mod queue;
 mod runner;
 mod schema;
 mod store;
-mod tx;
 mod worker;
 
 pub use error::QueueError;
 pub use job::{AttemptError, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobState, NewJob, Unique};
+/// A transaction a cancelled caller cannot leave open (see [`palisade_core::db::begin`]).
+pub use palisade_core::db::begin;
 pub use periodic::{Cron, CronError, Periodic, Schedule, format_utc};
 pub use queue::{ConnectOptions, Queue};
 pub use runner::{QueueConfig, Runner, RunnerConfig, RunnerHandle, ShutdownReport, StartLimit};
 pub use schema::SCHEMA_VERSION;
 pub use store::{Enqueued, ListFilter, QueueStats};
-pub use tx::begin;
 pub use worker::{JobContext, JobError, Worker};

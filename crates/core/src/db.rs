@@ -1,4 +1,5 @@
-//! Transactions that a cancelled caller cannot leave open.
+//! Database helpers every crate on sqlx shares (feature `sqlx`): transactions
+//! that a cancelled caller cannot leave open.
 
 /// Begins a transaction on `pool` so that cancelling the caller (a client gone,
 /// a timeout, an aborted task) cannot leave it open.
