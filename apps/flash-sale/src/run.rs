@@ -148,6 +148,9 @@ async fn redis_within<T>(
 
 /// Connects everything and serves; the error says what could not be reached.
 pub async fn start(s: Settings) -> Result<Running, String> {
+    if s.redis.is_none() && s.role != Role::All {
+        return Err("--role api and --role worker need --redis: a gate in process is one instance's".into());
+    }
     let services = Arc::new(connect(&s).await?);
     let orders_db = services.orders.db().clone();
     let queue = queue(&orders_db).await.map_err(|e| format!("--orders-db: {e}"))?;

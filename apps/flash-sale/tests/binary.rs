@@ -155,6 +155,17 @@ fn the_naive_design_sells_from_the_database_alone() {
 }
 
 #[test]
+fn a_split_role_without_a_shared_gate_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flash-sale"))
+        .args(["--listen", "127.0.0.1:0", "--role", "worker"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--redis"), "{err}");
+}
+
+#[test]
 fn a_database_url_of_no_known_kind_is_named() {
     let out = Command::new(env!("CARGO_BIN_EXE_flash-sale"))
         .args(["--listen", "127.0.0.1:0", "--inventory-db", "mysql://127.0.0.1/x"])
