@@ -9,9 +9,11 @@
 //! 3. **place** the order (one per reservation, one per user unit); undone by
 //!    cancelling it;
 //! 4. **await payment** until the order's deadline, asleep (a queue snooze, no
-//!    attempt spent, no polling); then a paid order ends the saga, and an unpaid
-//!    one is cancelled (unless the payment won the race) and the saga compensates
-//!    3, 2 and 1: the unit goes back everywhere.
+//!    attempt spent, no polling), unless the payment wakes it first
+//!    ([`Sagas::wake`](palisade_flow::saga::Sagas::wake)); a paid order ends the
+//!    saga, and one unpaid at the deadline is cancelled (unless the payment won
+//!    the race) and the saga compensates 3, 2 and 1: the unit goes back
+//!    everywhere.
 //!
 //! A worker can die anywhere: the queue runs the step again, and each step finds
 //! its own earlier effect.
@@ -53,6 +55,30 @@ pub struct Services {
     pub inventory: Inventory,
     /// The orders database.
     pub orders: Orders,
+}
+
+impl Services {
+    /// Opens `item`'s sale again in the gate when the gate lost it (its Redis
+    /// restarted empty, an embedded process restarted), as the inventory keeps it
+    /// now: the reservations lost with the gate are gone, and their units are
+    /// still the inventory's. A check-and-set in the gate, so instances racing
+    /// open it once, and each opening is counted
+    /// (`palisade_flash_sale_sales_reopened_total`). Whether the inventory has
+    /// a sale of `item`.
+    pub async fn reopen(&self, item: &str) -> Result<bool, palisade_flow::reconcile::BoxError> {
+        let Some(sale) = self.inventory.sale(item).await? else {
+            return Ok(false);
+        };
+        if self.gate.open_missing(&sale).await? {
+            metrics::counter!("palisade_flash_sale_sales_reopened_total").increment(1);
+            tracing::warn!(
+                item,
+                stock = sale.stock,
+                "the gate had lost the sale: opened again from the inventory"
+            );
+        }
+        Ok(true)
+    }
 }
 
 /// The order saga over `services`.

@@ -9,6 +9,7 @@
 //! | `POST /orders/{reservation}/pay` | `200` paid, `409` when it is not pending (cancelled: not paid in time) |
 //! | `POST /admin/sales` `{"item", "stock", "opens_ms", "closes_ms", "per_user"}` | `201` |
 //! | `GET /admin/sales/{item}` | the gate's stock and live reservations, the inventory's books, live orders, the sagas on their way, the drift, the invariants, the layers' counts |
+//! | `GET /admin/dashboard` | the sales as the gateway's dashboard draws them (`[[gateway.panels]]`): the layers' counts, stock, reservations, orders, sagas on their way, a row per sale |
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,11 +21,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use palisade_flow::reconcile::BoxError;
 use palisade_flow::saga::{SagaState, Sagas};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::gate::{GateError, Reserve, Sale, now_ms};
+use crate::gate::{Reserve, Sale, now_ms};
 use crate::order::{ORDER_SAGA, OrderInput, Services};
 use crate::store::OrderState;
 
@@ -60,23 +62,43 @@ impl Counts {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The refusals by layer, cheapest first.
+    fn refusals(&self) -> serde_json::Map<String, serde_json::Value> {
+        [
+            ("bad_request", &self.bad_requests),
+            ("sold_out_local", &self.sold_out_local),
+            ("at_limit_local", &self.at_limit_local),
+            ("sold_out", &self.sold_out),
+            ("over_limit", &self.over_limit),
+            ("outside_window", &self.outside_window),
+            ("unavailable", &self.unavailable),
+        ]
+        .into_iter()
+        .map(|(name, c)| (name.to_owned(), c.load(Ordering::Relaxed).into()))
+        .collect()
+    }
+
     /// The counts now, by name.
     pub fn snapshot(&self) -> serde_json::Value {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         json!({
             "attempts": g(&self.attempts),
-            "refused": {
-                "bad_request": g(&self.bad_requests),
-                "sold_out_local": g(&self.sold_out_local),
-                "at_limit_local": g(&self.at_limit_local),
-                "sold_out": g(&self.sold_out),
-                "over_limit": g(&self.over_limit),
-                "outside_window": g(&self.outside_window),
-                "unavailable": g(&self.unavailable),
-            },
+            "refused": self.refusals(),
             "replayed": g(&self.replayed),
             "reserved": g(&self.reserved),
         })
+    }
+
+    /// The counts now, flat (the attempts, the purchases accepted, then each
+    /// refusal), for a dashboard.
+    pub fn counters(&self) -> serde_json::Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut flat = serde_json::Map::new();
+        flat.insert("attempts".into(), g(&self.attempts).into());
+        flat.insert("accepted".into(), g(&self.reserved).into());
+        flat.insert("replayed".into(), g(&self.replayed).into());
+        flat.extend(self.refusals());
+        flat.into()
     }
 }
 
@@ -146,6 +168,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/orders/{reservation}/pay", post(pay))
         .route("/admin/sales", post(open_sale))
         .route("/admin/sales/{item}", get(sale_view))
+        .route("/admin/dashboard", get(dashboard))
         .with_state(app)
 }
 
@@ -221,7 +244,7 @@ async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::
         Ok(refusal) => return refused(&app, refusal, item, user_key, now),
         Err(e) => {
             Counts::add(&c.unavailable);
-            tracing::warn!(error = %e, "the stock gate cannot answer");
+            tracing::warn!(error = %e, "the stock gate (or the inventory behind it) cannot answer");
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "stock_unavailable");
         }
     };
@@ -238,43 +261,30 @@ async fn buy(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::
 
 /// The gate's answer to a purchase attempt. A sale the gate does not hold but the
 /// inventory does (the gate's Redis restarted empty) is opened again from the
-/// inventory and the attempt made once more; an item the inventory does not
-/// know either is remembered for a second, so unknown items cost no query each.
+/// inventory ([`Services::reopen`]) and the attempt made once more; an item the
+/// inventory does not know either is remembered for a second, so unknown items
+/// cost no query each.
 async fn reserve(
     app: &App,
     item: &str,
     user: &str,
     reservation: &str,
     now: u64,
-) -> Result<Reserve, GateError> {
+) -> Result<Reserve, BoxError> {
     let gate = &app.services.gate;
     let first = gate.reserve(item, user, reservation, app.reservation_ttl).await?;
     if first != Reserve::NoSale || lock(&app.no_sale).get(item).is_some_and(|until| *until > now) {
         return Ok(first);
     }
-    match app.services.inventory.sale(item).await {
-        Ok(Some(sale)) => {
-            if gate.open_missing(&sale).await? {
-                tracing::warn!(
-                    item,
-                    "the gate had lost the sale: opened again from the inventory"
-                );
-            }
-            gate.reserve(item, user, reservation, app.reservation_ttl).await
-        }
-        Ok(None) => {
-            let mut unknown = lock(&app.no_sale);
-            if unknown.len() >= LOCAL_MAX {
-                unknown.clear();
-            }
-            unknown.insert(item.to_owned(), now + NO_SALE_RECHECK_MS);
-            Ok(first)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "the inventory cannot answer");
-            Ok(first)
-        }
+    if app.services.reopen(item).await? {
+        return Ok(gate.reserve(item, user, reservation, app.reservation_ttl).await?);
     }
+    let mut unknown = lock(&app.no_sale);
+    if unknown.len() >= LOCAL_MAX {
+        unknown.clear();
+    }
+    unknown.insert(item.to_owned(), now + NO_SALE_RECHECK_MS);
+    Ok(first)
 }
 
 /// Starts the order saga of `input`'s reservation and answers `202`; when it
@@ -383,9 +393,16 @@ fn state_name(s: OrderState) -> &'static str {
     }
 }
 
+/// Pays a pending order, and wakes its saga, which ends now rather than at the
+/// payment deadline (if the wake fails, it ends then: the order is paid).
 async fn pay(State(app): State<Arc<App>>, Path(reservation): Path<String>) -> Response {
     match app.services.orders.pay(&reservation).await {
-        Ok(true) => answer(StatusCode::OK, json!({"state": "paid"})),
+        Ok(true) => {
+            if let Err(e) = app.sagas.wake_by_key(&reservation).await {
+                tracing::warn!(error = %e, "a paid order's saga was not woken: it ends at the deadline");
+            }
+            answer(StatusCode::OK, json!({"state": "paid"}))
+        }
         Ok(false) => refuse(StatusCode::CONFLICT, "not_pending"),
         Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "orders_unavailable"),
     }
@@ -435,14 +452,76 @@ async fn open_sale(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Resp
 /// The admin view of a sale: the gate's stock and reservations, the inventory's
 /// books, the orders, the sagas on the way, and the invariants.
 async fn sale_view(State(app): State<Arc<App>>, Path(item): Path<String>) -> Response {
-    match audit(&app, &item).await {
-        Ok(Some(view)) => answer(StatusCode::OK, view),
+    match SaleAudit::of(&app.services, &item).await {
+        Ok(Some(audit)) => {
+            let mut view = audit.json();
+            view["layers"] = app.counts.snapshot();
+            answer(StatusCode::OK, view)
+        }
         Ok(None) => refuse(StatusCode::NOT_FOUND, "no_sale"),
         Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "stores_unavailable"),
     }
 }
 
-/// `item`'s admin view (see [`sale_view`]); `None` when it is not for sale.
+/// Sales the dashboard's table shows at most.
+const DASHBOARD_SALES: usize = 20;
+
+/// The sale as the gateway's dashboard draws it (a `[[gateway.panels]]` URL):
+/// this instance's layer counts as counters, and from the stores the instances
+/// share, the units in stock and reserved in the gate, the live orders and the
+/// sagas on their way, as gauges summed over the sales and as a row per sale
+/// (the first [`DASHBOARD_SALES`] by name), with its drift and its invariants.
+async fn dashboard(State(app): State<Arc<App>>) -> Response {
+    let svc = &app.services;
+    let Ok(items) = svc.inventory.items().await else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "stores_unavailable");
+    };
+    let mut rows = Vec::new();
+    let mut totals = [0i64; 4];
+    for (item, _) in items.iter().take(DASHBOARD_SALES) {
+        let Ok(Some(a)) = SaleAudit::of(svc, item).await else {
+            continue;
+        };
+        let gate = a.gate.unwrap_or_default();
+        // While sagas are on their way, orders trail the units sold.
+        let settled = a.in_flight == 0;
+        let broken: Vec<&str> = (a.invariants().into_iter())
+            .filter(|(name, holds)| !holds && *name != "settled" && (settled || *name != "orders_equal_sold"))
+            .map(|(name, _)| name)
+            .collect();
+        let invariants = match (broken.is_empty(), settled) {
+            (false, _) => format!("broken: {}", broken.join(" ")),
+            (true, true) => "hold".to_owned(),
+            (true, false) => "hold (settling)".to_owned(),
+        };
+        let figures = [i64::from(gate.stock), i64::from(gate.live), a.orders, a.in_flight];
+        for (total, n) in totals.iter_mut().zip(figures) {
+            *total += n;
+        }
+        rows.push(json!({
+            "item": item,
+            "stock": gate.stock,
+            "reserved": gate.live,
+            "inventory": a.books.stock,
+            "orders": a.orders,
+            "sagas_in_flight": a.in_flight,
+            "drift": a.drift(),
+            "invariants": invariants,
+        }));
+    }
+    let [stock, reserved, orders, in_flight] = totals;
+    answer(
+        StatusCode::OK,
+        json!({
+            "counters": app.counts.counters(),
+            "gauges": {"stock": stock, "reserved": reserved, "orders": orders, "sagas_in_flight": in_flight},
+            "rows": rows,
+            "columns": ["item", "stock", "reserved", "inventory", "orders", "sagas_in_flight", "drift", "invariants"],
+        }),
+    )
+}
+
+/// A sale's books on every side, as the admin view and the dashboard show them.
 ///
 /// The invariants, each true at every moment: no more live orders than units put
 /// on sale; no user holding more than the limit; the units moved out of the
@@ -452,44 +531,77 @@ async fn sale_view(State(app): State<Arc<App>>, Path(item): Path<String>) -> Res
 /// order, and the gate's stock plus its live reservations equal the inventory's
 /// stock after reconciliation (`drift` 0). `sagas_open` counts the sagas not
 /// ended, those waiting for a payment included.
-async fn audit(app: &App, item: &str) -> Result<Option<serde_json::Value>, Box<dyn std::error::Error>> {
-    let svc = &app.services;
-    let Some(books) = svc.inventory.books(item).await? else {
-        return Ok(None);
-    };
-    let gate = match svc.gate.count(item).await {
-        Ok(g) => Some(g),
-        Err(crate::gate::GateError::NoSale(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let orders = svc.orders.live(item).await?;
-    let over = svc.orders.users_over(item, books.per_user).await?;
-    // Before the payment wait: converted, taken or placed, not yet all three.
-    let in_flight = svc.orders.sagas_before(ORDER_SAGA, item, 3).await?;
-    let open = svc.orders.sagas_before(ORDER_SAGA, item, i32::MAX).await?;
-    let sold = books.initial - books.stock;
-    let drift = gate.map(|g| i64::from(g.stock) + i64::from(g.live) - books.stock);
-    Ok(Some(json!({
-        "item": item,
-        "gate": gate.map(|g| json!({"stock": g.stock, "reservations": g.live})),
-        "inventory": {
-            "initial": books.initial,
-            "stock": books.stock,
-            "taken": books.taken,
-            "returned": books.returned,
-            "per_user": books.per_user,
-        },
-        "orders": orders,
-        "sagas_in_flight": in_flight,
-        "sagas_open": open,
-        "drift": drift,
-        "invariants": {
-            "not_oversold": orders <= books.initial,
-            "no_user_over_limit": over == 0,
-            "moves_balance": books.taken - books.returned == sold,
-            "settled": in_flight == 0,
-            "orders_equal_sold": orders == sold,
-        },
-        "layers": app.counts.snapshot(),
-    })))
+struct SaleAudit {
+    item: String,
+    books: crate::store::Books,
+    /// `None` when the gate holds no sale of the item (it lost it).
+    gate: Option<crate::gate::StockCount>,
+    orders: i64,
+    users_over: i64,
+    in_flight: i64,
+    open: i64,
+}
+
+impl SaleAudit {
+    /// `item`'s audit; `None` when it is not for sale.
+    async fn of(svc: &Services, item: &str) -> Result<Option<SaleAudit>, BoxError> {
+        let Some(books) = svc.inventory.books(item).await? else {
+            return Ok(None);
+        };
+        let gate = match svc.gate.count(item).await {
+            Ok(g) => Some(g),
+            Err(crate::gate::GateError::NoSale(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        // Before the payment wait: converted, taken or placed, not yet all three.
+        let (in_flight, open) = svc.orders.sagas_open(ORDER_SAGA, item, 3).await?;
+        Ok(Some(SaleAudit {
+            item: item.to_owned(),
+            orders: svc.orders.live(item).await?,
+            users_over: svc.orders.users_over(item, books.per_user).await?,
+            books,
+            gate,
+            in_flight,
+            open,
+        }))
+    }
+
+    fn drift(&self) -> Option<i64> {
+        (self.gate).map(|g| i64::from(g.stock) + i64::from(g.live) - self.books.stock)
+    }
+
+    fn invariants(&self) -> [(&'static str, bool); 5] {
+        let b = &self.books;
+        let sold = b.initial - b.stock;
+        [
+            ("not_oversold", self.orders <= b.initial),
+            ("no_user_over_limit", self.users_over == 0),
+            ("moves_balance", b.taken - b.returned == sold),
+            ("settled", self.in_flight == 0),
+            ("orders_equal_sold", self.orders == sold),
+        ]
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let b = &self.books;
+        let invariants: serde_json::Map<String, serde_json::Value> = (self.invariants().into_iter())
+            .map(|(name, holds)| (name.to_owned(), holds.into()))
+            .collect();
+        json!({
+            "item": self.item,
+            "gate": self.gate.map(|g| json!({"stock": g.stock, "reservations": g.live})),
+            "inventory": {
+                "initial": b.initial,
+                "stock": b.stock,
+                "taken": b.taken,
+                "returned": b.returned,
+                "per_user": b.per_user,
+            },
+            "orders": self.orders,
+            "sagas_in_flight": self.in_flight,
+            "sagas_open": self.open,
+            "drift": self.drift(),
+            "invariants": invariants,
+        })
+    }
 }

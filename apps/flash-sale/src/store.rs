@@ -505,13 +505,15 @@ impl Orders {
         })
     }
 
-    /// Sagas named `saga` (recorded beside the orders) for `item` that are
-    /// running a step before `step`, or compensating.
-    pub async fn sagas_before(&self, saga: &str, item: &str, step: i32) -> Result<i64, sqlx::Error> {
+    /// Sagas named `saga` (recorded beside the orders) for `item` not ended:
+    /// those running a step before `step` or compensating, and all of them.
+    pub async fn sagas_open(&self, saga: &str, item: &str, step: i32) -> Result<(i64, i64), sqlx::Error> {
         on!(&self.db, p => {
-            sqlx::query_scalar(
-                "SELECT count(*) FROM palisade_sagas WHERE name = $1 AND input->>'item' = $2
-                     AND (state = 'compensating' OR (state = 'running' AND step < $3))",
+            sqlx::query_as(
+                "SELECT COALESCE(SUM(CASE WHEN state = 'compensating' OR step < $3 THEN 1 ELSE 0 END), 0),
+                        count(*)
+                 FROM palisade_sagas WHERE name = $1 AND input->>'item' = $2
+                     AND state IN ('running', 'compensating')",
             )
             .bind(saga)
             .bind(item)

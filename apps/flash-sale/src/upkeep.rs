@@ -66,31 +66,13 @@ impl StockReconciliation {
     /// hold (a Redis restarted empty, an embedded process restarted); how many.
     pub async fn reopen_missing(&self) -> Result<usize, BoxError> {
         let mut reopened = 0;
-        for (item, stock) in self.quiet_items().await? {
+        for (item, _) in self.quiet_items().await? {
             if let Err(GateError::NoSale(_)) = self.services.gate.count(&item).await {
-                self.reopen(&item, u32::try_from(stock).unwrap_or(0)).await?;
+                self.services.reopen(&item).await?;
                 reopened += 1;
             }
         }
         Ok(reopened)
-    }
-
-    /// Opens `item`'s sale in the gate as the inventory keeps it, with `stock`
-    /// units: the reservations the gate lost are gone with it, and their units
-    /// are still the inventory's.
-    async fn reopen(&self, item: &str, stock: u32) -> Result<(), BoxError> {
-        let mut sale = (self.services.inventory.sale(item).await?)
-            .ok_or_else(|| format!("the inventory has no sale of {item}"))?;
-        sale.stock = stock;
-        if self.services.gate.open_missing(&sale).await? {
-            metrics::counter!("palisade_flash_sale_sales_reopened_total").increment(1);
-            tracing::warn!(
-                item,
-                stock,
-                "the gate had lost the sale: opened again from the inventory"
-            );
-        }
-        Ok(())
     }
 
     /// The items to compare this run, with the database's stock.
@@ -154,10 +136,10 @@ impl Reconciliation for StockReconciliation {
     async fn repair(&self, d: &Difference<String, Units>) -> Result<(), BoxError> {
         match d {
             Difference::Differs { key, truth, copy } => {
-                let truth = u32::try_from(truth.units.max(0)).unwrap_or(u32::MAX);
                 let Some(seen) = copy.seen else {
-                    return self.reopen(key, truth).await;
+                    return self.services.reopen(key).await.map(drop);
                 };
+                let truth = u32::try_from(truth.units.max(0)).unwrap_or(u32::MAX);
                 match self.services.gate.repair(key, seen, truth).await {
                     Ok(true) => Ok(()),
                     Ok(false) => Err("the gate changed meanwhile: the next run looks again".into()),

@@ -100,6 +100,21 @@ fn embedded_it_sells_on_sqlite_with_no_server_and_keeps_its_orders_across_a_rest
         http(&addr, "POST", &format!("/orders/{}/pay", accepted[0]), "", "").0,
         200
     );
+    // The payment wakes its order's saga, which ends now, not at the payment
+    // deadline (minutes away): two sagas are left waiting for a payment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, view) = http(&addr, "GET", "/admin/sales/pen", "", "");
+        let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+        if view["sagas_open"] == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the paid order's saga never ended: {view}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(terminate(child));
 
     // The orders are in the files: a new process answers for them.

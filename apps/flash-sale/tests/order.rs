@@ -106,9 +106,8 @@ impl World {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paid_order_keeps_its_unit_everywhere() {
     let mut w = world("phone").await;
-    // The payment wait sleeps until the deadline: a short window, so the saga
-    // ends (paid) within the test.
-    let (id, reservation) = w.buy("phone", "ann", Duration::from_secs(8)).await;
+    // An hour to pay: the payment wakes the saga, which ends at once.
+    let (id, reservation) = w.buy("phone", "ann", Duration::from_secs(3600)).await;
     // Placed and waiting for its payment: the unit is out of both stores.
     let placed = async {
         loop {
@@ -122,6 +121,7 @@ async fn a_paid_order_keeps_its_unit_everywhere() {
         .await
         .unwrap();
     assert!(w.services.orders.pay(&reservation).await.unwrap());
+    assert!(w.sagas.wake(id).await.unwrap());
     w.until(id, SagaState::Done).await;
     assert_eq!(
         w.units("phone").await,

@@ -163,6 +163,27 @@ async fn buyers_get_exactly_the_stock_and_every_refusal_is_counted() {
         r["sold_out_local"].as_u64().unwrap() > 0,
         "the local flag refused nothing: {view}"
     );
+    // The same figures as the gateway's dashboard reads them.
+    let (status, panel) = call(&c, addr, Method::GET, "/admin/dashboard", &[], None).await;
+    assert_eq!(status, StatusCode::OK, "{panel}");
+    assert_eq!(panel["counters"]["accepted"], STOCK, "{panel}");
+    assert_eq!(panel["counters"]["attempts"], layers["attempts"], "{panel}");
+    assert_eq!(
+        panel["counters"]["sold_out_local"], r["sold_out_local"],
+        "{panel}"
+    );
+    assert_eq!(
+        panel["gauges"],
+        json!({"stock": 0, "reserved": 0, "orders": STOCK, "sagas_in_flight": 0}),
+        "{panel}"
+    );
+    let row = &panel["rows"][0];
+    assert_eq!(
+        (row["item"].as_str(), row["drift"].as_i64()),
+        (Some("phone"), Some(0)),
+        "{panel}"
+    );
+    assert_eq!(row["invariants"], "hold", "{panel}");
 
     // Bad requests.
     let bad = [

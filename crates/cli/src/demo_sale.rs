@@ -65,6 +65,10 @@ fn now_ms() -> u64 {
 fn gateway_config(opts: &DemoArgs, sale: SocketAddr) -> anyhow::Result<palisade_gateway::Config> {
     let text = format!(
         r#"{}
+[[gateway.panels]]
+name = "flash sale"
+urls = ["http://{sale}/admin/dashboard"]
+
 [[routes]]
 name = "buy"
 match = {{ path = "/buy", methods = ["POST"] }}

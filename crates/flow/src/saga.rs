@@ -529,6 +529,48 @@ impl Sagas {
         Ok(id)
     }
 
+    /// Runs saga `id`'s current step (or compensation) again now, for a step
+    /// that waits ([`StepError::Wait`]) on something that has just happened (a
+    /// payment arrived): a job of its own, so the saga moves on at once rather
+    /// than when the wait ends. The waiting job, when it wakes, finds the saga
+    /// moved on and does nothing; a step woken too early waits again. `false`
+    /// when the saga has ended or does not exist.
+    pub async fn wake(&self, id: i64) -> Result<bool, SagaError> {
+        let Some(status) = self.status(id).await? else {
+            return Ok(false);
+        };
+        let step = usize::try_from(status.step).unwrap_or(0);
+        let job = match status.state {
+            SagaState::Running => StepJob {
+                saga: id,
+                step,
+                undo: false,
+            },
+            SagaState::Compensating if step > 0 => StepJob {
+                saga: id,
+                step: step - 1,
+                undo: true,
+            },
+            _ => return Ok(false),
+        };
+        in_tx!(&self.inner.db, c => {
+            // Under the row's lock: a step that finished meanwhile is not run again.
+            if still(&mut c, id, status.state, status.step).await? {
+                self.enqueue(&mut c, job).await.map(|()| true)
+            } else {
+                Ok(false)
+            }
+        })
+    }
+
+    /// [`wake`](Self::wake) for the saga started with `key`.
+    pub async fn wake_by_key(&self, key: &str) -> Result<bool, SagaError> {
+        match self.status_by_key(key).await? {
+            Some(s) => self.wake(s.id).await,
+            None => Ok(false),
+        }
+    }
+
     /// Saga `id`'s record.
     pub async fn status(&self, id: i64) -> Result<Option<SagaStatus>, SagaError> {
         Ok(self.record(id).await?.map(|(status, _)| status))

@@ -372,35 +372,102 @@ async fn a_waiting_step_runs_again_without_spending_its_attempts() {
     assert_eq!(status.outputs, [json!("paid")]);
 }
 
-/// Runs saga `name` (input `{}`) on a runner of its own on `queue` until it is
-/// done or compensated; its status then.
-async fn run_to_end(queue: Queue, sagas: &Sagas, name: &str) -> palisade_flow::saga::SagaStatus {
+/// A runner of the sagas' steps on `queue`.
+async fn saga_runner(queue: Queue, sagas: &Sagas) -> palisade_queue::RunnerHandle {
     let config = RunnerConfig {
         queues: vec![QueueConfig::new("sagas", 2)],
         backoff: palisade_resilience::retry::Backoff::Fixed(Duration::from_millis(10)),
         poll_interval: Duration::from_millis(20),
         ..RunnerConfig::default()
     };
-    let runner = Runner::new(queue, config)
+    Runner::new(queue, config)
         .register(sagas.worker())
         .start()
         .await
-        .unwrap();
-    let id = sagas.start(name, &json!({})).await.unwrap();
+        .unwrap()
+}
+
+/// Saga `id`'s status once it is done or compensated (within a minute).
+async fn ended(sagas: &Sagas, id: i64) -> palisade_flow::saga::SagaStatus {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
+    loop {
         let s = sagas.status(id).await.unwrap().unwrap();
         if matches!(s.state, SagaState::Done | SagaState::Compensated) {
-            break s;
+            return s;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "the saga never ended: {s:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
+}
+
+/// Runs saga `name` (input `{}`) on a runner of its own on `queue` until it is
+/// done or compensated; its status then.
+async fn run_to_end(queue: Queue, sagas: &Sagas, name: &str) -> palisade_flow::saga::SagaStatus {
+    let runner = saga_runner(queue, sagas).await;
+    let id = sagas.start(name, &json!({})).await.unwrap();
+    let status = ended(sagas, id).await;
     runner.shutdown(Duration::from_secs(5)).await;
     status
+}
+
+/// A step that waits an hour until `arrived` is set, counting its runs.
+struct AwaitsPayment {
+    arrived: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    runs: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Step for AwaitsPayment {
+    fn name(&self) -> &str {
+        "awaits_payment"
+    }
+
+    fn run<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async {
+            self.runs.add_permits(1);
+            if self.arrived.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(json!("paid"))
+            } else {
+                Err(StepError::Wait(Duration::from_secs(3600)))
+            }
+        })
+    }
+
+    fn compensate<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_saga_runs_its_waiting_step_now_rather_than_when_the_wait_ends() {
+    let pool = support::fresh_pool("saga_wake", 10).await;
+    let arrived = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runs = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let step = AwaitsPayment {
+        arrived: arrived.clone(),
+        runs: runs.clone(),
+    };
+    let sagas = Sagas::builder(pool.clone())
+        .register(Saga::new("paying").attempts(1).step(step))
+        .build()
+        .await
+        .unwrap();
+    let runner = saga_runner(Queue::postgres(pool.clone()).await.unwrap(), &sagas).await;
+    let id = sagas.start("paying", &json!({})).await.unwrap();
+    // The step ran once and sleeps for an hour.
+    runs.acquire().await.unwrap().forget();
+    arrived.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(sagas.wake(id).await.unwrap(), "a running saga is woken");
+    let status = ended(&sagas, id).await;
+    assert_eq!(
+        (status.state, status.outputs),
+        (SagaState::Done, vec![json!("paid")])
+    );
+    assert!(!sagas.wake(id).await.unwrap(), "an ended saga is not woken");
+    assert!(!sagas.wake(id + 1_000_000).await.unwrap());
+    runner.shutdown(Duration::from_secs(5)).await;
 }
 
 /// A step that records its effect and its undoing in memory, or declines.

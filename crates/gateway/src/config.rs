@@ -92,6 +92,32 @@ pub struct GatewaySection {
     pub jwt: BTreeMap<String, JwtProviderSection>,
     /// Distributed tracing: spans exported to an OpenTelemetry collector.
     pub tracing: Option<TracingSection>,
+    /// Services' own figures the dashboard draws beside the gateway's.
+    pub panels: Vec<PanelSection>,
+}
+
+/// `[[gateway.panels]]`: a service's own figures on the dashboard. Once a second
+/// the dashboard GETs each URL and draws the JSON it answers,
+/// `{"counters": {name: total}, "gauges": {name: value}, "rows": [{column: value}],
+/// "columns": [name]}` (each part optional; `columns` orders the table): the
+/// counters as rates per second, summed across the
+/// URLs (one per instance, each counting its own); the gauges and rows from the
+/// first URL that answers (a view of state the instances share).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PanelSection {
+    /// The panel's title.
+    pub name: String,
+    /// Where its JSON is read (`http://host:port/path`), one URL per instance.
+    pub urls: Vec<String>,
+    /// The longest wait for one URL's answer (at most a second: the dashboard
+    /// samples once a second).
+    #[serde(default = "default_panel_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_panel_timeout() -> Dur {
+    Dur(Duration::from_millis(500))
 }
 
 /// `[gateway.tracing]`: W3C Trace Context passed upstream, and a span per request
@@ -696,6 +722,7 @@ impl Default for GatewaySection {
             idempotency: None,
             jwt: BTreeMap::new(),
             tracing: None,
+            panels: Vec::new(),
         }
     }
 }

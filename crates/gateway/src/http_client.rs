@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, Uri, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
@@ -68,6 +68,29 @@ impl Client {
         })
     }
 
+    /// `GET uri` (on this client's server): its body if the answer is a `200`, up
+    /// to `limit` bytes.
+    pub async fn get(&mut self, uri: &Uri, limit: usize) -> Result<Bytes, String> {
+        let req = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header(header::ACCEPT, "application/json")
+            .body(Full::default())
+            .map_err(|e| e.to_string())?;
+        let resp = self.send(req).await?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(format!("{uri} answered {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| format!("{uri}: {e}"))?;
+        Ok(body.to_bytes())
+    }
+
+    /// Drops the open connection (after a call given up half way).
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
     async fn open(&self) -> Result<SendRequest<Full<Bytes>>, String> {
         let base = &self.base;
         let host = base.host().ok_or_else(|| format!("{base}: no host"))?;
@@ -88,5 +111,19 @@ impl Client {
             .map_err(|e| format!("{base}: {e}"))?;
         tokio::spawn(connection);
         Ok(send)
+    }
+}
+
+/// `s` as an `http` or `https` URL with a host; otherwise a problem for `at`.
+pub fn http_url(s: &str, at: &str, p: &mut Vec<crate::config::ConfigError>) -> Option<Uri> {
+    match s.parse::<Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => Some(u),
+        _ => {
+            p.push(crate::config::ConfigError::new(
+                at,
+                format!("`{s}` is not an http(s) URL"),
+            ));
+            None
+        }
     }
 }

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http::Uri;
 use palisade_edge::{KeyRing, KeySet, Rules};
 
 use crate::config::{ConfigError, JwtProviderSection, UpstreamTlsConfig};
@@ -228,15 +227,8 @@ impl Provider {
 
 /// The key source `s` names: exactly one of `keys_file`, `jwks_url`, `discovery`.
 fn source(s: &JwtProviderSection, at: &str, p: &mut Vec<ConfigError>) -> Option<Source> {
-    let url = |field: &str, u: &str, p: &mut Vec<ConfigError>| match u.parse::<Uri>() {
-        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => Some(uri),
-        _ => {
-            p.push(ConfigError::new(
-                format!("{at}.{field}"),
-                format!("`{u}` is not an http(s) URL"),
-            ));
-            None
-        }
+    let url = |field: &str, u: &str, p: &mut Vec<ConfigError>| {
+        crate::http_client::http_url(u, &format!("{at}.{field}"), p)
     };
     match (&s.keys_file, &s.jwks_url, &s.discovery) {
         (Some(f), None, None) => Some(Source::File(f.clone())),
@@ -263,17 +255,5 @@ fn source(s: &JwtProviderSection, at: &str, p: &mut Vec<ConfigError>) -> Option<
 /// `GET uri`, its body if the answer is a `200` (up to 1 MiB).
 async fn get(uri: &Uri, tls: Option<&UpstreamTls>) -> Result<Bytes, String> {
     let mut client = crate::http_client::Client::new(uri.clone(), tls.cloned(), Duration::from_secs(5));
-    let req = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(http::header::ACCEPT, "application/json")
-        .body(Full::default())
-        .map_err(|e| e.to_string())?;
-    let resp = client.send(req).await?;
-    if resp.status() != StatusCode::OK {
-        return Err(format!("{uri} answered {}", resp.status()));
-    }
-    let body = Limited::new(resp.into_body(), MAX_DOCUMENT_BYTES)
-        .collect()
-        .await
-        .map_err(|e| format!("{uri}: {e}"))?;
-    Ok(body.to_bytes())
+    client.get(uri, MAX_DOCUMENT_BYTES).await
 }

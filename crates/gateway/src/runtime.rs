@@ -43,6 +43,8 @@ pub struct Runtime {
     pub providers: HashMap<String, Arc<Provider>>,
     /// Where spans go, when `[gateway.tracing]` is set.
     pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// The services' panels the dashboard draws.
+    pub panels: Vec<crate::dashboard::Panel>,
     /// Its exporter, until [`Runtime::build`] starts it.
     exporter: Option<crate::trace::Exporter>,
     tasks: Vec<JoinHandle<()>>,
@@ -85,6 +87,7 @@ impl Runtime {
         let (tracer, exporter) = (config.gateway.tracing.as_ref())
             .and_then(|t| crate::trace::Tracer::compile(t, "gateway.tracing", &mut problems))
             .unzip();
+        let panels = crate::dashboard::Panel::compile_all(&config.gateway.panels, &mut problems);
         let route_at = |i: usize, name: &str| format!("routes[{i}] ({name})");
         let workers = crate::upstream::worker_count(config.gateway.workers);
         let mut parts: Vec<RouteParts> = config
@@ -144,6 +147,7 @@ impl Runtime {
             idempotency: Arc::default(),
             providers,
             tracer,
+            panels,
             exporter,
             tasks: Vec::new(),
         })

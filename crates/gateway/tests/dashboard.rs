@@ -102,6 +102,14 @@ async fn sample_where(gw: &Handle, mut done: impl FnMut(&Value) -> bool) -> Valu
     .expect("no such sample came")
 }
 
+/// A closed port: nothing listens there.
+fn closed_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 fn endpoint(sample: &Value, addr: SocketAddr) -> &Value {
     sample["clusters"][0]["endpoints"]
         .as_array()
@@ -116,7 +124,14 @@ async fn the_page_shows_an_endpoint_made_to_fail_as_open_in_a_real_browser() {
     let bad_status = Arc::new(AtomicU16::new(200));
     let good = upstream(Arc::new(AtomicU16::new(200))).await;
     let bad = upstream(bad_status.clone()).await;
-    let gw = gateway(&[good, bad], &format!("admin_token = \"{TOKEN}\"")).await;
+    let panel = panel_service().await;
+    let gw = gateway(
+        &[good, bad],
+        &format!(
+            "admin_token = \"{TOKEN}\"\n[[gateway.panels]]\nname = \"sale\"\nurls = [\"http://{panel}/p\"]"
+        ),
+    )
+    .await;
     for _ in 0..4 {
         assert_eq!(get(gw.addr, "/").await.status, StatusCode::OK);
     }
@@ -144,6 +159,17 @@ async fn the_page_shows_an_endpoint_made_to_fail_as_open_in_a_real_browser() {
         .eval("document.querySelector('[data-route=\"shop\"] h3')?.textContent")
         .await;
     assert_eq!(route, "shop");
+    // The service's panel: its table's row, then its counter's rate once read twice.
+    let panel_drawn = "new Promise(done => { const seen = () =>
+        document.querySelector('[data-panel=\"sale\"] td[data-column=\"item\"]')?.textContent === 'a'
+        && document.querySelector('[data-panel=\"sale\"] [data-rate=\"reads\"]') !== null;
+      const look = () => seen() ? done(true) : setTimeout(look, 50); look();
+      setTimeout(() => done(seen()), 10000); })";
+    assert_eq!(
+        b.eval(panel_drawn).await,
+        true,
+        "the service's panel was never drawn"
+    );
 
     // The endpoint fails: two failures in a row open its breaker.
     bad_status.store(500, Ordering::SeqCst);
@@ -291,11 +317,7 @@ async fn a_short_admin_token_is_refused_by_name() {
 #[tokio::test]
 async fn readiness_reports_the_version_uptime_and_each_dependency() {
     let up = upstream(Arc::new(AtomicU16::new(200))).await;
-    // A closed port: nothing listens there.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = closed_port();
     let gw = gateway(
         &[up],
         &format!(
@@ -355,4 +377,86 @@ async fn the_lag_this_processs_data_routers_report_is_shown() {
         "{s}"
     );
     gw.shutdown().await;
+}
+
+/// A service's panel: each read adds 10 to its `reads` counter; a gauge and a
+/// table row.
+async fn panel_service() -> SocketAddr {
+    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    serve_http1(move |_req: Request<Incoming>| {
+        let n = reads.fetch_add(10, Ordering::SeqCst) + 10;
+        async move {
+            let doc = serde_json::json!({
+                "counters": {"reads": n},
+                "gauges": {"stock": 5, "label": "not a number"},
+                "rows": [{"item": "a", "stock": 5}],
+            });
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(doc.to_string()))))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_services_panel_shows_its_counters_as_rates_summed_across_instances() {
+    let up = upstream(Arc::new(AtomicU16::new(200))).await;
+    let (one, two) = (panel_service().await, panel_service().await);
+    let closed = closed_port();
+    let gw = gateway(
+        &[up],
+        &format!(
+            "[[gateway.panels]]\nname = \"sale\"\nurls = [\"http://{one}/p\", \"http://{two}/p\", \"http://{closed}/p\"]\n\
+             [[gateway.panels]]\nname = \"one\"\nurls = [\"http://{one}/p\"]\n"
+        ),
+    )
+    .await;
+    // Rates need two readings of each URL.
+    let s = sample_where(&gw, |s| {
+        s["panels"][0]["rates"]["reads"].is_number() && s["panels"][1]["rates"]["reads"].is_number()
+    })
+    .await;
+    let (sale, single) = (&s["panels"][0], &s["panels"][1]);
+    assert_eq!(sale["name"], "sale");
+    // A URL two panels name is read once a sample; each read adds 10, so the
+    // panel summing two instances counts exactly twice the one reading one.
+    let rate = |p: &Value| p["rates"]["reads"].as_f64().unwrap();
+    assert!(rate(single) > 0.0, "{single}");
+    assert_eq!(rate(sale), 2.0 * rate(single), "{s}");
+    assert_eq!(
+        sale["gauges"],
+        serde_json::json!({"stock": 5}),
+        "only numbers are kept"
+    );
+    assert_eq!(sale["rows"], serde_json::json!([{"item": "a", "stock": 5}]));
+    assert_eq!(
+        (sale["urls"].as_u64(), sale["answered"].as_u64()),
+        (Some(3), Some(2))
+    );
+    let errors = sale["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].as_str().unwrap().contains(&closed.to_string()),
+        "{errors:?}"
+    );
+    gw.shutdown().await;
+}
+
+#[test]
+fn a_bad_panel_is_refused_by_its_fields() {
+    let text = "[gateway]\n\
+        [[gateway.panels]]\nname = \"a\"\nurls = [\"ftp://x/\"]\ntimeout = \"5s\"\n\
+        [[gateway.panels]]\nname = \"a\"\nurls = []\n\
+        [[routes]]\nname = \"r\"\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"127.0.0.1:1\"]\n";
+    let err = palisade_gateway::Config::from_toml(text)
+        .and_then(|c| palisade_gateway::runtime::Runtime::compile(c).map(drop))
+        .unwrap_err()
+        .to_string();
+    for field in [
+        "gateway.panels[0].urls[0]",
+        "gateway.panels[0].timeout",
+        "gateway.panels[1].name",
+        "gateway.panels[1].urls",
+    ] {
+        assert!(err.contains(field), "{field} not named in: {err}");
+    }
 }

@@ -55,6 +55,7 @@ function draw() {
   if (!last) return;
   $("uptime").textContent = duration(last.uptime_s);
   drawRoutes(last);
+  drawPanels(last);
   drawClusters(last);
   drawStores(last);
   drawEvents();
@@ -139,6 +140,58 @@ function chart(canvas, lines, marks, minTop = 0) {
     g.stroke();
   }
   g.setLineDash([]);
+}
+
+// A service's own panel: its counters' rates and its gauges, each with a chart
+// of a line per figure, and its table.
+const palette = ["--blue", "--ok", "--warn", "--violet", "--bad", "--dim"];
+
+function panelCard(name) {
+  let c = cards.get("panel:" + name);
+  if (c) return c;
+  const charts = ["per second", "now"].map((label) => {
+    const canvas = el("canvas"), legend = el("figcaption");
+    return { label, canvas, legend, figure: el("figure", {}, canvas, legend) };
+  });
+  c = { card: el("div", { class: "card", "data-panel": name }), figures: el("div", { class: "figures" }),
+    charts, body: el("tbody"), head: el("tr") };
+  c.card.append(el("h3", { text: name }), c.figures, el("div", { class: "charts two" }, ...charts.map((x) => x.figure)),
+    el("div", { class: "scroll" }, el("table", {}, el("thead", {}, c.head), c.body)));
+  cards.set("panel:" + name, c);
+  return c;
+}
+
+function drawPanels(last) {
+  const box = $("panels");
+  const panels = last.panels || [];
+  $("services").hidden = panels.length === 0;
+  for (const p of panels) {
+    const c = panelCard(p.name);
+    if (!c.card.isConnected) box.append(c.card);
+    const figures = [
+      ...Object.entries(p.rates).map(([k, v]) => el("span", { "data-rate": k }, el("b", { text: fixed(v, 0) }), ` ${k}/s`)),
+      ...Object.entries(p.gauges).map(([k, v]) => el("span", { "data-gauge": k }, `${k} `, el("b", { text: String(v) }))),
+    ];
+    if (p.urls > 1) figures.push(el("span", {}, "answering ", el("b", { text: `${p.answered}/${p.urls}` })));
+    for (const e of p.errors) figures.push(el("span", {}, state("down"), " " + e));
+    c.figures.replaceChildren(...figures);
+    [["rates", Object.keys(p.rates)], ["gauges", Object.keys(p.gauges)]].forEach(([part, names], i) => {
+      const lines = names.map((k, j) => ({
+        color: palette[j % palette.length], dash: j >= palette.length,
+        points: samples.map((s) => {
+          const x = (s.panels || []).find((y) => y.name === p.name);
+          return [s.t, x && x[part][k] != null ? x[part][k] : null];
+        }),
+      }));
+      chart(c.charts[i].canvas, lines, []);
+      c.charts[i].legend.replaceChildren(c.charts[i].label,
+        ...names.map((k, j) => el("span", {}, el("i", { style: `background: var(${palette[j % palette.length]})` }), k)));
+    });
+    const columns = p.columns.length ? p.columns : [...new Set(p.rows.flatMap((r) => Object.keys(r)))];
+    c.head.replaceChildren(...columns.map((k) => el("th", { text: k })));
+    c.body.replaceChildren(...p.rows.map((r) => el("tr", {},
+      ...columns.map((k) => el("td", { "data-column": k, text: r[k] == null ? "-" : String(r[k]) })))));
+  }
 }
 
 const state = (text) => el("span", { class: "state", "data-state": text, text });

@@ -5,7 +5,9 @@
 //! second, error rate, refusals and p50/p99 (from [`crate::totals`]), each
 //! cluster's serving tier and endpoints (breaker, health, ejection, in flight),
 //! the response cache's hits by level, the queue's depth, and the lag of the
-//! replicas this process's data routers read from. It keeps the last
+//! replicas this process's data routers read from, and the services' own panels
+//! (`[[gateway.panels]]`: their counters as rates, their gauges and a table). It
+//! keeps the last
 //! five minutes, so a page opened late still draws them, and notes breaker, tier
 //! and ejection changes as events the page marks on its charts. A page's stream
 //! that cannot keep up skips samples rather than holding the sampler.
@@ -23,8 +25,10 @@ use tokio::sync::{mpsc, watch};
 use crate::runtime::Runtime;
 use crate::totals::Counts;
 
+mod panels;
 mod stream;
 
+pub use panels::{MAX_FIGURES, MAX_ROWS, Panel};
 pub use stream::EventStream;
 
 /// The page.
@@ -142,6 +146,7 @@ struct Previous {
     tiers: HashMap<String, Option<u8>>,
     queue: Option<Value>,
     replicas: Option<Value>,
+    panels: panels::Panels,
 }
 
 /// Samples the gateway once a second until `stop`.
@@ -170,8 +175,10 @@ pub async fn run(
             prev.replicas = metrics.as_ref().map(|m| replicas_json(&m.render()));
         }
         n += 1;
+        let services = prev.panels.sample(&rt.panels, secs).await;
         let (mut sample, events) = sample(&rt, &mut prev, secs);
         sample["uptime_s"] = Value::from(dash.uptime());
+        sample["panels"] = Value::from(services);
         dash.publish(sample, events);
     }
     dash.close();
