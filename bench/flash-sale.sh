@@ -13,18 +13,14 @@
 #                      trivial upstream (nginx answering at once): the gateway's own
 #                      requests/s with these policies
 #   gateway+service    the same gateway in front of two flash-sale instances
-#   gateway+split      the same gateway in front of two API instances
-#                      (--role api), their orders' sagas run by a worker process
-#                      (--role worker) at a lower CPU priority (nice 10): the
-#                      queue takes the peak and the worker drains it, as workers
-#                      on cores of their own would, on two cores shared by all
 #   gateway+naive      the same gateway in front of the naive instance
 #
 # Each sale target is measured twice: from the opening (the sell-out, its orders'
 # sagas running meanwhile, and the flood after it), then again on the same sales
 # sold out (`/sold-out`: the flood alone). Reported: medians of attempts/s, wrk's
 # p50 / p99 at that peak, CPU per attempt of the measured processes (PostgreSQL's
-# and Redis's not counted), answers by status, and for the sales: orders placed, and
+# and Redis's not counted), the CPU seconds PostgreSQL and Redis spent in the
+# measurement, answers by status, and for the sales: orders placed, and
 # the invariants once the sagas settle (orders equal to the units sold, never more
 # than the stock, nobody over the limit, the gate agreeing with the inventory after
 # reconciliation). Installs wrk, nginx and python3 from Debian if missing; only
@@ -44,6 +40,7 @@ WARM=${WARM:-10}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=$(mktemp -d /tmp/palisade-flash-bench.XXXXXX)
 pids=()
+stores=()
 
 # shellcheck source=scripts/services.sh
 source "$root/scripts/services.sh"
@@ -67,9 +64,10 @@ wait_port() {
     return 1
 }
 
+# The CPU ticks (user and system) of the processes $@ and their children.
 cpu_ticks() {
     local sum=0 p
-    for p in "$@"; do
+    for p in $(for q in "$@"; do echo "$q"; pgrep -P "$q" || true; done); do
         [ -r "/proc/$p/stat" ] || continue
         sum=$((sum + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
     done
@@ -143,15 +141,14 @@ EOF
     pids+=($!)
 }
 
-# A flash-sale instance on port $1 with the extra flags after it (at the CPU
-# priority `nice -n $NICE`, 0 unless set).
+# A flash-sale instance on port $1 with the extra flags after it.
 start_sale() {
     local port=$1
     shift
     # One runtime thread each (tokio's TOKIO_WORKER_THREADS): on two cores shared
     # with wrk (and the gateway), a second thread costs more in switches than it
     # gives (76.8k against 65.4k attempts/s, one instance alone, sold out).
-    TOKIO_WORKER_THREADS=${SALE_THREADS:-1} nice -n "${NICE:-0}" \
+    TOKIO_WORKER_THREADS=${SALE_THREADS:-1} \
         "$root/target/release/flash-sale" --listen "127.0.0.1:$port" "$@" >"$work/sale-$port.out" 2>&1 &
     pids+=($!)
 }
@@ -203,13 +200,15 @@ sys.exit(0 if ok else 1)' "$view"; then
 # One measurement (round $1, row $2): wrk on port $3 for the sales $4 (tokens
 # $5), the CPU time of the processes $6; appended to $out.
 measure() {
-    local r=$1 name=$2 port=$3 prefix=$4 tok=$5 procs=$6 before res ticks rps hz
+    local r=$1 name=$2 port=$3 prefix=$4 tok=$5 procs=$6 before res ticks rps hz db_before
     hz=$(getconf CLK_TCK)
     # shellcheck disable=SC2086
     before=$(cpu_ticks $procs)
+    db_before=$(cpu_ticks "${stores[@]}")
     res=$(load "$port" "$DURATION" "$prefix" "$tok")
     # shellcheck disable=SC2086
     ticks=$(( $(cpu_ticks $procs) - before ))
+    echo "$r $name db_cpu_s $(python3 -c "print(round($(( $(cpu_ticks "${stores[@]}") - db_before )) / $hz, 2))")" >>"$out"
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$res")
     echo "$r $name rps $rps" >>"$out"
     echo "$r $name cpu_us $(python3 -c "print(round($ticks / $hz * 1e6 / ($rps * $DURATION), 2))")" >>"$out"
@@ -227,29 +226,26 @@ main() {
     "$root/target/release/examples/jwt_fixture" "$work/jwt" "$USERS"
     start_postgres >/dev/null 2>&1
     start_redis >/dev/null 2>&1
+    # PostgreSQL's postmaster (its backends are its children) and Redis.
+    stores=("$(head -1 "$services_dir/postgres/data/postmaster.pid")" "$(cat "$services_dir/redis/redis.pid")")
     local pg=$PALISADE_TEST_POSTGRES_URL base db
     base=${pg%/*}
     for db in fs_inventory fs_orders fs_naive; do
         "$(postgres_bin)/psql" -q "$pg" -c "CREATE DATABASE $db" >/dev/null
     done
-    local a b c d w n up gw gws gwn gwt
+    local a b n up gw gwn gwt
     a=$(free_loopback_port); b=$(free_loopback_port); n=$(free_loopback_port); up=$(free_loopback_port)
-    c=$(free_loopback_port); d=$(free_loopback_port); w=$(free_loopback_port)
-    gw=$(free_loopback_port); gws=$(free_loopback_port); gwn=$(free_loopback_port); gwt=$(free_loopback_port)
+    gw=$(free_loopback_port); gwn=$(free_loopback_port); gwt=$(free_loopback_port)
     local layered=(--redis "$PALISADE_TEST_REDIS_URL" --inventory-db "$base/fs_inventory" --orders-db "$base/fs_orders"
         --reservation-ttl-secs 10 --reconcile-every-secs 1)
     start_sale "$a" "${layered[@]}"; local apid=${pids[-1]}
     start_sale "$b" "${layered[@]}"; local bpid=${pids[-1]}
-    start_sale "$c" --role api "${layered[@]}"; local cpid=${pids[-1]}
-    start_sale "$d" --role api "${layered[@]}"; local dpid=${pids[-1]}
-    NICE=10 start_sale "$w" --role worker "${layered[@]}"; local wpid=${pids[-1]}
     start_sale "$n" --design naive --inventory-db "$base/fs_naive"; local npid=${pids[-1]}
     start_trivial "$up"; local uppid=${pids[-1]}
     start_gateway "$gw" "\"127.0.0.1:$a\", \"127.0.0.1:$b\""; local gwpid=${pids[-1]}
-    start_gateway "$gws" "\"127.0.0.1:$c\", \"127.0.0.1:$d\""; local gwspid=${pids[-1]}
     start_gateway "$gwn" "\"127.0.0.1:$n\""; local gwnpid=${pids[-1]}
     start_gateway "$gwt" "\"127.0.0.1:$up\""; local gwtpid=${pids[-1]}
-    for p in "$a" "$b" "$c" "$d" "$n" "$up" "$gw" "$gws" "$gwn" "$gwt"; do wait_port "$p"; done
+    for p in "$a" "$b" "$n" "$up" "$gw" "$gwn" "$gwt"; do wait_port "$p"; done
     # name|port|pids measured|admin port|tokens
     local tokens="$work/jwt/users.tokens"
     local -a rows=(
@@ -257,7 +253,6 @@ main() {
         "naive|$n|$npid|$n|"
         "gateway+trivial|$gwt|$gwtpid $uppid||$tokens"
         "gateway+service|$gw|$gwpid $apid $bpid|$a|$tokens"
-        "gateway+split|$gws|$gwspid $cpid $dpid $wpid|$c|$tokens"
         "gateway+naive|$gwn|$gwnpid $npid|$n|$tokens"
     )
     log "warming the gateways' token caches (${WARM}s each)"
@@ -297,14 +292,13 @@ for line in open(path):
         v[(t, k)].append(float(x[0]))
 med = lambda t, k: statistics.median(v[(t, k)])
 print(f"wrk -t1 -c{conns} -d{duration}s, {users} users, {items} items x {stock} units per sale, one per user; medians of {rounds} rounds\n")
-print("| target | attempts/s | vs gateway+trivial | p50 ms | p99 ms | CPU us/attempt | answers (all rounds) |")
-print("|---|---|---|---|---|---|---|")
+print("| target | attempts/s | vs gateway+trivial | p50 ms | p99 ms | CPU us/attempt | PostgreSQL + Redis CPU s | answers (all rounds) |")
+print("|---|---|---|---|---|---|---|---|")
 trivial = med("gateway+trivial", "rps")
 for t in ("service", "service/sold-out", "naive", "naive/sold-out", "gateway+trivial",
-          "gateway+service", "gateway+service/sold-out", "gateway+split", "gateway+split/sold-out",
-          "gateway+naive", "gateway+naive/sold-out"):
+          "gateway+service", "gateway+service/sold-out", "gateway+naive", "gateway+naive/sold-out"):
     a = ", ".join(f"{s}: {n}" for s, n in sorted(answers[t].items()))
-    print(f"| {t} | {med(t, 'rps'):.0f} | {med(t, 'rps') / trivial:.3f}x | {med(t, 'p50') / 1e3:.2f} | {med(t, 'p99') / 1e3:.2f} | {med(t, 'cpu_us'):.1f} | {a} |")
+    print(f"| {t} | {med(t, 'rps'):.0f} | {med(t, 'rps') / trivial:.3f}x | {med(t, 'p50') / 1e3:.2f} | {med(t, 'p99') / 1e3:.2f} | {med(t, 'cpu_us'):.1f} | {med(t, 'db_cpu_s'):.2f} | {a} |")
 print("\n| target | sales | units | orders | oversold | users over the limit | every invariant holds |")
 print("|---|---|---|---|---|---|---|")
 sales = collections.defaultdict(list)

@@ -400,8 +400,8 @@ async fn postgres_restart_mid_sale_loses_nothing_and_oversells_nothing() {
     let addrs = vec![a.addr.unwrap(), b.addr.unwrap()];
     open_sale(addrs[0]).await;
     let ledger = sale(addrs.clone(), async || {
-        pg_ctl("-m immediate stop");
-        pg_ctl("start");
+        palisade_testkit::postgres_ctl("-m immediate stop").await;
+        palisade_testkit::postgres_ctl("start").await;
     })
     .await;
     check(addrs[0], &ledger).await;
@@ -409,17 +409,4 @@ async fn postgres_restart_mid_sale_loses_nothing_and_oversells_nothing() {
 
 fn shared_redis() -> String {
     std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test")
-}
-
-/// `pg_ctl ... action` on the run's PostgreSQL.
-fn pg_ctl(action: &str) {
-    let ctl = std::env::var("PALISADE_TEST_PG_CTL").expect("PALISADE_TEST_PG_CTL is set by scripts/test");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{ctl} {action}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "pg_ctl {action} failed");
 }

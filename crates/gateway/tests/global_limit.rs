@@ -42,9 +42,7 @@ async fn get(gw: &Handle, key: &str) -> Answer {
     .await
 }
 
-fn unique(what: &str) -> String {
-    format!("{what}_{:016x}", fastrand::u64(..))
-}
+use palisade_testkit::unique;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_share_one_quota_with_the_local_limiters_headers() {

@@ -79,9 +79,7 @@ async fn origin() -> (Arc<Origin>, SocketAddr) {
     (origin, addr)
 }
 
-fn unique(what: &str) -> String {
-    format!("{what}_{:016x}", fastrand::u64(..))
-}
+use palisade_testkit::unique;
 
 fn redis_url() -> String {
     std::env::var("PALISADE_TEST_REDIS_URL")

@@ -18,6 +18,7 @@ use std::time::Duration;
 use palisade_queue::{
     JobContext, JobError, JobState, NewJob, Queue, QueueConfig, Runner, RunnerConfig, Worker,
 };
+use palisade_testkit::postgres_ctl as pg_ctl;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -241,21 +242,6 @@ async fn postgres_every_job_completes_when_workers_are_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_every_job_completes_when_workers_are_killed() {
     every_job_completes_when_workers_are_killed(Backend::Sqlite).await;
-}
-
-/// Restarts the run's PostgreSQL server (`PALISADE_TEST_PG_CTL`, from
-/// scripts/services.sh).
-async fn pg_ctl(action: &str) {
-    let ctl = std::env::var("PALISADE_TEST_PG_CTL").expect("PALISADE_TEST_PG_CTL is set by scripts/test");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{ctl} {action}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success(), "pg_ctl {action} failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

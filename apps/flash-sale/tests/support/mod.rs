@@ -1,11 +1,9 @@
 //! What the flash-sale tests share: the time, and databases of their own on the
 //! PostgreSQL server `scripts/test` started.
 
-#![allow(dead_code)] // each test file uses its own part
+#![allow(dead_code, unused_imports)] // each test file uses its own part
 
 use std::time::SystemTime;
-
-use sqlx::{Connection, Executor};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -30,26 +28,11 @@ pub fn sale(item: &str, stock: u32, per_user: u32) -> palisade_flash_sale::Sale 
     }
 }
 
-/// A new database; its URL.
-pub async fn fresh_db(prefix: &str) -> String {
-    let admin =
-        std::env::var("PALISADE_TEST_POSTGRES_URL").expect("PALISADE_TEST_POSTGRES_URL: run scripts/test");
-    let name = format!("{prefix}_{}_{:x}", std::process::id(), fastrand::u64(..));
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').unwrap().0;
-    format!("{base}/{name}")
-}
+pub use palisade_testkit::fresh_db;
 
 /// A pool on a new database.
 pub async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(16)
-        .connect(&fresh_db(prefix).await)
-        .await
-        .unwrap()
+    palisade_testkit::fresh_pool(prefix, 16).await
 }
 
 /// A gate on the run's Redis, its keys under a prefix of its own.

@@ -2,21 +2,13 @@
 //! (`start_postgres_data` in scripts/services.sh), and a database of each test's
 //! own on them.
 
-#![allow(dead_code)] // each test file uses its own part
+#![allow(dead_code, unused_imports)] // each test file uses its own part
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, PgConnection};
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: run scripts/test, or start the servers with \
-             `source scripts/services.sh && start_postgres_data`"
-        )
-    })
-}
+use palisade_testkit::env;
 
 /// The primary of the replicated cluster (its `postgres` database).
 pub fn primary_url() -> String {
@@ -55,46 +47,11 @@ pub fn shard_ctls() -> Vec<String> {
         .collect()
 }
 
-/// Runs `pg_ctl ... action` for one server.
-pub async fn pg_ctl(ctl: &str, action: &str) {
-    let status = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{ctl} {action}"))
-        .stdout(std::process::Stdio::null())
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success(), "pg_ctl {action} failed");
-}
-
-/// A name no other test uses.
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{prefix}_{}_{}_{:x}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        fastrand::u32(..)
-    )
-}
-
-/// `url` (a server's `postgres` database) with its database replaced by `db`.
-pub fn with_db(url: &str, db: &str) -> String {
-    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
-    format!("{base}/{db}")
-}
-
-/// Runs `sql` on `url`.
-pub async fn exec(url: &str, sql: &str) {
-    let mut conn = PgConnection::connect(url).await.unwrap();
-    conn.execute(sqlx::AssertSqlSafe(sql.to_string())).await.unwrap();
-}
+pub use palisade_testkit::{exec, pg_ctl, unique, with_db};
 
 /// A new database on `url`'s server; its URL.
 pub async fn fresh_db(url: &str, prefix: &str) -> String {
-    let name = unique(prefix);
-    exec(url, &format!("CREATE DATABASE {name}")).await;
-    with_db(url, &name)
+    palisade_testkit::fresh_db_on(url, prefix).await
 }
 
 /// A new database on the primary, once every replica has it (replication brings

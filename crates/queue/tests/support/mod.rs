@@ -2,7 +2,7 @@
 //! SQLite file in a temporary directory, or a database of its own on the
 //! PostgreSQL server `scripts/test` started), and a worker that reports to the test.
 
-#![allow(dead_code)] // each test file uses its own part
+#![allow(dead_code, unused_imports)] // each test file uses its own part
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,51 +32,23 @@ impl Drop for TestDb {
 }
 
 /// The PostgreSQL server of this test run (`scripts/test` exports it).
-pub fn postgres_admin_url() -> String {
-    std::env::var("PALISADE_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "PALISADE_TEST_POSTGRES_URL is not set: run scripts/test, or start a throwaway server with \
-             `source scripts/services.sh && start_postgres`"
-        )
-    })
-}
-
-fn unique_name(prefix: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{prefix}_{}_{}_{:x}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        fastrand::u32(..)
-    )
-}
+pub use palisade_testkit::postgres_url as postgres_admin_url;
 
 /// A new empty database on `backend`.
 pub async fn fresh_db(backend: Backend) -> TestDb {
     match backend {
         Backend::Sqlite => {
-            let dir = std::env::temp_dir().join(unique_name("palisade_queue"));
+            let dir = std::env::temp_dir().join(palisade_testkit::unique("palisade_queue"));
             std::fs::create_dir_all(&dir).unwrap();
             TestDb {
                 url: format!("sqlite:{}", dir.join("jobs.db").display()),
                 dir: Some(dir),
             }
         }
-        Backend::Postgres => {
-            let admin = postgres_admin_url();
-            let name = unique_name("q");
-            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
-                .await
-                .unwrap();
-            sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .await
-                .unwrap();
-            let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-            TestDb {
-                url: format!("{base}/{name}"),
-                dir: None,
-            }
-        }
+        Backend::Postgres => TestDb {
+            url: palisade_testkit::fresh_db("q").await,
+            dir: None,
+        },
     }
 }
 
