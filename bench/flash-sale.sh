@@ -28,6 +28,8 @@
 #
 #   bench/flash-sale.sh
 #   ROUNDS=5 DURATION=20 USERS=50000 bench/flash-sale.sh
+#   bench/flash-sale.sh faults      # the same load with a fault mid-sale (see faults_main)
+#   PIN=1 bench/flash-sale.sh       # PostgreSQL and Redis on CPU 1, all else on CPU 0
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -37,6 +39,8 @@ USERS=${USERS:-20000}
 ITEMS=${ITEMS:-10}
 STOCK=${STOCK:-100}
 WARM=${WARM:-10}
+FAULT_AT=${FAULT_AT:-1}
+PIN=${PIN:-}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=$(mktemp -d /tmp/palisade-flash-bench.XXXXXX)
 pids=()
@@ -53,26 +57,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log() { printf '%s\n' "$*" >&2; }
-
-wait_port() {
-    for _ in $(seq 1 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    log "nothing listens on port $1"
-    return 1
-}
-
-# The CPU ticks (user and system) of the processes $@ and their children.
-cpu_ticks() {
-    local sum=0 p
-    for p in $(for q in "$@"; do echo "$q"; pgrep -P "$q" || true; done); do
-        [ -r "/proc/$p/stat" ] || continue
-        sum=$((sum + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
-    done
-    echo "$sum"
-}
+# shellcheck source=bench/lib.sh
+source "$root/bench/lib.sh"
 
 install_missing() {
     local pkgs=()
@@ -82,25 +68,9 @@ install_missing() {
     apt_install "${pkgs[@]}"
 }
 
+# nginx on port $1 answering `202 {}` at once.
 start_trivial() {
-    local dir="$work/trivial"
-    mkdir -p "$dir"
-    cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
-    uwsgi_temp_path $dir; scgi_temp_path $dir;
-    keepalive_requests 1000000;
-    server { listen 127.0.0.1:$1; location / { return 202 "{}"; } }
-}
-EOF
-    nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/out" 2>&1 &
-    pids+=($!)
+    pids+=("$(run_nginx "$work/trivial" 1 "server { listen 127.0.0.1:$1; location / { return 202 \"{}\"; } }")")
 }
 
 # A gateway on port $1 in front of the endpoints $2 (`"host:port", ...`).
@@ -197,11 +167,38 @@ sys.exit(0 if ok else 1)' "$view"; then
     done
 }
 
+# The layered instances' counts (their `/admin/dashboard` counters) on the ports
+# $@, summed: `name=value ...`.
+layer_counts() {
+    local p
+    for p in "$@"; do
+        curl -sf "http://127.0.0.1:$p/admin/dashboard" || echo '{}'
+        echo
+    done | python3 -c '
+import collections, json, sys
+c = collections.Counter()
+for line in sys.stdin:
+    if line.strip():
+        c.update(json.loads(line).get("counters", {}))
+print(" ".join(f"{k}={v}" for k, v in sorted(c.items())))'
+}
+
+# What the counts $2 (`name=value ...`) gained since $1.
+count_delta() {
+    python3 -c '
+import sys
+before, after = (dict(kv.split("=") for kv in a.split()) for a in sys.argv[1:])
+print(" ".join(f"{k}={int(v) - int(before.get(k, 0))}" for k, v in after.items()))' "$1" "$2"
+}
+
 # One measurement (round $1, row $2): wrk on port $3 for the sales $4 (tokens
-# $5), the CPU time of the processes $6; appended to $out.
+# $5), the CPU time of the processes $6, the layer counts of the instances on the
+# ports $7 (none: not counted); appended to $out.
 measure() {
-    local r=$1 name=$2 port=$3 prefix=$4 tok=$5 procs=$6 before res ticks rps hz db_before
+    local r=$1 name=$2 port=$3 prefix=$4 tok=$5 procs=$6 inst=$7 before res ticks rps hz db_before layers
     hz=$(getconf CLK_TCK)
+    # shellcheck disable=SC2086
+    [ -z "$inst" ] || layers=$(layer_counts $inst)
     # shellcheck disable=SC2086
     before=$(cpu_ticks $procs)
     db_before=$(cpu_ticks "${stores[@]}")
@@ -214,10 +211,15 @@ measure() {
     echo "$r $name cpu_us $(python3 -c "print(round($ticks / $hz * 1e6 / ($rps * $DURATION), 2))")" >>"$out"
     awk '/^latency_us/ {print "'"$r $name"' p50 " $3; print "'"$r $name"' p99 " $5}' <<<"$res" >>"$out"
     echo "$r $name statuses $(awk '/^statuses/ {$1=""; print}' <<<"$res")" >>"$out"
+    # shellcheck disable=SC2086
+    [ -z "$inst" ] || echo "$r $name layers $(count_delta "$layers" "$(layer_counts $inst)")" >>"$out"
     log "  $name: $rps attempts/s"
 }
 
-main() {
+# The binaries, the users' tokens, PostgreSQL (with the databases fs_inventory,
+# fs_orders and fs_naive) and Redis; sets `base` (the server's URL without its
+# database) and `stores`.
+prepare() {
     install_missing
     log "building release binaries"
     (cd "$root" && cargo build --release -q -p palisade-cli -p palisade-flash-sale &&
@@ -228,11 +230,101 @@ main() {
     start_redis >/dev/null 2>&1
     # PostgreSQL's postmaster (its backends are its children) and Redis.
     stores=("$(head -1 "$services_dir/postgres/data/postmaster.pid")" "$(cat "$services_dir/redis/redis.pid")")
-    local pg=$PALISADE_TEST_POSTGRES_URL base db
+    if [ -n "$PIN" ]; then
+        # The stores on a core of their own, as on hosts of their own: every
+        # thread of theirs (backends forked later inherit it), then this shell
+        # and so all it starts (wrk, the gateways, the instances, nginx).
+        local p
+        for p in $(tree "${stores[@]}"); do taskset -a -p 2 "$p" >/dev/null; done
+        taskset -p 1 $$ >/dev/null
+        log "PostgreSQL and Redis on CPU 1; wrk, the gateways, the instances and nginx on CPU 0"
+    fi
+    local pg=$PALISADE_TEST_POSTGRES_URL db
     base=${pg%/*}
     for db in fs_inventory fs_orders fs_naive; do
         "$(postgres_bin)/psql" -q "$pg" -c "CREATE DATABASE $db" >/dev/null
     done
+}
+
+# Kills the run's Redis and starts it again, empty, on its port.
+restart_redis() {
+    local dir="$services_dir/redis" port=${PALISADE_TEST_REDIS_URL##*:}
+    kill "$(cat "$dir/redis.pid")"
+    while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
+    redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+        --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null
+    wait_port "$port"
+}
+
+# The fault runs: the gateway in front of two instances, and a worker process
+# beside them, on fresh sales for each fault; wrk for DURATION seconds with the
+# fault FAULT_AT seconds in, mid-sell-out (the run's Redis killed and started
+# empty, PostgreSQL stopped at once and started, an instance killed with SIGKILL and started again,
+# the worker killed with SIGKILL and started again); then the sales settle and
+# their invariants are checked, as after the load runs.
+faults_main() {
+    prepare
+    local a b w gw fault prefix wrkpid tokens="$work/jwt/users.tokens" views="$work/views"
+    a=$(free_loopback_port); b=$(free_loopback_port); w=$(free_loopback_port); gw=$(free_loopback_port)
+    local layered=(--redis "$PALISADE_TEST_REDIS_URL" --inventory-db "$base/fs_inventory" --orders-db "$base/fs_orders"
+        --reservation-ttl-secs 10 --reconcile-every-secs 1)
+    start_sale "$a" "${layered[@]}"
+    start_sale "$b" "${layered[@]}"; local bpid=${pids[-1]}
+    start_sale "$w" --role worker "${layered[@]}"; local wpid=${pids[-1]}
+    start_gateway "$gw" "\"127.0.0.1:$a\", \"127.0.0.1:$b\""
+    for p in "$a" "$b" "$gw"; do wait_port "$p"; done
+    : >"$views"
+    for fault in redis postgres instance worker; do
+        prefix="f${fault}i"
+        open_sales "$a" "$prefix"
+        log "fault: $fault at ${FAULT_AT}s (wrk -t1 -c$CONNS -d${DURATION}s through the gateway)"
+        load "$gw" "$DURATION" "$prefix" "$tokens" >"$work/fault-$fault" &
+        wrkpid=$!
+        sleep "$FAULT_AT"
+        case $fault in
+            redis) restart_redis ;;
+            postgres)
+                eval "$PALISADE_TEST_PG_CTL -m immediate stop" >/dev/null
+                eval "$PALISADE_TEST_PG_CTL start" >/dev/null ;;
+            instance)
+                kill -9 "$bpid"
+                start_sale "$b" "${layered[@]}"; bpid=${pids[-1]} ;;
+            worker)
+                kill -9 "$wpid"
+                start_sale "$w" --role worker "${layered[@]}"; wpid=${pids[-1]} ;;
+        esac
+        wait "$wrkpid"
+        log "  $(awk '/^statuses/ {$1=""; print}' "$work/fault-$fault")"
+        settle "$a" "$prefix" | sed "s/^/fault:$fault /" >>"$views"
+    done
+    python3 - "$views" "$DURATION" "$CONNS" "$USERS" "$ITEMS" "$STOCK" "$work" "$FAULT_AT" <<'EOF'
+import collections, json, sys
+views, duration, conns, users, items, stock, work, at = sys.argv[1:]
+print(f"wrk -t1 -c{conns} -d{duration}s through the gateway, {users} users, {items} items x {stock} units, one fault {at} s in\n")
+print("| fault | answers | sales | units | orders | oversold | users over the limit | drift | every invariant holds |")
+print("|---|---|---|---|---|---|---|---|---|")
+sales = collections.defaultdict(list)
+for line in open(views):
+    t, view = line.split(" ", 1)
+    sales[t].append(json.loads(view))
+for t, vs in sales.items():
+    fault = t.split(":", 1)[1]
+    answers = next((l.split(None, 1)[1].strip() for l in open(f"{work}/fault-{fault}") if l.startswith("statuses")), "")
+    if any("missing" in x for x in vs):
+        print(f"| {fault} | {answers} | no view of every sale | | | | | | NO |")
+        continue
+    orders = sum(x["orders"] for x in vs)
+    units = sum(x["inventory"]["initial"] for x in vs)
+    oversold = sum(max(0, x["orders"] - x["inventory"]["initial"]) for x in vs)
+    over = sum(0 if x["invariants"]["no_user_over_limit"] else 1 for x in vs)
+    drift = sum(abs(x["drift"] or 0) for x in vs)
+    holds = all(all(x["invariants"].values()) and x["drift"] == 0 for x in vs)
+    print(f"| {fault} | {answers} | {len(vs)} | {units} | {orders} | {oversold} | {over} | {drift} | {'yes' if holds else 'NO'} |")
+EOF
+}
+
+main() {
+    prepare
     local a b n up gw gwn gwt
     a=$(free_loopback_port); b=$(free_loopback_port); n=$(free_loopback_port); up=$(free_loopback_port)
     gw=$(free_loopback_port); gwn=$(free_loopback_port); gwt=$(free_loopback_port)
@@ -246,30 +338,30 @@ main() {
     start_gateway "$gwn" "\"127.0.0.1:$n\""; local gwnpid=${pids[-1]}
     start_gateway "$gwt" "\"127.0.0.1:$up\""; local gwtpid=${pids[-1]}
     for p in "$a" "$b" "$n" "$up" "$gw" "$gwn" "$gwt"; do wait_port "$p"; done
-    # name|port|pids measured|admin port|tokens
+    # name|port|pids measured|admin port|tokens|layered instances
     local tokens="$work/jwt/users.tokens"
     local -a rows=(
-        "service|$a|$apid|$a|"
-        "naive|$n|$npid|$n|"
-        "gateway+trivial|$gwt|$gwtpid $uppid||$tokens"
-        "gateway+service|$gw|$gwpid $apid $bpid|$a|$tokens"
-        "gateway+naive|$gwn|$gwnpid $npid|$n|$tokens"
+        "service|$a|$apid|$a||$a"
+        "naive|$n|$npid|$n||"
+        "gateway+trivial|$gwt|$gwtpid $uppid||$tokens|"
+        "gateway+service|$gw|$gwpid $apid $bpid|$a|$tokens|$a $b"
+        "gateway+naive|$gwn|$gwnpid $npid|$n|$tokens|"
     )
     log "warming the gateways' token caches (${WARM}s each)"
     open_sales "$a" warm; open_sales "$n" warm
     for port in "$gw" "$gwn" "$gwt"; do load "$port" "$WARM" warm "$tokens" >/dev/null; done
-    local views="$work/views" row name port procs admin tok prefix
+    local views="$work/views" row name port procs admin tok inst prefix
     out="$work/results"
     : >"$out"; : >"$views"
     for r in $(seq 1 "$ROUNDS"); do
         log "round $r/$ROUNDS (wrk -t1 -c$CONNS -d${DURATION}s, $USERS users, $ITEMS items x $STOCK units)"
         for row in "${rows[@]}"; do
-            IFS='|' read -r name port procs admin tok <<<"$row"
+            IFS='|' read -r name port procs admin tok inst <<<"$row"
             prefix="r${r}${name//[^a-z]/}i"
             [ -z "$admin" ] || open_sales "$admin" "$prefix"
-            measure "$r" "$name" "$port" "$prefix" "$tok" "$procs"
+            measure "$r" "$name" "$port" "$prefix" "$tok" "$procs" "$inst"
             # The same sales once sold out: the flood the cheap layers refuse.
-            [ -z "$admin" ] || measure "$r" "$name/sold-out" "$port" "$prefix" "$tok" "$procs"
+            [ -z "$admin" ] || measure "$r" "$name/sold-out" "$port" "$prefix" "$tok" "$procs" "$inst"
             [ -z "$admin" ] || echo "$r $name $prefix $admin" >>"$work/sales"
         done
     done
@@ -282,12 +374,13 @@ import collections, json, statistics, sys
 path, views, rounds, duration, conns, users, items, stock = sys.argv[1:]
 v = collections.defaultdict(list)
 answers = collections.defaultdict(collections.Counter)
+layers = collections.defaultdict(collections.Counter)
 for line in open(path):
     r, t, k, *x = line.split()
-    if k == "statuses":
+    if k in ("statuses", "layers"):
         for kv in x:
             s, n = kv.split("=")
-            answers[t][s] += int(n)
+            (answers if k == "statuses" else layers)[t][s] += int(n)
     else:
         v[(t, k)].append(float(x[0]))
 med = lambda t, k: statistics.median(v[(t, k)])
@@ -299,6 +392,15 @@ for t in ("service", "service/sold-out", "naive", "naive/sold-out", "gateway+tri
           "gateway+service", "gateway+service/sold-out", "gateway+naive", "gateway+naive/sold-out"):
     a = ", ".join(f"{s}: {n}" for s, n in sorted(answers[t].items()))
     print(f"| {t} | {med(t, 'rps'):.0f} | {med(t, 'rps') / trivial:.3f}x | {med(t, 'p50') / 1e3:.2f} | {med(t, 'p99') / 1e3:.2f} | {med(t, 'cpu_us'):.1f} | {med(t, 'db_cpu_s'):.2f} | {a} |")
+print("\nWhere the attempts ended, all rounds (refused at the gateway: answered there, never sent on,")
+print("give or take the attempts in flight when wrk stopped):\n")
+cols = ("sold_out_local", "at_limit_local", "sold_out", "over_limit", "outside_window", "unavailable", "replayed", "accepted")
+print("| target | answered | refused at the gateway | " + " | ".join(cols) + " |")
+print("|---|---|---|" + "---|" * len(cols))
+for t in ("service", "service/sold-out", "gateway+service", "gateway+service/sold-out"):
+    total, l = sum(answers[t].values()), layers[t]
+    gateway = max(0, total - l["attempts"]) if t.startswith("gateway") else 0
+    print(f"| {t} | {total} | {gateway} | " + " | ".join(str(l[c]) for c in cols) + " |")
 print("\n| target | sales | units | orders | oversold | users over the limit | every invariant holds |")
 print("|---|---|---|---|---|---|---|")
 sales = collections.defaultdict(list)
@@ -319,4 +421,7 @@ for t, vs in sales.items():
 EOF
 }
 
-main "$@"
+case "${1:-}" in
+    faults) faults_main ;;
+    *) main "$@" ;;
+esac

@@ -41,7 +41,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log() { printf '%s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+source "$root/bench/lib.sh"
 
 install_missing() {
     local pkgs=()
@@ -74,27 +75,6 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-wait_port() {
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    log "nothing listens on port $1"; return 1
-}
-
-# The pids of a process and its children (nginx's workers).
-tree() { echo "$1"; pgrep -P "$1" || true; }
-
-cpu_ticks() {
-    local sum=0 p
-    for p in $(tree "$1"); do
-        [ -r "/proc/$p/stat" ] || continue
-        # utime + stime: fields 14 and 15, after the command name in parentheses.
-        sum=$((sum + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
-    done
-    echo "$sum"
-}
-
 rss_kib() {
     local sum=0 p
     for p in $(tree "$1"); do
@@ -102,31 +82,6 @@ rss_kib() {
         sum=$((sum + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status")))
     done
     echo "$sum"
-}
-
-# Writes an nginx configuration in `dir` around `blocks` (its upstream and server
-# blocks), starts nginx with `workers` workers and prints its pid. `NGINX_EXTRA` is
-# added to the main context and `LAUNCH` runs before the command (both for
-# bench/instructions.sh).
-run_nginx() {
-    local dir=$1 workers=$2 blocks=$3
-    mkdir -p "$dir"
-    cat >"$dir/nginx.conf" <<EOF
-worker_processes $workers;${NGINX_EXTRA:-}
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
-    uwsgi_temp_path $dir; scgi_temp_path $dir;
-    keepalive_requests 1000000;
-$blocks
-}
-EOF
-    ${LAUNCH:-} nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/out" 2>&1 &
-    echo $!
 }
 
 start_upstream() {
