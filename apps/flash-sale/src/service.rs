@@ -553,14 +553,16 @@ impl SaleAudit {
             Err(crate::gate::GateError::NoSale(_)) => None,
             Err(e) => return Err(e.into()),
         };
+        let orders = svc.orders.live(item).await?;
+        let users_over = svc.orders.users_over(item, books.per_user).await?;
         // Before the payment wait: converted, taken or placed, not yet all three.
         let (in_flight, open) = svc.orders.sagas_open(ORDER_SAGA, item, 3).await?;
         Ok(Some(SaleAudit {
             item: item.to_owned(),
-            orders: svc.orders.live(item).await?,
-            users_over: svc.orders.users_over(item, books.per_user).await?,
             books,
             gate,
+            orders,
+            users_over,
             in_flight,
             open,
         }))
