@@ -7,6 +7,7 @@ mod support;
 use std::io::{Read, Write};
 use std::process::Command;
 
+use palisade_testkit::unique;
 use support::{fresh_db, now_ms};
 
 /// One HTTP/1.1 request on a new connection; the status and the body.
@@ -50,29 +51,35 @@ fn open_pens(addr: &str, stock: u32) {
     assert_eq!(http(addr, "POST", "/admin/sales", "", &sale).0, 201);
 }
 
-/// The state of `reservation`'s order once it has left `processing`.
-fn placed_state(addr: &str, reservation: &str) -> String {
+/// GETs `path` until `done` takes its JSON (within a minute); what it returned.
+fn poll<T>(addr: &str, path: &str, mut done: impl FnMut(&serde_json::Value) -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let (status, body) = http(addr, "GET", &format!("/orders/{reservation}"), "", "");
-        assert_eq!(status, 200, "{body}");
+        let (status, body) = http(addr, "GET", path, "", "");
+        assert_eq!(status, 200, "{path}: {body}");
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let state = body["state"].as_str().unwrap_or_default().to_owned();
-        if state != "processing" {
-            return state;
+        if let Some(out) = done(&body) {
+            return out;
         }
-        assert!(std::time::Instant::now() < deadline, "{reservation} never placed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{path} never came to it: {body}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
+/// The state of `reservation`'s order once it has left `processing`.
+fn placed_state(addr: &str, reservation: &str) -> String {
+    poll(addr, &format!("/orders/{reservation}"), |body| {
+        let state = body["state"].as_str().unwrap_or_default();
+        (state != "processing").then(|| state.to_owned())
+    })
+}
+
 #[test]
 fn embedded_it_sells_on_sqlite_with_no_server_and_keeps_its_orders_across_a_restart() {
-    let dir = std::env::temp_dir().join(format!(
-        "fs-embedded-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
+    let dir = std::env::temp_dir().join(unique("fs-embedded"));
     std::fs::create_dir_all(&dir).unwrap();
     let inventory = format!("sqlite:{}", dir.join("inventory.db").display());
     let orders = format!("sqlite:{}", dir.join("orders.db").display());
@@ -102,19 +109,9 @@ fn embedded_it_sells_on_sqlite_with_no_server_and_keeps_its_orders_across_a_rest
     );
     // The payment wakes its order's saga, which ends now, not at the payment
     // deadline (minutes away): two sagas are left waiting for a payment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let (_, view) = http(&addr, "GET", "/admin/sales/pen", "", "");
-        let view: serde_json::Value = serde_json::from_str(&view).unwrap();
-        if view["sagas_open"] == 2 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the paid order's saga never ended: {view}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    poll(&addr, "/admin/sales/pen", |view| {
+        (view["sagas_open"] == 2).then_some(())
+    });
     assert!(terminate(child));
 
     // The orders are in the files: a new process answers for them.
@@ -146,7 +143,7 @@ fn embedded_it_sells_on_sqlite_with_no_server_and_keeps_its_orders_across_a_rest
 
 #[test]
 fn the_naive_design_sells_from_the_database_alone() {
-    let dir = std::env::temp_dir().join(format!("fs-naive-{}-{}", std::process::id(), fastrand::u64(..)));
+    let dir = std::env::temp_dir().join(unique("fs-naive"));
     std::fs::create_dir_all(&dir).unwrap();
     let db = format!("sqlite:{}", dir.join("naive.db").display());
     let (child, addr) = spawn(&["--design", "naive", "--inventory-db", &db]);
@@ -193,9 +190,9 @@ fn a_database_url_of_no_known_kind_is_named() {
 
 #[tokio::test]
 async fn it_starts_sells_and_stops_on_sigterm() {
-    let redis = std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test");
+    let redis = palisade_testkit::env("PALISADE_TEST_REDIS_URL");
     let (inventory, orders) = (fresh_db("fs_bin_inv").await, fresh_db("fs_bin_ord").await);
-    let prefix = format!("fs-bin-{}-{}:", std::process::id(), fastrand::u64(..));
+    let prefix = format!("{}:", unique("fs-bin"));
     let (child, addr) = spawn(&[
         "--redis",
         &redis,

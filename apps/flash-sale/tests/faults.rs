@@ -408,5 +408,5 @@ async fn postgres_restart_mid_sale_loses_nothing_and_oversells_nothing() {
 }
 
 fn shared_redis() -> String {
-    std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test")
+    palisade_testkit::env("PALISADE_TEST_REDIS_URL")
 }

@@ -24,7 +24,7 @@ async fn a_begin_cancelled_on_its_way_leaves_no_transaction_open() {
         .connect(&url)
         .await
         .unwrap();
-    let table = format!("begin_probe_{}_{}", std::process::id(), fastrand::u32(..));
+    let table = palisade_testkit::unique("begin_probe");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (n int)")))
         .execute(&pool)
         .await

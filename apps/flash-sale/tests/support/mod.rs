@@ -37,13 +37,13 @@ pub async fn fresh_pool(prefix: &str) -> sqlx::PgPool {
 
 /// A gate on the run's Redis, its keys under a prefix of its own.
 pub async fn redis_gate() -> palisade_flash_sale::Gate {
-    let url = std::env::var("PALISADE_TEST_REDIS_URL").expect("PALISADE_TEST_REDIS_URL: run scripts/test");
+    let url = palisade_testkit::env("PALISADE_TEST_REDIS_URL");
     let conn = redis::Client::open(url)
         .unwrap()
         .get_connection_manager()
         .await
         .unwrap();
-    let prefix = format!("fs-test-{}-{}:", std::process::id(), fastrand::u64(..));
+    let prefix = format!("{}:", palisade_testkit::unique("fs-test"));
     palisade_flash_sale::Gate::redis(conn, prefix)
 }
 
