@@ -536,31 +536,38 @@ impl Sagas {
     /// moved on and does nothing; a step woken too early waits again. `false`
     /// when the saga has ended or does not exist.
     pub async fn wake(&self, id: i64) -> Result<bool, SagaError> {
-        let Some(status) = self.status(id).await? else {
-            return Ok(false);
-        };
-        let step = usize::try_from(status.step).unwrap_or(0);
-        let job = match status.state {
-            SagaState::Running => StepJob {
-                saga: id,
-                step,
-                undo: false,
-            },
-            SagaState::Compensating if step > 0 => StepJob {
-                saga: id,
-                step: step - 1,
-                undo: true,
-            },
-            _ => return Ok(false),
-        };
-        in_tx!(&self.inner.db, c => {
-            // Under the row's lock: a step that finished meanwhile is not run again.
-            if still(&mut c, id, status.state, status.step).await? {
-                self.enqueue(&mut c, job).await.map(|()| true)
-            } else {
-                Ok(false)
+        // A saga that moves on between the read and the lock is read again: its
+        // new step is the one to wake (it only moves forward, so this ends).
+        loop {
+            let Some(status) = self.status(id).await? else {
+                return Ok(false);
+            };
+            let step = usize::try_from(status.step).unwrap_or(0);
+            let job = match status.state {
+                SagaState::Running => StepJob {
+                    saga: id,
+                    step,
+                    undo: false,
+                },
+                SagaState::Compensating if step > 0 => StepJob {
+                    saga: id,
+                    step: step - 1,
+                    undo: true,
+                },
+                _ => return Ok(false),
+            };
+            let woken = in_tx!(&self.inner.db, c => {
+                // Under the row's lock: only the step the saga is still at.
+                if still(&mut c, id, status.state, status.step).await? {
+                    self.enqueue(&mut c, job).await.map(|()| true)
+                } else {
+                    Ok(false)
+                }
+            })?;
+            if woken {
+                return Ok(true);
             }
-        })
+        }
     }
 
     /// [`wake`](Self::wake) for the saga started with `key`.
