@@ -426,8 +426,10 @@ impl Step for AwaitsPayment {
 
     fn run<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async {
+            // Counted once it has looked: a payment after that is the wake's.
+            let arrived = self.arrived.load(std::sync::atomic::Ordering::SeqCst);
             self.runs.add_permits(1);
-            if self.arrived.load(std::sync::atomic::Ordering::SeqCst) {
+            if arrived {
                 Ok(json!("paid"))
             } else {
                 Err(StepError::Wait(Duration::from_secs(3600)))
