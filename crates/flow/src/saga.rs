@@ -402,6 +402,44 @@ pub struct StepJob {
     saga: i64,
     step: usize,
     undo: bool,
+    /// The job's attempts spent before this step's first run: a job that went on
+    /// to this step after the one it was enqueued for counts the step's attempts
+    /// from there.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    base: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+impl StepJob {
+    /// The first run of `step` (its compensation when `undo`) in a job of its own.
+    fn new(saga: i64, step: usize, undo: bool) -> StepJob {
+        StepJob {
+            saga,
+            step,
+            undo,
+            base: 0,
+        }
+    }
+
+    /// Where the saga is when this job is the one to run: running at the step, or
+    /// compensating with the step the last still to undo.
+    fn expected(&self) -> (SagaState, i32) {
+        let step = i32::try_from(self.step).unwrap_or(i32::MAX);
+        if self.undo {
+            (SagaState::Compensating, step.saturating_add(1))
+        } else {
+            (SagaState::Running, step)
+        }
+    }
+
+    /// The key the step (or its compensation) gives the services it calls.
+    fn key(&self) -> String {
+        let what = if self.undo { "undo" } else { "do" };
+        format!("saga:{}:{}:{what}", self.saga, self.step)
+    }
 }
 
 /// What [`Sagas::start_once`] came to.
@@ -519,12 +557,7 @@ impl Sagas {
                 .await?
         });
         if let (Some(id), SagaState::Running) = (id, state) {
-            let first = StepJob {
-                saga: id,
-                step: 0,
-                undo: false,
-            };
-            self.enqueue(c, first).await?;
+            self.enqueue(c, StepJob::new(id, 0, false)).await?;
         }
         Ok(id)
     }
@@ -544,16 +577,8 @@ impl Sagas {
             };
             let step = usize::try_from(status.step).unwrap_or(0);
             let job = match status.state {
-                SagaState::Running => StepJob {
-                    saga: id,
-                    step,
-                    undo: false,
-                },
-                SagaState::Compensating if step > 0 => StepJob {
-                    saga: id,
-                    step: step - 1,
-                    undo: true,
-                },
+                SagaState::Running => StepJob::new(id, step, false),
+                SagaState::Compensating if step > 0 => StepJob::new(id, step - 1, true),
                 _ => return Ok(false),
             };
             let woken = in_tx!(&self.inner.db, c => {
@@ -664,72 +689,92 @@ impl Sagas {
         }
     }
 
-    /// Runs one step or compensation job.
+    /// Runs a step or compensation job: its step, and the ones after it in the
+    /// same attempt while each is recorded (see [`hand_on`](Self::hand_on)).
     async fn work(&self, job: &JobContext, args: StepJob) -> Result<(), JobError> {
         let Some((status, input)) = self.record(args.saga).await.map_err(JobError::failed)? else {
             return Err(JobError::discard(format!("saga {} does not exist", args.saga)));
         };
         let saga = self.saga(&status.name).map_err(JobError::discard)?;
-        let Some(step) = saga.steps.get(args.step) else {
-            return Err(JobError::discard(format!(
-                "saga {} has no step {}",
-                status.name, args.step
-            )));
-        };
         // A job delivered again after its record (the worker died before the queue
         // heard it was done) finds the saga moved on and does nothing.
-        let expected = if args.undo {
-            (SagaState::Compensating, args.step as i32 + 1)
-        } else {
-            (SagaState::Running, args.step as i32)
-        };
-        if (status.state, status.step) != expected {
+        if (status.state, status.step) != args.expected() {
             return Ok(());
         }
-        let ctx = StepContext {
+        let mut ctx = StepContext {
             saga: args.saga,
             step: args.step,
             input,
-            outputs: status.outputs.clone(),
-            key: format!(
-                "saga:{}:{}:{}",
-                args.saga,
-                args.step,
-                if args.undo { "undo" } else { "do" }
-            ),
-            attempt: job.attempt,
+            outputs: status.outputs,
+            key: String::new(),
+            attempt: 0,
         };
-        if args.undo {
-            match step.compensate(&ctx).await {
-                Ok(()) => self.undone(args).await.map_err(JobError::failed),
-                Err(StepError::Wait(d)) => Err(JobError::snooze(d)),
-                Err(e) => Err(JobError::failed(e)),
-            }
-        } else {
-            let outcome = if job.attempt > saga.attempts {
-                Err(StepError::Abort(format!(
-                    "no attempt left after {}",
-                    saga.attempts
-                )))
+        let mut next = Some(args);
+        while let Some(args) = next {
+            let Some(step) = saga.steps.get(args.step) else {
+                return Err(JobError::discard(format!(
+                    "saga {} has no step {}",
+                    saga.name, args.step
+                )));
+            };
+            ctx.step = args.step;
+            ctx.key = args.key();
+            ctx.attempt = job.attempt - args.base;
+            next = if args.undo {
+                match step.compensate(&ctx).await {
+                    Ok(()) => self.undone(job, args).await.map_err(JobError::failed)?,
+                    Err(StepError::Wait(d)) => return Err(JobError::snooze(d)),
+                    Err(e) => return Err(JobError::failed(e)),
+                }
             } else {
-                step.run(&ctx).await
+                self.run_step(job, saga, step.as_ref(), &mut ctx, args).await?
             };
-            let recorded = match outcome {
-                Ok(output) => self.done(saga, args, output).await,
-                Err(StepError::Retry(e)) if job.attempt < saga.attempts => return Err(JobError::failed(e)),
-                Err(StepError::Wait(d)) => return Err(JobError::snooze(d)),
-                Err(e) => self.abort(saga, args, &e.to_string()).await,
-            };
-            recorded.map_err(JobError::failed)
         }
+        Ok(())
     }
 
-    /// Records step `args.step`'s result and enqueues the next step (or ends).
-    async fn done(&self, saga: &Saga, args: StepJob, output: Value) -> Result<(), SagaError> {
+    /// Runs step `args.step` and records how it went; the job to go on with.
+    async fn run_step(
+        &self,
+        job: &JobContext,
+        saga: &Saga,
+        step: &dyn Step,
+        ctx: &mut StepContext,
+        args: StepJob,
+    ) -> Result<Option<StepJob>, JobError> {
+        let outcome = if ctx.attempt > saga.attempts {
+            Err(StepError::Abort(format!(
+                "no attempt left after {}",
+                saga.attempts
+            )))
+        } else {
+            step.run(ctx).await
+        };
+        let recorded = match outcome {
+            Ok(output) => {
+                let next = self.done(job, saga, args, &output).await;
+                ctx.outputs.push(output);
+                next
+            }
+            Err(StepError::Retry(e)) if ctx.attempt < saga.attempts => return Err(JobError::failed(e)),
+            Err(StepError::Wait(d)) => return Err(JobError::snooze(d)),
+            Err(e) => self.abort(job, saga, args, &e.to_string()).await,
+        };
+        recorded.map_err(JobError::failed)
+    }
+
+    /// Records step `args.step`'s result and hands on the next step (or ends).
+    async fn done(
+        &self,
+        job: &JobContext,
+        saga: &Saga,
+        args: StepJob,
+        output: &Value,
+    ) -> Result<Option<StepJob>, SagaError> {
         let last = args.step + 1 == saga.steps.len();
-        in_tx!(&self.inner.db, c => {
+        let next = in_tx!(&self.inner.db, c => {
             if !still(&mut c, args.saga, SagaState::Running, args.step as i32).await? {
-                return Ok(());
+                return Ok(None);
             }
             let sql = c.dialect(
                 "UPDATE palisade_sagas SET outputs = outputs || jsonb_build_array($2::jsonb), step = step + 1,
@@ -747,70 +792,101 @@ impl Sagas {
                     .await
                     .map(drop)?
             });
-            if !last {
-                let next = StepJob {
-                    saga: args.saga,
-                    step: args.step + 1,
-                    undo: false,
-                };
-                self.enqueue(&mut c, next).await?;
+            if last {
+                Ok(None)
+            } else {
+                self.hand_on(&mut c, job, StepJob::new(args.saga, args.step + 1, false)).await
             }
-            Ok(())
         })?;
         self.observe(Transition::StepDone {
             saga: args.saga,
             step: args.step,
         });
-        Ok(())
+        Ok(next)
     }
 
     /// Step `args.step` failed for good: compensate the ones before it.
-    async fn abort(&self, saga: &Saga, args: StepJob, error: &str) -> Result<(), SagaError> {
+    async fn abort(
+        &self,
+        job: &JobContext,
+        saga: &Saga,
+        args: StepJob,
+        error: &str,
+    ) -> Result<Option<StepJob>, SagaError> {
         let why = format!("step {} ({}): {error}", args.step, saga.steps[args.step].name());
-        in_tx!(&self.inner.db, c => {
+        let next = in_tx!(&self.inner.db, c => {
             if !still(&mut c, args.saga, SagaState::Running, args.step as i32).await? {
-                return Ok(());
+                return Ok(None);
             }
-            let state = self.compensate_before(&mut c, args).await?;
-            set_state(&mut c, args.saga, state, None, Some(&why)).await
+            let (state, next) = self.compensate_before(&mut c, job, args).await?;
+            set_state(&mut c, args.saga, state, None, Some(&why)).await.map(|()| next)
         })?;
         tracing::warn!(saga = args.saga, name = %saga.name, step = args.step, error, "saga aborted; compensating");
         self.observe(Transition::Aborted {
             saga: args.saga,
             step: args.step,
         });
-        Ok(())
+        Ok(next)
     }
 
-    /// Records step `args.step`'s compensation and enqueues the one before it.
-    async fn undone(&self, args: StepJob) -> Result<(), SagaError> {
-        in_tx!(&self.inner.db, c => {
+    /// Records step `args.step`'s compensation and hands on the one before it.
+    async fn undone(&self, job: &JobContext, args: StepJob) -> Result<Option<StepJob>, SagaError> {
+        let next = in_tx!(&self.inner.db, c => {
             if !still(&mut c, args.saga, SagaState::Compensating, args.step as i32 + 1).await? {
-                return Ok(());
+                return Ok(None);
             }
-            let state = self.compensate_before(&mut c, args).await?;
-            set_state(&mut c, args.saga, state, Some(args.step as i32), None).await
+            let (state, next) = self.compensate_before(&mut c, job, args).await?;
+            set_state(&mut c, args.saga, state, Some(args.step as i32), None).await.map(|()| next)
         })?;
         self.observe(Transition::StepUndone {
             saga: args.saga,
             step: args.step,
         });
-        Ok(())
+        Ok(next)
     }
 
-    /// Enqueues the compensation of the step before `args.step`, if there is one;
-    /// the saga's state from then on.
-    async fn compensate_before(&self, c: &mut Conn<'_>, args: StepJob) -> Result<SagaState, SagaError> {
+    /// Hands on the compensation of the step before `args.step`, if there is one;
+    /// the saga's state from then on, and the job to go on with.
+    async fn compensate_before(
+        &self,
+        c: &mut Conn<'_>,
+        job: &JobContext,
+        args: StepJob,
+    ) -> Result<(SagaState, Option<StepJob>), SagaError> {
         if args.step == 0 {
-            return Ok(SagaState::Compensated);
+            return Ok((SagaState::Compensated, None));
         }
-        let undo = StepJob {
-            saga: args.saga,
-            step: args.step - 1,
-            undo: true,
+        let undo = StepJob::new(args.saga, args.step - 1, true);
+        Ok((SagaState::Compensating, self.hand_on(c, job, undo).await?))
+    }
+
+    /// Hands `next` on, in the transaction recording the work before it. The job
+    /// that did that work goes on with it in the same attempt, its arguments
+    /// rewritten so that the job, rescued after a worker died, resumes at `next`:
+    /// no job to enqueue, fetch, read the saga for and complete per step. When the
+    /// attempt is no longer the job's (its lease ran out, it was cancelled), `next`
+    /// is enqueued as a job of its own, and the attempt stops.
+    async fn hand_on(
+        &self,
+        c: &mut Conn<'_>,
+        job: &JobContext,
+        next: StepJob,
+    ) -> Result<Option<StepJob>, SagaError> {
+        // Its first run is this attempt: its attempts count from here.
+        let carried = StepJob {
+            base: job.attempt - 1,
+            ..next
         };
-        self.enqueue(c, undo).await?;
-        Ok(SagaState::Compensating)
+        let args = serde_json::to_value(carried)?;
+        let kept = match c {
+            Conn::Postgres(e) => Queue::reassign_in_postgres(e, job.id, job.attempt, &args).await?,
+            Conn::Sqlite(e) => Queue::reassign_in_sqlite(e, job.id, job.attempt, &args).await?,
+        };
+        if kept {
+            return Ok(Some(carried));
+        }
+        self.enqueue(c, next).await?;
+        Ok(None)
     }
 }
 

@@ -472,6 +472,76 @@ async fn a_woken_saga_runs_its_waiting_step_now_rather_than_when_the_wait_ends()
     runner.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Step `n`: records the attempt each of its runs was given, and asks to be
+/// retried on its first when `flaky`.
+struct Attempts {
+    n: usize,
+    flaky: bool,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(usize, i32)>>>,
+}
+
+impl Step for Attempts {
+    fn name(&self) -> &str {
+        "attempts"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            self.seen.lock().unwrap().push((self.n, ctx.attempt));
+            if self.flaky && ctx.attempt == 1 {
+                return Err(StepError::Retry("not yet".into()));
+            }
+            Ok(json!(self.n))
+        })
+    }
+
+    fn compensate<'a>(&'a self, _: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_steps_run_in_one_job_which_resumes_at_the_step_that_failed() {
+    let pool = support::fresh_pool("saga_chain", 10).await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let step = |n, flaky| Attempts {
+        n,
+        flaky,
+        seen: seen.clone(),
+    };
+    let sagas = Sagas::builder(pool.clone())
+        .register(
+            Saga::new("chained")
+                .attempts(2)
+                .step(step(0, false))
+                .step(step(1, true))
+                .step(step(2, false)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let queue = Queue::postgres(pool.clone()).await.unwrap();
+    let status = run_to_end(queue.clone(), &sagas, "chained").await;
+    assert_eq!(
+        (status.state, status.outputs),
+        (SagaState::Done, vec![json!(0), json!(1), json!(2)])
+    );
+    // Step 1 ran again (not step 0), and each step counts its attempts from its
+    // own first run, though the job was on its second attempt for step 2.
+    assert_eq!(*seen.lock().unwrap(), [(0, 1), (1, 1), (1, 2), (2, 1)]);
+    let filter = palisade_queue::ListFilter {
+        kind: Some(palisade_flow::saga::SAGA_JOB.into()),
+        ..Default::default()
+    };
+    let jobs = queue.list(&filter).await.unwrap();
+    let runs: Vec<_> = jobs.iter().map(|j| (j.state, j.attempt)).collect();
+    assert_eq!(
+        runs,
+        [(palisade_queue::JobState::Completed, 2)],
+        "one job ran the saga"
+    );
+}
+
 /// A step that records its effect and its undoing in memory, or declines.
 struct Recorded {
     n: usize,

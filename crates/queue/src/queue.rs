@@ -181,6 +181,46 @@ impl Queue {
         Ok(out)
     }
 
+    /// Gives the running attempt `attempt` of job `id` new arguments, on the
+    /// caller's PostgreSQL connection (in the transaction that records the work
+    /// the old arguments asked for): a worker that goes on to the next piece of
+    /// work in the same attempt, instead of enqueueing it, writes it down here,
+    /// so that the job, rescued after the worker died, resumes there. `false`
+    /// when the attempt is no longer the job's (rescued, cancelled): then the
+    /// caller must not go on in it.
+    pub async fn reassign_in_postgres(
+        conn: &mut PgConnection,
+        id: i64,
+        attempt: i32,
+        args: &serde_json::Value,
+    ) -> Result<bool, QueueError> {
+        let done =
+            sqlx::query("UPDATE palisade_jobs SET args = $3 WHERE id = $1 AND attempt = $2 AND state = 2")
+                .bind(id)
+                .bind(attempt)
+                .bind(sqlx::types::Json(args))
+                .execute(conn)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// [`reassign_in_postgres`](Self::reassign_in_postgres) on SQLite.
+    pub async fn reassign_in_sqlite(
+        conn: &mut SqliteConnection,
+        id: i64,
+        attempt: i32,
+        args: &serde_json::Value,
+    ) -> Result<bool, QueueError> {
+        let done =
+            sqlx::query("UPDATE palisade_jobs SET args = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 2")
+                .bind(id)
+                .bind(attempt)
+                .bind(args.to_string())
+                .execute(conn)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// The job with `id`.
     pub async fn job(&self, id: i64) -> Result<Option<Job>, QueueError> {
         self.store.get(id).await

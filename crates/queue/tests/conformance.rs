@@ -428,6 +428,49 @@ async fn cancelling_a_running_job_stops_it_at_the_next_heartbeat(b: Backend) {
     assert_eq!(q.job(hung).await.unwrap().unwrap().state, JobState::Cancelled);
 }
 
+/// `Queue::reassign_in_*` on a connection of its own to `url`.
+async fn reassign(b: Backend, url: &str, id: i64, attempt: i32, args: &serde_json::Value) -> bool {
+    match b {
+        Backend::Postgres => {
+            let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+                .await
+                .unwrap();
+            Queue::reassign_in_postgres(&mut c, id, attempt, args)
+                .await
+                .unwrap()
+        }
+        Backend::Sqlite => {
+            let mut c = <sqlx::SqliteConnection as sqlx::Connection>::connect(url)
+                .await
+                .unwrap();
+            Queue::reassign_in_sqlite(&mut c, id, attempt, args)
+                .await
+                .unwrap()
+        }
+    }
+}
+
+async fn a_running_attempt_takes_new_arguments_only_while_it_is_the_jobs(b: Backend) {
+    let (q, db) = fresh(b).await;
+    let (handle, attempts, _) = runner(&q, FAST, Duration::from_millis(300)).await;
+    let hang = Task {
+        hang: true,
+        ..Task::ok(1)
+    };
+    let id = q.enqueue(task(hang.clone())).await.unwrap().id;
+    attempts.until(1).await;
+    let next = serde_json::to_value(Task { n: 2, ..hang }).unwrap();
+    assert!(!reassign(b, &db.url, id, 2, &next).await, "another attempt's");
+    assert!(reassign(b, &db.url, id, 1, &next).await);
+    assert_eq!(q.job(id).await.unwrap().unwrap().args, next);
+    assert!(q.cancel(id).await.unwrap());
+    let later = serde_json::to_value(Task::ok(3)).unwrap();
+    assert!(!reassign(b, &db.url, id, 1, &later).await, "a cancelled job's");
+    assert_eq!(q.job(id).await.unwrap().unwrap().args, next);
+    handle.until_idle().await;
+    handle.shutdown(Duration::ZERO).await;
+}
+
 async fn shutdown_hands_back_unfinished_jobs_ready_to_run(b: Backend) {
     let (q, _db) = fresh(b).await;
     let (handle, attempts, _) = runner(&q, HOUR, Duration::from_secs(30)).await;
@@ -803,6 +846,7 @@ on_both_backends!(
     a_job_enqueued_in_a_rolled_back_transaction_does_not_exist,
     a_job_committed_in_a_transaction_wakes_a_runner,
     cancelling_a_running_job_stops_it_at_the_next_heartbeat,
+    a_running_attempt_takes_new_arguments_only_while_it_is_the_jobs,
     shutdown_hands_back_unfinished_jobs_ready_to_run,
     retry_cancel_stats_and_prune,
     invalid_jobs_are_refused_with_a_clear_error,
