@@ -1,7 +1,8 @@
 //! The naive design, kept to measure the layered one against: every purchase
-//! attempt is a transaction in the database, sold out or not. It is correct on
-//! stock (`stock > 0` in the decrement) but every attempt costs a round trip and a
-//! row lock on the item, which is what the layers in front of the gate avoid.
+//! attempt is a transaction in the database, sold out or not. It is correct (on
+//! stock: `stock > 0` in the decrement; on the limit: counted once the item's row
+//! is locked) but every attempt costs round trips and a row lock on the item,
+//! which is what the layers in front of the gate avoid.
 //! `flash-sale --design naive` serves it; `bench/flash-sale.sh` compares the two.
 
 use std::sync::Arc;
@@ -42,27 +43,51 @@ impl Naive {
         Ok(Naive { db, inventory })
     }
 
+    /// Opens (or sets up again) `sale`.
+    pub async fn open(&self, sale: &crate::Sale) -> Result<(), sqlx::Error> {
+        self.inventory.open(sale).await
+    }
+
     /// One attempt, in one transaction: the stock decremented if the window is
     /// open, a unit is left and the user is under the limit, and the order
-    /// written; `false` when refused. A repeated key buys nothing more.
-    async fn buy(&self, item: &str, user: &str, reservation: &str, now_ms: u64) -> Result<bool, sqlx::Error> {
+    /// written; `false` when refused. A repeated reservation buys nothing more.
+    pub async fn buy(
+        &self,
+        item: &str,
+        user: &str,
+        reservation: &str,
+        now_ms: u64,
+    ) -> Result<bool, sqlx::Error> {
         let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
         on!(&self.db, p => {
             let mut tx = palisade_queue::begin(p).await?;
             let took = sqlx::query(
                 "UPDATE fs_items SET stock = stock - 1
-                 WHERE item = $1 AND stock > 0 AND opens_ms <= $3 AND $3 < closes_ms
-                     AND (SELECT count(*) FROM fs_naive_orders WHERE item = $1 AND user_id = $2) < per_user
-                     AND NOT EXISTS (SELECT 1 FROM fs_naive_orders WHERE reservation = $4)",
+                 WHERE item = $1 AND stock > 0 AND opens_ms <= $2 AND $2 < closes_ms",
             )
             .bind(item)
-            .bind(user)
             .bind(now)
-            .bind(reservation)
             .execute(&mut *tx)
             .await?;
             if took.rows_affected() == 0 {
                 return Ok(false);
+            }
+            // Counted in a statement after the decrement, whose row lock holds off
+            // the user's other attempts: under read committed its snapshot sees
+            // their orders (a count inside the decrement would read the snapshot
+            // taken before the lock, and let two attempts at once both pass).
+            let mine: (i64, bool, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM fs_naive_orders WHERE item = $1 AND user_id = $2),
+                     EXISTS (SELECT 1 FROM fs_naive_orders WHERE reservation = $3),
+                     (SELECT CAST(per_user AS bigint) FROM fs_items WHERE item = $1)",
+            )
+            .bind(item)
+            .bind(user)
+            .bind(reservation)
+            .fetch_one(&mut *tx)
+            .await?;
+            if mine.0 >= mine.2 || mine.1 {
+                return Ok(false); // dropped: the decrement rolls back
             }
             sqlx::query("INSERT INTO fs_naive_orders (reservation, item, user_id) VALUES ($1, $2, $3)")
                 .bind(reservation)
@@ -129,7 +154,7 @@ async fn open_sale(State(n): State<Arc<Naive>>, body: axum::body::Bytes) -> Resp
         Ok(sale) => sale,
         Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
     };
-    match n.inventory.open(&sale).await {
+    match n.open(&sale).await {
         Ok(()) => (StatusCode::CREATED, Json(json!({"item": sale.item}))).into_response(),
         Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
     }

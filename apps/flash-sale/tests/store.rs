@@ -1,7 +1,8 @@
 //! The inventory and orders databases on the run's PostgreSQL (a database of each
 //! test's own) and on SQLite files: stock never below zero under concurrent
 //! takes, every move once per reservation, one order per reservation and per user
-//! unit.
+//! unit; the naive design's one transaction per attempt keeps the per-user limit
+//! under concurrent attempts.
 
 mod support;
 
@@ -104,4 +105,29 @@ async fn one_order_per_unit(orders: Orders) {
     assert_eq!(orders.state("r3").await.unwrap(), Some(OrderState::Paid));
     assert_eq!(orders.state("none").await.unwrap(), None);
     assert_eq!(orders.live("phone").await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_naive_design_keeps_the_limit_under_one_users_concurrent_attempts() {
+    for db in [fresh_pool("fs_naive").await.into(), fresh_sqlite("naive").await] {
+        let naive = Arc::new(palisade_flash_sale::naive::Naive::new(db).await.unwrap());
+        naive.open(&support::sale("pen", 100, 2)).await.unwrap();
+        let mut attempts = Vec::new();
+        for k in 0..40 {
+            let naive = naive.clone();
+            attempts.push(tokio::spawn(async move {
+                let now = support::now_ms();
+                naive
+                    .buy("pen", "ann", &format!("ann~{}", k % 30), now)
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut bought = 0;
+        for a in attempts {
+            bought += u32::from(a.await.unwrap());
+        }
+        assert_eq!(bought, 2, "ann's limit is two");
+        assert!(naive.buy("pen", "bob", "bob~0", support::now_ms()).await.unwrap());
+    }
 }
