@@ -290,11 +290,20 @@ async fn reserve(
 /// Starts the order saga of `input`'s reservation and answers `202`; when it
 /// cannot, the unit goes back now rather than at expiry (unless this is a
 /// replay: the first request may have enqueued it) and the answer is `503`.
+///
+/// Once the saga is durably started the reservation is converted at once: the
+/// purchase no longer depends on the order queue reaching it before the
+/// reservation expires (a backlog at the opening would otherwise let it expire
+/// and sell its unit again). The saga's first step converts it too, for a
+/// process that died in between; a failure here is left to that step.
 async fn enqueue(app: &App, input: &OrderInput, replay: bool) -> Response {
     let c = &app.counts;
     let reservation = &input.reservation;
     match start_order(app, input).await {
         Ok(()) => {
+            if let Err(e) = app.services.gate.convert(&input.item, reservation).await {
+                tracing::debug!(error = %e, "the reservation is left for its saga to convert");
+            }
             Counts::add(if replay { &c.replayed } else { &c.reserved });
             let mut seen = lock(&app.accepted);
             if seen.len() >= LOCAL_MAX {

@@ -282,3 +282,32 @@ async fn a_repeat_at_another_instance_is_the_same_purchase_and_recovers_a_lost_e
     assert_eq!(sagas, 2);
     runner.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_purchase_is_converted_before_any_worker_reaches_its_saga() {
+    let (services, pool) = support::services().await;
+    // No runner: the saga is started and waits in the queue.
+    palisade_queue::Queue::postgres(pool.clone()).await.unwrap();
+    let sagas = palisade_flow::saga::Sagas::builder(pool)
+        .register(palisade_flash_sale::order::order_saga(&services))
+        .build()
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(300);
+    let addr = serve(Arc::new(App::new(services.clone(), sagas.clone(), ttl, ttl))).await;
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let now = now_ms();
+    let setup = json!({"item": "cap", "stock": 3, "opens_ms": now - 1000, "closes_ms": now + 3_600_000, "per_user": 1});
+    let opened = call(&c, addr, Method::POST, "/admin/sales", &[], Some(setup)).await;
+    assert_eq!(opened.0, StatusCode::CREATED);
+    let h = [("x-user-id", "ann"), ("idempotency-key", "k1")];
+    let (status, body) = call(&c, addr, Method::POST, "/buy", &h, Some(json!({"item": "cap"}))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let reservation = body["reservation"].as_str().unwrap();
+    let saga = sagas.status_by_key(reservation).await.unwrap().unwrap();
+    assert_eq!(saga.step, 0, "no step has run");
+    // Converted: no longer live, so its expiry can no longer give the unit away.
+    let count = services.gate.count("cap").await.unwrap();
+    assert_eq!((count.stock, count.live), (2, 0));
+    assert!(!services.gate.release("cap", reservation).await.unwrap());
+}
