@@ -7,8 +7,9 @@
 //!   the inventory database's stock (the truth) with the gate's stock plus its
 //!   live reservations (the units not yet taken in the database). When they differ,
 //!   it sets the gate's stock from the truth, with a compare-and-set that never
-//!   overwrites a reservation made meanwhile. Items with an order saga between its
-//!   conversion and its take, or compensating, are skipped in that run: the two
+//!   overwrites a reservation made meanwhile. Items with an order saga before its
+//!   take (its reservation may be converted already: the purchase converts it
+//!   once the saga is started), or compensating, are skipped in that run: the two
 //!   sides legitimately differ by those units until the saga moves on.
 
 use std::collections::{BTreeMap, HashSet};
@@ -55,7 +56,7 @@ impl StockReconciliation {
             .db()
             .strings(
                 "SELECT DISTINCT input->>'item' FROM palisade_sagas
-                 WHERE name = $1 AND (state = 'compensating' OR (state = 'running' AND step = 1))",
+                 WHERE name = $1 AND (state = 'compensating' OR (state = 'running' AND step <= 1))",
                 ORDER_SAGA,
             )
             .await?;
