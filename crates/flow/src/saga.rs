@@ -425,7 +425,7 @@ impl StepJob {
     }
 
     /// Where the saga is when this job is the one to run: running at the step, or
-    /// compensating with the step the last still to undo.
+    /// compensating with this step the last one still to undo.
     fn expected(&self) -> (SagaState, i32) {
         let step = i32::try_from(self.step).unwrap_or(i32::MAX);
         if self.undo {
