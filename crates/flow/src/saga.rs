@@ -85,7 +85,8 @@ pub struct StepContext {
     /// A key stable across every run of this step (or of its compensation): give
     /// it to the services the step calls, so that running it again changes nothing.
     pub key: String,
-    /// The job's attempt (from 1).
+    /// This run's attempt at the step (from 1): the job's attempts counted from
+    /// the step's first run (a job goes on from one step to the next).
     pub attempt: i32,
 }
 
