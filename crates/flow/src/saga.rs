@@ -774,25 +774,29 @@ impl Sagas {
     ) -> Result<Option<StepJob>, SagaError> {
         let last = args.step + 1 == saga.steps.len();
         let next = in_tx!(&self.inner.db, c => {
-            if !still(&mut c, args.saga, SagaState::Running, args.step as i32).await? {
-                return Ok(None);
-            }
+            // Recorded only if the saga is still at this step (the row's lock
+            // held from here): one statement for the check and the record.
             let sql = c.dialect(
                 "UPDATE palisade_sagas SET outputs = outputs || jsonb_build_array($2::jsonb), step = step + 1,
-                     state = $3 WHERE id = $1",
+                     state = $3, updated_at = CURRENT_TIMESTAMP WHERE id = $1 AND state = $4 AND step = $5",
                 "UPDATE palisade_sagas SET outputs = json_insert(outputs, '$[#]', json($2)), step = step + 1,
-                     state = $3 WHERE id = $1",
+                     state = $3, updated_at = CURRENT_TIMESTAMP WHERE id = $1 AND state = $4 AND step = $5",
             );
             let state = if last { SagaState::Done } else { SagaState::Running };
-            on_conn!(&mut c, e => {
+            let recorded = on_conn!(&mut c, e => {
                 sqlx::query(sql)
                     .bind(args.saga)
                     .bind(output.to_string())
                     .bind(state.as_str())
+                    .bind(SagaState::Running.as_str())
+                    .bind(args.step as i32)
                     .execute(&mut **e)
-                    .await
-                    .map(drop)?
+                    .await?
+                    .rows_affected()
             });
+            if recorded != 1 {
+                return Ok(None);
+            }
             if last {
                 Ok(None)
             } else {
