@@ -76,7 +76,7 @@ impl Naive {
             // the user's other attempts: under read committed its snapshot sees
             // their orders (a count inside the decrement would read the snapshot
             // taken before the lock, and let two attempts at once both pass).
-            let mine: (i64, bool, i64) = sqlx::query_as(
+            let (held, repeated, limit): (i64, bool, i64) = sqlx::query_as(
                 "SELECT (SELECT count(*) FROM fs_naive_orders WHERE item = $1 AND user_id = $2),
                      EXISTS (SELECT 1 FROM fs_naive_orders WHERE reservation = $3),
                      (SELECT CAST(per_user AS bigint) FROM fs_items WHERE item = $1)",
@@ -86,7 +86,7 @@ impl Naive {
             .bind(reservation)
             .fetch_one(&mut *tx)
             .await?;
-            if mine.0 >= mine.2 || mine.1 {
+            if held >= limit || repeated {
                 return Ok(false); // dropped: the decrement rolls back
             }
             sqlx::query("INSERT INTO fs_naive_orders (reservation, item, user_id) VALUES ($1, $2, $3)")
